@@ -1,0 +1,32 @@
+"""How checkpoints look on disk and on the wire.
+
+The packed byte format (:mod:`dckpt.formats._packing`) is public here; the directory
+layout (:mod:`dckpt.formats._layout`), path checks and atomic renames are private
+helpers used by the rest of dckpt.
+"""
+
+from __future__ import annotations
+
+from dckpt.formats._packing import (
+    FORMAT_VERSION,
+    MAGIC,
+    ArchiveEntry,
+    ArchiveReader,
+    ArchiveWriter,
+    is_packed,
+    pack_directory,
+    pack_directory_to_bytes,
+    unpack_to_directory,
+)
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MAGIC",
+    "ArchiveEntry",
+    "ArchiveReader",
+    "ArchiveWriter",
+    "is_packed",
+    "pack_directory",
+    "pack_directory_to_bytes",
+    "unpack_to_directory",
+]
