@@ -1,0 +1,649 @@
+"""The storage contract (``dckpt.storage``), written once and bound to every backend.
+
+:class:`StorageContract` holds the tests; the ``Test...`` subclasses bind it to
+``memory://``, to a local folder through ``file://`` and to S3 (a real moto server,
+reached over HTTP by s3fs), the way fsspec's ``tests/abstract`` binds one contract to
+many filesystems. Faults are injected by wrapping methods of the real filesystem
+instance that dckpt uses; the calls still go through to the real store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import dask.config
+import fsspec
+import pytest
+from fsspec.callbacks import Callback
+from fsspec.implementations.local import LocalFileSystem
+from fsspec.registry import _registry as fsspec_registry
+
+from dckpt import storage
+from dckpt.errors import (
+    CheckpointFormatError,
+    CheckpointNotFoundError,
+    CheckpointURIError,
+    IncompleteCheckpointError,
+    UnsafePathError,
+)
+from dckpt.storage import COMMIT_MARKER, PENDING_MARKER
+from tests._trees import make_tree, read_tree
+
+BIG = 3 * 2**20
+
+
+def build_tree(root: Path) -> str:
+    """make_tree's shapes (nested and empty folders, an empty file) plus 3 MiB of noise."""
+    make_tree(root)
+    (root / "model" / "big.bin").write_bytes(os.urandom(BIG))
+    return str(root)
+
+
+def file_sizes(root: str | os.PathLike[str]) -> dict[str, int]:
+    return {
+        rel: len(content) for rel, content in read_tree(root).items() if content is not None
+    }
+
+
+def files_only(tree: dict[str, bytes | None]) -> dict[str, bytes | None]:
+    return {rel: content for rel, content in tree.items() if content is not None}
+
+
+class Recorder(Callback):
+    """Counts files itself and hands out a child per file that counts its bytes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.children: list[tuple[str, str, Callback]] = []
+
+    def branched(self, path_1: str, path_2: str, **kwargs: Any) -> Callback:
+        child = Callback()
+        self.children.append((path_1, path_2, child))
+        return child
+
+
+class StorageContract:
+    """What every backend must do. Subclasses provide the fixtures below."""
+
+    # fsspec's LocalFileSystem ignores put_file/get_file callbacks: no byte counts.
+    counts_bytes = True
+
+    @pytest.fixture
+    def base_uri(self) -> str:
+        raise NotImplementedError
+
+    @pytest.fixture
+    def storage_options(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @pytest.fixture
+    def raw_fs(self, storage_options: dict[str, Any]) -> fsspec.AbstractFileSystem:
+        """A filesystem instance of its own, as another process or tool would have."""
+        raise NotImplementedError
+
+    @pytest.fixture
+    def uri(self, base_uri: str) -> str:
+        return f"{base_uri}/ckpt"
+
+    @pytest.fixture
+    def fs(self, uri: str, storage_options: dict[str, Any]) -> fsspec.AbstractFileSystem:
+        """The (cached) filesystem instance dckpt itself uses for ``uri``."""
+        return storage.resolve_uri(uri, storage_options)[0]
+
+    @pytest.fixture
+    def tree(self, tmp_path: Path) -> str:
+        return build_tree(tmp_path / "source")
+
+    @pytest.fixture
+    def out(self, tmp_path: Path) -> Path:
+        path = tmp_path / "inner" / "out"
+        path.mkdir(parents=True)
+        return path
+
+    # ------------------------------------------------------------------ round trip
+
+    def test_round_trip_is_byte_identical(self, tree, uri, storage_options, out):
+        storage.upload_directory(tree, uri, storage_options=storage_options)
+        assert storage.uri_status(uri, storage_options=storage_options) == "committed"
+        assert storage.list_files(uri, storage_options=storage_options) == file_sizes(tree)
+        storage.download_directory(uri, out, storage_options=storage_options)
+        # Folders too, the empty one included: the manifest carries it.
+        assert read_tree(out) == read_tree(tree)
+        assert (out / "empty_file").read_bytes() == b""
+        assert len((out / "model" / "big.bin").read_bytes()) == BIG
+
+    def test_empty_directory_round_trip(self, tmp_path, uri, storage_options, out):
+        (tmp_path / "empty").mkdir()
+        storage.upload_directory(tmp_path / "empty", uri, storage_options=storage_options)
+        assert storage.uri_status(uri, storage_options=storage_options) == "committed"
+        assert storage.list_files(uri, storage_options=storage_options) == {}
+        storage.download_directory(uri, out, storage_options=storage_options)
+        assert os.listdir(out) == []
+
+    def test_local_marker_names_are_not_uploaded_at_the_top(self, tmp_path, uri,
+                                                            storage_options):
+        src = tmp_path / "src"
+        (src / "sub").mkdir(parents=True)
+        (src / COMMIT_MARKER).write_text("not a manifest")
+        (src / PENDING_MARKER).write_text("")
+        (src / "sub" / COMMIT_MARKER).write_text("just a file down here")
+        storage.upload_directory(src, uri, storage_options=storage_options)
+        assert storage.list_files(uri, storage_options=storage_options) == {
+            f"sub/{COMMIT_MARKER}": 21
+        }
+
+    def test_overlay_replaces_adds_and_drops_files(self, tree, uri, storage_options, out):
+        overlay = {"notes.txt": b"replaced", "added/new.bin": b"\x00" * 5,
+                   "run.sh": None}
+        storage.upload_directory(tree, uri, storage_options=storage_options,
+                                 overlay=overlay)
+        storage.download_directory(uri, out, storage_options=storage_options)
+        assert (out / "notes.txt").read_bytes() == b"replaced"
+        assert (out / "added" / "new.bin").read_bytes() == b"\x00" * 5
+        assert not (out / "run.sh").exists()
+        assert (out / "model" / "big.bin").read_bytes() == Path(
+            tree, "model", "big.bin").read_bytes()
+
+    # ------------------------------------------------------------ markers and order
+
+    def test_markers_are_written_pending_first_and_commit_last(
+        self, tree, uri, fs, storage_options, monkeypatch
+    ):
+        events: list[tuple[str, str]] = []
+        prefix = fs._strip_protocol(uri).rstrip("/") + "/"
+
+        def record(method: str) -> None:
+            original = getattr(fs, method)
+
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                path = args[1] if method == "put_file" else args[0]
+                events.append((method, fs._strip_protocol(path).removeprefix(prefix)))
+                return original(*args, **kwargs)
+
+            monkeypatch.setattr(fs, method, wrapper)
+
+        for method in ("pipe_file", "put_file", "rm_file"):
+            record(method)
+        storage.upload_directory(tree, uri, storage_options=storage_options)
+        storage.upload_directory(tree, uri, storage_options=storage_options)  # overwrite
+
+        assert events[0] == ("pipe_file", PENDING_MARKER)
+        starts = [i for i, event in enumerate(events) if event == ("pipe_file", PENDING_MARKER)]
+        assert len(starts) == 2
+        second = events[starts[1]:]
+        # The old commit marker goes right after the pending marker is in place ...
+        assert second[1] == ("rm_file", COMMIT_MARKER)
+        puts = [i for i, (method, _) in enumerate(second) if method == "put_file"]
+        assert len(puts) == len(file_sizes(tree))
+        commit = second.index(("pipe_file", COMMIT_MARKER))
+        # ... the new one after every file, and the pending marker goes after it.
+        assert commit > max(puts)
+        assert second.index(("rm_file", PENDING_MARKER)) > commit
+
+    def test_failed_upload_is_refused_by_readers(
+        self, tree, uri, fs, storage_options, monkeypatch, out
+    ):
+        original = fs.put_file
+
+        def failing(lpath: str, rpath: str, **kwargs: Any) -> Any:
+            if lpath.endswith("big.bin"):
+                raise OSError("disk on fire")
+            return original(lpath, rpath, **kwargs)
+
+        monkeypatch.setattr(fs, "put_file", failing)
+        with pytest.raises(OSError, match="disk on fire"):
+            storage.upload_directory(tree, uri, storage_options=storage_options)
+        monkeypatch.undo()
+
+        never_finished = r"dckpt upload at .*ckpt never finished \(there is no commit marker"
+        with pytest.raises(IncompleteCheckpointError, match=never_finished):
+            storage.uri_status(uri, storage_options=storage_options)
+        with pytest.raises(IncompleteCheckpointError, match="upload the checkpoint again"):
+            storage.download_directory(uri, out, storage_options=storage_options)
+        with pytest.raises(IncompleteCheckpointError):
+            storage.list_files(uri, storage_options=storage_options)
+        assert os.listdir(out) == []
+        # A FileNotFoundError: "look for an older checkpoint" code catches it.
+        assert issubclass(IncompleteCheckpointError, FileNotFoundError)
+
+        storage.upload_directory(tree, uri, storage_options=storage_options)
+        assert storage.uri_status(uri, storage_options=storage_options) == "committed"
+
+    def test_failed_overwrite_is_cleaned_up_by_the_next_upload(
+        self, tmp_path, uri, fs, raw_fs, storage_options, monkeypatch
+    ):
+        old = tmp_path / "old"
+        (old / "sub").mkdir(parents=True)
+        (old / "keep.txt").write_text("old")
+        (old / "sub" / "old_only.txt").write_text("old")
+        storage.upload_directory(old, uri, storage_options=storage_options)
+
+        failed = tmp_path / "failed"
+        failed.mkdir()
+        (failed / "keep.txt").write_text("failed")
+        (failed / "partial_only.txt").write_text("partial")
+        (failed / "zz_fails.txt").write_text("x")
+        original = fs.put_file
+
+        def failing(lpath: str, rpath: str, **kwargs: Any) -> Any:
+            if lpath.endswith("zz_fails.txt"):
+                raise OSError("network gone")
+            return original(lpath, rpath, **kwargs)
+
+        monkeypatch.setattr(fs, "put_file", failing)
+        with (dask.config.set({"dckpt.storage.max-concurrency": 1}),
+              pytest.raises(OSError, match="network gone")):
+            storage.upload_directory(failed, uri, storage_options=storage_options)
+        monkeypatch.undo()
+        raw_fs.invalidate_cache()
+        assert raw_fs.exists(f"{uri}/partial_only.txt")
+
+        new = tmp_path / "new"
+        new.mkdir()
+        (new / "keep.txt").write_text("new")
+        storage.upload_directory(new, uri, storage_options=storage_options)
+        raw_fs.invalidate_cache()
+        # The old checkpoint's files and the failed upload's were listed by dckpt
+        # markers, so they go; nothing else is left but the new commit marker.
+        assert sorted(p.rpartition("/")[2] for p in raw_fs.find(uri)) == [
+            COMMIT_MARKER, "keep.txt"
+        ]
+
+    # ------------------------------------------------------------------- overwrite
+
+    def test_overwrite_lists_only_new_files_and_removes_stale_ones(
+        self, tmp_path, tree, uri, raw_fs, storage_options, out
+    ):
+        storage.upload_directory(tree, uri, storage_options=storage_options)
+        # Someone else's file in the folder: no dckpt manifest ever listed it.
+        raw_fs.pipe_file(f"{uri}/foreign.txt", b"not ours")
+        new = tmp_path / "new"
+        (new / "model").mkdir(parents=True)
+        (new / "model" / "big.bin").write_bytes(b"smaller now")
+        (new / "fresh.txt").write_text("fresh")
+
+        storage.upload_directory(new, uri, storage_options=storage_options)
+        assert storage.list_files(uri, storage_options=storage_options) == {
+            "model/big.bin": 11, "fresh.txt": 5
+        }
+        raw_fs.invalidate_cache()
+        assert not raw_fs.exists(f"{uri}/notes.txt")
+        assert not raw_fs.exists(f"{uri}/model/weights.bin")
+        assert raw_fs.cat_file(f"{uri}/foreign.txt") == b"not ours"
+        storage.download_directory(uri, out, storage_options=storage_options)
+        assert files_only(read_tree(out)) == files_only(read_tree(new))
+
+    def test_names_that_look_like_glob_patterns_are_plain_names(
+        self, tmp_path, uri, raw_fs, storage_options, out
+    ):
+        first = tmp_path / "first"
+        first.mkdir()
+        (first / "w[0].bin").write_bytes(b"bracket")
+        (first / "w0.bin").write_bytes(b"zero")
+        (first / "a*b?").write_bytes(b"star")
+        storage.upload_directory(first, uri, storage_options=storage_options)
+        second = tmp_path / "second"
+        second.mkdir()
+        (second / "w0.bin").write_bytes(b"zero again")
+        storage.upload_directory(second, uri, storage_options=storage_options)
+        raw_fs.invalidate_cache()
+        # Removing the stale "w[0].bin" did not take "w0.bin" along as a glob match.
+        assert sorted(p.rpartition("/")[2] for p in raw_fs.find(uri)) == [
+            COMMIT_MARKER, "w0.bin"
+        ]
+        storage.download_directory(uri, out, storage_options=storage_options)
+        assert (out / "w0.bin").read_bytes() == b"zero again"
+
+    # ------------------------------------------------------------------ plain folders
+
+    def test_plain_folder_is_accepted_and_downloads(
+        self, tree, uri, raw_fs, storage_options, out
+    ):
+        sizes = file_sizes(tree)
+        raw_fs.put([os.path.join(tree, *rel.split("/")) for rel in sizes],
+                   [f"{uri}/{rel}" for rel in sizes])
+        assert storage.uri_status(uri, storage_options=storage_options) == "plain"
+        assert storage.list_files(uri, storage_options=storage_options) == sizes
+        storage.download_directory(uri, out, storage_options=storage_options)
+        assert files_only(read_tree(out)) == files_only(read_tree(tree))
+
+    # ------------------------------------------------------------------ bad input
+
+    def test_missing_prefix_is_not_found(self, base_uri, storage_options, out):
+        missing = f"{base_uri}/nothing-here"
+        for call in (
+            lambda: storage.uri_status(missing, storage_options=storage_options),
+            lambda: storage.list_files(missing, storage_options=storage_options),
+            lambda: storage.download_directory(missing, out,
+                                               storage_options=storage_options),
+            lambda: storage.delete(missing, storage_options=storage_options),
+        ):
+            with pytest.raises(CheckpointNotFoundError, match="no checkpoint at .*nothing-here"):
+                call()
+        assert storage.read_file(missing, "x", storage_options=storage_options) is None
+        assert os.listdir(out) == []
+
+    def test_file_changed_after_commit_is_detected(
+        self, tree, uri, raw_fs, storage_options, tmp_path
+    ):
+        storage.upload_directory(tree, uri, storage_options=storage_options)
+        raw_fs.pipe_file(f"{uri}/notes.txt", b"rewritten behind dckpt's back, longer")
+        (tmp_path / "a").mkdir()
+        with pytest.raises(CheckpointFormatError,
+                           match="'notes.txt'.* changed since the checkpoint was committed"):
+            storage.download_directory(uri, tmp_path / "a", storage_options=storage_options)
+
+        raw_fs.rm_file(f"{uri}/notes.txt")
+        (tmp_path / "b").mkdir()
+        with pytest.raises(CheckpointFormatError, match="'notes.txt'.* is missing"):
+            storage.download_directory(uri, tmp_path / "b", storage_options=storage_options)
+
+    def test_unreadable_manifest_is_a_format_error(self, tree, uri, raw_fs,
+                                                   storage_options, out):
+        storage.upload_directory(tree, uri, storage_options=storage_options)
+        raw_fs.pipe_file(f"{uri}/{COMMIT_MARKER}", b"{not json")
+        with pytest.raises(CheckpointFormatError, match="not a dckpt manifest"):
+            storage.download_directory(uri, out, storage_options=storage_options)
+        newer = {"format_version": 99, "files": {}}
+        raw_fs.pipe_file(f"{uri}/{COMMIT_MARKER}", json.dumps(newer).encode())
+        with pytest.raises(CheckpointFormatError, match="upgrade dckpt"):
+            storage.list_files(uri, storage_options=storage_options)
+
+    def test_unsafe_key_in_a_plain_listing_is_refused(
+        self, uri, raw_fs, storage_options, out
+    ):
+        raw_fs.pipe_file(f"{uri}/fine.txt", b"ok")
+        raw_fs.pipe_file(f"{uri}/a/../../x", b"evil")
+        raw_fs.invalidate_cache()
+        assert any("/../" in p for p in raw_fs.find(uri)), "the store normalized the key"
+        assert storage.uri_status(uri, storage_options=storage_options) == "plain"
+        with pytest.raises(UnsafePathError, match=r"refusing entry 'a/\.\."):
+            storage.list_files(uri, storage_options=storage_options)
+        with pytest.raises(UnsafePathError, match="outside the target directory"):
+            storage.download_directory(uri, out, storage_options=storage_options)
+        assert os.listdir(out) == []
+        assert sorted(os.listdir(out.parent)) == ["out"]
+        assert sorted(os.listdir(out.parent.parent)) == ["inner"]
+
+    def test_unsafe_name_in_a_manifest_is_refused(self, tree, uri, raw_fs,
+                                                  storage_options, out):
+        storage.upload_directory(tree, uri, storage_options=storage_options)
+        raw_fs.pipe_file(f"{uri}/evil", b"abc")
+        manifest = {"format_version": 1, "files": {"../evil": 3}}
+        raw_fs.pipe_file(f"{uri}/{COMMIT_MARKER}", json.dumps(manifest).encode())
+        with pytest.raises(UnsafePathError, match="outside the target directory"):
+            storage.download_directory(uri, out, storage_options=storage_options)
+        assert os.listdir(out) == []
+        assert not (out.parent / "evil").exists()
+
+    # ------------------------------------------------------- progress and parallelism
+
+    def test_progress_callbacks_count_files_and_bytes(self, tree, uri, storage_options,
+                                                      out):
+        sizes = file_sizes(tree)
+        up = Recorder()
+        storage.upload_directory(tree, uri, storage_options=storage_options, callback=up)
+        down = Recorder()
+        storage.download_directory(uri, out, storage_options=storage_options,
+                                   callback=down)
+        for recorder in (up, down):
+            assert recorder.size == recorder.value == len(sizes)
+            assert len(recorder.children) == len(sizes)
+            if self.counts_bytes:
+                assert sum(c.value for _, _, c in recorder.children) == sum(sizes.values())
+                assert {c.size for _, _, c in recorder.children} == set(sizes.values())
+        assert {Path(src).name for src, _, _ in up.children} == {
+            rel.rpartition("/")[2] for rel in sizes
+        }
+
+    @pytest.mark.parametrize("limit", [1, 4])
+    def test_transfers_run_in_parallel_up_to_the_setting(
+        self, tmp_path, uri, fs, storage_options, monkeypatch, out, limit
+    ):
+        src = tmp_path / "many"
+        src.mkdir()
+        for i in range(12):
+            (src / f"f{i:02d}").write_bytes(os.urandom(1000))
+        peaks: dict[str, int] = {}
+
+        def track(method: str) -> None:
+            original = getattr(fs, method)
+            lock, running = threading.Lock(), [0]
+
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                with lock:
+                    running[0] += 1
+                    peaks[method] = max(peaks.get(method, 0), running[0])
+                try:
+                    time.sleep(0.05)  # long enough for the other threads to start
+                    return original(*args, **kwargs)
+                finally:
+                    with lock:
+                        running[0] -= 1
+
+            monkeypatch.setattr(fs, method, wrapper)
+
+        track("put_file")
+        track("get_file")
+        with dask.config.set({"dckpt.storage.max-concurrency": limit}):
+            storage.upload_directory(src, uri, storage_options=storage_options)
+            storage.download_directory(uri, out, storage_options=storage_options)
+        if limit == 1:
+            assert peaks == {"put_file": 1, "get_file": 1}
+        else:
+            assert 1 < peaks["put_file"] <= limit
+            assert 1 < peaks["get_file"] <= limit
+        assert files_only(read_tree(out)) == files_only(read_tree(src))
+
+    # ------------------------------------------------------------- read_file, delete
+
+    def test_read_file(self, tree, uri, raw_fs, storage_options):
+        storage.upload_directory(tree, uri, storage_options=storage_options)
+        read = lambda rel: storage.read_file(uri, rel, storage_options=storage_options)
+        assert read("notes.txt") == b"trained for 3 epochs\n"
+        assert read("empty_file") == b""
+        assert read("no/such/file") is None
+        # A file the manifest does not list is not part of the checkpoint.
+        raw_fs.pipe_file(f"{uri}/ghost.txt", b"boo")
+        assert read("ghost.txt") is None
+        with pytest.raises(UnsafePathError):
+            read("../notes.txt")
+
+    def test_read_file_of_a_plain_folder(self, uri, raw_fs, storage_options):
+        raw_fs.pipe_file(f"{uri}/sub/meta.json", b"{}")
+        assert storage.read_file(uri, "sub/meta.json",
+                                 storage_options=storage_options) == b"{}"
+
+    def test_delete_committed_removes_commit_marker_first(
+        self, tree, uri, fs, raw_fs, storage_options, monkeypatch
+    ):
+        storage.upload_directory(tree, uri, storage_options=storage_options)
+        removed: list[str] = []
+        original = fs.rm_file
+
+        def wrapper(path: str, *args: Any, **kwargs: Any) -> Any:
+            removed.append(path.rpartition("/")[2])
+            return original(path, *args, **kwargs)
+
+        monkeypatch.setattr(fs, "rm_file", wrapper)
+        storage.delete(uri, storage_options=storage_options)
+        assert removed[0] == COMMIT_MARKER
+        assert len(removed) >= 1 + len(file_sizes(tree))
+        with pytest.raises(CheckpointNotFoundError):
+            storage.uri_status(uri, storage_options=storage_options)
+        raw_fs.invalidate_cache()
+        assert raw_fs.find(uri) == []
+
+    def test_delete_leaves_files_no_manifest_listed(self, tree, uri, raw_fs,
+                                                    storage_options):
+        storage.upload_directory(tree, uri, storage_options=storage_options)
+        raw_fs.pipe_file(f"{uri}/foreign.txt", b"not ours")
+        storage.delete(uri, storage_options=storage_options)
+        raw_fs.invalidate_cache()
+        assert [p.rpartition("/")[2] for p in raw_fs.find(uri)] == ["foreign.txt"]
+        # What is left is someone else's plain folder.
+        assert storage.uri_status(uri, storage_options=storage_options) == "plain"
+
+    def test_delete_plain_folder_and_unfinished_upload(
+        self, tree, uri, fs, raw_fs, storage_options, monkeypatch
+    ):
+        raw_fs.pipe_file(f"{uri}/a/b.txt", b"plain")
+        storage.delete(uri, storage_options=storage_options)
+        with pytest.raises(CheckpointNotFoundError):
+            storage.uri_status(uri, storage_options=storage_options)
+
+        original = fs.put_file
+
+        def failing(lpath: str, rpath: str, **kwargs: Any) -> Any:
+            if lpath.endswith("notes.txt"):
+                raise OSError("interrupted")
+            return original(lpath, rpath, **kwargs)
+
+        monkeypatch.setattr(fs, "put_file", failing)
+        with pytest.raises(OSError, match="interrupted"):
+            storage.upload_directory(tree, uri, storage_options=storage_options)
+        monkeypatch.undo()
+        with pytest.raises(IncompleteCheckpointError):
+            storage.uri_status(uri, storage_options=storage_options)
+        storage.delete(uri, storage_options=storage_options)
+        raw_fs.invalidate_cache()
+        assert raw_fs.find(uri) == []
+
+
+class TestMemoryStorage(StorageContract):
+    @pytest.fixture
+    def base_uri(self, memory_uri: str) -> str:
+        return memory_uri
+
+    @pytest.fixture
+    def storage_options(self) -> dict[str, Any]:
+        return {}
+
+    @pytest.fixture
+    def raw_fs(self, storage_options: dict[str, Any]) -> fsspec.AbstractFileSystem:
+        return fsspec.filesystem("memory", skip_instance_cache=True)
+
+
+class TestLocalStorage(StorageContract):
+    counts_bytes = False
+
+    @pytest.fixture
+    def base_uri(self, tmp_path: Path) -> str:
+        return f"file://{tmp_path}/remote"
+
+    @pytest.fixture
+    def storage_options(self) -> dict[str, Any]:
+        return {}
+
+    @pytest.fixture
+    def raw_fs(self, storage_options: dict[str, Any]) -> fsspec.AbstractFileSystem:
+        return LocalFileSystem(auto_mkdir=True, skip_instance_cache=True)
+
+    def test_unsafe_key_in_a_plain_listing_is_refused(self):
+        pytest.skip("a local folder cannot hold a file named 'a/../../x'")
+
+
+@pytest.mark.s3
+class TestS3Storage(StorageContract):
+    @pytest.fixture
+    def base_uri(self, s3_bucket: str) -> str:
+        return f"{s3_bucket}/prefix"
+
+    @pytest.fixture
+    def storage_options(self, s3_storage_options: dict[str, Any]) -> dict[str, Any]:
+        return s3_storage_options
+
+    @pytest.fixture
+    def raw_fs(self, storage_options: dict[str, Any]) -> fsspec.AbstractFileSystem:
+        s3fs = pytest.importorskip("s3fs")
+        return s3fs.S3FileSystem(**storage_options, skip_instance_cache=True)
+
+    @pytest.mark.parametrize("plain", [False, True])
+    def test_checkpoint_at_a_bucket_root_keeps_the_bucket(
+        self, tree, s3_bucket, raw_fs, storage_options, out, plain
+    ):
+        if plain:
+            raw_fs.pipe_file(f"{s3_bucket}/model.bin", b"weights")
+        else:
+            storage.upload_directory(tree, s3_bucket, storage_options=storage_options)
+            storage.download_directory(s3_bucket, out, storage_options=storage_options)
+            assert read_tree(out) == read_tree(tree)
+        storage.delete(s3_bucket, storage_options=storage_options)
+        raw_fs.invalidate_cache()
+        assert raw_fs.exists(s3_bucket)  # s3fs's rm(bucket, recursive=True) would not
+        assert raw_fs.find(s3_bucket) == []
+
+    def test_a_key_that_is_file_and_folder_is_refused(self, uri, raw_fs,
+                                                       storage_options, out):
+        # S3 allows both "a" and "a/b"; a local directory cannot hold them.
+        raw_fs.pipe_file(f"{uri}/a", b"file")
+        raw_fs.pipe_file(f"{uri}/a/b", b"below")
+        with pytest.raises(CheckpointFormatError, match="both a file and a folder named 'a'"):
+            storage.download_directory(uri, out, storage_options=storage_options)
+        assert os.listdir(out) == []
+
+    def test_plain_folder_with_folder_markers(self, uri, raw_fs, storage_options, out):
+        # Consoles and some tools mark folders with empty objects named "d/".
+        raw_fs.pipe_file(f"{uri}/d/", b"")
+        raw_fs.pipe_file(f"{uri}/model.bin", b"weights")
+        assert storage.list_files(uri, storage_options=storage_options) == {"model.bin": 7}
+        storage.download_directory(uri, out, storage_options=storage_options)
+        assert read_tree(out) == {"d/": None, "model.bin": b"weights"}
+        storage.delete(uri, storage_options=storage_options)
+        raw_fs.invalidate_cache()
+        assert raw_fs.find(uri) == []
+
+    def test_listing_is_fresh_after_another_writer(self, uri, raw_fs, storage_options):
+        """s3fs caches listings per instance; dckpt must see what others wrote since."""
+        raw_fs.pipe_file(f"{uri}/one.txt", b"1")
+        assert storage.list_files(uri, storage_options=storage_options) == {"one.txt": 1}
+        raw_fs.pipe_file(f"{uri}/two.txt", b"22")
+        raw_fs.pipe_file(f"{uri}/{PENDING_MARKER}", b"{}")
+        with pytest.raises(IncompleteCheckpointError):
+            storage.uri_status(uri, storage_options=storage_options)
+
+
+# ------------------------------------------------------------------------- URIs
+
+
+def test_unknown_protocol_is_named():
+    with pytest.raises(CheckpointURIError,
+                       match="fsspec does not know the protocol 'nosuchproto'") as info:
+        storage.resolve_uri("nosuchproto://bucket/x")
+    assert isinstance(info.value.__cause__, ValueError)
+    with pytest.raises(CheckpointURIError, match="nosuchproto"):
+        storage.uri_status("nosuchproto://bucket/x")
+
+
+def test_missing_backend_names_the_package(monkeypatch):
+    # As if s3fs were not installed: fsspec has not imported it and cannot.
+    monkeypatch.delitem(fsspec_registry, "s3", raising=False)
+    monkeypatch.setitem(sys.modules, "s3fs", None)
+    with pytest.raises(CheckpointURIError,
+                       match=r"backend for protocol 's3' is not installed; "
+                             r"install it with pip install 'dckpt\[s3\]'.*s3fs") as info:
+        storage.resolve_uri("s3://bucket/x", {"anon": True})
+    assert isinstance(info.value.__cause__, ImportError)
+
+
+@pytest.mark.parametrize(("uri", "local"), [
+    ("/abs/path", True), ("relative/path", True), ("file:///abs/path", True),
+    ("local:///abs/path", True), ("memory://x", False), ("s3://bucket/key", False),
+])
+def test_is_local_uri(uri: str, local: bool):
+    assert storage.is_local_uri(uri) is local
+
+
+def test_local_path_of(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert storage.local_path_of("file:///abs/path/") == "/abs/path"
+    assert storage.local_path_of("/abs/path") == "/abs/path"
+    assert storage.local_path_of("rel/x") == str(tmp_path / "rel" / "x")
+    with pytest.raises(CheckpointURIError, match="not a local path"):
+        storage.local_path_of("memory://x")
