@@ -1,0 +1,135 @@
+"""Speed and memory of the packed byte format, against baselines run in the same go.
+
+    python benchmarks/bench_packing.py [--size-mib 2048] [--files 32]
+
+Packs a directory of random (incompressible) files to a file on disk and unpacks it
+again, each step in a fresh subprocess so that its peak resident memory (``VmHWM``)
+is its own. Baselines: the standard library's ``tarfile`` doing the same job (an
+uncompressed tar stream), and a plain copy of the files (the I/O floor). Figures are
+printed as ratios to those baselines because these machines are noisy; memory as the
+growth of peak RSS over the process's RSS before the step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+
+MIB = 1 << 20
+
+STEP = textwrap.dedent(
+    """
+    import json, os, shutil, sys, tarfile, time
+
+    def rss_kib(field):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+
+    step, src, dst = sys.argv[1:4]
+    if step.startswith("dckpt"):
+        from dckpt.formats import pack_directory, unpack_to_directory
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    before = rss_kib("VmRSS")
+    start = time.perf_counter()
+    if step == "dckpt-pack":
+        with open(dst, "wb") as out:
+            pack_directory(src, out)
+    elif step == "dckpt-unpack":
+        os.mkdir(dst)
+        with open(src, "rb") as inp:
+            unpack_to_directory(inp, dst)
+    elif step == "tar-pack":
+        with tarfile.open(dst, "w") as tar:
+            tar.add(src, arcname=".")
+    elif step == "tar-unpack":
+        with tarfile.open(src, "r") as tar:
+            tar.extractall(dst, filter="data")
+    elif step == "copy":
+        shutil.copytree(src, dst)
+    seconds = time.perf_counter() - start
+    print(json.dumps({"seconds": seconds, "peak_growth_kib": rss_kib("VmHWM") - before}))
+    """
+)
+
+
+def run_step(step: str, src: str, dst: str) -> dict[str, float]:
+    out = subprocess.run(
+        [sys.executable, "-c", STEP, step, src, dst],
+        check=True, capture_output=True, text=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def make_source(root: str, size_mib: int, n_files: int) -> None:
+    os.makedirs(root)
+    per_file = size_mib * MIB // n_files
+    for i in range(n_files):
+        with open(os.path.join(root, f"shard-{i:03d}.bin"), "wb") as f:
+            remaining = per_file
+            while remaining:
+                piece = min(remaining, 16 * MIB)
+                f.write(os.urandom(piece))
+                remaining -= piece
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size-mib", type=int, default=2048)
+    parser.add_argument("--files", type=int, default=32)
+    parser.add_argument("--repeat", type=int, default=2, help="best of N for each step")
+    args = parser.parse_args()
+
+    work = tempfile.mkdtemp(prefix="dckpt-bench-", dir=os.environ.get("BENCH_DIR"))
+    try:
+        src = os.path.join(work, "src")
+        make_source(src, args.size_mib, args.files)
+        packed, tarball = os.path.join(work, "packed"), os.path.join(work, "tarball")
+        results: dict[str, dict[str, float]] = {}
+        steps = [
+            ("copy", src, os.path.join(work, "copy")),
+            ("tar-pack", src, tarball),
+            ("dckpt-pack", src, packed),
+            ("tar-unpack", tarball, os.path.join(work, "tar-out")),
+            ("dckpt-unpack", packed, os.path.join(work, "dckpt-out")),
+        ]
+        for _ in range(args.repeat):
+            for step, a, b in steps:
+                for leftover in (b,) if step in ("copy", "tar-unpack", "dckpt-unpack") else ():
+                    shutil.rmtree(leftover, ignore_errors=True)
+                r = run_step(step, a, b)
+                best = results.get(step)
+                if best is None or r["seconds"] < best["seconds"]:
+                    results[step] = r
+        size = args.size_mib * MIB
+        print(f"{args.size_mib} MiB in {args.files} random files, best of {args.repeat}")
+        print(f"{'step':<14}{'GB/s':>8}{'peak RSS growth':>18}")
+        for step, r in results.items():
+            growth = r["peak_growth_kib"] / 1024
+            print(f"{step:<14}{size / r['seconds'] / 1e9:>8.2f}{growth:>15.1f} MiB")
+        print(f"dckpt pack   / tar pack   time ratio: "
+              f"{results['dckpt-pack']['seconds'] / results['tar-pack']['seconds']:.2f}")
+        print(f"dckpt unpack / tar unpack time ratio: "
+              f"{results['dckpt-unpack']['seconds'] / results['tar-unpack']['seconds']:.2f}")
+        print(f"dckpt pack   / plain copy time ratio: "
+              f"{results['dckpt-pack']['seconds'] / results['copy']['seconds']:.2f}")
+        print(f"packed size / data size: {os.path.getsize(packed) / size:.4f}")
+        worst = max(results["dckpt-pack"]["peak_growth_kib"],
+                    results["dckpt-unpack"]["peak_growth_kib"]) / 1024
+        print(f"dckpt peak RSS growth / data size: {worst * MIB / size:.5f} "
+              f"({worst:.1f} MiB for {args.size_mib} MiB)")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

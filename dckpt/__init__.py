@@ -1,0 +1,35 @@
+"""dckpt: a distributed checkpoint manager for Dask, with Ray AIR's ``Checkpoint`` API.
+
+>>> from dckpt import Checkpoint
+>>> checkpoint = Checkpoint.from_dict({"data": 123})
+>>> Checkpoint.from_directory(checkpoint.to_directory()).to_dict()
+{'data': 123}
+"""
+
+from __future__ import annotations
+
+from dckpt import _config  # noqa: F401  (loads the dckpt.* defaults into dask.config)
+from dckpt.checkpoint import Checkpoint
+from dckpt.errors import (
+    CheckpointError,
+    CheckpointFormatError,
+    CheckpointNotFoundError,
+    CheckpointURIError,
+    IncompatibleCheckpointError,
+    IncompleteCheckpointError,
+    UnsafePathError,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Checkpoint",
+    "CheckpointError",
+    "CheckpointFormatError",
+    "CheckpointNotFoundError",
+    "CheckpointURIError",
+    "IncompatibleCheckpointError",
+    "IncompleteCheckpointError",
+    "UnsafePathError",
+    "__version__",
+]

@@ -1,0 +1,111 @@
+"""A temporary directory shared by every process of one machine that uses it.
+
+``Checkpoint.as_directory()`` materializes a checkpoint without a directory of its own
+at a path derived from the checkpoint's id, so that the copies of one checkpoint that
+several processes hold (it was pickled to them) share one directory. Each user leaves
+a marker file while inside the ``with`` block; the last one out removes the directory.
+Markers of processes that died are ignored, so a crash leaks nothing for long.
+
+Layout beside the directory ``D``: ``D.lock`` (an ``flock``-ed file serializing
+set-up and tear-down) and ``D.users/`` (one marker per user, ``{pid}.{token}``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+
+logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def shared_directory(path: str, materialize: Callable[[str], object]) -> Iterator[str]:
+    """Yield ``path``, calling ``materialize(path)`` first if it does not exist yet.
+
+    ``materialize`` must create ``path`` atomically (build a sibling and rename it), so
+    that other processes never see it half-written. It runs under the lock, so one
+    process materializes while the others wait for it.
+    """
+    marker = os.path.join(f"{path}.users", f"{os.getpid()}.{uuid.uuid4().hex}")
+    with _locked(f"{path}.lock"):
+        os.makedirs(os.path.dirname(marker), exist_ok=True)
+        open(marker, "x").close()
+        try:
+            if not os.path.isdir(path):
+                materialize(path)
+        except BaseException:
+            _leave(path, marker)
+            raise
+    try:
+        yield path
+    finally:
+        with _locked(f"{path}.lock"):
+            _leave(path, marker)
+
+
+def _leave(path: str, marker: str) -> None:
+    """Drop our marker; remove everything when no live user is left. Lock held."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(marker)
+    users_dir = os.path.dirname(marker)
+    live = [name for name in _list(users_dir) if _is_alive(name)]
+    if live:
+        return
+    logger.debug("removing shared checkpoint directory %s: no users left", path)
+    shutil.rmtree(path, ignore_errors=True)
+    shutil.rmtree(users_dir, ignore_errors=True)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(f"{path}.lock")
+
+
+def _list(directory: str) -> list[str]:
+    try:
+        return os.listdir(directory)
+    except FileNotFoundError:
+        return []
+
+
+def _is_alive(marker_name: str) -> bool:
+    try:
+        pid = int(marker_name.split(".", 1)[0])
+    except ValueError:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # alive, owned by someone else
+    return True
+
+
+@contextlib.contextmanager
+def _locked(lock_path: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``lock_path``.
+
+    The last user unlinks the lock file while holding it; a waiter that then gets the
+    lock on the unlinked file retries on the new one, so two processes never both
+    believe they hold the lock.
+    """
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                same_file = os.path.samestat(os.fstat(fd), os.stat(lock_path))
+            except FileNotFoundError:
+                same_file = False
+            if same_file:
+                try:
+                    yield
+                finally:
+                    fcntl.flock(fd, fcntl.LOCK_UN)
+                return
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)

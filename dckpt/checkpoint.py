@@ -1,0 +1,732 @@
+"""``Checkpoint``: the API of Ray AIR's ``ray.air.checkpoint.Checkpoint`` for Dask.
+
+A checkpoint holds a model's state in one of three representations — an in-memory dict,
+a local directory, or a folder at a URI (anything fsspec opens) — and converts between
+them so that every round trip gives back what went in. Ray code ports by changing the
+import: ``from dckpt import Checkpoint``.
+
+The file layout and what travels beside a dict are described in
+:mod:`dckpt.formats._layout`; the byte format of :meth:`Checkpoint.to_bytes` in
+:mod:`dckpt.formats._packing`; storage at URIs in :mod:`dckpt.storage`.
+
+.. warning::
+   Dict checkpoints, preprocessors and subclass state are pickles. Load only
+   checkpoints you trust. Metadata (:meth:`Checkpoint.get_metadata`) is JSON and can be
+   read without unpickling anything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import os
+import shutil
+import uuid
+from collections.abc import Iterator, Mapping
+from typing import Any, TypeVar, cast
+
+import fsspec.callbacks
+from fsspec.callbacks import DEFAULT_CALLBACK
+
+from dckpt import _config, storage
+from dckpt._shared_dir import shared_directory
+from dckpt.errors import (
+    CheckpointFormatError,
+    CheckpointNotFoundError,
+    IncompatibleCheckpointError,
+)
+from dckpt.formats import (
+    ArchiveReader,
+    ArchiveWriter,
+    is_packed,
+    unpack_to_directory,
+)
+from dckpt.formats._atomic import atomic_directory
+from dckpt.formats._layout import (
+    CONTROL_FILES,
+    DICT_FILE,
+    HEADER_FILE,
+    PREPROCESSOR_FILE,
+    PREPROCESSOR_KEY,
+    RESERVED_KEY,
+    STATE_FILE,
+    CheckpointHeader,
+    check_metadata,
+    dump_pickle,
+    load_pickle,
+    read_header,
+    read_pickle_file,
+    split_reserved,
+    write_file_atomically,
+)
+
+__all__ = ["Checkpoint"]
+
+C = TypeVar("C", bound="Checkpoint")
+
+
+
+class _Unset:
+    """Marks "no preprocessor was set on this object"; pickles as the singleton."""
+
+    def __repr__(self) -> str:
+        return "<unset>"
+
+    def __reduce__(self) -> str:
+        return "_UNSET"
+
+
+_UNSET: Any = _Unset()
+_REPR_MAX = 120
+
+
+class Checkpoint:
+    """A model's state as a dict, a local directory or a folder at a URI.
+
+    Create one with :meth:`from_dict`, :meth:`from_directory`, :meth:`from_uri`,
+    :meth:`from_bytes` or :meth:`from_checkpoint`; read it with :meth:`to_dict`,
+    :meth:`to_directory`, :meth:`as_directory`, :meth:`to_uri` or :meth:`to_bytes`.
+
+    Guarantees, as in Ray AIR:
+
+    - Any chain of conversions gives back the original data: ``from_dict(d)`` →
+      directory → dict equals ``d``; a directory → dict → directory has the same files.
+    - Data added on the way survives: keys added to the dict of a directory checkpoint
+      come back in its dict after a trip through a directory; files added to the
+      directory of a dict checkpoint come back in the directory after a trip through a
+      dict.
+    - ``from_dict(d).to_dict() == d`` for a plain checkpoint, and ``from_dict`` never
+      changes ``d``. What must travel inside a dict besides the user's keys (a subclass,
+      its ``_SERIALIZED_ATTRS``, metadata, files added to a directory) rides under the
+      single key ``"_dckpt"``, present only when there is something to carry.
+    - A subclass lists instance attributes in ``_SERIALIZED_ATTRS``; they travel with
+      the data. Data saved by class ``S`` and loaded through class ``C`` comes back as
+      the more derived of the two; unrelated classes raise
+      :class:`~dckpt.errors.IncompatibleCheckpointError` (a ``ValueError``).
+
+    Pickling, without a cluster, behaves as in Ray: dict and URI checkpoints keep
+    their representation, a directory checkpoint travels as its data (a dict
+    checkpoint).
+
+    In-memory changes (:meth:`set_preprocessor`, :meth:`set_metadata`, subclass
+    attributes) are never written into a checkpoint's own directory or URI; they are
+    part of every representation this object produces.
+    """
+
+    #: Names of instance attributes that travel with the checkpoint's data.
+    _SERIALIZED_ATTRS: tuple[str, ...] = ()
+
+    _local_path: str | None
+    _data_dict: dict[Any, Any] | None
+    _files: bytes | None
+    _uri: str | None
+    _storage_options: dict[str, Any]
+    _metadata: dict[str, Any] | None
+    _preprocessor: Any
+    _uuid: uuid.UUID
+
+    def __init__(
+        self,
+        local_path: str | os.PathLike[str] | None = None,
+        data_dict: dict[Any, Any] | None = None,
+        uri: str | None = None,
+        *,
+        storage_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Developer API: wrap exactly one representation as it is.
+
+        Prefer the ``from_*`` class methods, which also restore the checkpoint's class,
+        subclass state and metadata. A ``file://`` URI or a plain path given as ``uri``
+        becomes a directory checkpoint, as in Ray.
+        """
+        given = [name for name, value in
+                 (("local_path", local_path), ("data_dict", data_dict), ("uri", uri))
+                 if value is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "Checkpoint() takes exactly one of local_path, data_dict and uri; "
+                f"got {', '.join(given) or 'none'}"
+            )
+        if uri is not None and storage.is_local_uri(uri):
+            local_path, uri = storage.local_path_of(uri), None
+
+        self._local_path = None
+        self._data_dict = None
+        self._files = None
+        self._uri = None
+        self._storage_options = dict(storage_options or {})
+        self._metadata = None
+        self._preprocessor = _UNSET
+        self._uuid = uuid.uuid4()
+
+        if local_path is not None:
+            self._local_path = _existing_directory(local_path)
+        elif data_dict is not None:
+            if not isinstance(data_dict, Mapping):
+                raise TypeError(
+                    f"data_dict must be a dict, not {type(data_dict).__name__}"
+                )
+            user, reserved = split_reserved(data_dict)
+            self._data_dict = user
+            self._files = _checked_files(reserved.get("files"))
+            self._metadata = check_metadata(reserved.get("metadata", {}))
+            self.__dict__.update(reserved.get("state", {}))
+        else:
+            assert uri is not None
+            storage.resolve_uri(uri, self._storage_options)  # fail early on bad protocols
+            self._uri = uri
+
+    # ------------------------------------------------------------------ constructors
+
+    @classmethod
+    def from_dict(cls: type[C], data: dict[Any, Any]) -> C:
+        """Create a checkpoint from a dict. ``data`` is copied (shallowly), not changed."""
+        _, reserved = split_reserved(data)
+        checkpoint_cls = cls._class_for(reserved.get("class"))
+        return checkpoint_cls(data_dict=data)
+
+    @classmethod
+    def from_directory(cls: type[C], path: str | os.PathLike[str]) -> C:
+        """Create a checkpoint from a local directory, which it then refers to.
+
+        The caller promises not to delete the directory while the checkpoint is used.
+        Raises :class:`~dckpt.errors.CheckpointNotFoundError` (a ``FileNotFoundError``)
+        if ``path`` does not exist and ``NotADirectoryError`` if it is a file.
+        """
+        directory = _existing_directory(path)
+        header = read_header(directory)
+        checkpoint_cls = cls._class_for(header.checkpoint_class if header else None)
+        checkpoint = checkpoint_cls(local_path=directory)
+        checkpoint._metadata = header.metadata if header else {}
+        state_path = os.path.join(directory, STATE_FILE)
+        if os.path.exists(state_path):
+            checkpoint.__dict__.update(read_pickle_file(state_path))
+        return checkpoint
+
+    @classmethod
+    def from_uri(
+        cls: type[C], uri: str, *, storage_options: Mapping[str, Any] | None = None
+    ) -> C:
+        """Create a checkpoint that refers to a folder at ``uri`` (any fsspec URI).
+
+        ``file://`` URIs and plain paths give a directory checkpoint, as in Ray. For
+        other URIs only the small control files are read now; the data is downloaded
+        on first use. A folder uploaded by another tool is accepted as a directory
+        checkpoint; an unfinished dckpt upload raises
+        :class:`~dckpt.errors.IncompleteCheckpointError` and a missing folder
+        :class:`~dckpt.errors.CheckpointNotFoundError` (both ``FileNotFoundError``).
+        ``storage_options`` (endpoint, credentials, ...) go to fsspec and travel with
+        the checkpoint, also when it is pickled.
+        """
+        if storage.is_local_uri(uri):
+            return cls.from_directory(storage.local_path_of(uri))
+        options = dict(storage_options or {})
+        storage.uri_status(uri, storage_options=options)
+        raw_header = storage.read_file(uri, HEADER_FILE, storage_options=options)
+        header = CheckpointHeader.from_json(raw_header, f"{uri}/{HEADER_FILE}") if raw_header else None
+        checkpoint_cls = cls._class_for(header.checkpoint_class if header else None)
+        checkpoint = checkpoint_cls(uri=uri, storage_options=options)
+        checkpoint._metadata = header.metadata if header else {}
+        raw_state = storage.read_file(uri, STATE_FILE, storage_options=options)
+        if raw_state is not None:
+            checkpoint.__dict__.update(load_pickle(raw_state, f"{uri}/{STATE_FILE}"))
+        return checkpoint
+
+    @classmethod
+    def from_bytes(cls: type[C], data: bytes | bytearray | memoryview) -> C:
+        """Create a dict checkpoint from the output of :meth:`to_bytes`.
+
+        The header is checked before anything is unpickled: anything else raises
+        :class:`~dckpt.errors.CheckpointFormatError` (a ``ValueError``), as do
+        truncated or corrupted bytes.
+        """
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise TypeError(f"from_bytes() takes bytes, not {type(data).__name__}")
+        control: dict[str, bytes] = {}
+        files = io.BytesIO()
+        with ArchiveWriter(files) as writer:
+            has_files = False
+            reader = ArchiveReader(io.BytesIO(data))
+            for entry in reader:
+                if entry.kind == "file" and entry.path in CONTROL_FILES:
+                    control[entry.path] = reader.read_payload()
+                elif entry.kind == "file":
+                    writer.add_bytes(entry.path, reader.read_payload(), mode=entry.mode)
+                elif entry.kind == "directory":
+                    writer.add_directory(entry.path, mode=entry.mode)
+                else:
+                    assert entry.target is not None
+                    writer.add_symlink(entry.path, entry.target)
+                has_files = has_files or entry.path not in CONTROL_FILES
+        header = CheckpointHeader.from_json(control[HEADER_FILE], "header") if HEADER_FILE in control else None
+        user: dict[Any, Any] = {}
+        if DICT_FILE in control:
+            user = load_pickle(control[DICT_FILE], DICT_FILE)
+            if not isinstance(user, dict):
+                raise CheckpointFormatError(
+                    f"{DICT_FILE} holds a {type(user).__name__}, not a dict"
+                )
+        if PREPROCESSOR_FILE in control:
+            user[PREPROCESSOR_KEY] = load_pickle(control[PREPROCESSOR_FILE], PREPROCESSOR_FILE)
+        checkpoint_cls = cls._class_for(header.checkpoint_class if header else None)
+        checkpoint = checkpoint_cls(data_dict=user)
+        checkpoint._files = files.getvalue() if has_files else None
+        checkpoint._metadata = header.metadata if header else {}
+        if STATE_FILE in control:
+            checkpoint.__dict__.update(load_pickle(control[STATE_FILE], STATE_FILE))
+        return checkpoint
+
+    @classmethod
+    def from_checkpoint(cls: type[C], other: Checkpoint) -> C:
+        """Convert a checkpoint to this class (e.g. a generic one to a framework's).
+
+        ``other`` is returned as it is when it already has this exact class. Otherwise
+        the new checkpoint shares ``other``'s data and copies its metadata, preprocessor
+        and the attributes named by this class's ``_SERIALIZED_ATTRS``.
+        """
+        if type(other) is cls:
+            return other
+        new = cls.__new__(cls)
+        for name in ("_local_path", "_files", "_uri", "_preprocessor"):
+            setattr(new, name, getattr(other, name))
+        new._data_dict = None if other._data_dict is None else dict(other._data_dict)
+        new._storage_options = dict(other._storage_options)
+        new._metadata = None if other._metadata is None else dict(other._metadata)
+        new._uuid = uuid.uuid4()
+        for attr in cls._SERIALIZED_ATTRS:
+            if hasattr(other, attr):
+                setattr(new, attr, getattr(other, attr))
+        return new
+
+    # ------------------------------------------------------------------ conversions
+
+    def to_dict(self) -> dict[Any, Any]:
+        """Return the checkpoint's data as a new dict.
+
+        For a dict checkpoint that is the user's dict (plus the preprocessor set with
+        :meth:`set_preprocessor`, and the ``"_dckpt"`` entry when there is something
+        to carry). A directory's files are packed into ``result["_dckpt"]["files"]``;
+        a ``dict_checkpoint.pkl`` in it gives the dict's keys.
+        """
+        if self._data_dict is not None:
+            user = dict(self._data_dict)
+            files = self._files
+        else:
+            with self.as_directory() as directory:
+                user, files = _read_directory_as_dict(directory)
+        if self._preprocessor is not _UNSET:
+            user[PREPROCESSOR_KEY] = self._preprocessor
+        reserved: dict[str, Any] = {}
+        class_path = _class_path(type(self))
+        if class_path is not None:
+            reserved["class"] = class_path
+        state = self._serialized_state()
+        if state:
+            reserved["state"] = state
+        metadata = self.get_metadata()
+        if metadata:
+            reserved["metadata"] = metadata
+        if files is not None:
+            reserved["files"] = files
+        if reserved:
+            user[RESERVED_KEY] = reserved
+        return user
+
+    def to_directory(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        callback: fsspec.callbacks.Callback = DEFAULT_CALLBACK,
+    ) -> str:
+        """Write the checkpoint to a directory and return its path.
+
+        Without ``path``, a new directory under ``dckpt.temporary-directory`` (which
+        the caller then owns). The directory is built beside its final place and
+        renamed into it, so it is never seen half-written; an existing directory at
+        ``path`` is replaced as a whole. ``callback`` (an fsspec ``Callback``) follows
+        downloads from a URI.
+        """
+        if path is None:
+            path = os.path.join(
+                _config.temporary_directory(), f"checkpoint_tmp_{uuid.uuid4().hex}"
+            )
+        target = os.path.abspath(os.fspath(path))
+        if self._local_path is not None and _same_path(self._local_path, target):
+            self._write_control_files(target, source=target, write=write_file_atomically)
+            return target
+        if self._local_path is not None and _nested(self._local_path, target):
+            raise ValueError(
+                f"cannot write checkpoint {self._local_path} into {target}: "
+                "one lies inside the other"
+            )
+        with atomic_directory(target) as staging:
+            self._materialize(staging, callback)
+        return target
+
+    @contextlib.contextmanager
+    def as_directory(self) -> Iterator[str]:
+        """Yield a local directory holding the checkpoint's data.
+
+        A directory checkpoint yields its own directory, which is never deleted (and in
+        which in-memory changes such as :meth:`set_preprocessor` are not written).
+        Others are written to a temporary directory named after this checkpoint, shared
+        by every process on this machine that holds a copy of it (it was pickled to
+        them), and removed when the last of them leaves the ``with`` block.
+        Treat the directory as read-only.
+        """
+        if self._local_path is not None:
+            yield self._local_path
+            return
+        path = os.path.join(
+            _config.temporary_directory(), f"checkpoint_tmp_{self._uuid.hex}"
+        )
+        with shared_directory(path, self.to_directory) as directory:
+            yield directory
+
+    def to_uri(
+        self,
+        uri: str,
+        *,
+        storage_options: Mapping[str, Any] | None = None,
+        callback: fsspec.callbacks.Callback = DEFAULT_CALLBACK,
+    ) -> str:
+        """Upload the checkpoint to a folder at ``uri`` and return ``uri``.
+
+        Files are uploaded in parallel (``dckpt.storage.max-concurrency``); a commit
+        marker is written last, so :meth:`from_uri` never takes a half-written upload
+        for a checkpoint. ``file://`` URIs and plain paths are written with
+        :meth:`to_directory`. ``callback`` counts files, and its children bytes.
+        """
+        if storage.is_local_uri(uri):
+            self.to_directory(storage.local_path_of(uri), callback=callback)
+            return uri
+        options = dict(storage_options or {})
+        if self._local_path is not None:
+            overlay = self._control_files(self._local_path)
+            storage.upload_directory(
+                self._local_path, uri, storage_options=options, callback=callback,
+                overlay=overlay,
+            )
+        else:
+            with self.as_directory() as directory:
+                storage.upload_directory(
+                    directory, uri, storage_options=options, callback=callback
+                )
+        return uri
+
+    def to_bytes(self) -> bytes:
+        """Return the checkpoint packed into bytes (see :meth:`from_bytes`).
+
+        The packed format starts with a dckpt header and holds an lz4 frame with
+        checksums. To stream a large checkpoint to a file or socket instead, use
+        :func:`dckpt.formats.pack_directory` on :meth:`as_directory`.
+        """
+        out = io.BytesIO()
+        with ArchiveWriter(out) as writer:
+            if self._data_dict is not None:
+                if self._files is not None:
+                    _copy_archive(self._files, writer)
+                overlay = self._control_files(None)
+            else:
+                with self.as_directory() as directory:
+                    overlay = self._control_files(directory)
+                    writer.add_tree(directory, exclude=overlay.__contains__)
+            for name, content in sorted(overlay.items()):
+                if content is not None:
+                    writer.add_bytes(name, content)
+        return out.getvalue()
+
+    def get_internal_representation(self) -> tuple[str, Any]:
+        """Developer API: ``("local_path", path)``, ``("data_dict", dict)`` or ``("uri", uri)``."""
+        if self._local_path is not None:
+            return "local_path", self._local_path
+        if self._data_dict is not None:
+            return "data_dict", self.to_dict()
+        return "uri", self._uri
+
+    @property
+    def uri(self) -> str | None:
+        """``file://<path>`` for a directory checkpoint, the URI for a URI checkpoint,
+        ``None`` for a dict checkpoint."""
+        if self._uri is not None:
+            return self._uri
+        if self._local_path is not None and os.path.exists(self._local_path):
+            return f"file://{self._local_path}"
+        return None
+
+    # --------------------------------------------------------- preprocessor, metadata
+
+    def get_preprocessor(self) -> Any:
+        """Return the preprocessor stored with the checkpoint, or ``None``."""
+        if self._preprocessor is not _UNSET:
+            return self._preprocessor
+        if self._data_dict is not None:
+            return self._data_dict.get(PREPROCESSOR_KEY)
+        if self._local_path is not None:
+            path = os.path.join(self._local_path, PREPROCESSOR_FILE)
+            return read_pickle_file(path) if os.path.exists(path) else None
+        assert self._uri is not None
+        raw = storage.read_file(
+            self._uri, PREPROCESSOR_FILE, storage_options=self._storage_options
+        )
+        return None if raw is None else load_pickle(raw, f"{self._uri}/{PREPROCESSOR_FILE}")
+
+    def set_preprocessor(self, preprocessor: Any) -> None:
+        """Attach a preprocessor (any picklable object) to this checkpoint object.
+
+        It is part of every representation produced from now on, under the dict key
+        ``"_preprocessor"`` or in a file of that name; the checkpoint's own directory
+        or URI is not changed.
+        """
+        self._preprocessor = preprocessor
+
+    def get_metadata(self) -> dict[str, Any]:
+        """Return a copy of the checkpoint's metadata: a small JSON-serialisable dict.
+
+        Read from ``.dckpt.json`` for a directory or URI, without unpickling anything.
+        """
+        if self._metadata is None:
+            self._metadata = self._read_source_metadata()
+        return check_metadata(self._metadata)
+
+    def set_metadata(self, metadata: Mapping[str, Any]) -> None:
+        """Replace the metadata. It must be JSON-serialisable (else ``TypeError``)."""
+        self._metadata = check_metadata(metadata)
+
+    def update_metadata(self, metadata: Mapping[str, Any]) -> None:
+        """Merge ``metadata`` into the existing metadata (top-level keys)."""
+        merged = self.get_metadata()
+        merged.update(check_metadata(metadata))
+        self._metadata = merged
+
+    # ------------------------------------------------------------------ dunder
+
+    def __repr__(self) -> str:
+        if self._local_path is not None:
+            argument = f"local_path={_shorten(self._local_path)}"
+        elif self._data_dict is not None:
+            argument = f"data_dict={{...{len(self._data_dict)} keys}}"
+        else:
+            argument = f"uri={_shorten(str(self._uri))}"
+        return f"{type(self).__name__}({argument})"
+
+    def __fspath__(self) -> str:
+        raise TypeError(
+            "a Checkpoint is not a path; use Checkpoint.to_directory() or "
+            "Checkpoint.as_directory() to get a directory"
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Directory checkpoints travel as their data (a dict checkpoint), as in Ray."""
+        state = dict(self.__dict__)
+        if self._local_path is not None:
+            user, files = _read_directory_as_dict(self._local_path)
+            state.update(
+                _local_path=None, _data_dict=user, _files=files,
+                _metadata=self.get_metadata(),
+            )
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    # ------------------------------------------------------------------ internals
+
+    @classmethod
+    def _class_for(cls: type[C], saved_class_path: str | None) -> type[C]:
+        """The class to load data saved by ``saved_class_path`` with, called on ``cls``:
+        the more derived of the two."""
+        saved = Checkpoint if saved_class_path is None else _import_class(saved_class_path)
+        if issubclass(cls, saved):
+            return cls
+        if issubclass(saved, cls):
+            return cast("type[C]", saved)
+        raise IncompatibleCheckpointError(
+            f"this checkpoint was saved by {saved.__qualname__}, which is not compatible "
+            f"with {cls.__qualname__} (neither is a subclass of the other); load it with "
+            f"{saved.__qualname__} or Checkpoint"
+        )
+
+    def _serialized_state(self) -> dict[str, Any]:
+        return {
+            attr: getattr(self, attr)
+            for attr in self._SERIALIZED_ATTRS
+            if hasattr(self, attr)
+        }
+
+    def _read_source_metadata(self) -> dict[str, Any]:
+        if self._local_path is not None:
+            header = read_header(self._local_path)
+        elif self._uri is not None:
+            raw = storage.read_file(
+                self._uri, HEADER_FILE, storage_options=self._storage_options
+            )
+            header = CheckpointHeader.from_json(raw, f"{self._uri}/{HEADER_FILE}") if raw else None
+        else:
+            header = None
+        return header.metadata if header else {}
+
+    def _control_files(self, source: str | None) -> dict[str, bytes | None]:
+        """The control files this object's state asks for, by name.
+
+        ``source`` is the directory the data comes from (``None`` for a dict
+        checkpoint). A value of ``None`` means "drop that file of the source".
+        Written always: the user's dict (dict checkpoints), the preprocessor when there
+        is one, the header when there is anything to say, the subclass state when the
+        class has any.
+        """
+        files: dict[str, bytes | None] = {}
+        if self._data_dict is not None:
+            user = dict(self._data_dict)
+            if PREPROCESSOR_KEY in user:
+                files[PREPROCESSOR_FILE] = dump_pickle(user.pop(PREPROCESSOR_KEY))
+            if user:
+                files[DICT_FILE] = dump_pickle(user)
+        if self._preprocessor is not _UNSET:
+            files[PREPROCESSOR_FILE] = dump_pickle(self._preprocessor)
+        metadata = self.get_metadata()
+        class_path = _class_path(type(self))
+        had_header = source is not None and os.path.exists(os.path.join(source, HEADER_FILE))
+        if metadata or class_path or had_header or DICT_FILE in files:
+            files[HEADER_FILE] = CheckpointHeader(
+                checkpoint_class=class_path, metadata=metadata
+            ).to_json()
+        state = self._serialized_state()
+        if state:
+            files[STATE_FILE] = dump_pickle(state)
+        elif source is not None and os.path.exists(os.path.join(source, STATE_FILE)):
+            files[STATE_FILE] = None  # this class carries no state: drop the stale file
+        return files
+
+    def _write_control_files(self, directory: str, source: str | None, write: Any) -> None:
+        for name, content in self._control_files(source).items():
+            path = os.path.join(directory, name)
+            if content is None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+            else:
+                write(path, content)
+
+    def _materialize(self, staging: str, callback: fsspec.callbacks.Callback) -> None:
+        """Write the whole checkpoint into the empty directory ``staging``."""
+        if self._data_dict is not None:
+            if self._files is not None:
+                unpack_to_directory(self._files, staging, callback=callback)
+            source = None
+        elif self._local_path is not None:
+            # Symlinks are followed, as in Ray (shutil.copytree's default).
+            shutil.copytree(
+                self._local_path, staging, dirs_exist_ok=True,
+                ignore_dangling_symlinks=True,
+            )
+            source = self._local_path
+        else:
+            assert self._uri is not None
+            storage.download_directory(
+                self._uri, staging, storage_options=self._storage_options,
+                callback=callback,
+            )
+            source = staging
+        self._write_control_files(staging, source, write=_write_plain)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _existing_directory(path: str | os.PathLike[str]) -> str:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"a checkpoint directory must be a path, not {type(path).__name__}")
+    directory = os.path.abspath(os.fspath(path))
+    if not os.path.exists(directory):
+        raise CheckpointNotFoundError(
+            f"cannot create a checkpoint from {directory}: it does not exist"
+        )
+    if not os.path.isdir(directory):
+        raise NotADirectoryError(
+            f"cannot create a checkpoint from {directory}: it is not a directory; if "
+            "your checkpoint is a single file, pass the directory that holds it"
+        )
+    return directory
+
+
+def _checked_files(files: Any) -> bytes | None:
+    if files is None:
+        return None
+    if not isinstance(files, (bytes, bytearray)) or not is_packed(files):
+        raise CheckpointFormatError(
+            f"the files carried in {RESERVED_KEY!r} are not packed dckpt data"
+        )
+    return bytes(files)
+
+
+def _read_directory_as_dict(directory: str) -> tuple[dict[Any, Any], bytes | None]:
+    """A directory's dict form: the user's keys and its other files, packed."""
+    user: dict[Any, Any] = {}
+    dict_path = os.path.join(directory, DICT_FILE)
+    if os.path.exists(dict_path):
+        user = read_pickle_file(dict_path)
+        if not isinstance(user, dict):
+            raise CheckpointFormatError(f"{dict_path} holds a {type(user).__name__}, not a dict")
+    preprocessor_path = os.path.join(directory, PREPROCESSOR_FILE)
+    if os.path.exists(preprocessor_path):
+        user[PREPROCESSOR_KEY] = read_pickle_file(preprocessor_path)
+    if set(os.listdir(directory)) <= CONTROL_FILES:
+        return user, None
+    out = io.BytesIO()
+    with ArchiveWriter(out) as writer:
+        writer.add_tree(directory, exclude=CONTROL_FILES.__contains__)
+    return user, out.getvalue()
+
+
+def _copy_archive(packed: bytes, writer: ArchiveWriter) -> None:
+    reader = ArchiveReader(io.BytesIO(packed))
+    for entry in reader:
+        if entry.kind == "file":
+            writer.add_bytes(entry.path, reader.read_payload(), mode=entry.mode)
+        elif entry.kind == "directory":
+            writer.add_directory(entry.path, mode=entry.mode)
+        else:
+            assert entry.target is not None
+            writer.add_symlink(entry.path, entry.target)
+
+
+def _write_plain(path: str, content: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(content)
+
+
+def _class_path(cls: type) -> str | None:
+    """``"module:qualname"`` of a checkpoint class; ``None`` for :class:`Checkpoint`."""
+    if cls is Checkpoint:
+        return None
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def _import_class(class_path: str) -> type[Checkpoint]:
+    module_name, _, qualname = class_path.partition(":")
+    try:
+        found: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            found = getattr(found, part)
+    except (ImportError, AttributeError) as e:
+        raise CheckpointFormatError(
+            f"this checkpoint was saved by class {class_path!r}, which cannot be "
+            f"imported here ({e}); install the code that defines it"
+        ) from e
+    if not (isinstance(found, type) and issubclass(found, Checkpoint)):
+        raise CheckpointFormatError(f"{class_path!r} is not a Checkpoint class")
+    return found
+
+
+def _same_path(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _nested(a: str, b: str) -> bool:
+    real_a, real_b = os.path.realpath(a), os.path.realpath(b)
+    return os.path.commonpath([real_a, real_b]) in (real_a, real_b)
+
+
+def _shorten(text: str) -> str:
+    return text if len(text) <= _REPR_MAX else f"{text[:_REPR_MAX // 2]}...{text[-_REPR_MAX // 2:]}"

@@ -1,0 +1,406 @@
+"""``Checkpoint``'s API one method at a time: representations, casting, errors."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import sys
+from pathlib import Path
+
+import pytest
+
+import dckpt
+from dckpt import (
+    Checkpoint,
+    CheckpointFormatError,
+    CheckpointNotFoundError,
+    CheckpointURIError,
+    IncompatibleCheckpointError,
+)
+from dckpt.formats._layout import HEADER_FILE, RESERVED_KEY
+from tests._trees import make_tree, read_tree
+from tests.test_checkpoint_contract import ModelCheckpoint, OtherCheckpoint, Preprocessor
+
+
+def test_the_example_from_the_issue():
+    checkpoint = Checkpoint.from_dict({"data": 123})
+    path = checkpoint.to_directory()
+    try:
+        assert Checkpoint.from_directory(path).to_dict() == {"data": 123}
+    finally:
+        import shutil
+
+        shutil.rmtree(path)
+
+
+def test_from_dict_copies_and_never_changes_the_callers_dict():
+    data = {"a": [1, 2]}
+    checkpoint = Checkpoint.from_dict(data)
+    checkpoint.set_preprocessor(Preprocessor(1.0))
+    checkpoint.set_metadata({"m": 1})
+    data["b"] = 2
+    assert data == {"a": [1, 2], "b": 2}
+    out = checkpoint.to_dict()
+    assert "b" not in out
+    out["c"] = 3  # the result is the caller's to change
+    assert "c" not in checkpoint.to_dict()
+
+
+def test_reserved_key_is_present_only_when_something_must_travel():
+    assert RESERVED_KEY not in Checkpoint.from_dict({"x": 1}).to_dict()
+    with_metadata = Checkpoint.from_dict({"x": 1})
+    with_metadata.set_metadata({"k": "v"})
+    assert with_metadata.to_dict()[RESERVED_KEY] == {"metadata": {"k": "v"}}
+
+
+def test_internal_representation_and_uri(tmp_path, memory_uri):
+    d = Checkpoint.from_dict({"x": 1})
+    assert d.get_internal_representation() == ("data_dict", {"x": 1})
+    assert d.uri is None
+
+    local = Checkpoint.from_directory(make_tree(tmp_path / "t"))
+    assert local.get_internal_representation() == ("local_path", str(tmp_path / "t"))
+    assert local.uri == f"file://{tmp_path / 't'}"
+
+    remote = Checkpoint.from_uri(d.to_uri(f"{memory_uri}/c"))
+    assert remote.get_internal_representation() == ("uri", f"{memory_uri}/c")
+    assert remote.uri == f"{memory_uri}/c"
+
+
+def test_file_uris_and_plain_paths_give_directory_checkpoints(tmp_path):
+    path = make_tree(tmp_path / "t")
+    for uri in (f"file://{path}", path):
+        checkpoint = Checkpoint.from_uri(uri)
+        assert checkpoint.get_internal_representation() == ("local_path", path)
+    assert Checkpoint(uri=f"file://{path}").get_internal_representation()[0] == "local_path"
+
+
+def test_raw_constructor_takes_exactly_one_representation(tmp_path):
+    with pytest.raises(ValueError, match="exactly one"):
+        Checkpoint()
+    with pytest.raises(ValueError, match="exactly one"):
+        Checkpoint(local_path=str(tmp_path), data_dict={"a": 1})
+
+
+def test_fspath_is_refused():
+    with pytest.raises(TypeError, match="not a path"):
+        os.fspath(Checkpoint.from_dict({"x": 1}))
+
+
+def test_repr_is_short_whatever_the_size(tmp_path):
+    huge = Checkpoint.from_dict({i: b"x" * 1000 for i in range(10_000)})
+    assert repr(huge) == "Checkpoint(data_dict={...10000 keys})"
+    deep = tmp_path / ("d" * 200) / ("e" * 200)
+    deep.mkdir(parents=True)
+    assert len(repr(Checkpoint.from_directory(deep))) < 200
+    assert repr(ModelCheckpoint.from_dict({})).startswith("ModelCheckpoint(")
+
+
+def test_preprocessor_of_each_representation(tmp_path, memory_uri):
+    assert Checkpoint.from_dict({"x": 1}).get_preprocessor() is None
+    d = Checkpoint.from_dict({"_preprocessor": Preprocessor(5.0)})
+    assert d.get_preprocessor() == Preprocessor(5.0)
+    path = Path(d.to_directory(tmp_path / "d"))
+    assert (path / "_preprocessor").is_file()  # a file of that name in a directory
+    assert Checkpoint.from_directory(path).get_preprocessor() == Preprocessor(5.0)
+    uri = d.to_uri(f"{memory_uri}/p")
+    assert Checkpoint.from_uri(uri).get_preprocessor() == Preprocessor(5.0)
+    # set_preprocessor overrides what is stored, without touching the source
+    local = Checkpoint.from_directory(path)
+    local.set_preprocessor(Preprocessor(6.0))
+    assert local.get_preprocessor() == Preprocessor(6.0)
+    assert Checkpoint.from_directory(path).get_preprocessor() == Preprocessor(5.0)
+
+
+def test_metadata_is_json_readable_without_unpickling(tmp_path):
+    import json
+
+    checkpoint = ModelCheckpoint.from_dict({"x": 1})
+    checkpoint.framework = "numpy"
+    checkpoint.set_metadata({"epoch": 2})
+    path = Path(checkpoint.to_directory(tmp_path / "c"))
+    header = json.loads((path / HEADER_FILE).read_text())
+    assert header["metadata"] == {"epoch": 2}
+    assert header["checkpoint_class"].endswith(":ModelCheckpoint")
+    assert header["format_version"] == 1
+
+
+def test_metadata_must_be_json_serialisable():
+    checkpoint = Checkpoint.from_dict({"x": 1})
+    with pytest.raises(TypeError, match="JSON"):
+        checkpoint.set_metadata({"bad": object()})
+    with pytest.raises(TypeError, match="JSON"):
+        checkpoint.update_metadata({"bad": {1, 2}})
+    assert checkpoint.get_metadata() == {}
+    returned = checkpoint.get_metadata()
+    returned["changed"] = True
+    assert checkpoint.get_metadata() == {}
+
+
+class TestSubclassCasting:
+    def _saved_as_other(self) -> dict:
+        other = OtherCheckpoint.from_dict({"x": 1})
+        other.other = 1
+        return other.to_dict()
+
+    def test_base_class_loads_a_subclass_as_the_subclass(self, tmp_path):
+        model = ModelCheckpoint.from_dict({"x": 1})
+        model.framework = "f"
+        for loaded in (
+            Checkpoint.from_dict(model.to_dict()),
+            Checkpoint.from_bytes(model.to_bytes()),
+            Checkpoint.from_directory(model.to_directory(tmp_path / "m")),
+        ):
+            assert type(loaded) is ModelCheckpoint and loaded.framework == "f"
+
+    def test_subclass_loads_base_class_data_as_itself(self, tmp_path):
+        plain = Checkpoint.from_dict({"x": 1})
+        assert type(ModelCheckpoint.from_dict(plain.to_dict())) is ModelCheckpoint
+        path = plain.to_directory(tmp_path / "p")
+        assert type(ModelCheckpoint.from_directory(path)) is ModelCheckpoint
+
+    def test_unrelated_classes_are_refused(self, tmp_path, memory_uri):
+        data = self._saved_as_other()
+        saved = OtherCheckpoint.from_dict(data)
+        with pytest.raises(ValueError, match="OtherCheckpoint.*not compatible.*ModelCheckpoint"):
+            ModelCheckpoint.from_dict(data)
+        with pytest.raises(IncompatibleCheckpointError):
+            ModelCheckpoint.from_bytes(saved.to_bytes())
+        with pytest.raises(IncompatibleCheckpointError):
+            ModelCheckpoint.from_directory(saved.to_directory(tmp_path / "o"))
+        with pytest.raises(IncompatibleCheckpointError):
+            ModelCheckpoint.from_uri(saved.to_uri(f"{memory_uri}/o"))
+
+    def test_from_checkpoint_converts_and_keeps_data(self, tmp_path):
+        plain = Checkpoint.from_directory(make_tree(tmp_path / "t"))
+        plain.set_metadata({"a": 1})
+        model = ModelCheckpoint.from_checkpoint(plain)
+        assert type(model) is ModelCheckpoint
+        assert model.get_internal_representation() == plain.get_internal_representation()
+        assert model.get_metadata() == {"a": 1}
+        assert ModelCheckpoint.from_checkpoint(model) is model
+
+    def test_a_class_that_cannot_be_imported_is_a_clear_error(self):
+        data = {"x": 1, RESERVED_KEY: {"class": "no_such_module_xyz:Ckpt"}}
+        with pytest.raises(CheckpointFormatError, match="cannot be imported"):
+            Checkpoint.from_dict(data)
+
+
+class TestAsDirectory:
+    def test_own_directory_is_yielded_and_never_deleted(self, tmp_path):
+        path = make_tree(tmp_path / "t")
+        with Checkpoint.from_directory(path).as_directory() as directory:
+            assert directory == path
+        assert os.path.isdir(path)
+
+    def test_temporary_directory_is_removed_after_the_last_user(self, tmp_path):
+        checkpoint = Checkpoint.from_dict({"x": 1})
+        with dask_temporary_directory(tmp_path):
+            with checkpoint.as_directory() as outer:
+                with checkpoint.as_directory() as inner:
+                    assert inner == outer
+                assert os.path.exists(os.path.join(outer, "dict_checkpoint.pkl"))
+            assert not os.path.exists(outer)
+            assert os.listdir(tmp_path) == []  # no lock file, no marker left behind
+
+    def test_an_error_inside_the_block_still_cleans_up(self, tmp_path):
+        with dask_temporary_directory(tmp_path):
+            with pytest.raises(RuntimeError):
+                with Checkpoint.from_dict({"x": 1}).as_directory():
+                    raise RuntimeError("boom")
+            assert os.listdir(tmp_path) == []
+
+    def test_two_processes_share_it_and_the_last_one_removes_it(self, tmp_path):
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        checkpoint = Checkpoint.from_dict({"x": 1})
+        blob = pickle.dumps(checkpoint)
+        entered = [ctx.Event(), ctx.Event()]
+        leave = [ctx.Event(), ctx.Event()]
+        paths = ctx.Queue()
+        procs = [
+            ctx.Process(target=_hold_directory,
+                        args=(blob, str(tmp_path), entered[i], leave[i], paths))
+            for i in range(2)
+        ]
+        for p in procs:
+            p.start()
+        try:
+            for event in entered:
+                assert event.wait(60)
+            first, second = paths.get(timeout=10), paths.get(timeout=10)
+            assert first == second and os.path.isdir(first)
+            leave[0].set()
+            procs[0].join(60)
+            assert procs[0].exitcode == 0
+            assert os.path.isdir(first), "removed while the other process still uses it"
+            leave[1].set()
+            procs[1].join(60)
+            assert procs[1].exitcode == 0
+            assert not os.path.exists(first)
+            assert os.listdir(tmp_path) == []
+        finally:
+            for event in leave:
+                event.set()
+            for p in procs:
+                p.join(10)
+                if p.is_alive():
+                    p.kill()
+
+    def test_a_dead_users_marker_does_not_keep_the_directory(self, tmp_path):
+        import subprocess
+
+        checkpoint = Checkpoint.from_dict({"x": 1})
+        with dask_temporary_directory(tmp_path):
+            with checkpoint.as_directory() as directory:
+                dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                                      capture_output=True, text=True, check=True)
+                marker = Path(f"{directory}.users") / f"{dead.stdout.strip()}.deadbeef"
+                marker.touch()
+            assert not os.path.exists(directory)
+
+
+def _hold_directory(blob, temporary, entered, leave, paths):
+    import dask.config
+
+    with dask.config.set({"dckpt.temporary-directory": temporary}):
+        checkpoint = pickle.loads(blob)
+        with checkpoint.as_directory() as directory:
+            assert Checkpoint.from_directory(directory).to_dict() == {"x": 1}
+            paths.put(directory)
+            entered.set()
+            leave.wait(60)
+
+
+def dask_temporary_directory(path):
+    import dask.config
+
+    return dask.config.set({"dckpt.temporary-directory": str(path)})
+
+
+class TestPickling:
+    def test_dict_and_uri_checkpoints_keep_their_representation(self, memory_uri):
+        d = Checkpoint.from_dict({"x": 1})
+        assert pickle.loads(pickle.dumps(d)).get_internal_representation()[0] == "data_dict"
+        u = Checkpoint.from_uri(d.to_uri(f"{memory_uri}/u"))
+        back = pickle.loads(pickle.dumps(u))
+        assert back.get_internal_representation() == ("uri", f"{memory_uri}/u")
+
+    def test_directory_checkpoint_travels_as_its_data(self, tmp_path):
+        source = make_tree(tmp_path / "t")
+        blob = pickle.dumps(Checkpoint.from_directory(source))
+        back = pickle.loads(blob)
+        assert back.get_internal_representation()[0] == "data_dict"
+        assert read_tree(back.to_directory(tmp_path / "out")) == read_tree(source)
+
+    def test_a_pickled_directory_checkpoint_works_in_another_process(self, tmp_path):
+        import subprocess
+
+        source = make_tree(tmp_path / "t")
+        blob = tmp_path / "ckpt.pkl"
+        blob.write_bytes(pickle.dumps(Checkpoint.from_directory(source)))
+        import shutil
+
+        moved = tmp_path / "moved"
+        shutil.move(source, moved)  # the original path no longer exists
+        code = (
+            "import pickle, sys; c = pickle.load(open(sys.argv[1], 'rb'));"
+            "print(c.to_directory(sys.argv[2]))"
+        )
+        subprocess.run([sys.executable, "-c", code, str(blob), str(tmp_path / "out")],
+                       check=True, cwd=Path(__file__).parent.parent)
+        assert read_tree(tmp_path / "out") == read_tree(moved)
+
+
+class TestBadInput:
+    def test_missing_directory(self, tmp_path):
+        with pytest.raises(FileNotFoundError, match="does not exist"):
+            Checkpoint.from_directory(tmp_path / "missing")
+        with pytest.raises(CheckpointNotFoundError):
+            Checkpoint(local_path=tmp_path / "missing")
+
+    def test_a_file_is_not_a_directory(self, tmp_path):
+        (tmp_path / "f").write_text("x")
+        with pytest.raises(NotADirectoryError, match="enclosing|holds it"):
+            Checkpoint.from_directory(tmp_path / "f")
+
+    def test_garbage_bytes_are_refused_before_unpickling(self, tmp_path):
+        canary = tmp_path / "unpickled"
+        evil = pickle.dumps(_Evil(str(canary)))
+        for data in (evil, b"", b"PK\x03\x04rest-of-a-zip", b"\x80\x04garbage"):
+            with pytest.raises(CheckpointFormatError, match="dckpt header|empty"):
+                Checkpoint.from_bytes(data)
+        assert not canary.exists()
+
+    def test_damaged_bytes_are_refused(self):
+        good = Checkpoint.from_dict({"w": os.urandom(50_000)}).to_bytes()
+        with pytest.raises(ValueError):
+            Checkpoint.from_bytes(good[: len(good) // 2])
+        flipped = bytearray(good)
+        flipped[len(good) // 2] ^= 0x10
+        with pytest.raises(ValueError):
+            Checkpoint.from_bytes(bytes(flipped))
+
+    def test_from_bytes_takes_bytes(self):
+        with pytest.raises(TypeError, match="bytes"):
+            Checkpoint.from_bytes("not bytes")  # type: ignore[arg-type]
+
+    def test_unknown_uri_protocol_names_it(self):
+        with pytest.raises(CheckpointURIError, match="nosuchproto"):
+            Checkpoint.from_uri("nosuchproto://bucket/ckpt")
+        with pytest.raises(CheckpointURIError, match="nosuchproto"):
+            Checkpoint.from_dict({"x": 1}).to_uri("nosuchproto://bucket/ckpt")
+
+    def test_missing_uri(self, memory_uri):
+        with pytest.raises(FileNotFoundError):
+            Checkpoint.from_uri(f"{memory_uri}/nothing-here")
+
+    def test_malformed_reserved_key(self):
+        with pytest.raises(CheckpointFormatError, match="reserved"):
+            Checkpoint.from_dict({RESERVED_KEY: "not a dict"})
+        with pytest.raises(CheckpointFormatError, match="packed"):
+            Checkpoint.from_dict({RESERVED_KEY: {"files": b"not packed"}})
+
+    def test_failed_to_directory_leaves_nothing_behind(self, tmp_path):
+        checkpoint = Checkpoint.from_dict({"x": 1})
+        checkpoint.set_preprocessor(_Unpicklable())
+        with pytest.raises(RuntimeError, match="cannot pickle"):
+            checkpoint.to_directory(tmp_path / "out")
+        assert os.listdir(tmp_path) == []
+
+    def test_failed_to_directory_keeps_the_old_directory(self, tmp_path):
+        old = make_tree(tmp_path / "out")
+        before = read_tree(old)
+        checkpoint = Checkpoint.from_dict({"x": 1})
+        checkpoint.set_preprocessor(_Unpicklable())
+        with pytest.raises(RuntimeError):
+            checkpoint.to_directory(old)
+        assert read_tree(old) == before
+        assert os.listdir(tmp_path) == ["out"]
+
+    def test_to_directory_into_itself_is_refused(self, tmp_path):
+        path = make_tree(tmp_path / "t")
+        with pytest.raises(ValueError, match="inside"):
+            Checkpoint.from_directory(path).to_directory(os.path.join(path, "sub"))
+
+
+class _Evil:
+    """Unpickling this creates a file: proof that nothing was unpickled if absent."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+class _Unpicklable:
+    def __reduce__(self):
+        raise RuntimeError("cannot pickle this preprocessor")
+
+
+def test_package_exports():
+    assert set(dckpt.__all__) >= {"Checkpoint", "CheckpointError", "CheckpointFormatError"}
+    for name in dckpt.__all__:
+        assert hasattr(dckpt, name)
