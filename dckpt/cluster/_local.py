@@ -1,0 +1,587 @@
+"""``NodeCluster``: a Dask cluster on this machine whose workers behave like separate nodes.
+
+Each worker is a simulated node with its own node id (``node-<i>``) and its own storage
+root, handed to it as ``DASK_DCKPT__NODE_ID`` / ``DASK_DCKPT__NODE_ROOT``. With
+isolation on, each worker also runs in a mount namespace of its own, so a file one node
+writes under its root does not exist on any other node, nor in the driver: the only
+honest way to test "no shared filesystem" on one machine.
+
+How isolation is done. Every node sees its storage at the *same* path, the mount point
+``<cluster root>/node``; what is behind it differs per node. Each worker starts as::
+
+    unshare --mount --propagation private -- sh -c '
+        mount --bind BACKING MOUNTPOINT &&
+        mount -t tmpfs dckpt-hidden BACKINGS &&
+        exec dask worker ...'
+
+``BACKING`` is the node's own folder ``<cluster root>/backing/node-<i>`` (on disk, so a
+restarted worker of the same node finds its data again), and the tmpfs over
+``<cluster root>/backing`` hides every node's backing folder from every worker, so the
+mount point is the only way a node reaches its data. "Private" propagation keeps the
+mounts out of the driver's namespace: in the driver, ``<cluster root>/node`` stays an
+empty folder. The namespace, and its mounts, disappear with the worker process. Not
+root? The same works inside a user namespace (``unshare --user --map-root-user``)
+where the kernel allows those.
+
+Without isolation (unavailable, or ``isolate=False``) each node gets a distinct root,
+``<cluster root>/node-<i>``, and nothing stops one node from reading another's files.
+
+Process model: one scheduler and one worker process per node, each started in a session
+of its own (``start_new_session``) so that Ctrl-C in a terminal reaches only the driver,
+which then shuts them down in order. Workers run without a nanny: a nanny would restart
+a killed worker behind :meth:`NodeCluster.kill_node`'s back, and the worker process is
+then the node (its pid is :attr:`NodeInfo.pid`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import distributed
+
+from dckpt import _config
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["IsolationUnavailableWarning", "NodeCluster", "NodeInfo", "isolation_available"]
+
+
+class IsolationUnavailableWarning(UserWarning):
+    """Nodes of a :class:`NodeCluster` share this machine's file system.
+
+    Raised as a warning when ``isolate=None`` and mount namespaces cannot be had (not
+    Linux, not root and no user namespaces, or a container that forbids ``unshare``).
+    Each node still has a root of its own, but a test that should prove "no shared
+    filesystem" may pass by reading another node's files.
+    """
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """One node of a :class:`NodeCluster`, as last started.
+
+    Attributes
+    ----------
+    node_id
+        The node's id, ``node-<i>``; also its Dask worker name.
+    root
+        The node's storage root (``dckpt.node-root`` in its worker). With isolation,
+        the same path on every node, with different contents behind it.
+    worker_address
+        The address of the node's worker; a restarted node gets a new one.
+    pid
+        The process id of the node's worker.
+    isolated
+        Whether the node runs in a mount namespace of its own.
+    """
+
+    node_id: str
+    root: str
+    worker_address: str
+    pid: int
+    isolated: bool
+
+
+# Mount the node's backing folder ($1) at the shared mount point ($2), hide the folder
+# of all backing folders ($3), then become the worker ($4...). `exec` keeps one process,
+# so the pid that Popen knows is the worker's pid.
+_ISOLATE_SCRIPT = (
+    'mount --bind "$1" "$2" && '
+    'mount -t tmpfs -o size=1m,mode=0755 dckpt-hidden "$3" && '
+    'shift 3 && exec "$@"'
+)
+_ROOT_PREFIX = ("unshare", "--mount", "--propagation", "private")
+_USER_PREFIX = ("unshare", "--user", "--map-root-user", "--mount", "--propagation", "private")
+# How long a worker or the scheduler may take to shut down after SIGTERM before SIGKILL.
+_TERMINATE_GRACE = 5.0
+_LOG_TAIL_BYTES = 3000
+
+
+@functools.cache
+def _probe_isolation() -> tuple[tuple[str, ...] | None, str]:
+    """The ``unshare`` prefix that isolates a worker here, or None and why not.
+
+    Runs the very mount script that workers run, in a throwaway namespace, and checks
+    both that the bind mount is seen inside and that nothing leaked into ours. Cached:
+    this costs a few tens of milliseconds and the answer does not change.
+    """
+    if not sys.platform.startswith("linux"):
+        return None, f"mount namespaces need Linux (this is {sys.platform})"
+    missing = [tool for tool in ("unshare", "mount", "sh") if shutil.which(tool) is None]
+    if missing:
+        return None, f"{', '.join(missing)} not found on PATH"
+    candidates = [_ROOT_PREFIX, _USER_PREFIX] if os.geteuid() == 0 else [_USER_PREFIX]
+    reasons = []
+    with tempfile.TemporaryDirectory(prefix="dckpt-isolation-probe-") as probe:
+        hidden = os.path.join(probe, "backing")
+        backing = os.path.join(hidden, "node")
+        mount_point = os.path.join(probe, "node")
+        os.makedirs(backing)
+        os.makedirs(mount_point)
+        marker = os.path.join(mount_point, "marker")
+        open(os.path.join(backing, "marker"), "w").close()
+        for prefix in candidates:
+            command = [*prefix, "--", "sh", "-c", _ISOLATE_SCRIPT, "sh", backing,
+                       mount_point, hidden, "test", "-f", marker]
+            try:
+                result = subprocess.run(
+                    command, stdin=subprocess.DEVNULL, capture_output=True, timeout=10
+                )
+            except (OSError, subprocess.TimeoutExpired) as e:
+                reasons.append(f"`{' '.join(prefix)}`: {e}")
+                continue
+            if os.path.exists(marker):
+                reasons.append(f"`{' '.join(prefix)}`: the mount leaked into this namespace")
+                break
+            if result.returncode == 0:
+                logger.debug("Node isolation available with %s", " ".join(prefix))
+                return prefix, ""
+            error = result.stderr.decode(errors="replace").strip() or f"exit {result.returncode}"
+            reasons.append(f"`{' '.join(prefix)}`: {error}")
+    return None, "; ".join(reasons)
+
+
+def isolation_available() -> bool:
+    """Whether :class:`NodeCluster` can isolate its nodes in mount namespaces here.
+
+    Returns
+    -------
+    bool
+        True on Linux when ``unshare --mount`` (as root) or ``unshare --user
+        --map-root-user --mount`` (user namespaces) lets a process bind-mount a folder
+        without the mount showing in this process. Probed once per process.
+    """
+    return _probe_isolation()[0] is not None
+
+
+@dataclass
+class _Processes:
+    """What a cluster must release; kept apart from it so a finalizer can hold it."""
+
+    root: str
+    owns_root: bool
+    scheduler: subprocess.Popen[bytes] | None = None
+    workers: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
+    clients: list[distributed.Client] = field(default_factory=list)
+
+
+def _signal_group(process: subprocess.Popen[bytes], signum: int) -> None:
+    # Each process leads a session of its own, so its group holds it and anything it
+    # started (processes a task forked, say).
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, signum)
+
+
+def _stop(processes: list[subprocess.Popen[bytes]], grace: float) -> None:
+    """SIGTERM each process group, SIGKILL what still runs after ``grace`` seconds."""
+    running = [p for p in processes if p.poll() is None]
+    for process in running:
+        _signal_group(process, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for process in running:
+        try:
+            process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            logger.warning("Process %d ignored SIGTERM for %.0fs; killing it", process.pid, grace)
+            _signal_group(process, signal.SIGKILL)
+            process.wait()
+    for process in running:
+        # The leaders are gone; SIGKILL whatever is left in their groups. A group id
+        # stays taken while the group has members, and these leaders were reaped just
+        # now, so their ids cannot have gone to a stranger in between.
+        _signal_group(process, signal.SIGKILL)
+
+
+def _release(state: _Processes) -> None:
+    """Close clients, stop workers then the scheduler, remove an owned root. Idempotent."""
+    for client in state.clients:
+        try:
+            client.close(timeout=10)
+        except Exception:  # noqa: BLE001 - shutting down; the processes go anyway
+            logger.debug("Closing a client failed", exc_info=True)
+    state.clients.clear()
+    _stop(list(state.workers.values()), _TERMINATE_GRACE)
+    state.workers.clear()
+    if state.scheduler is not None:
+        _stop([state.scheduler], _TERMINATE_GRACE)
+        state.scheduler = None
+    if state.owns_root:
+        # The bind mounts lived in the workers' namespaces, gone with them: from here
+        # the backing folders are ordinary folders.
+        shutil.rmtree(state.root, ignore_errors=True)
+        if os.path.exists(state.root):
+            logger.warning("Could not remove the cluster root %s", state.root)
+
+
+def _tail(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - _LOG_TAIL_BYTES))
+            return f.read().decode(errors="replace")
+    except OSError as e:
+        return f"(no log: {e})"
+
+
+class NodeCluster:
+    """A local Dask cluster whose workers are simulated nodes, isolated where possible.
+
+    Parameters
+    ----------
+    n_nodes
+        How many nodes (worker processes) to start; node ``i`` is named ``node-<i>``.
+    isolate
+        True: run each worker in a mount namespace of its own, or raise
+        ``RuntimeError`` if that cannot be had. False: never. None (default): isolate
+        when available, else warn once with :class:`IsolationUnavailableWarning` and
+        give each node a distinct root instead.
+    root
+        The folder that holds the cluster's files: node storage, logs, the scheduler
+        file. Default: a fresh temporary folder, removed by :meth:`close`. A folder
+        given here is kept, so a later cluster on the same root (and the same
+        ``isolate``) finds the nodes' data again.
+    threads_per_worker
+        Threads of each worker (``--nthreads``).
+    memory_limit
+        Memory limit of each worker (``--memory-limit``), e.g. ``"2GiB"``.
+    env
+        Extra environment variables for the scheduler and the workers, applied last
+        (so they override the cluster's own). Worker processes do not see the driver's
+        ``dask.config.set``: pass settings as ``DASK_DCKPT__...`` variables here.
+    startup_timeout
+        Seconds the scheduler, and then the workers, may take to come up.
+
+    Attributes
+    ----------
+    scheduler_address : str
+        Where to connect a ``distributed.Client``.
+    nodes : list of NodeInfo
+        One entry per node, as last started; after :meth:`kill_node` an entry keeps
+        describing the dead worker until :meth:`restart_node` replaces it.
+    isolated : bool
+        Whether the nodes run in mount namespaces of their own.
+    root : str
+        The cluster's folder.
+
+    Notes
+    -----
+    Each worker gets ``DASK_DCKPT__NODE_ID=node-<i>``, ``DASK_DCKPT__NODE_ROOT`` (its
+    storage root) and ``DASK_DCKPT__TEMPORARY_DIRECTORY=<node root>/tmp``, so that what
+    dckpt writes on a node without being told where stays on that node, as on a real
+    machine. Logs of the scheduler and the workers are in ``<root>/logs``.
+
+    Examples
+    --------
+    >>> with NodeCluster(2) as cluster, cluster.client() as client:  # doctest: +SKIP
+    ...     client.run(dckpt.node.node_id)
+    {'tcp://127.0.0.1:40611': 'node-0', 'tcp://127.0.0.1:37065': 'node-1'}
+    """
+
+    scheduler_address: str
+    nodes: list[NodeInfo]
+    isolated: bool
+    root: str
+    _prefix: tuple[str, ...] | None
+    _worker_options: list[str]
+    _env: dict[str, str]
+    _startup_timeout: float
+    _state: _Processes
+    _admin: distributed.Client
+    _finalizer: weakref.finalize[[_Processes], NodeCluster]
+
+    def __init__(
+        self,
+        n_nodes: int = 2,
+        *,
+        isolate: bool | None = None,
+        root: str | None = None,
+        threads_per_worker: int = 1,
+        memory_limit: str | int = "2GiB",
+        env: Mapping[str, str] | None = None,
+        startup_timeout: float = 60,
+    ) -> None:
+        if n_nodes < 1:
+            raise ValueError(f"NodeCluster needs at least one node, got n_nodes={n_nodes}")
+        self._prefix = None
+        if isolate is not False:
+            self._prefix, reason = _probe_isolation()
+            if self._prefix is None and isolate:
+                raise RuntimeError(
+                    "NodeCluster(isolate=True) needs mount namespaces, which are not "
+                    f"available here ({reason}). Run as root or allow user namespaces "
+                    "(sysctl kernel.unprivileged_userns_clone=1), or pass isolate=None "
+                    "to fall back to distinct, non-isolated node roots."
+                )
+            if self._prefix is None:
+                warnings.warn(
+                    f"NodeCluster cannot isolate its nodes ({reason}); each node gets a "
+                    "distinct root, but every node can read every other node's files.",
+                    IsolationUnavailableWarning,
+                    stacklevel=2,
+                )
+        self.isolated = self._prefix is not None
+        self._worker_options = [
+            "--nthreads", str(threads_per_worker),
+            "--nworkers", "1",
+            "--no-nanny",
+            "--memory-limit", str(memory_limit),
+            "--no-dashboard",
+            "--host", "127.0.0.1",
+        ]
+        self._env = dict(env or {})
+        self._startup_timeout = startup_timeout
+        self.nodes = []
+        self.scheduler_address = ""
+
+        owns_root = root is None
+        if root is None:
+            root = tempfile.mkdtemp(prefix="dckpt-cluster-", dir=_config.temporary_directory())
+        self.root = os.path.abspath(root)
+        self._state = _Processes(root=self.root, owns_root=owns_root)
+        # Safety net for a cluster that is never closed: runs at garbage collection or
+        # at interpreter exit, whichever comes first.
+        self._finalizer = weakref.finalize(self, _release, self._state)
+        try:
+            self._start(n_nodes)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- start-up -------------------------------------------------------------------
+
+    def _start(self, n_nodes: int) -> None:
+        os.makedirs(os.path.join(self.root, "logs"), exist_ok=True)
+        for index in range(n_nodes):
+            os.makedirs(self._backing(index), exist_ok=True)
+        if self.isolated:
+            os.makedirs(self._mount_point(), exist_ok=True)
+        self.scheduler_address = self._start_scheduler()
+        self._admin = distributed.Client(
+            self.scheduler_address, set_as_default=False, timeout=self._startup_timeout
+        )
+        self._state.clients.append(self._admin)
+        for index in range(n_nodes):
+            self._start_worker(index)
+        deadline = time.monotonic() + self._startup_timeout
+        self.nodes = [self._wait_for_node(index, deadline) for index in range(n_nodes)]
+        logger.info(
+            "NodeCluster at %s: %d nodes%s, root %s",
+            self.scheduler_address, n_nodes, " (isolated)" if self.isolated else "", self.root,
+        )
+
+    def _log(self, name: str) -> str:
+        return os.path.join(self.root, "logs", f"{name}.log")
+
+    def _mount_point(self) -> str:
+        return os.path.join(self.root, "node")
+
+    def _backing(self, index: int) -> str:
+        if self.isolated:
+            return os.path.join(self.root, "backing", f"node-{index}")
+        return os.path.join(self.root, f"node-{index}")
+
+    def _node_root(self, index: int) -> str:
+        return self._mount_point() if self.isolated else self._backing(index)
+
+    def _spawn(
+        self, command: list[str], log_name: str, env: Mapping[str, str]
+    ) -> subprocess.Popen[bytes]:
+        logger.debug("Starting %s: %s", log_name, " ".join(command))
+        with open(self._log(log_name), "ab") as log:
+            log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n".encode())
+            log.flush()
+            return subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, **env, **self._env},
+                start_new_session=True,
+            )
+
+    def _start_scheduler(self) -> str:
+        scheduler_file = os.path.join(self.root, "scheduler.json")
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(scheduler_file)  # left by an earlier cluster on the same root
+        process = self._spawn(
+            [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+             "--port", "0", "--no-dashboard", "--scheduler-file", scheduler_file],
+            "scheduler",
+            {},
+        )
+        self._state.scheduler = process
+        deadline = time.monotonic() + self._startup_timeout
+        while True:
+            # The file may be seen half-written; read it until it parses.
+            with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+                with open(scheduler_file) as f:
+                    address: str = json.load(f)["address"]
+                return address
+            if process.poll() is not None:
+                raise RuntimeError(
+                    f"The Dask scheduler exited with code {process.returncode} before "
+                    f"writing {scheduler_file}. End of its log:\n{_tail(self._log('scheduler'))}"
+                )
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"The Dask scheduler did not start within startup_timeout="
+                    f"{self._startup_timeout}s. End of its log:\n{_tail(self._log('scheduler'))}"
+                )
+            time.sleep(0.05)
+
+    def _start_worker(self, index: int) -> None:
+        node_id = f"node-{index}"
+        node_root = self._node_root(index)
+        command = [
+            sys.executable, "-m", "distributed.cli.dask_worker", self.scheduler_address,
+            *self._worker_options,
+            "--name", node_id,
+            "--local-directory", os.path.join(node_root, "dask-worker-space"),
+        ]
+        if self._prefix is not None:
+            command = [*self._prefix, "--", "sh", "-c", _ISOLATE_SCRIPT, "sh",
+                       self._backing(index), node_root, os.path.join(self.root, "backing"),
+                       *command]
+        env = {
+            "DASK_DCKPT__NODE_ID": node_id,
+            "DASK_DCKPT__NODE_ROOT": node_root,
+            "DASK_DCKPT__TEMPORARY_DIRECTORY": os.path.join(node_root, "tmp"),
+        }
+        self._state.workers[index] = self._spawn(command, node_id, env)
+
+    def _workers_by_name(self) -> dict[str, tuple[str, str]]:
+        """Worker name -> (address, status), as the scheduler sees them now."""
+        workers = self._admin.scheduler_info(n_workers=-1)["workers"]
+        return {
+            str(w.get("name")): (address, str(w.get("status")))
+            for address, w in workers.items()
+        }
+
+    def _wait_for_node(self, index: int, deadline: float) -> NodeInfo:
+        node_id = f"node-{index}"
+        process = self._state.workers[index]
+        while True:
+            address, status = self._workers_by_name().get(node_id, ("", ""))
+            if status == "running":
+                break
+            if process.poll() is not None:
+                raise RuntimeError(
+                    f"The worker of {node_id} exited with code {process.returncode} before "
+                    f"joining the scheduler. End of its log:\n{_tail(self._log(node_id))}"
+                )
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"The worker of {node_id} did not join the scheduler within "
+                    f"startup_timeout={self._startup_timeout}s. End of its log:\n"
+                    f"{_tail(self._log(node_id))}"
+                )
+            time.sleep(0.1)
+        pid = self._admin.run(os.getpid, workers=[address])[address]
+        return NodeInfo(node_id, self._node_root(index), address, pid, self.isolated)
+
+    def _wait_until_gone(self, address: str) -> None:
+        deadline = time.monotonic() + self._startup_timeout
+        while any(a == address for a, _ in self._workers_by_name().values()):
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"The scheduler still lists the dead worker {address} after "
+                    f"{self._startup_timeout}s"
+                )
+            time.sleep(0.05)
+
+    # -- public API -----------------------------------------------------------------
+
+    def client(self, **kwargs: Any) -> distributed.Client:
+        """A new ``distributed.Client`` of this cluster, closed by :meth:`close`.
+
+        Parameters
+        ----------
+        **kwargs
+            Passed to ``distributed.Client``.
+        """
+        self._check_open()
+        client = distributed.Client(self.scheduler_address, **kwargs)
+        self._state.clients.append(client)
+        return client
+
+    def kill_node(self, index: int) -> None:
+        """SIGKILL the worker of node ``index``, as a crash would, and wait until the
+        scheduler has noticed.
+
+        The node's storage is kept: :meth:`restart_node` brings it back. Killing a
+        node that is already dead does nothing.
+        """
+        self._check_open()
+        process = self._process(index)
+        if process.poll() is None:
+            logger.info("Killing %s (pid %d)", self.nodes[index].node_id, process.pid)
+            _signal_group(process, signal.SIGKILL)
+            process.wait()
+        # Closing the dead worker's sockets tells the scheduler at once; waiting here
+        # spares callers a race with the scheduler's bookkeeping.
+        self._wait_until_gone(self.nodes[index].worker_address)
+
+    def restart_node(self, index: int) -> NodeInfo:
+        """Start a new worker for node ``index``, with the same node id and storage.
+
+        A worker of that node that still runs is killed first, like a machine that
+        reboots. Returns the node's new :class:`NodeInfo` (a new address and pid),
+        which also replaces ``nodes[index]``.
+        """
+        self.kill_node(index)
+        self._start_worker(index)
+        info = self._wait_for_node(index, time.monotonic() + self._startup_timeout)
+        self.nodes[index] = info
+        logger.info("Restarted %s at %s", info.node_id, info.worker_address)
+        return info
+
+    def close(self) -> None:
+        """Close the clients, stop the workers and the scheduler, remove an owned root.
+
+        SIGTERM first, SIGKILL for a process still running a few seconds later. Safe
+        to call more than once.
+        """
+        self._finalizer()
+
+    def _process(self, index: int) -> subprocess.Popen[bytes]:
+        if not 0 <= index < len(self.nodes):
+            raise IndexError(f"No node {index}: this cluster has nodes 0 to {len(self.nodes) - 1}")
+        return self._state.workers[index]
+
+    def _check_open(self) -> None:
+        if not self._finalizer.alive:
+            raise RuntimeError(f"{self!r} is closed")
+
+    def __enter__(self) -> NodeCluster:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "" if self._finalizer.alive else ", closed"
+        return (
+            f"NodeCluster({self.scheduler_address!r}, nodes={len(self.nodes)}, "
+            f"isolated={self.isolated}{state})"
+        )
