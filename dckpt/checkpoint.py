@@ -243,32 +243,11 @@ class Checkpoint:
         """
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"from_bytes() takes bytes, not {type(data).__name__}")
-        control: dict[str, bytes] = {}
         files = io.BytesIO()
         with ArchiveWriter(files) as writer:
-            has_files = False
-            reader = ArchiveReader(io.BytesIO(data))
-            for entry in reader:
-                if entry.kind == "file" and entry.path in CONTROL_FILES:
-                    control[entry.path] = reader.read_payload()
-                elif entry.kind == "file":
-                    writer.add_bytes(entry.path, reader.read_payload(), mode=entry.mode)
-                elif entry.kind == "directory":
-                    writer.add_directory(entry.path, mode=entry.mode)
-                else:
-                    assert entry.target is not None
-                    writer.add_symlink(entry.path, entry.target)
-                has_files = has_files or entry.path not in CONTROL_FILES
+            control, has_files = _copy_archive(data, writer, keep_apart=CONTROL_FILES)
         header = CheckpointHeader.from_json(control[HEADER_FILE], "header") if HEADER_FILE in control else None
-        user: dict[Any, Any] = {}
-        if DICT_FILE in control:
-            user = load_pickle(control[DICT_FILE], DICT_FILE)
-            if not isinstance(user, dict):
-                raise CheckpointFormatError(
-                    f"{DICT_FILE} holds a {type(user).__name__}, not a dict"
-                )
-        if PREPROCESSOR_FILE in control:
-            user[PREPROCESSOR_KEY] = load_pickle(control[PREPROCESSOR_FILE], PREPROCESSOR_FILE)
+        user = _user_dict(control, "the packed data")
         checkpoint_cls = cls._class_for(header.checkpoint_class if header else None)
         checkpoint = checkpoint_cls(data_dict=user)
         checkpoint._files = files.getvalue() if has_files else None
@@ -662,15 +641,13 @@ def _checked_files(files: Any) -> bytes | None:
 
 def _read_directory_as_dict(directory: str) -> tuple[dict[Any, Any], bytes | None]:
     """A directory's dict form: the user's keys and its other files, packed."""
-    user: dict[Any, Any] = {}
-    dict_path = os.path.join(directory, DICT_FILE)
-    if os.path.exists(dict_path):
-        user = read_pickle_file(dict_path)
-        if not isinstance(user, dict):
-            raise CheckpointFormatError(f"{dict_path} holds a {type(user).__name__}, not a dict")
-    preprocessor_path = os.path.join(directory, PREPROCESSOR_FILE)
-    if os.path.exists(preprocessor_path):
-        user[PREPROCESSOR_KEY] = read_pickle_file(preprocessor_path)
+    control = {}
+    for name in (DICT_FILE, PREPROCESSOR_FILE):
+        path = os.path.join(directory, name)
+        if os.path.exists(path):
+            with open(path, "rb") as f:
+                control[name] = f.read()
+    user = _user_dict(control, directory)
     if set(os.listdir(directory)) <= CONTROL_FILES:
         return user, None
     out = io.BytesIO()
@@ -679,9 +656,41 @@ def _read_directory_as_dict(directory: str) -> tuple[dict[Any, Any], bytes | Non
     return user, out.getvalue()
 
 
-def _copy_archive(packed: bytes, writer: ArchiveWriter) -> None:
+def _user_dict(control: Mapping[str, bytes], source: str) -> dict[Any, Any]:
+    """The user's dict from the raw control files of a dict checkpoint (unpickles)."""
+    user: dict[Any, Any] = {}
+    if DICT_FILE in control:
+        user = load_pickle(control[DICT_FILE], f"{source}/{DICT_FILE}")
+        if not isinstance(user, dict):
+            raise CheckpointFormatError(
+                f"{source}/{DICT_FILE} holds a {type(user).__name__}, not a dict"
+            )
+    if PREPROCESSOR_FILE in control:
+        user[PREPROCESSOR_KEY] = load_pickle(
+            control[PREPROCESSOR_FILE], f"{source}/{PREPROCESSOR_FILE}"
+        )
+    return user
+
+
+def _copy_archive(
+    packed: bytes | bytearray | memoryview,
+    writer: ArchiveWriter,
+    *,
+    keep_apart: frozenset[str] = frozenset(),
+) -> tuple[dict[str, bytes], bool]:
+    """Copy the entries of ``packed`` into ``writer``.
+
+    Files named in ``keep_apart`` are returned by name instead of copied. Also returns
+    whether anything was copied.
+    """
+    kept: dict[str, bytes] = {}
+    copied = False
     reader = ArchiveReader(io.BytesIO(packed))
     for entry in reader:
+        if entry.kind == "file" and entry.path in keep_apart:
+            kept[entry.path] = reader.read_payload()
+            continue
+        copied = True
         if entry.kind == "file":
             writer.add_bytes(entry.path, reader.read_payload(), mode=entry.mode)
         elif entry.kind == "directory":
@@ -689,6 +698,7 @@ def _copy_archive(packed: bytes, writer: ArchiveWriter) -> None:
         else:
             assert entry.target is not None
             writer.add_symlink(entry.path, entry.target)
+    return kept, copied
 
 
 def _write_plain(path: str, content: bytes) -> None:

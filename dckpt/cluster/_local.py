@@ -433,16 +433,8 @@ class NodeCluster:
                 with open(scheduler_file) as f:
                     address: str = json.load(f)["address"]
                 return address
-            if process.poll() is not None:
-                raise RuntimeError(
-                    f"The Dask scheduler exited with code {process.returncode} before "
-                    f"writing {scheduler_file}. End of its log:\n{_tail(self._log('scheduler'))}"
-                )
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"The Dask scheduler did not start within startup_timeout="
-                    f"{self._startup_timeout}s. End of its log:\n{_tail(self._log('scheduler'))}"
-                )
+            self._check_starting(process, "scheduler", "The Dask scheduler",
+                                 f"writing {scheduler_file}", deadline)
             time.sleep(0.05)
 
     def _start_worker(self, index: int) -> None:
@@ -465,6 +457,22 @@ class NodeCluster:
         }
         self._state.workers[index] = self._spawn(command, node_id, env)
 
+    def _check_starting(
+        self, process: subprocess.Popen[bytes], log: str, who: str, step: str,
+        deadline: float,
+    ) -> None:
+        """Raise, with the end of its log, if ``process`` died or ran out of time."""
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"{who} exited with code {process.returncode} before {step}. "
+                f"End of its log:\n{_tail(self._log(log))}"
+            )
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"{who} did not finish {step} within startup_timeout="
+                f"{self._startup_timeout}s. End of its log:\n{_tail(self._log(log))}"
+            )
+
     def _workers_by_name(self) -> dict[str, tuple[str, str]]:
         """Worker name -> (address, status), as the scheduler sees them now."""
         workers = self._admin.scheduler_info(n_workers=-1)["workers"]
@@ -480,17 +488,8 @@ class NodeCluster:
             address, status = self._workers_by_name().get(node_id, ("", ""))
             if status == "running":
                 break
-            if process.poll() is not None:
-                raise RuntimeError(
-                    f"The worker of {node_id} exited with code {process.returncode} before "
-                    f"joining the scheduler. End of its log:\n{_tail(self._log(node_id))}"
-                )
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"The worker of {node_id} did not join the scheduler within "
-                    f"startup_timeout={self._startup_timeout}s. End of its log:\n"
-                    f"{_tail(self._log(node_id))}"
-                )
+            self._check_starting(process, node_id, f"The worker of {node_id}",
+                                 "joining the scheduler", deadline)
             time.sleep(0.1)
         pid = self._admin.run(os.getpid, workers=[address])[address]
         return NodeInfo(node_id, self._node_root(index), address, pid, self.isolated)
