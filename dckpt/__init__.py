@@ -11,10 +11,12 @@ from __future__ import annotations
 from dckpt import _config  # noqa: F401  (loads the dckpt.* defaults into dask.config)
 from dckpt.checkpoint import Checkpoint
 from dckpt.errors import (
+    CacheFullError,
     CheckpointError,
     CheckpointFormatError,
     CheckpointNotFoundError,
     CheckpointURIError,
+    CorruptChunkError,
     IncompatibleCheckpointError,
     IncompleteCheckpointError,
     UnsafePathError,
@@ -23,11 +25,13 @@ from dckpt.errors import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "CacheFullError",
     "Checkpoint",
     "CheckpointError",
     "CheckpointFormatError",
     "CheckpointNotFoundError",
     "CheckpointURIError",
+    "CorruptChunkError",
     "IncompatibleCheckpointError",
     "IncompleteCheckpointError",
     "UnsafePathError",

@@ -13,8 +13,10 @@ __all__ = [
     "IncompleteCheckpointError",
     "CheckpointFormatError",
     "UnsafePathError",
+    "CorruptChunkError",
     "CheckpointURIError",
     "IncompatibleCheckpointError",
+    "CacheFullError",
 ]
 
 
@@ -46,9 +48,26 @@ class UnsafePathError(CheckpointFormatError):
     """An archive or manifest entry would land outside the target directory."""
 
 
+class CorruptChunkError(CheckpointFormatError):
+    """A chunk of a directory transfer failed its length or checksum check.
+
+    The receiver fetches such a chunk again (``dckpt.transfer.retries`` times) before
+    it gives up with this error; the message names the file and offset.
+    """
+
+
 class CheckpointURIError(CheckpointError, ValueError):
     """A URI whose protocol fsspec does not know, or whose backend is not installed."""
 
 
 class IncompatibleCheckpointError(CheckpointError, ValueError):
     """Data saved by one ``Checkpoint`` subclass loaded through an unrelated one."""
+
+
+class CacheFullError(CheckpointError, OSError):
+    """The node cache has no room for a checkpoint, even after evicting what it may.
+
+    What is left is pinned by checkpoints in use, or the checkpoint alone is larger
+    than the budget: raise ``dckpt.cache.max-bytes`` (``DASK_DCKPT__CACHE__MAX_BYTES``
+    on the workers). An ``OSError``, like the disk-full error it stands in for.
+    """

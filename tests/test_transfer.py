@@ -1,0 +1,614 @@
+"""dckpt.transfer: manifests, chunk frames, the sender's ChunkSource, receive_directory.
+
+Real files in ``tmp_path``; the "network" is an async function that calls the
+sender's ``read_chunk``, sometimes damaging what it returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import hashlib
+import logging
+import os
+import random
+import stat
+import tracemalloc
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import dask.config
+import msgpack
+import pytest
+from fsspec.callbacks import Callback
+
+from dckpt.errors import CheckpointFormatError, CorruptChunkError, UnsafePathError
+from dckpt.transfer import (
+    CHUNK_HEADER,
+    ChunkSource,
+    ChunkSpec,
+    FileEntry,
+    Manifest,
+    build_manifest,
+    decode_chunk,
+    encode_chunk,
+    receive_directory,
+)
+
+KiB = 1 << 10
+MiB = 1 << 20
+Fetch = Callable[[ChunkSpec], Awaitable[bytes]]
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+
+def make_tree(root: Path) -> Path:
+    """Nested folders, an empty folder and file, random and compressible data, an
+    executable, an in-tree symlink."""
+    rng = random.Random(0)
+    (root / "model" / "layers" / "deep").mkdir(parents=True)
+    (root / "empty_dir").mkdir()
+    (root / "empty_file").write_bytes(b"")
+    (root / "model" / "weights.bin").write_bytes(rng.randbytes(5 * MiB))
+    (root / "model" / "layers" / "text.log").write_bytes(b"epoch 1 loss 0.25\n" * (3 * MiB // 18))
+    (root / "model" / "layers" / "deep" / "small.json").write_text('{"units": [4, 4]}')
+    script = root / "run.sh"
+    script.write_text("#!/bin/sh\necho hi\n")
+    script.chmod(0o755)
+    (root / "model" / "latest").symlink_to("weights.bin")
+    return root
+
+
+def snapshot(root: Path) -> dict[str, tuple[Any, ...]]:
+    """``relpath -> ("dir",) | ("file", sha256, mode) | ("link", target)``, no following."""
+    out: dict[str, tuple[Any, ...]] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            rel = os.path.relpath(path, root)
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                out[rel] = ("link", os.readlink(path))
+            elif stat.S_ISDIR(st.st_mode):
+                out[rel] = ("dir",)
+            else:
+                out[rel] = ("file", hashlib.sha256(Path(path).read_bytes()).hexdigest(),
+                            stat.S_IMODE(st.st_mode))
+    return out
+
+
+def inline_fetch(source: ChunkSource) -> Fetch:
+    async def fetch(spec: ChunkSpec) -> bytes:
+        return source.read_chunk(spec)
+    return fetch
+
+
+def threaded_fetch(source: ChunkSource) -> Fetch:
+    async def fetch(spec: ChunkSpec) -> bytes:
+        return await asyncio.to_thread(source.read_chunk, spec)
+    return fetch
+
+
+def flip_payload_byte(frame: bytes) -> bytes:
+    damaged = bytearray(frame)
+    damaged[CHUNK_HEADER.size + (len(frame) - CHUNK_HEADER.size) // 2] ^= 0xFF
+    return bytes(damaged)
+
+
+def copy(
+    src: Path,
+    dst: Path,
+    *,
+    chunk_bytes: int,
+    wrap: Callable[[Fetch], Fetch] = lambda fetch: fetch,
+    fetcher: Callable[[ChunkSource], Fetch] = inline_fetch,
+    **kwargs: Any,
+) -> Manifest:
+    manifest = build_manifest(src)
+    with ChunkSource(str(src), manifest, chunk_bytes) as source:
+        asyncio.run(receive_directory(
+            manifest, wrap(fetcher(source)), dst, chunk_bytes=chunk_bytes, **kwargs
+        ))
+    return manifest
+
+
+class RecordingCallback(Callback):  # type: ignore[misc]
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[int] = []
+        self.updates: list[int] = []
+
+    def set_size(self, size: int) -> None:
+        self.sizes.append(size)
+
+    def relative_update(self, inc: int = 1) -> None:
+        self.updates.append(inc)
+
+
+# --- round trips -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fetcher", [inline_fetch, threaded_fetch], ids=["inline", "thread"])
+def test_round_trip_is_byte_identical(tmp_path: Path, fetcher: Callable[[ChunkSource], Fetch]):
+    src = make_tree(tmp_path / "src")
+    dst = tmp_path / "out" / "dst"
+    callback = RecordingCallback()
+    manifest = copy(src, dst, chunk_bytes=1 * MiB, fetcher=fetcher, callback=callback)
+
+    assert snapshot(dst) == snapshot(src)
+    assert os.readlink(dst / "model" / "latest") == "weights.bin"
+    assert stat.S_IMODE(os.stat(dst / "run.sh").st_mode) == 0o755
+    assert (dst / "empty_dir").is_dir() and (dst / "empty_file").read_bytes() == b""
+    on_disk = sum(p.stat().st_size for p in src.rglob("*") if p.is_file() and not p.is_symlink())
+    assert callback.sizes == [manifest.total_bytes] == [on_disk]
+    assert sum(callback.updates) == manifest.total_bytes
+    assert len(callback.updates) == len(manifest.chunks(1 * MiB))
+    assert os.listdir(tmp_path / "out") == ["dst"]  # no partial sibling left
+
+
+def test_files_of_exact_chunk_multiples_and_tiny_chunks(tmp_path: Path):
+    src = tmp_path / "src"
+    src.mkdir()
+    sizes = {"zero": 0, "one": 1, "below": KiB - 1, "exact": KiB, "above": KiB + 1,
+             "three": 3 * KiB, "many": 50 * KiB + 7}
+    rng = random.Random(1)
+    for name, size in sizes.items():
+        (src / name).write_bytes(rng.randbytes(size))
+
+    manifest = build_manifest(src)
+    chunks = manifest.chunks(KiB)
+    by_file = collections.defaultdict(list)
+    for spec in chunks:
+        by_file[manifest.files[spec.file_index].path].append((spec.offset, spec.length))
+    assert "zero" not in by_file
+    assert by_file["exact"] == [(0, KiB)]
+    assert by_file["above"] == [(0, KiB), (KiB, 1)]
+    assert by_file["three"] == [(0, KiB), (KiB, KiB), (2 * KiB, KiB)]
+    assert by_file["one"] == [(0, 1)]
+    for name, size in sizes.items():
+        assert sum(length for _, length in by_file.get(name, [])) == size
+
+    copy(src, tmp_path / "dst", chunk_bytes=KiB)
+    assert snapshot(tmp_path / "dst") == snapshot(src)
+    with pytest.raises(ValueError, match="chunk size 0 is not an integer between 1"):
+        manifest.chunks(0)
+
+
+def test_a_tree_without_file_contents_needs_no_chunk(tmp_path: Path):
+    src = tmp_path / "src"
+    (src / "a" / "b").mkdir(parents=True)
+    (src / "a" / "empty").write_bytes(b"")
+    (src / "link").symlink_to("a/b")
+    manifest = copy(src, tmp_path / "dst", chunk_bytes=KiB)
+    assert manifest.chunks(KiB) == [] and manifest.total_bytes == 0
+    assert snapshot(tmp_path / "dst") == snapshot(src)
+
+
+def test_receive_replaces_an_existing_target(tmp_path: Path):
+    src = make_tree(tmp_path / "src")
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    (dst / "stale.txt").write_text("from before")
+    copy(src, dst, chunk_bytes=4 * MiB)
+    assert snapshot(dst) == snapshot(src)
+    assert sorted(os.listdir(tmp_path)) == ["dst", "src"]
+
+
+def test_settings_are_read_when_not_passed(tmp_path: Path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "data").write_bytes(random.Random(2).randbytes(10 * KiB))
+    manifest = build_manifest(src)
+    seen: list[ChunkSpec] = []
+    with dask.config.set({"dckpt.transfer.chunk-bytes": "4KiB"}):
+        source = ChunkSource(str(src), manifest)
+        assert source.chunk_bytes == 4 * KiB
+
+        async def fetch(spec: ChunkSpec) -> bytes:
+            seen.append(spec)
+            return source.read_chunk(spec)
+
+        asyncio.run(receive_directory(manifest, fetch, tmp_path / "dst"))
+    assert sorted(spec.length for spec in seen) == [2 * KiB, 4 * KiB, 4 * KiB]
+    assert (tmp_path / "dst" / "data").read_bytes() == (src / "data").read_bytes()
+
+
+# --- chunk frames ----------------------------------------------------------------------
+
+
+def test_compression_decision():
+    spec = ChunkSpec(0, 0, MiB)
+    noise = random.Random(3).randbytes(MiB)
+    zeros = bytes(MiB)
+
+    raw_frame = encode_chunk(noise)
+    assert CHUNK_HEADER.unpack(raw_frame[: CHUNK_HEADER.size])[:2] == (0, MiB)
+    assert len(raw_frame) == CHUNK_HEADER.size + MiB
+    zero_frame = encode_chunk(zeros)
+    assert CHUNK_HEADER.unpack(zero_frame[: CHUNK_HEADER.size])[:2] == (1, MiB)
+    assert len(zero_frame) < MiB // 100
+
+    assert bytes(decode_chunk(raw_frame, spec)) == noise
+    assert bytes(decode_chunk(zero_frame, spec)) == zeros
+    # Forced either way, and into a caller's buffer.
+    forced = encode_chunk(noise, compress=True)
+    assert forced[0] == 1
+    out = bytearray(2 * MiB)
+    assert bytes(decode_chunk(forced, spec, memoryview(out))) == noise
+    assert out[:MiB] == noise
+    assert encode_chunk(zeros, compress=False)[0] == 0
+    with pytest.raises(ValueError, match="out holds 10 bytes"):
+        decode_chunk(raw_frame, spec, bytearray(10))
+
+
+def test_half_compressible_chunk_goes_by_its_sample():
+    # Text in the middle (where the sample is taken) and noise around it.
+    noise = random.Random(4).randbytes(MiB)
+    mixed = noise[: 3 * MiB // 8] + b"abcd" * (MiB // 16) + noise[: 3 * MiB // 8]
+    frame = encode_chunk(mixed)
+    assert frame[0] == 1 and len(frame) < 0.8 * len(mixed)
+    assert bytes(decode_chunk(frame, ChunkSpec(0, 0, len(mixed)))) == mixed
+
+
+@pytest.mark.parametrize("setting, flag", [("none", 0), ("lz4", 1), ("auto", 1)])
+def test_compression_setting(setting: str, flag: int):
+    with dask.config.set({"dckpt.transfer.compression": setting}):
+        assert encode_chunk(bytes(64 * KiB))[0] == flag
+        assert encode_chunk(bytes(64 * KiB), compress=False)[0] == 0
+
+
+def test_unknown_compression_setting_is_refused():
+    with dask.config.set({"dckpt.transfer.compression": "zstd"}):
+        with pytest.raises(ValueError, match="dckpt.transfer.compression is 'zstd'"):
+            encode_chunk(b"abc")
+
+
+def _damaged_frames() -> list[tuple[str, bytes, str]]:
+    data = b"hello world " * 1000
+    good_raw = encode_chunk(data, compress=False)
+    good_lz4 = encode_chunk(data, compress=True)
+    flags, length, crc = CHUNK_HEADER.unpack(good_raw[: CHUNK_HEADER.size])
+    return [
+        ("truncated header", good_raw[:5], "shorter than its header"),
+        ("truncated payload", good_raw[:-1], "payload is 11999 bytes"),
+        ("unknown flags", CHUNK_HEADER.pack(0x80, length, crc) + good_raw[13:], "unknown flags"),
+        ("other length", CHUNK_HEADER.pack(0, length + 1, crc) + good_raw[13:], "not 12000"),
+        ("flipped byte", flip_payload_byte(good_raw), "crc32"),
+        ("bad crc", CHUNK_HEADER.pack(0, length, crc ^ 1) + good_raw[13:], "crc32"),
+        ("bad lz4", good_lz4[:13] + b"\xff" * (len(good_lz4) - 13), "lz4 block"),
+        ("short lz4", CHUNK_HEADER.pack(1, length, crc) + encode_chunk(data[:-10], compress=True)[13:],
+         "decompresses to 11990 bytes"),
+    ]
+
+
+@pytest.mark.parametrize("frame, match", [(f, m) for _, f, m in _damaged_frames()],
+                         ids=[name for name, _, _ in _damaged_frames()])
+def test_damaged_frames_are_refused(frame: bytes, match: str):
+    with pytest.raises(CorruptChunkError, match=match) as info:
+        decode_chunk(frame, ChunkSpec(7, 123 * KiB, 12000))
+    assert "file #7 at offset 125952" in str(info.value)
+
+
+# --- corruption on the way -------------------------------------------------------------
+
+
+def test_corrupted_chunks_are_fetched_again(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    src = make_tree(tmp_path / "src")
+    fetches: collections.Counter[ChunkSpec] = collections.Counter()
+
+    def corrupt_first_time(fetch: Fetch) -> Fetch:
+        async def damaging(spec: ChunkSpec) -> bytes:
+            fetches[spec] += 1
+            frame = await fetch(spec)
+            return flip_payload_byte(frame) if fetches[spec] == 1 else frame
+        return damaging
+
+    with caplog.at_level(logging.WARNING, logger="dckpt.transfer"):
+        manifest = copy(src, tmp_path / "dst", chunk_bytes=MiB, wrap=corrupt_first_time)
+    assert snapshot(tmp_path / "dst") == snapshot(src)
+    specs = manifest.chunks(MiB)
+    assert fetches == {spec: 2 for spec in specs}
+    warnings = [r for r in caplog.records if "fetching it again" in r.getMessage()]
+    assert len(warnings) == len(specs)
+
+
+def test_a_chunk_corrupted_every_time_fails_and_leaves_nothing(tmp_path: Path):
+    src = make_tree(tmp_path / "src")
+    out = tmp_path / "out"
+    out.mkdir()
+    fetches: collections.Counter[ChunkSpec] = collections.Counter()
+    weights = [f.path for f in build_manifest(src).files].index("model/weights.bin")
+    bad = ChunkSpec(weights, MiB, MiB)
+
+    def always_corrupt_one(fetch: Fetch) -> Fetch:
+        async def damaging(spec: ChunkSpec) -> bytes:
+            fetches[spec] += 1
+            frame = await fetch(spec)
+            return flip_payload_byte(frame) if spec == bad else frame
+        return damaging
+
+    with pytest.raises(CorruptChunkError, match=r"weights.bin.*still corrupt after 3 fetches"):
+        copy(src, out / "dst", chunk_bytes=MiB, wrap=always_corrupt_one, retries=2)
+    assert os.listdir(out) == []
+    assert fetches[bad] == 3
+
+
+def test_max_in_flight_is_respected(tmp_path: Path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "data").write_bytes(random.Random(5).randbytes(40 * KiB))
+    running = 0
+    observed: list[int] = []
+
+    def counting(fetch: Fetch) -> Fetch:
+        async def wrapped(spec: ChunkSpec) -> bytes:
+            nonlocal running
+            running += 1
+            observed.append(running)
+            try:
+                await asyncio.sleep(0.005)
+                return await fetch(spec)
+            finally:
+                running -= 1
+        return wrapped
+
+    copy(src, tmp_path / "dst", chunk_bytes=KiB, wrap=counting, max_in_flight=3)
+    assert max(observed) == 3
+    assert len(observed) == 40
+    assert (tmp_path / "dst" / "data").read_bytes() == (src / "data").read_bytes()
+
+
+def test_a_failing_fetch_cancels_the_rest_and_leaves_nothing(tmp_path: Path):
+    src = make_tree(tmp_path / "src")
+    out = tmp_path / "out"
+    started: list[ChunkSpec] = []
+
+    def failing(fetch: Fetch) -> Fetch:
+        async def wrapped(spec: ChunkSpec) -> bytes:
+            started.append(spec)
+            if len(started) == 3:
+                raise ConnectionError("the sender went away")
+            await asyncio.sleep(0.001)
+            return await fetch(spec)
+        return wrapped
+
+    with pytest.raises(ConnectionError, match="went away"):
+        copy(src, out / "dst", chunk_bytes=64 * KiB, wrap=failing)
+    assert os.listdir(out) == []
+    assert len(started) < len(build_manifest(src).chunks(64 * KiB))
+
+
+def test_cancelling_a_transfer_leaves_nothing(tmp_path: Path):
+    src = make_tree(tmp_path / "src")
+    out = tmp_path / "out"
+    manifest = build_manifest(src)
+
+    async def main() -> int:
+        fetched = 0
+        blocked = asyncio.Event()
+        with ChunkSource(str(src), manifest, 64 * KiB) as source:
+            async def fetch(spec: ChunkSpec) -> bytes:
+                nonlocal fetched
+                fetched += 1
+                if fetched > 5:
+                    blocked.set()
+                    await asyncio.sleep(3600)
+                return source.read_chunk(spec)
+
+            task = asyncio.ensure_future(
+                receive_directory(manifest, fetch, out / "dst", chunk_bytes=64 * KiB)
+            )
+            await blocked.wait()
+            assert [name for name in os.listdir(out) if name.endswith(".partial")]
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        return fetched
+
+    assert asyncio.run(main()) < len(manifest.chunks(64 * KiB))
+    assert os.listdir(out) == []
+
+
+# --- the manifest ----------------------------------------------------------------------
+
+
+def test_manifest_round_trips_through_msgpack(tmp_path: Path):
+    manifest = build_manifest(make_tree(tmp_path / "src"))
+    wire = msgpack.unpackb(msgpack.packb(manifest.to_dict()))
+    assert Manifest.from_dict(wire) == manifest
+    assert {f.path for f in manifest.files} >= {"empty_file", "model/weights.bin", "run.sh"}
+    assert {"empty_dir", "model", "model/layers", "model/layers/deep"} <= set(manifest.directories)
+    assert manifest.symlinks == (("model/latest", "weights.bin"),)
+    assert [f.mode for f in manifest.files if f.path == "run.sh"] == [0o755]
+
+
+def test_digest_follows_size_mtime_and_mode_not_content_reads(tmp_path: Path):
+    src = make_tree(tmp_path / "src")
+    first = build_manifest(src)
+    assert build_manifest(src).digest == first.digest
+    os.utime(src / "run.sh", ns=(1, 1))
+    assert build_manifest(src).digest != first.digest
+    second = build_manifest(src)
+    (src / "empty_dir" / "sub").mkdir()
+    assert build_manifest(src).digest != second.digest
+
+
+def test_build_manifest_excludes_and_refuses_non_directories(tmp_path: Path):
+    src = make_tree(tmp_path / "src")
+    manifest = build_manifest(src, exclude=lambda rel: rel.startswith("model"))
+    assert {f.path for f in manifest.files} == {"empty_file", "run.sh"}
+    with pytest.raises(NotADirectoryError, match="not a directory"):
+        build_manifest(src / "run.sh")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        build_manifest(tmp_path / "nowhere")
+
+
+def _good() -> dict[str, Any]:
+    return {
+        "format_version": 1,
+        "files": [["a/b.bin", 10, 0o644]],
+        "directories": ["a"],
+        "symlinks": [["a/link", "b.bin"]],
+        "digest": "0" * 64,
+    }
+
+
+def _with(**changes: Any) -> dict[str, Any]:
+    return {**_good(), **changes}
+
+
+@pytest.mark.parametrize(
+    "manifest, error, match",
+    [
+        (_with(files=[["../x", 1, 0o644]]), UnsafePathError, "'..'"),
+        (_with(files=[["/etc/passwd", 1, 0o644]]), UnsafePathError, "absolute"),
+        (_with(directories=["a/../../up"]), UnsafePathError, "'..'"),
+        (_with(symlinks=[["a/link", "../../etc"]]), UnsafePathError, "leads outside"),
+        (_with(symlinks=[["a/link", "/etc"]]), UnsafePathError, "leads outside"),
+        (_with(symlinks=[["p", "."], ["p/q", ".."]]), UnsafePathError, "below the symlink"),
+        (_with(files=[["a/link/x", 1, 0o644]]), UnsafePathError, "symlink .a/link.*below it"),
+        (_with(files=[["a/b.bin", -1, 0o644]]), CheckpointFormatError, "size -1"),
+        (_with(files=[["a/b.bin", "10", 0o644]]), CheckpointFormatError, "size '10'"),
+        (_with(files=[["a/b.bin", 1.5, 0o644]]), CheckpointFormatError, "size 1.5"),
+        (_with(files=[["a/b.bin", True, 0o644]]), CheckpointFormatError, "size True"),
+        (_with(files=[["a/b.bin", 1, -1]]), CheckpointFormatError, "mode -1"),
+        (_with(files=[["a/b.bin", 1, 0o10000]]), CheckpointFormatError, "mode 4096"),
+        (_with(files=[["a/b.bin", 1]]), CheckpointFormatError, "not a list of 3"),
+        (_with(files="a/b.bin"), CheckpointFormatError, "files is a str"),
+        (_with(files=[["a/b.bin", 1, 0o644], ["a/b.bin", 1, 0o644]]),
+         CheckpointFormatError, "duplicate"),
+        (_with(files=[["a/b.bin", 1, 0o644], ["a/b.bin/c", 1, 0o644]]),
+         CheckpointFormatError, "below the file"),
+        (_with(files=[[7, 1, 0o644]]), UnsafePathError, "not a plain relative path"),
+        (_with(symlinks=[["a/link", 5]]), CheckpointFormatError, "target 5"),
+        (_with(digest="abc"), CheckpointFormatError, "digest 'abc'"),
+        (_with(format_version=2), CheckpointFormatError, "format_version 2"),
+        ({k: v for k, v in _good().items() if k != "digest"}, CheckpointFormatError,
+         "expected the keys"),
+        (_with(extra=1), CheckpointFormatError, "expected the keys"),
+        ([1, 2], CheckpointFormatError, "expected a mapping"),
+    ],
+)
+def test_hostile_manifests_are_refused(manifest: Any, error: type[Exception], match: str):
+    with pytest.raises(error, match=match):
+        Manifest.from_dict(manifest)
+
+
+def test_the_good_manifest_of_the_hostile_test_is_accepted():
+    manifest = Manifest.from_dict(_good())
+    assert manifest.files == (FileEntry("a/b.bin", 10, 0o644),)
+    assert manifest.total_bytes == 10
+
+
+def test_receive_checks_a_manifest_built_by_hand(tmp_path: Path):
+    manifest = Manifest((FileEntry("../escape", 1, 0o644),), (), (), "0" * 64)
+
+    async def fetch(spec: ChunkSpec) -> bytes:
+        raise AssertionError("nothing may be fetched for an unsafe manifest")
+
+    with pytest.raises(UnsafePathError, match="'..'"):
+        asyncio.run(receive_directory(manifest, fetch, tmp_path / "out" / "dst", chunk_bytes=KiB))
+    assert not (tmp_path / "escape").exists()
+    assert not (tmp_path / "out").exists() or os.listdir(tmp_path / "out") == []
+
+
+# --- the sender ------------------------------------------------------------------------
+
+
+def test_a_file_truncated_after_the_manifest_is_refused(tmp_path: Path):
+    src = make_tree(tmp_path / "src")
+    manifest = build_manifest(src)
+    index = [f.path for f in manifest.files].index("model/weights.bin")
+    with ChunkSource(str(src), manifest, MiB) as source:
+        source.read_chunk(ChunkSpec(index, 0, MiB))  # opens it while it is whole
+        os.truncate(src / "model" / "weights.bin", 2 * MiB + 10)
+        with pytest.raises(CheckpointFormatError, match=r"weights.bin.*ends at byte 2097162"):
+            source.read_chunk(ChunkSpec(index, 2 * MiB, MiB))
+    # Opened only after the change: refused by its size, and the receiver cleans up.
+    out = tmp_path / "out"
+    with ChunkSource(str(src), manifest, MiB) as source, pytest.raises(
+        CheckpointFormatError, match=r"has 2097162 bytes, not 5242880.*register it again"
+    ):
+        asyncio.run(receive_directory(manifest, inline_fetch(source), out / "dst", chunk_bytes=MiB))
+    assert os.listdir(out) == []
+
+
+def test_a_file_removed_after_the_manifest_is_refused(tmp_path: Path):
+    src = make_tree(tmp_path / "src")
+    manifest = build_manifest(src)
+    os.remove(src / "run.sh")
+    index = [f.path for f in manifest.files].index("run.sh")
+    with ChunkSource(str(src), manifest, MiB) as source:
+        with pytest.raises(CheckpointFormatError, match="run.sh' is gone"):
+            source.read_chunk(ChunkSpec(index, 0, 5))
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        (ChunkSpec(99, 0, 1), "no file #99"),
+        (ChunkSpec(-1, 0, 1), "no file #-1"),
+        (ChunkSpec(0, 0, 2 * KiB), "chunks of at most 1024"),
+        (ChunkSpec(0, 10, 1), "no chunk of 1 bytes at offset 10"),
+        (ChunkSpec(0, -1, 1), "at offset -1"),
+        (ChunkSpec(0, 0, 0), "no chunk of 0 bytes"),
+    ],
+)
+def test_source_refuses_chunks_it_does_not_have(tmp_path: Path, spec: ChunkSpec, match: str):
+    (tmp_path / "ten").write_bytes(b"0123456789")
+    with ChunkSource(str(tmp_path), build_manifest(tmp_path), KiB) as source:
+        assert bytes(decode_chunk(source.read_chunk(ChunkSpec(0, 2, 3)), ChunkSpec(0, 2, 3))) == b"234"
+        with pytest.raises(ValueError, match=match):
+            source.read_chunk(spec)
+    with pytest.raises(ValueError, match="closed"):
+        source.read_chunk(ChunkSpec(0, 0, 1))
+
+
+def test_source_keeps_few_files_open(tmp_path: Path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(200):
+        (src / f"f{i:03}").write_bytes(b"x" * (i + 1))
+    manifest = build_manifest(src)
+    before = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    with ChunkSource(str(src), manifest, KiB) as source:
+        copy_dst = tmp_path / "dst"
+        asyncio.run(receive_directory(manifest, threaded_fetch(source), copy_dst, chunk_bytes=KiB))
+        if before is not None:
+            assert len(os.listdir("/proc/self/fd")) - before <= 64
+    if before is not None:
+        assert len(os.listdir("/proc/self/fd")) == before
+    assert snapshot(copy_dst) == snapshot(src)
+
+
+# --- memory ----------------------------------------------------------------------------
+
+
+def test_memory_stays_at_a_few_chunks(tmp_path: Path):
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = random.Random(6)
+    digest = hashlib.sha256()
+    with open(src / "big.bin", "wb") as f:
+        for _ in range(64):
+            piece = rng.randbytes(MiB)
+            digest.update(piece)
+            f.write(piece)
+    manifest = build_manifest(src)
+    tracemalloc.start()
+    try:
+        with ChunkSource(str(src), manifest, MiB) as source:
+            asyncio.run(receive_directory(
+                manifest, inline_fetch(source), tmp_path / "dst", chunk_bytes=MiB, max_in_flight=4
+            ))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * MiB, f"peak traced memory {peak / MiB:.1f} MiB"
+    check = hashlib.sha256()
+    with open(tmp_path / "dst" / "big.bin", "rb") as f:
+        while piece := f.read(4 * MiB):
+            check.update(piece)
+    assert check.digest() == digest.digest()
