@@ -1,7 +1,11 @@
-"""dckpt's Dask side: the node stores, their plugins, and a local multi-node cluster.
+"""dckpt's Dask side: node stores, their worker plugin, and a local multi-node cluster.
 
-Only :class:`NodeCluster` (and what describes it) is here so far: a local Dask cluster
-whose workers are simulated nodes, isolated in mount namespaces where possible.
+- :func:`install` gives every worker of a cluster (present and future) a
+  :class:`NodeStore`, an actor that serves directories registered on its node and
+  caches checkpoints copied from other nodes; :func:`store_of` is a proxy to one,
+  :func:`stats` reads every store's counters.
+- :class:`NodeCluster` is a local Dask cluster whose workers are simulated nodes,
+  isolated in mount namespaces where possible.
 """
 
 from __future__ import annotations
@@ -12,5 +16,17 @@ from dckpt.cluster._local import (
     NodeInfo,
     isolation_available,
 )
+from dckpt.cluster._store import NodeStore, stats, store_of
+from dckpt.cluster._worker_plugin import NodeStorePlugin, install
 
-__all__ = ["IsolationUnavailableWarning", "NodeCluster", "NodeInfo", "isolation_available"]
+__all__ = [
+    "IsolationUnavailableWarning",
+    "NodeCluster",
+    "NodeInfo",
+    "NodeStore",
+    "NodeStorePlugin",
+    "install",
+    "isolation_available",
+    "stats",
+    "store_of",
+]

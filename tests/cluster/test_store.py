@@ -1,0 +1,146 @@
+"""NodeStore on an isolated NodeCluster: serving, cross-node copies, single flight.
+
+The nodes do not share a disk (each worker runs in its own mount namespace), so these
+tests cannot pass by reading another node's files through the filesystem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from distributed import Client
+
+from dckpt.cluster import NodeCluster, stats
+from dckpt.cluster._store import local_store, register_directory, store_of
+from dckpt.cluster._worker_plugin import install
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def stores(node_cluster: NodeCluster, node_client: Client) -> tuple[str, str]:
+    """The addresses of node 0's and node 1's workers, each with a store."""
+    install(node_client)
+    return node_cluster.nodes[0].worker_address, node_cluster.nodes[1].worker_address
+
+
+def _write_checkpoint(size_mib: int, seed: int) -> tuple[str, dict[str, str], str, str]:
+    """On a worker: write a checkpoint under the node root, register it.
+
+    Returns its path, the sha256 of each file, its id and its digest.
+    """
+    import random
+
+    from dckpt import node
+
+    rng = random.Random(seed)
+    path = os.path.join(node.node_root(), f"ckpt-{uuid.uuid4().hex[:8]}")
+    os.makedirs(os.path.join(path, "sub"))
+    os.makedirs(os.path.join(path, "empty"))
+    files = {
+        "weights.bin": rng.randbytes(size_mib << 20),
+        "sub/config.json": b'{"layers": 3}' * 1000,
+        "empty.txt": b"",
+    }
+    for name, data in files.items():
+        with open(os.path.join(path, name), "wb") as f:
+            f.write(data)
+    checkpoint_id = uuid.uuid4().hex
+    registration = register_directory(path, checkpoint_id)
+    return path, _hashes(path), checkpoint_id, registration.manifest.digest
+
+
+def _hashes(path: str) -> dict[str, str]:
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in dirnames:
+            out[os.path.relpath(os.path.join(dirpath, name), path) + "/"] = ""
+        for name in filenames:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                out[os.path.relpath(os.path.join(dirpath, name), path)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def _exists(path: str) -> bool:
+    return os.path.exists(path)
+
+
+def _stats() -> dict:
+    return local_store().stats()
+
+
+def test_a_checkpoint_moves_to_another_node_once(node_client: Client, stores):
+    owner, receiver = stores
+    path, hashes, checkpoint_id, digest = node_client.submit(
+        _write_checkpoint, 3, 1, workers=[owner], pure=False
+    ).result()
+    # The nodes share no disk: node 1 cannot see node 0's checkpoint, nor can the driver.
+    assert node_client.submit(_exists, path, workers=[receiver], pure=False).result() is False
+    assert not os.path.exists(path)
+    before = node_client.submit(_stats, workers=[receiver], pure=False).result()
+
+    cached = store_of(receiver, node_client).fetch(owner, checkpoint_id, digest).result()
+    assert node_client.submit(_hashes, cached, workers=[receiver], pure=False).result() == hashes
+
+    again = store_of(receiver, node_client).fetch(owner, checkpoint_id, digest).result()
+    assert again == cached
+    after = node_client.submit(_stats, workers=[receiver], pure=False).result()
+    assert after["transfers"] - before["transfers"] == 1
+    assert after["bytes_received"] - before["bytes_received"] == (3 << 20) + 13_000
+    assert after["cache_hits"] - before["cache_hits"] == 1
+
+
+def test_concurrent_fetches_make_one_transfer(node_client: Client, stores):
+    owner, receiver = stores
+    _, hashes, checkpoint_id, digest = node_client.submit(
+        _write_checkpoint, 2, 2, workers=[owner], pure=False
+    ).result()
+    before = node_client.submit(_stats, workers=[receiver], pure=False).result()
+    proxy = store_of(receiver, node_client)
+    futures = [proxy.fetch(owner, checkpoint_id, digest) for _ in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        paths = list(pool.map(lambda f: f.result(), futures))
+    assert len(set(paths)) == 1
+    after = node_client.submit(_stats, workers=[receiver], pure=False).result()
+    assert after["transfers"] - before["transfers"] == 1
+    assert node_client.submit(_hashes, paths[0], workers=[receiver], pure=False).result() == hashes
+
+
+def test_a_store_serves_only_registered_checkpoints(node_client: Client, stores):
+    owner, _ = stores
+    for name in ("/etc/passwd", "../../etc", uuid.uuid4().hex):
+        with pytest.raises(PermissionError, match="not registered"):
+            store_of(owner, node_client).manifest(name).result()
+        with pytest.raises(PermissionError, match="not registered"):
+            store_of(owner, node_client).read_chunk(name, 0, 0, 100).result()
+
+
+def test_stats_are_read_per_worker_from_the_client(node_cluster: NodeCluster,
+                                                   node_client: Client, stores):
+    by_address = stats(node_client)
+    assert set(by_address) == {n.worker_address for n in node_cluster.nodes}
+    assert {s["node_id"] for s in by_address.values()} == {"node-0", "node-1"}
+    owner, receiver = stores
+    assert by_address[owner]["bytes_sent"] >= (3 << 20)  # the first test's checkpoint
+    assert by_address[receiver]["transfers"] >= 2
+
+
+def test_a_restarted_worker_finds_its_cache_again(node_cluster: NodeCluster,
+                                                  node_client: Client, stores):
+    # Last in this module: it restarts node 1, whose address the fixture holds.
+    owner, receiver = stores
+    _, hashes, checkpoint_id, digest = node_client.submit(
+        _write_checkpoint, 1, 4, workers=[owner], pure=False
+    ).result()
+    cached = store_of(receiver, node_client).fetch(owner, checkpoint_id, digest).result()
+    restarted = node_cluster.restart_node(1).worker_address
+    fresh = node_client.submit(_stats, workers=[restarted], pure=False).result()
+    assert fresh["transfers"] == 0 and fresh["cache"]["entries"] >= 1
+    assert store_of(restarted, node_client).fetch(owner, checkpoint_id, digest).result() == cached
+    after = node_client.submit(_stats, workers=[restarted], pure=False).result()
+    assert (after["transfers"], after["cache_hits"]) == (0, 1)
+    assert node_client.submit(_hashes, cached, workers=[restarted], pure=False).result() == hashes
