@@ -23,10 +23,13 @@ import io
 import os
 import shutil
 import uuid
+import warnings
 from collections.abc import Iterator, Mapping
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
+import dask.config
 import fsspec.callbacks
+from dask.utils import parse_bytes
 from fsspec.callbacks import DEFAULT_CALLBACK
 
 from dckpt import _config, storage
@@ -61,10 +64,12 @@ from dckpt.formats._layout import (
     write_file_atomically,
 )
 
+if TYPE_CHECKING:
+    from dckpt.cluster._core import NodeRef
+
 __all__ = ["Checkpoint"]
 
 C = TypeVar("C", bound="Checkpoint")
-
 
 
 class _Unset:
@@ -125,6 +130,8 @@ class Checkpoint:
     _metadata: dict[str, Any] | None
     _preprocessor: Any
     _uuid: uuid.UUID
+    _node_ref: NodeRef | None
+    _known_uris: tuple[str, ...]
 
     def __init__(
         self,
@@ -159,6 +166,8 @@ class Checkpoint:
         self._metadata = None
         self._preprocessor = _UNSET
         self._uuid = uuid.uuid4()
+        self._node_ref = None
+        self._known_uris = ()
 
         if local_path is not None:
             self._local_path = _existing_directory(local_path)
@@ -267,12 +276,13 @@ class Checkpoint:
         if type(other) is cls:
             return other
         new = cls.__new__(cls)
-        for name in ("_local_path", "_files", "_uri", "_preprocessor"):
+        for name in ("_local_path", "_files", "_uri", "_preprocessor", "_node_ref"):
             setattr(new, name, getattr(other, name))
         new._data_dict = None if other._data_dict is None else dict(other._data_dict)
         new._storage_options = dict(other._storage_options)
         new._metadata = None if other._metadata is None else dict(other._metadata)
         new._uuid = uuid.uuid4()
+        new._known_uris = other._known_uris
         for attr in cls._SERIALIZED_ATTRS:
             if hasattr(other, attr):
                 setattr(new, attr, getattr(other, attr))
@@ -288,6 +298,7 @@ class Checkpoint:
         to carry). A directory's files are packed into ``result["_dckpt"]["files"]``;
         a ``dict_checkpoint.pkl`` in it gives the dict's keys.
         """
+        self._resolve_node_ref()
         if self._data_dict is not None:
             user = dict(self._data_dict)
             files = self._files
@@ -326,6 +337,7 @@ class Checkpoint:
         ``path`` is replaced as a whole. ``callback`` (an fsspec ``Callback``) follows
         downloads from a URI.
         """
+        self._resolve_node_ref()
         if path is None:
             path = os.path.join(
                 _config.temporary_directory(), f"checkpoint_tmp_{uuid.uuid4().hex}"
@@ -354,6 +366,7 @@ class Checkpoint:
         them), and removed when the last of them leaves the ``with`` block.
         Treat the directory as read-only.
         """
+        self._resolve_node_ref()
         if self._local_path is not None:
             yield self._local_path
             return
@@ -379,19 +392,22 @@ class Checkpoint:
         """
         if storage.is_local_uri(uri):
             self.to_directory(storage.local_path_of(uri), callback=callback)
-            return uri
-        options = dict(storage_options or {})
-        if self._local_path is not None:
-            overlay = self._control_files(self._local_path)
-            storage.upload_directory(
-                self._local_path, uri, storage_options=options, callback=callback,
-                overlay=overlay,
-            )
         else:
-            with self.as_directory() as directory:
+            self._resolve_node_ref()
+            options = dict(storage_options or {})
+            if self._local_path is not None:
+                overlay = self._control_files(self._local_path)
                 storage.upload_directory(
-                    directory, uri, storage_options=options, callback=callback
+                    self._local_path, uri, storage_options=options, callback=callback,
+                    overlay=overlay,
                 )
+            else:
+                with self.as_directory() as directory:
+                    storage.upload_directory(
+                        directory, uri, storage_options=options, callback=callback
+                    )
+        # Recorded so that a node reference made from this object can fall back to it.
+        self._known_uris = (*self._known_uris, uri)
         return uri
 
     def to_bytes(self) -> bytes:
@@ -401,6 +417,7 @@ class Checkpoint:
         checksums. To stream a large checkpoint to a file or socket instead, use
         :func:`dckpt.formats.pack_directory` on :meth:`as_directory`.
         """
+        self._resolve_node_ref()
         out = io.BytesIO()
         with ArchiveWriter(out) as writer:
             if self._data_dict is not None:
@@ -417,7 +434,10 @@ class Checkpoint:
         return out.getvalue()
 
     def get_internal_representation(self) -> tuple[str, Any]:
-        """Developer API: ``("local_path", path)``, ``("data_dict", dict)`` or ``("uri", uri)``."""
+        """Developer API: ``("local_path", path)``, ``("data_dict", dict)``, ``("uri", uri)``
+        or, for a directory on another node not yet used here, ``("node_ref", ref)``."""
+        if self._node_ref is not None:
+            return "node_ref", self._node_ref
         if self._local_path is not None:
             return "local_path", self._local_path
         if self._data_dict is not None:
@@ -440,6 +460,7 @@ class Checkpoint:
         """Return the preprocessor stored with the checkpoint, or ``None``."""
         if self._preprocessor is not _UNSET:
             return self._preprocessor
+        self._resolve_node_ref()
         if self._data_dict is not None:
             return self._data_dict.get(PREPROCESSOR_KEY)
         if self._local_path is not None:
@@ -482,7 +503,9 @@ class Checkpoint:
     # ------------------------------------------------------------------ dunder
 
     def __repr__(self) -> str:
-        if self._local_path is not None:
+        if self._node_ref is not None:
+            argument = f"node_ref={self._node_ref!r}"
+        elif self._local_path is not None:
             argument = f"local_path={_shorten(self._local_path)}"
         elif self._data_dict is not None:
             argument = f"data_dict={{...{len(self._data_dict)} keys}}"
@@ -497,20 +520,57 @@ class Checkpoint:
         )
 
     def __getstate__(self) -> dict[str, Any]:
-        """Directory checkpoints travel as their data (a dict checkpoint), as in Ray."""
+        """How a directory checkpoint travels depends on where it is pickled.
+
+        On a Dask worker with a node store, it becomes a node reference (a few hundred
+        bytes, whatever its size): the store registers the directory and serves it to
+        the nodes that use it. Elsewhere (the driver) it travels as its data, as in Ray,
+        up to ``dckpt.inline-max-bytes``; above that it is uploaded to
+        ``dckpt.staging-uri`` when one is set and travels as that URI, else it travels
+        inline with a :class:`LargeInlineCheckpointWarning`.
+        """
         state = dict(self.__dict__)
-        if self._local_path is not None:
-            user, files = _read_directory_as_dict(self._local_path)
-            state.update(
-                _local_path=None, _data_dict=user, _files=files,
-                _metadata=self.get_metadata(),
+        if self._local_path is None:
+            return state
+        state.update(_local_path=None, _metadata=self.get_metadata())
+        from dckpt.cluster._resolve import make_ref  # imports distributed: only now
+
+        ref = make_ref(self._local_path, uris=self._known_uris)
+        if ref is not None:
+            state.update(_node_ref=ref)
+            return state
+        size = _directory_size(self._local_path)
+        if size > parse_bytes(dask.config.get("dckpt.inline-max-bytes")):
+            staging = dask.config.get("dckpt.staging-uri", None)
+            if staging:
+                uri = self.to_uri(f"{staging.rstrip('/')}/{uuid.uuid4().hex}")
+                state.update(_uri=uri, _metadata=self.get_metadata())
+                return state
+            warnings.warn(
+                f"pickling {self!r} inline: {size} bytes is above dckpt.inline-max-bytes "
+                "and no dckpt.staging-uri is set, so all of it travels with the object",
+                LargeInlineCheckpointWarning,
+                stacklevel=2,
             )
+        user, files = _read_directory_as_dict(self._local_path)
+        state.update(_data_dict=user, _files=files)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        state.setdefault("_node_ref", None)
+        state.setdefault("_known_uris", ())
         self.__dict__.update(state)
 
     # ------------------------------------------------------------------ internals
+
+    def _resolve_node_ref(self) -> None:
+        """Find the data of a node reference here (see :mod:`dckpt.cluster._resolve`)."""
+        if self._node_ref is None:
+            return
+        from dckpt.cluster._resolve import resolve
+
+        self._local_path = resolve(self._node_ref)
+        self._node_ref = None
 
     @classmethod
     def _class_for(cls: type[C], saved_class_path: str | None) -> type[C]:
@@ -611,6 +671,19 @@ class Checkpoint:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+class LargeInlineCheckpointWarning(UserWarning):
+    """A large directory checkpoint was pickled with all of its data."""
+
+
+def _directory_size(path: str) -> int:
+    total = 0
+    for dirpath, _, filenames in os.walk(path):
+        for name in filenames:
+            with contextlib.suppress(OSError):
+                total += os.path.getsize(os.path.join(dirpath, name))
+    return total
 
 
 def _existing_directory(path: str | os.PathLike[str]) -> str:

@@ -17,6 +17,7 @@ __all__ = [
     "CheckpointURIError",
     "IncompatibleCheckpointError",
     "CacheFullError",
+    "CheckpointUnavailableError",
 ]
 
 
@@ -70,4 +71,13 @@ class CacheFullError(CheckpointError, OSError):
     What is left is pinned by checkpoints in use, or the checkpoint alone is larger
     than the budget: raise ``dckpt.cache.max-bytes`` (``DASK_DCKPT__CACHE__MAX_BYTES``
     on the workers). An ``OSError``, like the disk-full error it stands in for.
+    """
+
+
+class CheckpointUnavailableError(CheckpointNotFoundError):
+    """No step of a node reference's resolution could provide its data.
+
+    The owning node is gone (or unreachable), the path is not shared, this node's cache
+    does not hold it, and no URI the reference carries answered. The message lists each
+    step tried and why it failed.
     """

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import dask.config
-from dask.utils import parse_bytes
+from dask.utils import parse_bytes, parse_timedelta
 from distributed import Client, get_worker
 from distributed.actor import Actor
 from distributed.worker import Worker
@@ -86,6 +86,10 @@ class _Registry:
     def ids(self) -> list[CheckpointId]:
         with self._lock:
             return list(self._by_id)
+
+    def sizes(self) -> dict[CheckpointId, int]:
+        with self._lock:
+            return {cid: r.manifest.total_bytes for cid, r in self._by_id.items()}
 
 
 class NodeStore:
@@ -170,7 +174,11 @@ class NodeStore:
     async def _transfer(self, owner_address: str, checkpoint_id: CheckpointId, digest: str) -> str:
         self._count(cache_misses=1)
         owner = store_of(owner_address)
-        manifest = transfer.Manifest.from_dict(await owner.manifest(checkpoint_id))
+        # A dead owner is found out by its first call: bounded, so that resolution can
+        # go on to the next source (a URI) instead of waiting for the comm's own timeout.
+        timeout = parse_timedelta(dask.config.get("dckpt.transfer.connect-timeout"))
+        raw = await asyncio.wait_for(_awaitable(owner.manifest(checkpoint_id)), timeout)
+        manifest = transfer.Manifest.from_dict(raw)
         if manifest.digest != digest:
             raise CheckpointNotFoundError(
                 f"checkpoint {checkpoint_id!r} on {owner_address} changed since it was "
@@ -204,6 +212,17 @@ class NodeStore:
 
     # ------------------------------------------------------------------ both
 
+    def holdings(self) -> dict[str, dict[CheckpointId, int]]:
+        """A snapshot of what this node holds: ``{"origin": {id: bytes}, "cached": {id: bytes}}``.
+
+        ``origin`` are the directories registered here, ``cached`` the copies in this
+        node's cache. Sent whole (not as changes), so a lost message costs nothing.
+        """
+        return {
+            "origin": self._registry.sizes(),
+            "cached": {e.checkpoint_id: e.size for e in self._cache.entries()},
+        }
+
     def stats(self) -> dict[str, Any]:
         """This store's counters and its cache's figures."""
         with self._counter_lock:
@@ -236,9 +255,18 @@ def store_of(worker_address: str, client: Client | None = None) -> Actor:
     ``client``, or the default client when none is given.
     """
     if client is None:
-        return Actor(NodeStore, worker_address, STORE_KEY)
-    with client.as_current():  # the proxy binds to the current client when created
-        return Actor(NodeStore, worker_address, STORE_KEY)
+        proxy = Actor(NodeStore, worker_address, STORE_KEY)
+    else:
+        with client.as_current():  # the proxy binds to the current client when created
+            proxy = Actor(NodeStore, worker_address, STORE_KEY)
+    # The store is no task: there is no future to wait for when its worker is
+    # unreachable, and distributed's proxy would wait on this one forever.
+    proxy._future = None
+    return proxy
+
+
+async def _awaitable(future: Any) -> Any:
+    return await future
 
 
 def local_store(worker: Worker | None = None) -> NodeStore:

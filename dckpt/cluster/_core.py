@@ -1,0 +1,34 @@
+"""What travels between processes when a directory checkpoint is pickled on a worker."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dckpt.cluster._cache import CheckpointId
+
+__all__ = ["CheckpointId", "NodeRef"]
+
+
+@dataclass(frozen=True)
+class NodeRef:
+    """A directory checkpoint on one node: where it is and how to get it.
+
+    A few hundred bytes pickled, whatever the checkpoint's size. Resolved on first use
+    (:func:`dckpt.cluster._resolve.resolve`): the same node uses ``path``; another node
+    copies it through the store at ``store_address`` into its cache, or downloads it from
+    one of ``uris``.
+    """
+
+    node_id: str
+    path: str
+    checkpoint_id: CheckpointId
+    size: int
+    digest: str
+    store_address: str
+    uris: tuple[str, ...] = ()
+
+    def __repr__(self) -> str:
+        return (
+            f"NodeRef({self.node_id}:{self.path[-60:]}, id={self.checkpoint_id[:12]}, "
+            f"{self.size} bytes)"
+        )

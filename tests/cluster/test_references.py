@@ -1,0 +1,124 @@
+"""Node references on an isolated NodeCluster: a directory checkpoint pickled on a
+worker travels as a reference and its bytes move only to the nodes that use it."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+
+import pytest
+from distributed import Client
+
+from dckpt import Checkpoint, CheckpointUnavailableError
+from dckpt.cluster import NodeCluster, install, stats
+
+pytestmark = pytest.mark.slow
+
+SIZE = 2 << 20
+
+
+@pytest.fixture(scope="module")
+def nodes(node_cluster: NodeCluster, node_client: Client) -> tuple[str, str]:
+    install(node_client)
+    return node_cluster.nodes[0].worker_address, node_cluster.nodes[1].worker_address
+
+
+def _make_checkpoint(seed: int, persist_to: str | None = None) -> Checkpoint:
+    """On a worker: a directory checkpoint under this node's root."""
+    from dckpt import node
+
+    path = os.path.join(node.node_root(), f"model-{seed}")
+    os.makedirs(path)
+    with open(os.path.join(path, "weights.bin"), "wb") as f:
+        f.write(random.Random(seed).randbytes(SIZE))
+    checkpoint = Checkpoint.from_directory(path)
+    checkpoint.set_metadata({"seed": seed})
+    if persist_to is not None:
+        checkpoint.to_uri(persist_to)
+    return checkpoint
+
+
+def _use(checkpoint: Checkpoint, connect_timeout: str = "10s") -> tuple[str, bytes, dict]:
+    """On a worker: read the data as a user would."""
+    import dask.config
+
+    with dask.config.set({"dckpt.transfer.connect-timeout": connect_timeout}), \
+            checkpoint.as_directory() as directory:
+        with open(os.path.join(directory, "weights.bin"), "rb") as f:
+            return directory, f.read(), checkpoint.get_metadata()
+
+
+def _exists(path: str) -> bool:
+    return os.path.exists(path)
+
+
+def _received(client: Client, address: str) -> tuple[int, int]:
+    s = stats(client)[address]
+    return s["transfers"], s["bytes_received"]
+
+
+def test_a_checkpoint_returned_by_a_task_is_a_small_reference(node_client, nodes):
+    owner, _ = nodes
+    checkpoint = node_client.submit(_make_checkpoint, 1, workers=[owner], pure=False).result()
+    kind, ref = checkpoint.get_internal_representation()
+    assert kind == "node_ref" and ref.node_id == "node-0"
+    assert len(pickle.dumps(checkpoint)) < 2048
+    assert not os.path.exists(ref.path)  # the driver cannot see node 0's disk
+    assert checkpoint.get_metadata() == {"seed": 1}  # metadata travels without the data
+
+
+def test_used_on_another_node_it_moves_once_and_only_there(node_client, nodes):
+    owner, receiver = nodes
+    checkpoint = node_client.submit(_make_checkpoint, 2, workers=[owner], pure=False).result()
+    ref = checkpoint.get_internal_representation()[1]
+    assert node_client.submit(_exists, ref.path, workers=[receiver], pure=False).result() is False
+    expected = random.Random(2).randbytes(SIZE)
+    before = _received(node_client, receiver)
+
+    where, data, metadata = node_client.submit(_use, checkpoint, workers=[receiver], pure=False).result()
+    assert data == expected and metadata == {"seed": 2}
+    assert where != ref.path
+    first = _received(node_client, receiver)
+    assert first[0] - before[0] == 1 and first[1] - before[1] == SIZE
+
+    again = node_client.submit(_use, checkpoint, workers=[receiver], pure=False).result()
+    assert again[1] == expected
+    assert _received(node_client, receiver) == first  # a second use moves nothing
+
+    owner_before = _received(node_client, owner)
+    on_owner = node_client.submit(_use, checkpoint, workers=[owner], pure=False).result()
+    assert on_owner[0] == ref.path and on_owner[1] == expected  # used in place
+    assert _received(node_client, owner) == owner_before
+
+
+def test_the_driver_can_read_it_too(node_client, nodes, tmp_path):
+    import dask.config
+
+    owner, _ = nodes
+    checkpoint = node_client.submit(_make_checkpoint, 3, workers=[owner], pure=False).result()
+    with dask.config.set({"dckpt.temporary-directory": str(tmp_path)}), node_client.as_current():
+        out = checkpoint.to_directory(tmp_path / "out")
+    with open(os.path.join(out, "weights.bin"), "rb") as f:
+        assert f.read() == random.Random(3).randbytes(SIZE)
+
+
+def test_when_the_owner_dies_a_uri_saves_the_day_and_otherwise_the_error_says_why(
+    node_cluster: NodeCluster, node_client: Client, nodes, tmp_path
+):
+    owner, receiver = nodes
+    persisted = node_client.submit(
+        _make_checkpoint, 4, f"file://{tmp_path}/persisted", workers=[owner], pure=False
+    ).result()
+    lost = node_client.submit(_make_checkpoint, 5, workers=[owner], pure=False).result()
+    assert persisted.get_internal_representation()[1].uris
+    node_cluster.kill_node(0)
+    try:
+        _, data, _ = node_client.submit(
+            _use, persisted, "2s", workers=[receiver], pure=False
+        ).result()
+        assert data == random.Random(4).randbytes(SIZE)
+        with pytest.raises(CheckpointUnavailableError, match=r"(?s)node node-0.*Tried:.*store of node-0"):
+            node_client.submit(_use, lost, "2s", workers=[receiver], pure=False).result()
+    finally:
+        node_cluster.restart_node(0)
