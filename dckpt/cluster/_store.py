@@ -108,6 +108,7 @@ class NodeStore:
     _counter_lock: threading.Lock
     _in_flight: dict[tuple[CheckpointId, str], asyncio.Future[str]]
     _sources: dict[CheckpointId, transfer.ChunkSource]
+    _corrupt_next_chunks: int
 
     def __init__(self, address: str, cache_root: str | None = None) -> None:
         self.node_id = node.node_id()
@@ -118,6 +119,7 @@ class NodeStore:
         self._counter_lock = threading.Lock()
         self._in_flight = {}
         self._sources = {}
+        self._corrupt_next_chunks = 0
 
     # ---------------------------------------------------------------- owner side
 
@@ -138,7 +140,23 @@ class NodeStore:
             source = self._sources.setdefault(checkpoint_id, source)
         frame = source.read_chunk(transfer.ChunkSpec(file_index, offset, length))
         self._count(bytes_sent=length, chunks_sent=1)
+        with self._counter_lock:
+            corrupt = self._corrupt_next_chunks > 0
+            self._corrupt_next_chunks -= corrupt
+        if corrupt:
+            damaged = bytearray(frame)
+            damaged[-1] ^= 0x01
+            return bytes(damaged)
         return frame
+
+    def corrupt_next_chunks(self, count: int) -> None:
+        """Test hook: flip one byte in each of the next ``count`` chunks sent.
+
+        It stands for damage in transit; receivers detect it by the chunk's checksum
+        and fetch the chunk again (``dckpt.transfer.retries``).
+        """
+        with self._counter_lock:
+            self._corrupt_next_chunks = int(count)
 
     # ------------------------------------------------------------- receiver side
 

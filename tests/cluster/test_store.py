@@ -110,6 +110,21 @@ def test_concurrent_fetches_make_one_transfer(node_client: Client, stores):
     assert node_client.submit(_hashes, paths[0], workers=[receiver], pure=False).result() == hashes
 
 
+def test_a_chunk_damaged_in_transit_is_detected_and_fetched_again(node_client: Client, stores):
+    owner, receiver = stores
+    _, hashes, checkpoint_id, digest = node_client.submit(
+        _write_checkpoint, 1, 5, workers=[owner], pure=False
+    ).result()
+    manifest = store_of(owner, node_client).manifest(checkpoint_id).result()
+    n_chunks = sum(1 for _, size, _ in manifest["files"] if size)  # all under one chunk
+    sent_before = node_client.submit(_stats, workers=[owner], pure=False).result()["chunks_sent"]
+    store_of(owner, node_client).corrupt_next_chunks(2).result()
+    cached = store_of(receiver, node_client).fetch(owner, checkpoint_id, digest).result()
+    assert node_client.submit(_hashes, cached, workers=[receiver], pure=False).result() == hashes
+    sent = node_client.submit(_stats, workers=[owner], pure=False).result()["chunks_sent"]
+    assert sent - sent_before == n_chunks + 2  # the two damaged chunks were sent again
+
+
 def test_a_store_serves_only_registered_checkpoints(node_client: Client, stores):
     owner, _ = stores
     for name in ("/etc/passwd", "../../etc", uuid.uuid4().hex):
