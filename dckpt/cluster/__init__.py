@@ -3,7 +3,9 @@
 - :func:`install` gives every worker of a cluster (present and future) a
   :class:`NodeStore`, an actor that serves directories registered on its node and
   caches checkpoints copied from other nodes; :func:`store_of` is a proxy to one,
-  :func:`stats` reads every store's counters.
+  :func:`stats` reads every store's counters. It also sets up the scheduler's
+  registry of who holds which checkpoint (:class:`DckptSchedulerPlugin`), read with
+  :func:`who_has` and :func:`registry`.
 - :class:`NodeCluster` is a local Dask cluster whose workers are simulated nodes,
   isolated in mount namespaces where possible.
 """
@@ -16,10 +18,12 @@ from dckpt.cluster._local import (
     NodeInfo,
     isolation_available,
 )
+from dckpt.cluster._scheduler_plugin import DckptSchedulerPlugin, install, registry, who_has
 from dckpt.cluster._store import NodeStore, stats, store_of
-from dckpt.cluster._worker_plugin import NodeStorePlugin, install
+from dckpt.cluster._worker_plugin import NodeStorePlugin
 
 __all__ = [
+    "DckptSchedulerPlugin",
     "IsolationUnavailableWarning",
     "NodeCluster",
     "NodeInfo",
@@ -27,6 +31,8 @@ __all__ = [
     "NodeStorePlugin",
     "install",
     "isolation_available",
+    "registry",
     "stats",
     "store_of",
+    "who_has",
 ]

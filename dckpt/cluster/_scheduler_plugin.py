@@ -1,0 +1,277 @@
+"""The scheduler side: a registry of which workers hold which checkpoints.
+
+:class:`DckptSchedulerPlugin` runs in the scheduler. It installs the worker side
+(:class:`~dckpt.cluster._worker_plugin.NodeStorePlugin`) on every present and future
+worker, so that one call (:func:`install`) or one ``--preload`` sets up a cluster, and
+it keeps, per worker, the last *snapshot* of what that worker's store holds:
+
+- ``origin``: checkpoints registered on that worker (directories it serves);
+- ``cached``: copies in that node's cache of checkpoints from elsewhere.
+
+How snapshots flow: each worker's plugin polls its store every
+``dckpt.registry.interval`` and sends the whole snapshot to the ``dckpt_holdings``
+handler when it changed (and at least every ``dckpt.registry.refresh``). A new
+snapshot replaces the old one; a worker that leaves is dropped in :meth:`remove_worker`,
+and a late snapshot from a worker the scheduler no longer knows is ignored. So the
+registry lags the truth by about one interval and never keeps a dead worker.
+
+Clients read it with :func:`who_has` (``dckpt_who_has``) and :func:`registry`
+(``dckpt_registry``): the means to place predictors and tasks where the data is.
+
+Handlers run on the scheduler's event loop and only touch in-memory dicts.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import dask.config
+from distributed import Client
+from distributed.diagnostics.plugin import SchedulerPlugin
+from distributed.protocol.pickle import dumps
+
+from dckpt.cluster._cache import CheckpointId
+from dckpt.cluster._worker_plugin import PLUGIN_NAME, NodeStorePlugin
+
+if TYPE_CHECKING:
+    from distributed.scheduler import Scheduler, WorkerState
+
+logger = logging.getLogger(__name__)
+
+#: What a worker holds, by kind: ``{"origin": {id: bytes}, "cached": {id: bytes}}``.
+Holdings = dict[str, dict[CheckpointId, int]]
+KINDS = ("origin", "cached")
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """The last report of one worker."""
+
+    node_id: str
+    origin: dict[CheckpointId, int]
+    cached: dict[CheckpointId, int]
+    received: float  # time.monotonic() on the scheduler
+
+    def held(self) -> set[CheckpointId]:
+        return set(self.origin) | set(self.cached)
+
+
+class DckptSchedulerPlugin(SchedulerPlugin):
+    """Keeps the registry of checkpoint holdings and installs the worker side.
+
+    Add it with :func:`install` (from a client) or ``scheduler.add_plugin(...)`` in a
+    scheduler preload (``scheduler/dckpt_scheduler_preload.py``). Named ``"dckpt"``,
+    like its worker half; its handlers are ``dckpt_holdings``, ``dckpt_who_has`` and
+    ``dckpt_registry``.
+
+    Notes
+    -----
+    Scale-down: :meth:`valid_workers_downscaling` keeps a worker that is the last
+    holder of a checkpoint registered somewhere in the cluster (see
+    ``dckpt.registry.keep-sole-holders``). distributed 2026.8 consults this hook in
+    ``Scheduler.workers_to_close`` (adaptive scaling, ``retire_workers()`` without
+    arguments) only: ``retire_workers(workers=...)`` or ``names=...`` retires whom it
+    is told to.
+    """
+
+    name = PLUGIN_NAME
+    idempotent = True
+
+    _scheduler: Scheduler | None
+    _snapshots: dict[str, _Snapshot]
+
+    def __init__(self) -> None:
+        self._scheduler = None
+        self._snapshots = {}
+
+    async def start(self, scheduler: Scheduler) -> None:
+        self._scheduler = scheduler
+        # Handlers first: the workers start reporting as soon as the plugin is theirs.
+        scheduler.handlers.update({
+            "dckpt_holdings": self.dckpt_holdings,
+            "dckpt_who_has": self.dckpt_who_has,
+            "dckpt_registry": self.dckpt_registry,
+        })
+        responses = await scheduler.register_worker_plugin(
+            None, dumps(NodeStorePlugin()), name=PLUGIN_NAME, idempotent=True
+        )
+        for address, response in responses.items():
+            if response.get("status") != "OK":
+                logger.error("dckpt worker plugin failed on %s: %s", address,
+                             response.get("exception_text", response))
+        logger.info("dckpt registry ready on %s", scheduler.address)
+
+    # ------------------------------------------------------------------ handlers
+
+    def dckpt_holdings(self, address: str, node_id: str, holdings: Holdings) -> dict[str, str]:
+        """A worker's snapshot of what it holds; replaces its previous one."""
+        assert self._scheduler is not None
+        if address not in self._scheduler.workers:
+            # Not registered yet, or already removed: a late message must not bring
+            # a dead worker back.
+            return {"status": "unknown-worker"}
+        self._snapshots[address] = _Snapshot(
+            node_id=node_id,
+            origin=dict(holdings.get("origin", {})),
+            cached=dict(holdings.get("cached", {})),
+            received=time.monotonic(),
+        )
+        return {"status": "OK"}
+
+    def dckpt_who_has(self, checkpoint_ids: list[CheckpointId]) -> dict[str, dict[str, list[str]]]:
+        """``{checkpoint_id: {"origin": [addresses], "cached": [addresses]}}``.
+
+        Every id asked for is in the answer; one no worker holds has empty lists.
+        """
+        # A scan of every snapshot: fine for the hundreds of workers and checkpoints
+        # this is for; an inverted index would have to be rebuilt per snapshot anyway.
+        answer: dict[str, dict[str, list[str]]] = {
+            cid: {kind: [] for kind in KINDS} for cid in checkpoint_ids
+        }
+        for address in sorted(self._snapshots):
+            snapshot = self._snapshots[address]
+            for cid, places in answer.items():
+                if cid in snapshot.origin:
+                    places["origin"].append(address)
+                if cid in snapshot.cached:
+                    places["cached"].append(address)
+        return answer
+
+    def dckpt_registry(self) -> dict[str, dict[str, Any]]:
+        """Per worker the scheduler knows: node id, holdings, age of the snapshot.
+
+        A worker that has not reported yet has ``node_id`` and ``age`` ``None`` and
+        empty holdings.
+        """
+        assert self._scheduler is not None
+        now = time.monotonic()
+        answer: dict[str, dict[str, Any]] = {}
+        for address in sorted(self._scheduler.workers):
+            snapshot = self._snapshots.get(address)
+            if snapshot is None:
+                answer[address] = {"node_id": None, "origin": {}, "cached": {}, "age": None}
+            else:
+                answer[address] = {
+                    "node_id": snapshot.node_id,
+                    "origin": dict(snapshot.origin),
+                    "cached": dict(snapshot.cached),
+                    "age": now - snapshot.received,
+                }
+        return answer
+
+    # -------------------------------------------------------------------- hooks
+
+    def remove_worker(
+        self, scheduler: Scheduler, worker: str, *, stimulus_id: str, **kwargs: Any
+    ) -> None:
+        if self._snapshots.pop(worker, None) is not None:
+            logger.debug("dropped the dckpt holdings of %s (%s)", worker, stimulus_id)
+
+    def valid_workers_downscaling(
+        self, scheduler: Scheduler, workers: list[WorkerState]
+    ) -> list[WorkerState]:
+        """The candidates that may go without taking the last copy of a checkpoint.
+
+        A checkpoint counts while some worker has it registered (``origin``): the
+        registry does not know whether it is also persisted at a URI, so it treats
+        every one as if it were not. Cached copies count as copies. Candidates are
+        taken in order; each is let go only if every counted checkpoint it holds keeps
+        a holder among the workers that stay, so two holders of the same checkpoint
+        are never retired together.
+        """
+        if not dask.config.get("dckpt.registry.keep-sole-holders"):
+            return workers
+        counted = {cid for s in self._snapshots.values() for cid in s.origin}
+        holders: dict[CheckpointId, set[str]] = {cid: set() for cid in counted}
+        for address, snapshot in self._snapshots.items():
+            for cid in counted & snapshot.held():
+                holders[cid].add(address)
+        allowed = []
+        for ws in workers:
+            own = self._snapshots.get(ws.address)
+            held = counted & own.held() if own is not None else set()
+            if all(holders[cid] - {ws.address} for cid in held):
+                allowed.append(ws)
+                for cid in held:
+                    holders[cid].discard(ws.address)
+            else:
+                logger.debug("keeping %s: the last holder of a dckpt checkpoint", ws.address)
+        return allowed
+
+
+# ----------------------------------------------------------------- client side
+
+
+def install(client: Client) -> None:
+    """Set up dckpt on ``client``'s cluster: the registry on the scheduler and a
+    :class:`~dckpt.cluster.NodeStore` on every worker, present and future.
+
+    Idempotent: a second call, or a call on a cluster started with the scheduler
+    preload, changes nothing. The scheduler must be able to import dckpt.
+    """
+    client.register_plugin(DckptSchedulerPlugin())
+
+
+def who_has(client: Client, checkpoint_ids: Iterable[str] | str) -> dict[str, dict[str, list[str]]]:
+    """Which workers hold each checkpoint, as the scheduler's registry knows it.
+
+    Parameters
+    ----------
+    client
+        A client of a cluster set up with :func:`install` or the scheduler preload.
+    checkpoint_ids
+        Checkpoint ids (a single id may be given as a string).
+
+    Returns
+    -------
+    dict
+        ``{checkpoint_id: {"origin": [worker addresses], "cached": [worker addresses]}}``
+        for every id asked for. ``origin``: workers that serve the checkpoint's
+        directory; ``cached``: workers whose node cache holds a copy. The registry
+        lags the workers by about ``dckpt.registry.interval``. With an asynchronous
+        client, an awaitable of that.
+    """
+    ids = [checkpoint_ids] if isinstance(checkpoint_ids, str) else list(checkpoint_ids)
+    result: dict[str, dict[str, list[str]]] = client.sync(_who_has, client, ids)
+    return result
+
+
+async def _who_has(client: Client, ids: list[str]) -> dict[str, dict[str, list[str]]]:
+    answer = _checked(await client.scheduler.dckpt_who_has(checkpoint_ids=ids), "who_has")
+    # Dask's msgpack turns lists into tuples on the way.
+    return {cid: {kind: list(where) for kind, where in places.items()}
+            for cid, places in answer.items()}
+
+
+def registry(client: Client) -> dict[str, dict[str, Any]]:
+    """Everything the scheduler's registry knows, by worker address.
+
+    Returns
+    -------
+    dict
+        ``{address: {"node_id": ..., "origin": {id: bytes}, "cached": {id: bytes},
+        "age": seconds since the snapshot}}`` for every worker of the cluster;
+        ``node_id`` and ``age`` are ``None`` for a worker that has not reported yet.
+        With an asynchronous client, an awaitable of that.
+    """
+    result: dict[str, dict[str, Any]] = client.sync(_registry, client)
+    return result
+
+
+async def _registry(client: Client) -> dict[str, dict[str, Any]]:
+    answer: dict[str, dict[str, Any]] = _checked(await client.scheduler.dckpt_registry(), "registry")
+    return answer
+
+
+def _checked(answer: Any, what: str) -> Any:
+    if answer is None:  # distributed answers None for an op without a handler
+        raise RuntimeError(
+            f"dckpt.cluster.{what}: the scheduler has no dckpt plugin; set it up with "
+            "dckpt.cluster.install(client), or start the scheduler with "
+            "--preload scheduler/dckpt_scheduler_preload.py"
+        )
+    return answer
