@@ -29,12 +29,13 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     with NodeCluster(args.nodes, isolate=args.isolate, threads_per_worker=args.threads,
                      memory_limit=args.memory_limit) as cluster:
-        print(f"scheduler: {cluster.scheduler_address}")
-        print(f"root: {cluster.root} (isolated: {cluster.isolated})")
-        for node in cluster.nodes:
-            print(f"  {node.node_id}: {node.worker_address} pid {node.pid} root {node.root}")
-        print("Press Ctrl-C to stop.", flush=True)
+        # Ctrl-C may come as soon as the last line is out, still inside print().
         try:
+            print(f"scheduler: {cluster.scheduler_address}")
+            print(f"root: {cluster.root} (isolated: {cluster.isolated})")
+            for node in cluster.nodes:
+                print(f"  {node.node_id}: {node.worker_address} pid {node.pid} root {node.root}")
+            print("Press Ctrl-C to stop.", flush=True)
             signal.pause()
         except KeyboardInterrupt:
             print("Stopping.", file=sys.stderr)
