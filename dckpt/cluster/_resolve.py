@@ -32,7 +32,13 @@ from distributed.utils import sync
 
 from dckpt import _config, node, storage, transfer
 from dckpt.cluster._core import CheckpointId, NodeRef
-from dckpt.cluster._store import STORE_KEY, NodeStore, register_directory, store_of
+from dckpt.cluster._store import (
+    STORE_KEY,
+    NodeStore,
+    receive_from,
+    register_directory,
+    store_of,
+)
 from dckpt.errors import CheckpointUnavailableError
 from dckpt.formats._atomic import atomic_directory
 
@@ -118,14 +124,7 @@ def _from_owner(ref: NodeRef, worker: Worker | None) -> str:
 
     async def receive() -> None:
         manifest = transfer.Manifest.from_dict(await owner.manifest(ref.checkpoint_id))
-
-        async def fetch_chunk(spec: transfer.ChunkSpec) -> bytes:
-            frame: bytes = await owner.read_chunk(
-                ref.checkpoint_id, spec.file_index, spec.offset, spec.length
-            )
-            return frame
-
-        await transfer.receive_directory(manifest, fetch_chunk, target)
+        await receive_from(owner, ref.checkpoint_id, manifest, target)
 
     client.sync(receive)
     return target

@@ -204,20 +204,12 @@ class NodeStore:
             )
         await asyncio.to_thread(self._cache.reserve, manifest.total_bytes)
 
-        async def fetch_chunk(spec: transfer.ChunkSpec) -> bytes:
-            frame: bytes = await owner.read_chunk(
-                checkpoint_id, spec.file_index, spec.offset, spec.length
-            )
-            return frame
-
-        # receive_directory renames its result into ``target``, and the cache renames
+        # receive_from renames its result into ``target``, and the cache renames
         # that into place: both stay inside the cache's filesystem.
         staging = self._cache.staging_directory(checkpoint_id)
         try:
             target = os.path.join(staging, "data")
-            await transfer.receive_directory(
-                manifest, fetch_chunk, target, chunk_bytes=_chunk_bytes()
-            )
+            await receive_from(owner, checkpoint_id, manifest, target)
             path = await asyncio.to_thread(
                 self._cache.add, checkpoint_id, digest, target, manifest.total_bytes
             )
@@ -264,6 +256,20 @@ _COUNTERS = ("bytes_sent", "bytes_received", "transfers", "chunks_sent",
 
 def _chunk_bytes() -> int:
     return parse_bytes(dask.config.get("dckpt.transfer.chunk-bytes"))
+
+
+async def receive_from(
+    owner: Actor, checkpoint_id: CheckpointId, manifest: transfer.Manifest, target: str
+) -> None:
+    """Copy a checkpoint from the store behind ``owner`` into ``target``, by chunks."""
+
+    async def fetch_chunk(spec: transfer.ChunkSpec) -> bytes:
+        frame: bytes = await owner.read_chunk(
+            checkpoint_id, spec.file_index, spec.offset, spec.length
+        )
+        return frame
+
+    await transfer.receive_directory(manifest, fetch_chunk, target, chunk_bytes=_chunk_bytes())
 
 
 def store_of(worker_address: str, client: Client | None = None) -> Actor:
