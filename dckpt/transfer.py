@@ -619,7 +619,7 @@ def _changed(path: str, how: str) -> CheckpointFormatError:
 
 async def receive_directory(
     manifest: Manifest,
-    fetch_chunk: Callable[[ChunkSpec], Awaitable[bytes]],
+    fetch_chunk: Callable[[ChunkSpec], Awaitable[bytes | memoryview]],
     target: str | os.PathLike[str],
     *,
     chunk_bytes: int | None = None,
@@ -775,7 +775,7 @@ def _create_tree(staging: str, manifest: Manifest, paths: list[str]) -> None:
             os.close(fd)
 
 
-def _write_chunk(frame: bytes, spec: ChunkSpec, path: str) -> None:
+def _write_chunk(frame: bytes | memoryview, spec: ChunkSpec, path: str) -> None:
     """Decode one frame and write it in place (thread)."""
     data = decode_chunk(frame, spec)
     # No O_CREAT: a write that outlives a cancelled transfer cannot recreate anything
