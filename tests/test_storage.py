@@ -55,6 +55,18 @@ def files_only(tree: dict[str, bytes | None]) -> dict[str, bytes | None]:
     return {rel: content for rel, content in tree.items() if content is not None}
 
 
+def fail_puts_of(fs: Any, monkeypatch: pytest.MonkeyPatch, suffix: str, message: str) -> None:
+    """Make ``fs.put_file`` raise ``OSError(message)`` for local files ending in ``suffix``."""
+    original = fs.put_file
+
+    def failing(lpath: str, rpath: str, **kwargs: Any) -> Any:
+        if lpath.endswith(suffix):
+            raise OSError(message)
+        return original(lpath, rpath, **kwargs)
+
+    monkeypatch.setattr(fs, "put_file", failing)
+
+
 class Recorder(Callback):
     """Counts files itself and hands out a child per file that counts its bytes."""
 
@@ -189,14 +201,7 @@ class StorageContract:
     def test_failed_upload_is_refused_by_readers(
         self, tree, uri, fs, storage_options, monkeypatch, out
     ):
-        original = fs.put_file
-
-        def failing(lpath: str, rpath: str, **kwargs: Any) -> Any:
-            if lpath.endswith("big.bin"):
-                raise OSError("disk on fire")
-            return original(lpath, rpath, **kwargs)
-
-        monkeypatch.setattr(fs, "put_file", failing)
+        fail_puts_of(fs, monkeypatch, "big.bin", "disk on fire")
         with pytest.raises(OSError, match="disk on fire"):
             storage.upload_directory(tree, uri, storage_options=storage_options)
         monkeypatch.undo()
@@ -229,14 +234,7 @@ class StorageContract:
         (failed / "keep.txt").write_text("failed")
         (failed / "partial_only.txt").write_text("partial")
         (failed / "zz_fails.txt").write_text("x")
-        original = fs.put_file
-
-        def failing(lpath: str, rpath: str, **kwargs: Any) -> Any:
-            if lpath.endswith("zz_fails.txt"):
-                raise OSError("network gone")
-            return original(lpath, rpath, **kwargs)
-
-        monkeypatch.setattr(fs, "put_file", failing)
+        fail_puts_of(fs, monkeypatch, "zz_fails.txt", "network gone")
         with (dask.config.set({"dckpt.storage.max-concurrency": 1}),
               pytest.raises(OSError, match="network gone")):
             storage.upload_directory(failed, uri, storage_options=storage_options)
@@ -498,14 +496,7 @@ class StorageContract:
         with pytest.raises(CheckpointNotFoundError):
             storage.uri_status(uri, storage_options=storage_options)
 
-        original = fs.put_file
-
-        def failing(lpath: str, rpath: str, **kwargs: Any) -> Any:
-            if lpath.endswith("notes.txt"):
-                raise OSError("interrupted")
-            return original(lpath, rpath, **kwargs)
-
-        monkeypatch.setattr(fs, "put_file", failing)
+        fail_puts_of(fs, monkeypatch, "notes.txt", "interrupted")
         with pytest.raises(OSError, match="interrupted"):
             storage.upload_directory(tree, uri, storage_options=storage_options)
         monkeypatch.undo()
