@@ -232,8 +232,7 @@ class Checkpoint:
             return cls.from_directory(storage.local_path_of(uri))
         options = dict(storage_options or {})
         storage.uri_status(uri, storage_options=options)
-        raw_header = storage.read_file(uri, HEADER_FILE, storage_options=options)
-        header = CheckpointHeader.from_json(raw_header, f"{uri}/{HEADER_FILE}") if raw_header else None
+        header = _read_uri_header(uri, options)
         checkpoint_cls = cls._class_for(header.checkpoint_class if header else None)
         checkpoint = checkpoint_cls(uri=uri, storage_options=options)
         checkpoint._metadata = header.metadata if header else {}
@@ -544,7 +543,7 @@ class Checkpoint:
             staging = dask.config.get("dckpt.staging-uri", None)
             if staging:
                 uri = self.to_uri(f"{staging.rstrip('/')}/{uuid.uuid4().hex}")
-                state.update(_uri=uri, _metadata=self.get_metadata())
+                state.update(_uri=uri)
                 return state
             warnings.warn(
                 f"pickling {self!r} inline: {size} bytes is above dckpt.inline-max-bytes "
@@ -598,10 +597,7 @@ class Checkpoint:
         if self._local_path is not None:
             header = read_header(self._local_path)
         elif self._uri is not None:
-            raw = storage.read_file(
-                self._uri, HEADER_FILE, storage_options=self._storage_options
-            )
-            header = CheckpointHeader.from_json(raw, f"{self._uri}/{HEADER_FILE}") if raw else None
+            header = _read_uri_header(self._uri, self._storage_options)
         else:
             header = None
         return header.metadata if header else {}
@@ -700,6 +696,12 @@ def _existing_directory(path: str | os.PathLike[str]) -> str:
             "your checkpoint is a single file, pass the directory that holds it"
         )
     return directory
+
+
+def _read_uri_header(uri: str, options: Mapping[str, Any]) -> CheckpointHeader | None:
+    """The header of the checkpoint at ``uri``, or ``None`` for a plain folder."""
+    raw = storage.read_file(uri, HEADER_FILE, storage_options=options)
+    return CheckpointHeader.from_json(raw, f"{uri}/{HEADER_FILE}") if raw else None
 
 
 def _checked_files(files: Any) -> bytes | None:
