@@ -13,9 +13,10 @@ zeros, which lz4 halves) and copies it to node 1 three ways:
   these two processes can make, and the yardstick;
 - naive actor: a plain Dask actor on node 0 returns each file's bytes, one call at a
   time, to a task on node 1 that writes them;
-- dckpt: ``NodeStore.fetch`` on node 1 (manifest, then ``max-in-flight`` chunks at a
-  time from node 0's store), timed from the driver, so it also pays one driver round
-  trip that the baselines, timed inside their receiving task, do not.
+- dckpt: ``NodeStore.fetch`` on node 1 (one Dask comm to node 0's worker: the
+  manifest, then chunks, ``max-in-flight`` requests ahead), timed from the driver, so
+  it also pays one driver round trip that the baselines, timed inside their receiving
+  task, do not.
 
 Best of ``--repeat`` for each, after one untimed socket copy; speeds are printed as
 ratios to the socket copy of the same data because these 2-core machines are noisy.
@@ -237,7 +238,10 @@ def store_counters(dask_worker: Any) -> dict[str, Any]:
 
 
 def transfer_settings() -> dict[str, Any]:
-    return dict(dask.config.get("dckpt.transfer"))
+    # Read key by key: dask.config.get treats "-" and "_" alike, a DASK_... variable
+    # sets the "_" spelling beside the default's "-".
+    return {key: dask.config.get(f"dckpt.transfer.{key}")
+            for key in ("chunk-bytes", "max-in-flight", "compression")}
 
 
 # --- the driver -------------------------------------------------------------------------

@@ -41,9 +41,14 @@ def _requirement_name(requirement: str) -> str:
     return re.split(r"[\s<>=!~;\[]", requirement, maxsplit=1)[0].lower()
 
 
+# PyPI name -> conda-forge name, where they differ.
+_CONDA_NAMES = {"xxhash": "python-xxhash"}
+
+
 def test_environment_yml_names_every_runtime_dependency():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    runtime = {_requirement_name(r) for r in pyproject["project"]["dependencies"]}
+    runtime = {_CONDA_NAMES.get(name, name) for name in
+               map(_requirement_name, pyproject["project"]["dependencies"])}
     env = yaml.safe_load((ROOT / "environment.yml").read_text())
     conda = {_requirement_name(d) for d in env["dependencies"] if isinstance(d, str)}
     assert runtime <= conda, f"missing from environment.yml: {sorted(runtime - conda)}"

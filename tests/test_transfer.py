@@ -1,7 +1,8 @@
 """dckpt.transfer: manifests, chunk frames, the sender's ChunkSource, receive_directory.
 
 Real files in ``tmp_path``; the "network" is an async function that calls the
-sender's ``read_chunk``, sometimes damaging what it returns.
+sender's ``read_chunk``, sometimes damaging what it returns, turned into the stream
+that ``receive_directory`` asks (:func:`stream_of`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 import random
 import stat
 import tracemalloc
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from dckpt.transfer import (
     CHUNK_HEADER,
     ChunkSource,
     ChunkSpec,
+    ChunkStream,
     FileEntry,
     Manifest,
     build_manifest,
@@ -91,6 +93,14 @@ def threaded_fetch(source: ChunkSource) -> Fetch:
     return fetch
 
 
+def stream_of(fetch: Fetch) -> ChunkStream:
+    """A stream that fetches the chunks asked for one by one, in the order asked."""
+    async def stream(specs: Sequence[ChunkSpec]) -> AsyncIterator[tuple[ChunkSpec, bytes]]:
+        for spec in specs:
+            yield spec, await fetch(spec)
+    return stream
+
+
 def flip_payload_byte(frame: bytes) -> bytes:
     damaged = bytearray(frame)
     damaged[CHUNK_HEADER.size + (len(frame) - CHUNK_HEADER.size) // 2] ^= 0xFF
@@ -109,7 +119,7 @@ def copy(
     manifest = build_manifest(src)
     with ChunkSource(str(src), manifest, chunk_bytes) as source:
         asyncio.run(receive_directory(
-            manifest, wrap(fetcher(source)), dst, chunk_bytes=chunk_bytes, **kwargs
+            manifest, stream_of(wrap(fetcher(source))), dst, chunk_bytes=chunk_bytes, **kwargs
         ))
     return manifest
 
@@ -210,7 +220,7 @@ def test_settings_are_read_when_not_passed(tmp_path: Path):
             seen.append(spec)
             return source.read_chunk(spec)
 
-        asyncio.run(receive_directory(manifest, fetch, tmp_path / "dst"))
+        asyncio.run(receive_directory(manifest, stream_of(fetch), tmp_path / "dst"))
     assert sorted(spec.length for spec in seen) == [2 * KiB, 4 * KiB, 4 * KiB]
     assert (tmp_path / "dst" / "data").read_bytes() == (src / "data").read_bytes()
 
@@ -269,16 +279,17 @@ def _damaged_frames() -> list[tuple[str, bytes, str]]:
     data = b"hello world " * 1000
     good_raw = encode_chunk(data, compress=False)
     good_lz4 = encode_chunk(data, compress=True)
-    flags, length, crc = CHUNK_HEADER.unpack(good_raw[: CHUNK_HEADER.size])
+    H = CHUNK_HEADER.size
+    _, length, crc = CHUNK_HEADER.unpack(good_raw[:H])
     return [
-        ("truncated header", good_raw[:5], "shorter than its header"),
+        ("truncated header", good_raw[:5], "its header is 5 bytes, not 17"),
         ("truncated payload", good_raw[:-1], "payload is 11999 bytes"),
-        ("unknown flags", CHUNK_HEADER.pack(0x80, length, crc) + good_raw[13:], "unknown flags"),
-        ("other length", CHUNK_HEADER.pack(0, length + 1, crc) + good_raw[13:], "not 12000"),
-        ("flipped byte", flip_payload_byte(good_raw), "crc32"),
-        ("bad crc", CHUNK_HEADER.pack(0, length, crc ^ 1) + good_raw[13:], "crc32"),
-        ("bad lz4", good_lz4[:13] + b"\xff" * (len(good_lz4) - 13), "lz4 block"),
-        ("short lz4", CHUNK_HEADER.pack(1, length, crc) + encode_chunk(data[:-10], compress=True)[13:],
+        ("unknown flags", CHUNK_HEADER.pack(0x80, length, crc) + good_raw[H:], "unknown flags"),
+        ("other length", CHUNK_HEADER.pack(0, length + 1, crc) + good_raw[H:], "not 12000"),
+        ("flipped byte", flip_payload_byte(good_raw), "checksum"),
+        ("bad checksum", CHUNK_HEADER.pack(0, length, crc ^ 1) + good_raw[H:], "checksum"),
+        ("bad lz4", good_lz4[:H] + b"\xff" * (len(good_lz4) - H), "lz4 block"),
+        ("short lz4", CHUNK_HEADER.pack(1, length, crc) + encode_chunk(data[:-10], compress=True)[H:],
          "decompresses to 11990 bytes"),
     ]
 
@@ -335,29 +346,76 @@ def test_a_chunk_corrupted_every_time_fails_and_leaves_nothing(tmp_path: Path):
     assert fetches[bad] == 3
 
 
-def test_max_in_flight_is_respected(tmp_path: Path):
+@pytest.mark.parametrize("limit", [1, 3])
+def test_frames_held_at_once_stay_within_max_in_flight(tmp_path: Path, limit: int):
     src = tmp_path / "src"
     src.mkdir()
     (src / "data").write_bytes(random.Random(5).randbytes(40 * KiB))
-    running = 0
-    observed: list[int] = []
+    manifest = build_manifest(src)
+    yielded = 0
+    callback = RecordingCallback()
+    held: list[int] = []  # frames the receiver holds, counting the one about to come
 
-    def counting(fetch: Fetch) -> Fetch:
-        async def wrapped(spec: ChunkSpec) -> bytes:
-            nonlocal running
-            running += 1
-            observed.append(running)
-            try:
-                await asyncio.sleep(0.005)
-                return await fetch(spec)
-            finally:
-                running -= 1
-        return wrapped
+    async def eager(specs: Sequence[ChunkSpec]) -> AsyncIterator[tuple[ChunkSpec, bytes]]:
+        # Never waits: only the receiver's own back-pressure limits what it takes.
+        nonlocal yielded
+        with ChunkSource(str(src), manifest, KiB) as source:
+            for spec in specs:
+                held.append(yielded - len(callback.updates) + 1)
+                yielded += 1
+                yield spec, source.read_chunk(spec)
 
-    copy(src, tmp_path / "dst", chunk_bytes=KiB, wrap=counting, max_in_flight=3)
-    assert max(observed) == 3
-    assert len(observed) == 40
+    asyncio.run(receive_directory(manifest, eager, tmp_path / "dst", chunk_bytes=KiB,
+                                  max_in_flight=limit, callback=callback))
+    assert max(held) == limit
+    assert yielded == len(callback.updates) == 40
     assert (tmp_path / "dst" / "data").read_bytes() == (src / "data").read_bytes()
+
+
+@pytest.mark.parametrize("value, name", [(0, "max_in_flight"), (-1, "retries")])
+def test_bad_limits_are_refused(tmp_path: Path, value: int, name: str):
+    (tmp_path / "src").mkdir()
+    manifest = build_manifest(tmp_path / "src")
+    with pytest.raises(ValueError, match=f"{name} must be an integer of at least"):
+        asyncio.run(receive_directory(manifest, stream_of(inline_fetch(None)), tmp_path / "dst",
+                                      chunk_bytes=KiB, **{name: value}))  # type: ignore[arg-type]
+    assert not (tmp_path / "dst").exists()
+
+
+def test_a_stream_that_sends_the_wrong_chunks_is_refused(tmp_path: Path):
+    src = make_tree(tmp_path / "src")
+    manifest = build_manifest(src)
+    out = tmp_path / "out"
+
+    def receive(stream: ChunkStream) -> None:
+        asyncio.run(receive_directory(manifest, stream, out / "dst", chunk_bytes=MiB))
+
+    with ChunkSource(str(src), manifest, MiB) as source:
+        async def twice(specs: Sequence[ChunkSpec]) -> AsyncIterator[tuple[ChunkSpec, bytes]]:
+            for spec in [specs[0], *specs]:
+                yield spec, source.read_chunk(spec)
+
+        async def short(specs: Sequence[ChunkSpec]) -> AsyncIterator[tuple[ChunkSpec, bytes]]:
+            for spec in specs[:-1]:
+                yield spec, source.read_chunk(spec)
+
+        with pytest.raises(CorruptChunkError, match="not asked for or came twice"):
+            receive(twice)
+        with pytest.raises(CorruptChunkError, match=r"ended without 1 of the \d+ chunks"):
+            receive(short)
+    assert os.listdir(out) == []
+
+
+def test_read_parts_hands_over_its_buffer_uncopied(tmp_path: Path):
+    data = random.Random(9).randbytes(3 * KiB)
+    (tmp_path / "data").write_bytes(data)
+    spec = ChunkSpec(0, KiB, KiB)
+    with ChunkSource(str(tmp_path), build_manifest(tmp_path), KiB) as source:
+        header, payload = source.read_parts(spec)
+    assert isinstance(payload, memoryview) and payload.obj is not None
+    assert bytes(payload) == data[KiB : 2 * KiB]
+    assert b"".join((header, payload)) == encode_chunk(data[KiB : 2 * KiB], compress=False)
+    assert bytes(decode_chunk((header, payload), spec)) == data[KiB : 2 * KiB]
 
 
 def test_a_failing_fetch_cancels_the_rest_and_leaves_nothing(tmp_path: Path):
@@ -398,7 +456,7 @@ def test_cancelling_a_transfer_leaves_nothing(tmp_path: Path):
                 return source.read_chunk(spec)
 
             task = asyncio.ensure_future(
-                receive_directory(manifest, fetch, out / "dst", chunk_bytes=64 * KiB)
+                receive_directory(manifest, stream_of(fetch), out / "dst", chunk_bytes=64 * KiB)
             )
             await blocked.wait()
             assert [name for name in os.listdir(out) if name.endswith(".partial")]
@@ -447,7 +505,7 @@ def test_build_manifest_excludes_and_refuses_non_directories(tmp_path: Path):
 
 def _good() -> dict[str, Any]:
     return {
-        "format_version": 1,
+        "format_version": 2,
         "files": [["a/b.bin", 10, 0o644]],
         "directories": ["a"],
         "symlinks": [["a/link", "b.bin"]],
@@ -484,7 +542,7 @@ def _with(**changes: Any) -> dict[str, Any]:
         (_with(files=[[7, 1, 0o644]]), UnsafePathError, "not a plain relative path"),
         (_with(symlinks=[["a/link", 5]]), CheckpointFormatError, "target 5"),
         (_with(digest="abc"), CheckpointFormatError, "digest 'abc'"),
-        (_with(format_version=2), CheckpointFormatError, "format_version 2"),
+        (_with(format_version=1), CheckpointFormatError, "format_version 1 is not 2"),
         ({k: v for k, v in _good().items() if k != "digest"}, CheckpointFormatError,
          "expected the keys"),
         (_with(extra=1), CheckpointFormatError, "expected the keys"),
@@ -509,7 +567,7 @@ def test_receive_checks_a_manifest_built_by_hand(tmp_path: Path):
         raise AssertionError("nothing may be fetched for an unsafe manifest")
 
     with pytest.raises(UnsafePathError, match="'..'"):
-        asyncio.run(receive_directory(manifest, fetch, tmp_path / "out" / "dst", chunk_bytes=KiB))
+        asyncio.run(receive_directory(manifest, stream_of(fetch), tmp_path / "out" / "dst", chunk_bytes=KiB))
     assert not (tmp_path / "escape").exists()
     assert not (tmp_path / "out").exists() or os.listdir(tmp_path / "out") == []
 
@@ -531,7 +589,7 @@ def test_a_file_truncated_after_the_manifest_is_refused(tmp_path: Path):
     with ChunkSource(str(src), manifest, MiB) as source, pytest.raises(
         CheckpointFormatError, match=r"has 2097162 bytes, not 5242880.*register it again"
     ):
-        asyncio.run(receive_directory(manifest, inline_fetch(source), out / "dst", chunk_bytes=MiB))
+        asyncio.run(receive_directory(manifest, stream_of(inline_fetch(source)), out / "dst", chunk_bytes=MiB))
     assert os.listdir(out) == []
 
 
@@ -575,7 +633,7 @@ def test_source_keeps_few_files_open(tmp_path: Path):
     before = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
     with ChunkSource(str(src), manifest, KiB) as source:
         copy_dst = tmp_path / "dst"
-        asyncio.run(receive_directory(manifest, threaded_fetch(source), copy_dst, chunk_bytes=KiB))
+        asyncio.run(receive_directory(manifest, stream_of(threaded_fetch(source)), copy_dst, chunk_bytes=KiB))
         if before is not None:
             assert len(os.listdir("/proc/self/fd")) - before <= 64
     if before is not None:
@@ -601,7 +659,8 @@ def test_memory_stays_at_a_few_chunks(tmp_path: Path):
     try:
         with ChunkSource(str(src), manifest, MiB) as source:
             asyncio.run(receive_directory(
-                manifest, inline_fetch(source), tmp_path / "dst", chunk_bytes=MiB, max_in_flight=4
+                manifest, stream_of(inline_fetch(source)), tmp_path / "dst", chunk_bytes=MiB,
+                max_in_flight=4,
             ))
         peak = tracemalloc.get_traced_memory()[1]
     finally:

@@ -31,14 +31,9 @@ from distributed import Worker, get_client, get_worker
 from distributed.utils import sync
 
 from dckpt import _config, node, storage, transfer
+from dckpt.cluster import _stream
 from dckpt.cluster._core import CheckpointId, NodeRef
-from dckpt.cluster._store import (
-    STORE_KEY,
-    NodeStore,
-    receive_from,
-    register_directory,
-    store_of,
-)
+from dckpt.cluster._store import STORE_KEY, NodeStore, register_directory
 from dckpt.errors import CheckpointUnavailableError
 from dckpt.formats._atomic import atomic_directory
 
@@ -120,13 +115,12 @@ def _from_owner(ref: NodeRef, worker: Worker | None) -> str:
     if os.path.isdir(target):
         return target
     client = get_client()
-    owner = store_of(ref.store_address, client)
 
-    async def receive() -> None:
-        manifest = transfer.Manifest.from_dict(await owner.manifest(ref.checkpoint_id))
-        await receive_from(owner, ref.checkpoint_id, manifest, target)
+    async def target_for(manifest: transfer.Manifest) -> str:
+        return target
 
-    client.sync(receive)
+    client.sync(_stream.pull, client.rpc, ref.store_address, ref.checkpoint_id, ref.digest,
+                target_for)
     return target
 
 

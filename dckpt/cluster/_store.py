@@ -6,11 +6,12 @@ directories registered with it on its own node (never any other path), and copie
 checkpoints of other nodes into this node's cache, one transfer per checkpoint however
 many tasks ask at once.
 
-Which side of the wire runs what: :meth:`NodeStore.manifest` and
-:meth:`NodeStore.read_chunk` run on the *owner's* worker, in distributed's actor thread
-(blocking file I/O is fine there); :meth:`NodeStore.fetch` is a coroutine that runs on
-the *receiver's* event loop and drives the transfer (:func:`dckpt.transfer.receive_directory`
-decodes and writes chunks in threads).
+Bytes move over the worker's own server, not through actor calls
+(:mod:`dckpt.cluster._stream`): :meth:`NodeStore.serve_pull` is the handler
+``dckpt_pull`` on the *owner's* worker, :meth:`NodeStore.fetch` runs on the
+*receiver's* event loop and drives the transfer, and :meth:`NodeStore.accept_push`
+(handler ``dckpt_push``) takes a checkpoint that the driver sends. Everything runs on
+the event loop; file reads, decoding and writes go to threads.
 
 Registration is deliberately not an actor method: anything reachable through the proxy
 can be called from any process, and letting a remote caller register ``/etc`` would make
@@ -26,16 +27,18 @@ import logging
 import os
 import shutil
 import threading
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import dask.config
-from dask.utils import parse_bytes, parse_timedelta
 from distributed import Client, get_worker
 from distributed.actor import Actor
+from distributed.comm import Comm
+from distributed.core import ConnectionPool, Status
 from distributed.worker import Worker
 
 from dckpt import node, transfer
+from dckpt.cluster import _stream
 from dckpt.cluster._cache import CheckpointId, NodeCache
 from dckpt.errors import CheckpointNotFoundError
 
@@ -76,6 +79,13 @@ class _Registry:
     def get(self, checkpoint_id: CheckpointId) -> Registration:
         with self._lock:
             registration = self._by_id.get(checkpoint_id)
+        if registration is not None and not os.path.isdir(registration.path):
+            # Removed by its owner, or a pushed copy the cache evicted.
+            with self._lock:
+                self._by_id.pop(checkpoint_id, None)
+            raise CheckpointNotFoundError(
+                f"checkpoint {checkpoint_id!r} was at {registration.path}, which is gone"
+            )
         if registration is None:
             raise PermissionError(
                 f"checkpoint {checkpoint_id!r} is not registered with this node's store; "
@@ -107,8 +117,8 @@ class NodeStore:
     _counters: collections.Counter[str]
     _counter_lock: threading.Lock
     _in_flight: dict[tuple[CheckpointId, str], asyncio.Future[str]]
-    _sources: dict[CheckpointId, transfer.ChunkSource]
     _corrupt_next_chunks: int
+    _rpc: ConnectionPool | None
 
     def __init__(self, address: str, cache_root: str | None = None) -> None:
         self.node_id = node.node_id()
@@ -118,8 +128,14 @@ class NodeStore:
         self._counters = collections.Counter()
         self._counter_lock = threading.Lock()
         self._in_flight = {}
-        self._sources = {}
         self._corrupt_next_chunks = 0
+        self._rpc = None
+
+    def attach(self, worker: Worker) -> None:
+        """Serve ``dckpt_pull`` and ``dckpt_push`` on ``worker``'s server; use its comms."""
+        worker.handlers[_stream.PULL_OP] = self.serve_pull
+        worker.handlers[_stream.PUSH_OP] = self.accept_push
+        self._rpc = worker.rpc
 
     # ---------------------------------------------------------------- owner side
 
@@ -127,33 +143,32 @@ class NodeStore:
         """The manifest of a registered checkpoint, as plain data."""
         return self._registry.get(checkpoint_id).manifest.to_dict()
 
-    def read_chunk(
-        self, checkpoint_id: CheckpointId, file_index: int, offset: int, length: int
-    ) -> memoryview:
-        """One encoded chunk of a registered checkpoint (actor thread).
+    async def serve_pull(
+        self, comm: Comm, checkpoint_id: CheckpointId, chunk_bytes: int
+    ) -> Status:
+        """Handler ``dckpt_pull``: send a registered checkpoint to whoever asks.
 
-        A memoryview, not bytes: distributed hands a received memoryview to the caller
-        as it is, where bytes would be joined into a second copy on the receiver's event
-        loop (benchmarks/bench_transfer.py measured the comm ceiling at 8 MiB chunks:
-        about 1.9 GB/s against 1.0).
+        Anything not registered here is refused (``kind: refused``), whatever path or
+        id is asked for.
         """
-        registration = self._registry.get(checkpoint_id)
-        source = self._sources.get(checkpoint_id)
-        if source is None:
-            source = transfer.ChunkSource(
-                registration.path, registration.manifest, _chunk_bytes()
-            )
-            source = self._sources.setdefault(checkpoint_id, source)
-        frame = source.read_chunk(transfer.ChunkSpec(file_index, offset, length))
-        self._count(bytes_sent=length, chunks_sent=1)
+        try:
+            registration = self._registry.get(checkpoint_id)
+            source = transfer.ChunkSource(registration.path, registration.manifest, chunk_bytes)
+        except Exception as e:  # noqa: BLE001 - every refusal goes to the receiver
+            await comm.write(_stream.error_reply(e))
+            return Status.dont_reply
+        with source:
+            await comm.write({"status": "OK", "manifest": registration.manifest.to_dict()})
+            await _stream.serve_chunks(comm, source, on_chunk=self._sent)
+        return Status.dont_reply
+
+    def _sent(self, length: int) -> bool:
+        """Count a chunk sent; True when the test hook wants it damaged."""
         with self._counter_lock:
+            self._counters.update(bytes_sent=length, chunks_sent=1)
             corrupt = self._corrupt_next_chunks > 0
             self._corrupt_next_chunks -= corrupt
-        if corrupt:
-            damaged = bytearray(frame)
-            damaged[-1] ^= 0x01
-            return memoryview(damaged)
-        return memoryview(frame)
+        return corrupt
 
     def corrupt_next_chunks(self, count: int) -> None:
         """Test hook: flip one byte in each of the next ``count`` chunks sent.
@@ -172,6 +187,65 @@ class NodeStore:
         Returns the local path. A cached copy with the same digest is used as it is;
         concurrent calls for one checkpoint wait for a single transfer.
         """
+
+        async def transfer_from_owner() -> str:
+            async def target_for(manifest: transfer.Manifest) -> str:
+                return await self._prepare(checkpoint_id, manifest.total_bytes, staging)
+
+            staging: list[str] = []
+            try:
+                manifest = await _stream.pull(self._pool(), owner_address, checkpoint_id,
+                                              digest, target_for)
+                return await self._commit(checkpoint_id, manifest, staging[0], owner_address)
+            finally:
+                await self._discard(staging)
+
+        return await self._single_flight(checkpoint_id, digest, transfer_from_owner)
+
+    async def accept_push(
+        self,
+        comm: Comm,
+        checkpoint_id: CheckpointId,
+        manifest: dict[str, Any],
+        chunk_bytes: int,
+    ) -> dict[str, Any] | Status:
+        """Handler ``dckpt_push``: take a checkpoint that the driver sends into the cache.
+
+        The pushed copy is also registered, so that other nodes can pull it from here
+        (until the cache evicts it). Replies ``{"status": "OK", "node_id", "path"}``.
+        """
+        peer = f"the pusher at {comm.peer_address}"
+        try:
+            streamed = False  # whether this call asked for the chunks (and said "done")
+            checked = transfer.Manifest.from_dict(manifest)
+            chunk_bytes = transfer.check_chunk_bytes(chunk_bytes)
+
+            async def receive() -> str:
+                nonlocal streamed
+                streamed = True
+                staging: list[str] = []
+                try:
+                    target = await self._prepare(checkpoint_id, checked.total_bytes, staging)
+                    await _stream.stream_over(comm, peer, checked, target, chunk_bytes=chunk_bytes)
+                    return await self._commit(checkpoint_id, checked, staging[0], peer)
+                finally:
+                    await self._discard(staging)
+
+            path = await self._single_flight(checkpoint_id, checked.digest, receive)
+            if not streamed:  # cached already, or by a concurrent push: nothing to ask for
+                await comm.write({"status": "done"})
+            await asyncio.to_thread(self._registry.add, path, checkpoint_id)
+        except Exception as e:  # noqa: BLE001 - every failure goes to the pusher
+            if not comm.closed():
+                await comm.write(_stream.error_reply(e))
+            logger.info("push of %s from %s failed: %r", checkpoint_id, comm.peer_address, e)
+            return Status.dont_reply
+        return {"status": "OK", "node_id": self.node_id, "path": path}
+
+    async def _single_flight(
+        self, checkpoint_id: CheckpointId, digest: str, copy: Callable[[], Awaitable[str]]
+    ) -> str:
+        """The cached copy, else the result of ``copy()``, run once for concurrent callers."""
         # The cache writes its index and may delete directories: not on the event loop.
         cached = await asyncio.to_thread(self._cache.lookup, checkpoint_id, digest)
         if cached is not None:
@@ -181,10 +255,11 @@ class NodeStore:
         waiting = self._in_flight.get(key)
         if waiting is not None:
             return await asyncio.shield(waiting)
+        self._count(cache_misses=1)
         done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._in_flight[key] = done
         try:
-            path = await self._transfer(owner_address, checkpoint_id, digest)
+            path = await copy()
         except BaseException as e:
             done.set_exception(e)
             done.exception()  # mark retrieved: waiters, if any, re-raise it themselves
@@ -195,36 +270,34 @@ class NodeStore:
         finally:
             del self._in_flight[key]
 
-    async def _transfer(self, owner_address: str, checkpoint_id: CheckpointId, digest: str) -> str:
-        self._count(cache_misses=1)
-        owner = store_of(owner_address)
-        # A dead owner is found out by its first call: bounded, so that resolution can
-        # go on to the next source (a URI) instead of waiting for the comm's own timeout.
-        timeout = parse_timedelta(dask.config.get("dckpt.transfer.connect-timeout"))
-        raw = await asyncio.wait_for(_awaitable(owner.manifest(checkpoint_id)), timeout)
-        manifest = transfer.Manifest.from_dict(raw)
-        if manifest.digest != digest:
-            raise CheckpointNotFoundError(
-                f"checkpoint {checkpoint_id!r} on {owner_address} changed since it was "
-                f"referenced (digest {manifest.digest[:12]}, expected {digest[:12]})"
-            )
-        await asyncio.to_thread(self._cache.reserve, manifest.total_bytes)
+    async def _prepare(self, checkpoint_id: CheckpointId, size: int, staging: list[str]) -> str:
+        """Room in the cache and a staging directory (appended to ``staging``); the target."""
+        await asyncio.to_thread(self._cache.reserve, size)
+        # The received directory is renamed into ``target``, and the cache renames that
+        # into place: both stay inside the cache's filesystem.
+        staging.append(await asyncio.to_thread(self._cache.staging_directory, checkpoint_id))
+        return os.path.join(staging[0], "data")
 
-        # receive_from renames its result into ``target``, and the cache renames
-        # that into place: both stay inside the cache's filesystem.
-        staging = self._cache.staging_directory(checkpoint_id)
-        try:
-            target = os.path.join(staging, "data")
-            await receive_from(owner, checkpoint_id, manifest, target)
-            path = await asyncio.to_thread(
-                self._cache.add, checkpoint_id, digest, target, manifest.total_bytes
-            )
-        finally:
-            await asyncio.to_thread(shutil.rmtree, staging, True)
+    async def _commit(
+        self, checkpoint_id: CheckpointId, manifest: transfer.Manifest, staging: str, peer: str
+    ) -> str:
+        path = await asyncio.to_thread(
+            self._cache.add, checkpoint_id, manifest.digest, os.path.join(staging, "data"),
+            manifest.total_bytes,
+        )
         self._count(bytes_received=manifest.total_bytes, transfers=1)
-        logger.debug("received %s (%d bytes) from %s", checkpoint_id, manifest.total_bytes,
-                     owner_address)
+        logger.debug("received %s (%d bytes) from %s", checkpoint_id, manifest.total_bytes, peer)
         return path
+
+    def _pool(self) -> ConnectionPool:
+        if self._rpc is None:
+            raise RuntimeError("this NodeStore is not attached to a worker (NodeStore.attach)")
+        return self._rpc
+
+    @staticmethod
+    async def _discard(staging: list[str]) -> None:
+        for path in staging:
+            await asyncio.to_thread(shutil.rmtree, path, True)
 
     # ------------------------------------------------------------------ both
 
@@ -260,24 +333,6 @@ _COUNTERS = ("bytes_sent", "bytes_received", "transfers", "chunks_sent",
              "cache_hits", "cache_misses")
 
 
-def _chunk_bytes() -> int:
-    return parse_bytes(dask.config.get("dckpt.transfer.chunk-bytes"))
-
-
-async def receive_from(
-    owner: Actor, checkpoint_id: CheckpointId, manifest: transfer.Manifest, target: str
-) -> None:
-    """Copy a checkpoint from the store behind ``owner`` into ``target``, by chunks."""
-
-    async def fetch_chunk(spec: transfer.ChunkSpec) -> bytes | memoryview:
-        frame: bytes | memoryview = await owner.read_chunk(
-            checkpoint_id, spec.file_index, spec.offset, spec.length
-        )
-        return frame
-
-    await transfer.receive_directory(manifest, fetch_chunk, target, chunk_bytes=_chunk_bytes())
-
-
 def store_of(worker_address: str, client: Client | None = None) -> Actor:
     """An actor proxy for the store of the worker at ``worker_address``.
 
@@ -293,10 +348,6 @@ def store_of(worker_address: str, client: Client | None = None) -> Actor:
     # unreachable, and distributed's proxy would wait on this one forever.
     proxy._future = None
     return proxy
-
-
-async def _awaitable(future: Any) -> Any:
-    return await future
 
 
 def local_store(worker: Worker | None = None) -> NodeStore:

@@ -68,6 +68,7 @@ class NodeStorePlugin(WorkerPlugin):
             store = NodeStore(worker.address)
             worker.state.actors[STORE_KEY] = store
             logger.info("dckpt store ready on %s", worker.address)
+        store.attach(worker)
         # setup runs in Worker.plugin_add, on the worker's event loop.
         self._reporter = asyncio.get_running_loop().create_task(
             _report_holdings(worker, store), name="dckpt-report-holdings"

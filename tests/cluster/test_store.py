@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from distributed import Client
 
-from dckpt.cluster import NodeCluster, stats
+from dckpt.cluster import NodeCluster, _stream, stats
 from dckpt.cluster._store import local_store, register_directory, store_of
 from dckpt.cluster._worker_plugin import install
 
@@ -131,7 +131,15 @@ def test_a_store_serves_only_registered_checkpoints(node_client: Client, stores)
         with pytest.raises(PermissionError, match="not registered"):
             store_of(owner, node_client).manifest(name).result()
         with pytest.raises(PermissionError, match="not registered"):
-            store_of(owner, node_client).read_chunk(name, 0, 0, 100).result()
+            node_client.sync(_pull_into, node_client, owner, name, "0" * 64, "/nonexistent")
+
+
+async def _pull_into(client: Client, address: str, checkpoint_id: str, digest: str,
+                     target: str) -> None:
+    async def target_for(manifest: object) -> str:
+        return target
+
+    await _stream.pull(client.rpc, address, checkpoint_id, digest, target_for)
 
 
 def test_stats_are_read_per_worker_from_the_client(node_cluster: NodeCluster,

@@ -1,0 +1,244 @@
+"""Checkpoints between processes of a Dask cluster, as chunks over one Dask comm.
+
+A transfer takes one comm from distributed's connection pool (so the cluster's TLS and
+comm settings apply) and the receiver drives it: it asks for chunks, a few ahead
+(``dckpt.transfer.max-in-flight``), and the sender answers each request with one
+frame, in order. A sender reads a chunk only when asked, and a receiver asks for the
+next one only when it has taken the last, so neither side holds more than a few chunks
+however large the checkpoint. (``Comm.write`` does not wait for the bytes to leave, so
+the requests are the only back-pressure there is.)
+
+Two ways to start one, both served by every worker's :class:`NodeStore` through a
+handler on the worker's server:
+
+``dckpt_pull`` — a receiver copies a checkpoint registered with the store::
+
+    receiver → store    {"op": "dckpt_pull", "checkpoint_id": ..., "chunk_bytes": n}
+    store → receiver    {"status": "OK", "manifest": {...}}  or an error (below)
+    receiver → store    {"chunk": [file index, offset, length]}  (repeated)
+    store → receiver    {"header": bytes, "payload": bytes}      (one per request)
+    receiver → store    {"status": "done"}                       (the comm is reused)
+
+``dckpt_push`` — the driver, which no one can connect to, sends a checkpoint to a
+store: it opens the comm with ``{"op": "dckpt_push", "checkpoint_id", "manifest",
+"chunk_bytes"}``, then serves the store's chunk requests as a store serves a pull, and
+reads the handler's reply when the store says ``done``.
+
+An error is ``{"status": "error", "kind": ..., "message": ...}`` and ends the
+transfer; the receiver raises it as the matching dckpt error (:func:`raise_error`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+import dask.config
+from dask.utils import parse_timedelta
+from distributed.comm import Comm
+from distributed.core import ConnectionPool
+from distributed.protocol import to_serialize
+
+from dckpt import transfer
+from dckpt.errors import (
+    CheckpointError,
+    CheckpointFormatError,
+    CheckpointNotFoundError,
+    CorruptChunkError,
+)
+
+__all__ = ["PULL_OP", "PUSH_OP", "error_reply", "pull", "raise_error", "serve_chunks", "stream_over"]
+
+logger = logging.getLogger(__name__)
+
+PULL_OP = "dckpt_pull"
+PUSH_OP = "dckpt_push"
+
+# kind on the wire -> the error a receiver raises; anything else is a CheckpointError.
+_ERRORS: dict[str, type[Exception]] = {
+    "not-found": CheckpointNotFoundError,
+    "refused": PermissionError,
+    "format": CheckpointFormatError,
+    "corrupt": CorruptChunkError,
+    "value": ValueError,
+}
+
+
+def error_reply(error: BaseException) -> dict[str, str]:
+    """The message that tells the other side of a transfer why it ends."""
+    kind = next((k for k, cls in _ERRORS.items() if isinstance(error, cls)), "other")
+    if isinstance(error, CorruptChunkError):
+        kind = "corrupt"
+    return {"status": "error", "kind": kind, "message": f"{error}"[:2000]}
+
+
+def raise_error(reply: object, peer: str) -> None:
+    """Raise what an error reply says; also for a reply that is no message at all."""
+    if not isinstance(reply, Mapping):
+        raise CheckpointError(f"{peer} answered {type(reply).__name__}, not a dckpt message; "
+                              "does it run dckpt with its node store installed?")
+    if reply.get("status") == "error":
+        cls = _ERRORS.get(str(reply.get("kind")), CheckpointError)
+        raise cls(f"{peer}: {reply.get('message')}")
+
+
+async def serve_chunks(
+    comm: Comm,
+    source: transfer.ChunkSource,
+    *,
+    on_chunk: Callable[[int], bool] | None = None,
+) -> None:
+    """Answer chunk requests on ``comm`` until the receiver says ``done`` (sender side).
+
+    An error message from the receiver ends it too, raised here.
+
+    Each chunk is read in a thread and sent without a copy (:meth:`ChunkSource.read_parts`).
+    A chunk that cannot be read ends the transfer with an error reply, which is also
+    raised here. ``on_chunk(length)`` is called for every chunk sent; returning True
+    damages that chunk on its way out (a test hook standing for a bad network).
+    """
+    while True:
+        request = await comm.read()
+        raise_error(request, "the receiver")
+        if request.get("status") == "done":
+            return
+        try:
+            spec = _chunk_spec(request.get("chunk"))
+            header, payload = await asyncio.to_thread(source.read_parts, spec)
+        except Exception as e:
+            await comm.write(error_reply(e))
+            raise
+        if on_chunk is not None and on_chunk(spec.length):
+            damaged = bytearray(payload)
+            damaged[-1] ^= 0x01
+            payload = damaged
+        # A memoryview travels as a frame of its own; bytes would be pickled, a copy.
+        await comm.write({"header": header, "payload": to_serialize(memoryview(payload))})
+        del payload  # the comm holds it until it is sent
+
+
+def _chunk_spec(value: object) -> transfer.ChunkSpec:
+    if (not isinstance(value, (list, tuple)) or len(value) != 3
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        raise CheckpointFormatError(f"a chunk request holds {value!r}, not 3 integers")
+    return transfer.ChunkSpec(*value)
+
+
+class _Channel:
+    """The receiver's end of a transfer: a :data:`~dckpt.transfer.ChunkStream` on ``comm``.
+
+    ``clean`` says whether every request was answered, so that the comm may go back to
+    the pool; a stream left early (an error, a cancellation) leaves answers on the way.
+    """
+
+    def __init__(self, comm: Comm, peer: str) -> None:
+        self.comm = comm
+        self.peer = peer
+        self.clean = True
+        self.window = int(dask.config.get("dckpt.transfer.max-in-flight"))
+        self.stall_timeout = parse_timedelta(dask.config.get("dckpt.transfer.stall-timeout"))
+
+    async def stream(
+        self, specs: Sequence[transfer.ChunkSpec]
+    ) -> AsyncGenerator[tuple[transfer.ChunkSpec, transfer.Frame], None]:
+        pending = iter(specs)
+        asked: list[transfer.ChunkSpec] = []
+        self.clean = False
+        for spec in pending:
+            await self._ask(spec, asked)
+            if len(asked) >= self.window:
+                break
+        answered = 0
+        while answered < len(asked):
+            reply = await self._read()
+            spec = asked[answered]
+            answered += 1
+            raise_error(reply, self.peer)
+            if "header" not in reply or "payload" not in reply:
+                raise CheckpointFormatError(f"{self.peer} sent {sorted(reply)} for a chunk")
+            for following in pending:  # keep the window full before handling this one
+                await self._ask(following, asked)
+                break
+            frame = (reply.pop("header"), reply.pop("payload"))
+            del reply
+            yield spec, frame
+            del frame  # held by the receiver now, and only as long as it needs it
+        self.clean = True
+
+    async def _ask(self, spec: transfer.ChunkSpec, asked: list[transfer.ChunkSpec]) -> None:
+        await self.comm.write({"chunk": [spec.file_index, spec.offset, spec.length]})
+        asked.append(spec)
+
+    async def _read(self) -> Any:
+        try:
+            return await asyncio.wait_for(self.comm.read(), self.stall_timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(
+                f"{self.peer} sent nothing for {self.stall_timeout:g} s "
+                "(dckpt.transfer.stall-timeout)"
+            ) from None
+
+
+async def stream_over(
+    comm: Comm,
+    peer: str,
+    manifest: transfer.Manifest,
+    target: str,
+    *,
+    chunk_bytes: int,
+) -> None:
+    """Receive ``manifest`` into ``target`` over ``comm``, then say ``done``.
+
+    Raises what :func:`dckpt.transfer.receive_directory` raises, or the sender's
+    error. ``comm`` is left usable only when this returns; after an error, abort it.
+    """
+    channel = _Channel(comm, peer)
+    await transfer.receive_directory(manifest, channel.stream, target, chunk_bytes=chunk_bytes)
+    if not channel.clean:  # pragma: no cover - receive_directory consumes every stream
+        raise RuntimeError("a chunk stream was left before its end")
+    await comm.write({"status": "done"})
+
+
+async def pull(
+    pool: ConnectionPool,
+    address: str,
+    checkpoint_id: str,
+    digest: str,
+    target_for: Callable[[transfer.Manifest], Awaitable[str]],
+) -> transfer.Manifest:
+    """Copy the checkpoint registered as ``checkpoint_id`` at the store at ``address``.
+
+    The store's manifest must have ``digest``: a checkpoint that changed since it was
+    referenced raises :class:`~dckpt.errors.CheckpointNotFoundError`.
+    ``target_for(manifest)`` is awaited next: it may refuse the copy by raising (the
+    cache is full) and otherwise returns the directory to build. The comm goes back to
+    ``pool`` after a transfer that ran to its end, and is aborted otherwise. Returns
+    the manifest.
+    """
+    timeout = parse_timedelta(dask.config.get("dckpt.transfer.connect-timeout"))
+    chunk_bytes = transfer.config_chunk_bytes()
+    # A dead owner is found out here, bounded, so that resolution can go on to the
+    # next source (a URI) instead of waiting for the comm's own timeout.
+    comm = await asyncio.wait_for(pool.connect(address), timeout)
+    try:
+        await comm.write({"op": PULL_OP, "checkpoint_id": checkpoint_id,
+                          "chunk_bytes": chunk_bytes, "reply": False})
+        reply = await asyncio.wait_for(comm.read(), timeout)
+        raise_error(reply, f"the store at {address}")
+        manifest = transfer.Manifest.from_dict(reply["manifest"])
+        if manifest.digest != digest:
+            raise CheckpointNotFoundError(
+                f"checkpoint {checkpoint_id!r} at {address} changed since it was referenced "
+                f"(digest {manifest.digest[:12]}, expected {digest[:12]})"
+            )
+        target = await target_for(manifest)
+        await stream_over(comm, f"the store at {address}", manifest, target,
+                          chunk_bytes=chunk_bytes)
+    except BaseException:
+        comm.abort()
+        raise
+    finally:
+        pool.reuse(address, comm)  # an aborted comm is dropped, a clean one kept
+    return manifest

@@ -1,0 +1,50 @@
+"""Copy a directory from one process to another as a manifest followed by chunks.
+
+Everything of a node-to-node transfer except Dask, so that it can be tested with plain
+function calls. The receiver gets a :class:`Manifest` (what files, folders and
+symlinks the directory holds), cuts the files into :class:`ChunkSpec`\\ s and asks a
+stream for them; the sender answers each with one frame (:mod:`._frames`: a 17-byte
+header with flags, length and checksum, then the raw or lz4-compressed bytes).
+
+- sender: :class:`ChunkSource`, thread-safe, reading with ``os.preadv``;
+- receiver: :func:`receive_directory`, a coroutine that takes frames from a
+  :data:`ChunkStream` and hands the CPU and disk work of each (decode, checksum,
+  ``os.pwrite``) to a thread, a bounded number at a time.
+
+Memory on either side grows by a few chunks, never by the size of the checkpoint.
+
+Modules: ``_manifest`` (the manifest and its checks), ``_frames`` (chunk frames),
+``_source`` (the sender), ``_receive`` (the receiver), ``_settings``
+(``dckpt.transfer.chunk-bytes``, ``max-in-flight``, ``compression``, ``retries``).
+"""
+
+from __future__ import annotations
+
+from dckpt.transfer._frames import (
+    CHUNK_HEADER,
+    Frame,
+    decode_chunk,
+    encode_chunk,
+    encode_parts,
+)
+from dckpt.transfer._manifest import ChunkSpec, FileEntry, Manifest, build_manifest
+from dckpt.transfer._receive import ChunkStream, receive_directory
+from dckpt.transfer._settings import check_chunk_bytes, config_chunk_bytes
+from dckpt.transfer._source import ChunkSource
+
+__all__ = [
+    "CHUNK_HEADER",
+    "ChunkSource",
+    "ChunkSpec",
+    "ChunkStream",
+    "FileEntry",
+    "Frame",
+    "Manifest",
+    "build_manifest",
+    "check_chunk_bytes",
+    "config_chunk_bytes",
+    "decode_chunk",
+    "encode_chunk",
+    "encode_parts",
+    "receive_directory",
+]

@@ -1,0 +1,235 @@
+"""The receiver's side of a transfer: a directory built from a stream of chunk frames.
+
+The receiver does not care how frames travel: it asks a :data:`ChunkStream` for a list
+of chunks and takes ``(spec, frame)`` pairs from it as they come. A node store's
+stream is one Dask comm (:mod:`dckpt.cluster._stream`); tests feed frames straight
+from a :class:`~dckpt.transfer.ChunkSource`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from typing import TypeAlias
+
+from fsspec.callbacks import DEFAULT_CALLBACK, Callback
+
+from dckpt.errors import CorruptChunkError
+from dckpt.formats._atomic import atomic_directory
+from dckpt.transfer._frames import Frame, decode_chunk
+from dckpt.transfer._manifest import ChunkSpec, Manifest
+from dckpt.transfer._settings import (
+    check_chunk_bytes,
+    config_chunk_bytes,
+    positive_setting,
+)
+
+__all__ = ["ChunkStream", "receive_directory"]
+
+logger = logging.getLogger(__name__)
+
+ChunkStream: TypeAlias = Callable[
+    [Sequence[ChunkSpec]], AsyncGenerator[tuple[ChunkSpec, Frame], None]
+]
+"""Asked for some chunks, yields ``(spec, frame)`` once for each, in any order."""
+
+_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
+async def receive_directory(
+    manifest: Manifest,
+    stream: ChunkStream,
+    target: str | os.PathLike[str],
+    *,
+    chunk_bytes: int | None = None,
+    max_in_flight: int | None = None,
+    retries: int | None = None,
+    callback: Callback = DEFAULT_CALLBACK,
+) -> None:
+    """Build the directory that ``manifest`` describes at ``target``, chunk by chunk.
+
+    Runs on the event loop; blocking work goes to threads (``asyncio.to_thread``):
+    creating the tree, decoding and writing each chunk, the final rename. The tree is
+    built in a hidden sibling of ``target`` (``.{name}.{uuid}.partial``), which
+    replaces ``target`` (if it exists) by a rename once every chunk is written; on any
+    failure, or cancellation, it is removed and the error raised.
+
+    Each file is created at its full size (``os.ftruncate``), so chunks land in any
+    order with ``os.pwrite``. At most ``max_in_flight`` frames are held at once (being
+    decoded and written): the next one is taken from ``stream`` only when one of them
+    is done, so a stream that waits to be asked (as a Dask comm does) keeps memory at
+    about that many chunks. Chunks that fail their checks are asked for again, in a
+    new call of ``stream`` once the current one ends, ``retries`` times at most, with
+    a warning each time. Symlinks are created last, then file modes (``mode & 0o777``)
+    applied; directories get the default mode.
+
+    Parameters
+    ----------
+    manifest
+        What to build; its paths are checked again here, however it was made.
+    stream
+        Asked once for every chunk of the manifest (then for those to fetch again).
+    target
+        Where the directory goes; its parent is created if needed.
+    chunk_bytes
+        Size of the chunks asked for; ``dckpt.transfer.chunk-bytes`` when ``None``.
+        Must not exceed the sender's.
+    max_in_flight
+        ``dckpt.transfer.max-in-flight`` when ``None``.
+    retries
+        ``dckpt.transfer.retries`` when ``None``.
+    callback
+        ``set_size(total bytes)``, then ``relative_update(length)`` per chunk written.
+
+    Raises
+    ------
+    CorruptChunkError
+        A chunk still failed its checks after ``retries`` fetches again; or the
+        stream sent a chunk that was not asked for, or ended without one that was.
+    UnsafePathError, CheckpointFormatError
+        The manifest is unsafe or malformed.
+    """
+    # A Manifest can be built by hand: check it as if it came off the wire.
+    manifest = Manifest.from_dict(manifest.to_dict())
+    chunk_bytes = check_chunk_bytes(config_chunk_bytes() if chunk_bytes is None else chunk_bytes)
+    max_in_flight = positive_setting("max-in-flight", max_in_flight, 1)
+    retries = positive_setting("retries", retries, 0)
+    callback.set_size(manifest.total_bytes)
+    started = time.perf_counter()
+    async with _building(target) as staging:
+        paths = [os.path.join(staging, *entry.path.split("/")) for entry in manifest.files]
+        await asyncio.to_thread(_create_tree, staging, manifest, paths)
+        wanted = manifest.chunks(chunk_bytes)
+        for attempt in range(retries + 1):
+            failed = await _receive_round(stream, wanted, paths, max_in_flight, callback)
+            if not failed:
+                break
+            for spec, error in failed:
+                name = manifest.files[spec.file_index].path
+                if attempt == retries:
+                    raise CorruptChunkError(
+                        f"{name!r}: {error}; still corrupt after {retries + 1} fetches, "
+                        "check the network and the sender's disk"
+                    ) from error
+                logger.warning("%r: %s; fetching it again (retry %d of %d)",
+                               name, error, attempt + 1, retries)
+            wanted = [spec for spec, _ in failed]
+        await asyncio.to_thread(_finish_tree, staging, manifest, paths)
+    logger.debug("received %d files, %d bytes into %s in %.2f s", len(manifest.files),
+                 manifest.total_bytes, os.fspath(target), time.perf_counter() - started)
+
+
+async def _receive_round(
+    stream: ChunkStream,
+    wanted: list[ChunkSpec],
+    paths: list[str],
+    max_in_flight: int,
+    callback: Callback,
+) -> list[tuple[ChunkSpec, CorruptChunkError]]:
+    """Ask ``stream`` for ``wanted`` and write what it yields; the chunks that failed."""
+    missing = set(wanted)
+    failed: list[tuple[ChunkSpec, CorruptChunkError]] = []
+    writing: set[asyncio.Task[None]] = set()
+
+    async def write(spec: ChunkSpec, frame: Frame) -> None:
+        try:
+            await asyncio.to_thread(_write_chunk, frame, spec, paths[spec.file_index])
+        except CorruptChunkError as e:
+            failed.append((spec, e))
+        else:
+            callback.relative_update(spec.length)
+
+    async def settle(limit: int) -> None:
+        # Waits until fewer than ``limit`` writes run; re-raises what a write raised.
+        while len(writing) >= limit:
+            done, _ = await asyncio.wait(writing, return_when=asyncio.FIRST_COMPLETED)
+            writing.difference_update(done)
+            for task in done:
+                task.result()
+
+    try:
+        async with contextlib.aclosing(stream(wanted)) as frames:
+            async for spec, frame in frames:
+                if spec not in missing:
+                    raise CorruptChunkError(
+                        f"the sender sent chunk {spec}, which was not asked for or came twice"
+                    )
+                missing.discard(spec)
+                writing.add(asyncio.ensure_future(write(spec, frame)))
+                del frame
+                await settle(max_in_flight)
+        await settle(1)
+    finally:
+        for task in writing:
+            task.cancel()
+        await asyncio.gather(*writing, return_exceptions=True)
+    if missing:
+        raise CorruptChunkError(
+            f"the sender's stream ended without {len(missing)} of the {len(wanted)} chunks "
+            f"asked for (first: {min(missing, key=_order)})"
+        )
+    return sorted(failed, key=lambda item: _order(item[0]))
+
+
+def _order(spec: ChunkSpec) -> tuple[int, int]:
+    return spec.file_index, spec.offset
+
+
+@contextlib.asynccontextmanager
+async def _building(target: str | os.PathLike[str]) -> AsyncIterator[str]:
+    """:func:`~dckpt.formats._atomic.atomic_directory`, with its disk work in threads.
+
+    Removing a large partial directory, or an old ``target``, can take a while; the
+    event loop must not wait for it.
+    """
+    manager = atomic_directory(target)
+    staging = await asyncio.to_thread(manager.__enter__)
+    try:
+        yield staging
+    except BaseException as e:
+        await asyncio.to_thread(manager.__exit__, type(e), e, e.__traceback__)
+        raise
+    await asyncio.to_thread(manager.__exit__, None, None, None)
+
+
+def _create_tree(staging: str, manifest: Manifest, paths: list[str]) -> None:
+    """Directories, then every file at its full size (thread)."""
+    for name in manifest.directories:
+        os.makedirs(os.path.join(staging, *name.split("/")), exist_ok=True)
+    for entry, path in zip(manifest.files, paths):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
+        try:
+            if entry.size:
+                os.ftruncate(fd, entry.size)
+        finally:
+            os.close(fd)
+
+
+def _write_chunk(frame: Frame, spec: ChunkSpec, path: str) -> None:
+    """Decode one frame and write it in place (thread)."""
+    data = decode_chunk(frame, spec)
+    # No O_CREAT: a write that outlives a cancelled transfer cannot recreate anything
+    # in the partial directory being removed.
+    fd = os.open(path, os.O_WRONLY | _O_NOFOLLOW | _O_CLOEXEC)
+    try:
+        done = 0
+        while done < len(data):
+            done += os.pwrite(fd, data[done:], spec.offset + done)
+    finally:
+        os.close(fd)
+
+
+def _finish_tree(staging: str, manifest: Manifest, paths: list[str]) -> None:
+    """Symlinks (only now that every file is written), then file modes (thread)."""
+    for name, link_target in manifest.symlinks:
+        path = os.path.join(staging, *name.split("/"))
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.symlink(link_target, path)
+    for entry, path in zip(manifest.files, paths):
+        os.chmod(path, entry.mode & 0o777)

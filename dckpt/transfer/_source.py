@@ -1,0 +1,238 @@
+"""The sender's side of a transfer: chunks of a registered directory, read on demand."""
+
+from __future__ import annotations
+
+import collections
+import os
+import stat
+import threading
+
+from dckpt.errors import CheckpointFormatError
+from dckpt.transfer._frames import Buffer, encode_chunk, encode_parts
+from dckpt.transfer._manifest import ChunkSpec, FileEntry, Manifest
+from dckpt.transfer._settings import check_chunk_bytes, config_chunk_bytes
+
+__all__ = ["ChunkSource"]
+
+# A sender keeps at most this many files open at once; a checkpoint of thousands of
+# small files must not exhaust a worker's descriptors (often 1024, sockets included).
+_MAX_OPEN_FILES = 64
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
+class _OpenFile:
+    """A descriptor of a :class:`ChunkSource` and how many reads use it right now."""
+
+    __slots__ = ("fd", "users", "retired")
+
+    fd: int
+    users: int
+    retired: bool
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.users = 0
+        self.retired = False
+
+
+class ChunkSource:
+    """Sender side: serves the chunks of one directory, as its manifest describes it.
+
+    Thread-safe: reads use ``os.preadv`` (no shared file offset). :meth:`read_chunk`
+    reads into one of a few reused buffers of ``chunk_bytes`` (one per concurrent
+    reader), so memory grows by two chunks per concurrent call, not per call;
+    :meth:`read_parts` reads into a buffer that it hands over, copying nothing. Files are opened on first use and
+    at most 64 stay open; a descriptor is closed only once no read uses it, so it can
+    never be reused under a reader's feet.
+
+    A file that no longer has the size the manifest gives, or is gone, raises
+    :class:`~dckpt.errors.CheckpointFormatError`: the directory changed after it was
+    registered, and the receiver must not get a mix of two versions.
+
+    Parameters
+    ----------
+    root
+        The directory the manifest was built from.
+    manifest
+        Its manifest; only its files are served.
+    chunk_bytes
+        The largest chunk served; ``dckpt.transfer.chunk-bytes`` when ``None``.
+    """
+
+    root: str
+    manifest: Manifest
+    chunk_bytes: int
+    _lock: threading.Lock
+    _files: collections.OrderedDict[int, _OpenFile]
+    _buffers: list[bytearray]
+    _closed: bool
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        manifest: Manifest,
+        chunk_bytes: int | None = None,
+    ) -> None:
+        self.root = os.fspath(root)
+        self.manifest = manifest
+        self.chunk_bytes = check_chunk_bytes(
+            config_chunk_bytes() if chunk_bytes is None else chunk_bytes
+        )
+        self._lock = threading.Lock()
+        self._files = collections.OrderedDict()
+        self._buffers = []
+        self._closed = False
+
+    def __enter__(self) -> ChunkSource:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def read_chunk(self, spec: ChunkSpec) -> bytes:
+        """The encoded frame (:func:`~dckpt.transfer.encode_chunk`) of one chunk.
+
+        The chunk is read into a reused buffer and copied into the frame.
+
+        Raises
+        ------
+        ValueError
+            ``spec`` is not a chunk of a manifest file, or is longer than
+            ``chunk_bytes``.
+        CheckpointFormatError
+            The file changed (size, type) or vanished since the manifest was built.
+        """
+        entry = self._check(spec)
+        buffer = self._take_buffer()
+        try:
+            with memoryview(buffer)[: spec.length] as view:
+                self._read(spec, entry, view)
+                return encode_chunk(view)
+        finally:
+            self._give_buffer(buffer)
+
+    def read_parts(self, spec: ChunkSpec) -> tuple[bytes, Buffer]:
+        """One chunk as ``(header, payload)`` (:func:`~dckpt.transfer.encode_parts`).
+
+        The chunk is read into a buffer of its own, which an uncompressed payload is a
+        view of: nothing is copied, and the caller may hold the payload for as long as
+        sending it takes. Raises as :meth:`read_chunk`.
+        """
+        entry = self._check(spec)  # before allocating what a request asks for
+        buffer = bytearray(spec.length)
+        self._read(spec, entry, memoryview(buffer))
+        return encode_parts(buffer)
+
+    def close(self) -> None:
+        """Close the files; reads in progress finish first, later ones raise."""
+        with self._lock:
+            self._closed = True
+            handles = list(self._files.values())
+            self._files.clear()
+            self._buffers.clear()
+            for handle in handles:
+                self._retire(handle)
+
+    def _read(self, spec: ChunkSpec, entry: FileEntry, view: memoryview) -> None:
+        handle = self._acquire(spec.file_index, entry)
+        try:
+            self._read_into(handle.fd, view, spec, entry)
+        finally:
+            self._release(handle)
+
+    def _check(self, spec: ChunkSpec) -> FileEntry:
+        files = self.manifest.files
+        if not 0 <= spec.file_index < len(files):
+            raise ValueError(f"no file #{spec.file_index} in this manifest of {len(files)} files")
+        entry = files[spec.file_index]
+        if not (0 <= spec.offset and 0 < spec.length <= self.chunk_bytes
+                and spec.offset + spec.length <= entry.size):
+            raise ValueError(
+                f"no chunk of {spec.length} bytes at offset {spec.offset} in {entry.path!r} "
+                f"({entry.size} bytes, chunks of at most {self.chunk_bytes} bytes)"
+            )
+        return entry
+
+    def _path(self, entry: FileEntry) -> str:
+        return os.path.join(self.root, *entry.path.split("/"))
+
+    def _acquire(self, index: int, entry: FileEntry) -> _OpenFile:
+        with self._lock:
+            if self._closed:
+                raise ValueError("this ChunkSource is closed")
+            handle = self._files.get(index)
+            if handle is None:
+                handle = _OpenFile(self._open(entry))
+                self._files[index] = handle
+                self._evict()
+            self._files.move_to_end(index)
+            handle.users += 1
+            return handle
+
+    def _open(self, entry: FileEntry) -> int:
+        path = self._path(entry)
+        try:
+            fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
+        except FileNotFoundError as e:
+            raise _changed(path, "is gone") from e
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise _changed(path, "is no longer a regular file")
+            if st.st_size != entry.size:
+                raise _changed(path, f"has {st.st_size} bytes, not {entry.size}")
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _evict(self) -> None:
+        # Oldest first; a file being read stays open until its reads end.
+        for index in list(self._files):
+            if len(self._files) <= _MAX_OPEN_FILES:
+                break
+            handle = self._files[index]
+            if handle.users == 0:
+                del self._files[index]
+                self._retire(handle)
+
+    def _retire(self, handle: _OpenFile) -> None:
+        handle.retired = True
+        if handle.users == 0:
+            os.close(handle.fd)
+
+    def _release(self, handle: _OpenFile) -> None:
+        with self._lock:
+            handle.users -= 1
+            if handle.retired and handle.users == 0:
+                os.close(handle.fd)
+
+    def _take_buffer(self) -> bytearray:
+        with self._lock:
+            if self._buffers:
+                return self._buffers.pop()
+        return bytearray(self.chunk_bytes)
+
+    def _give_buffer(self, buffer: bytearray) -> None:
+        with self._lock:
+            if not self._closed:
+                self._buffers.append(buffer)
+
+    def _read_into(self, fd: int, view: memoryview, spec: ChunkSpec, entry: FileEntry) -> None:
+        done = 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], spec.offset + done)
+            if n == 0:
+                raise _changed(
+                    self._path(entry),
+                    f"ends at byte {spec.offset + done}, before the {entry.size} bytes "
+                    "of the manifest",
+                )
+            done += n
+
+
+def _changed(path: str, how: str) -> CheckpointFormatError:
+    return CheckpointFormatError(
+        f"{path!r} {how}: the directory changed after its manifest was built; "
+        "register it again (a checkpoint must not change once registered)"
+    )
