@@ -1,0 +1,35 @@
+"""Checkpoints at fsspec URIs: atomic upload with a commit marker, parallel download.
+
+The protocol (markers, manifest, what readers accept) is described in
+:mod:`dckpt.storage._protocol`. One private module per job:
+
+- :mod:`._uri`: the fsspec filesystem for a URI; local paths.
+- :mod:`._upload`: :func:`upload_directory`.
+- :mod:`._read`: :func:`uri_status`, :func:`list_files`, :func:`download_directory`,
+  :func:`read_file`.
+- :mod:`._delete`: :func:`delete`.
+- :mod:`._folders`: listing a folder; :mod:`._parallel`: the thread pool.
+"""
+
+from __future__ import annotations
+
+from dckpt.storage._delete import delete
+from dckpt.storage._protocol import COMMIT_MARKER, MARKERS, PENDING_MARKER
+from dckpt.storage._read import download_directory, list_files, read_file, uri_status
+from dckpt.storage._upload import upload_directory
+from dckpt.storage._uri import is_local_uri, local_path_of, resolve_uri
+
+__all__ = [
+    "COMMIT_MARKER",
+    "MARKERS",
+    "PENDING_MARKER",
+    "delete",
+    "download_directory",
+    "is_local_uri",
+    "list_files",
+    "local_path_of",
+    "read_file",
+    "resolve_uri",
+    "upload_directory",
+    "uri_status",
+]
