@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from dckpt import _config  # noqa: F401  (loads the dckpt.* defaults into dask.config)
 from dckpt.checkpoint import Checkpoint
 from dckpt.errors import (
@@ -38,4 +40,14 @@ __all__ = [
     "IncompleteCheckpointError",
     "UnsafePathError",
     "__version__",
+    "put",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # dckpt.put needs distributed; import it only for those who use it.
+    if name == "put":
+        from dckpt.cluster._put import put
+
+        return put
+    raise AttributeError(f"module 'dckpt' has no attribute {name!r}")

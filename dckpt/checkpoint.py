@@ -524,8 +524,10 @@ class Checkpoint:
         On a Dask worker with a node store, it becomes a node reference (a few hundred
         bytes, whatever its size): the store registers the directory and serves it to
         the nodes that use it. Elsewhere (the driver) it travels as its data, as in Ray,
-        up to ``dckpt.inline-max-bytes``; above that it is uploaded to
-        ``dckpt.staging-uri`` when one is set and travels as that URI, else it travels
+        up to ``dckpt.inline-max-bytes``. Above that, with a (synchronous) default Dask
+        client, it is pushed to one worker's store and travels as a reference to that
+        copy (:func:`dckpt.cluster._put.push_for_pickling`); else it is uploaded to
+        ``dckpt.staging-uri`` when one is set and travels as that URI; else it travels
         inline with a :class:`LargeInlineCheckpointWarning`.
         """
         state = dict(self.__dict__)
@@ -540,6 +542,12 @@ class Checkpoint:
             return state
         size = _directory_size(self._local_path)
         if size > parse_bytes(dask.config.get("dckpt.inline-max-bytes")):
+            from dckpt.cluster._put import push_for_pickling
+
+            ref = push_for_pickling(self._local_path, self._known_uris)
+            if ref is not None:
+                state.update(_node_ref=ref)
+                return state
             staging = dask.config.get("dckpt.staging-uri", None)
             if staging:
                 uri = self.to_uri(f"{staging.rstrip('/')}/{uuid.uuid4().hex}")
@@ -561,6 +569,16 @@ class Checkpoint:
         self.__dict__.update(state)
 
     # ------------------------------------------------------------------ internals
+
+    def _with_node_ref(self, ref: NodeRef) -> Checkpoint:
+        """A checkpoint like this one (class, metadata, preprocessor) whose data is ``ref``."""
+        new = type(self).__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new._local_path = new._data_dict = new._files = new._uri = None
+        new._node_ref = ref
+        new._metadata = self.get_metadata()
+        new._uuid = uuid.uuid4()
+        return new
 
     def _resolve_node_ref(self) -> None:
         """Find the data of a node reference here (see :mod:`dckpt.cluster._resolve`)."""

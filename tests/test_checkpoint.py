@@ -19,7 +19,11 @@ from dckpt import (
 )
 from dckpt.formats._layout import HEADER_FILE, RESERVED_KEY
 from tests._trees import make_tree, read_tree
-from tests.test_checkpoint_contract import ModelCheckpoint, OtherCheckpoint, Preprocessor
+from tests.test_checkpoint_contract import (
+    ModelCheckpoint,
+    OtherCheckpoint,
+    Preprocessor,
+)
 
 
 def test_the_example_from_the_issue():

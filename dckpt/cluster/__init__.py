@@ -18,7 +18,12 @@ from dckpt.cluster._local import (
     NodeInfo,
     isolation_available,
 )
-from dckpt.cluster._scheduler_plugin import DckptSchedulerPlugin, install, registry, who_has
+from dckpt.cluster._scheduler_plugin import (
+    DckptSchedulerPlugin,
+    install,
+    registry,
+    who_has,
+)
 from dckpt.cluster._store import NodeStore, stats, store_of
 from dckpt.cluster._worker_plugin import NodeStorePlugin
 

@@ -67,11 +67,20 @@ class _Registry:
         self._by_id = {}
         self._lock = threading.Lock()
 
-    def add(self, path: str, checkpoint_id: CheckpointId) -> Registration:
+    def add(
+        self, path: str, checkpoint_id: CheckpointId, manifest: transfer.Manifest | None = None
+    ) -> Registration:
+        """Serve ``path``; ``manifest`` is what it was received as, if it is a copy.
+
+        A received copy keeps the manifest (and so the digest) it was sent with: its
+        files are new, and a manifest built from them would name another version.
+        """
         path = os.path.realpath(path)
         if not os.path.isdir(path):
             raise CheckpointNotFoundError(f"cannot serve {path}: not a directory")
-        registration = Registration(checkpoint_id, path, transfer.build_manifest(path))
+        registration = Registration(
+            checkpoint_id, path, manifest if manifest is not None else transfer.build_manifest(path)
+        )
         with self._lock:
             self._by_id[checkpoint_id] = registration
         return registration
@@ -234,7 +243,7 @@ class NodeStore:
             path = await self._single_flight(checkpoint_id, checked.digest, receive)
             if not streamed:  # cached already, or by a concurrent push: nothing to ask for
                 await comm.write({"status": "done"})
-            await asyncio.to_thread(self._registry.add, path, checkpoint_id)
+            await asyncio.to_thread(self._registry.add, path, checkpoint_id, checked)
         except Exception as e:  # noqa: BLE001 - every failure goes to the pusher
             if not comm.closed():
                 await comm.write(_stream.error_reply(e))

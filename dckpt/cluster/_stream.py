@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import dask.config
@@ -49,7 +50,9 @@ from dckpt.errors import (
     CorruptChunkError,
 )
 
-__all__ = ["PULL_OP", "PUSH_OP", "error_reply", "pull", "raise_error", "serve_chunks", "stream_over"]
+__all__ = [
+    "PULL_OP", "PUSH_OP", "error_reply", "pull", "push", "raise_error", "serve_chunks", "stream_over",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -94,29 +97,90 @@ async def serve_chunks(
 
     An error message from the receiver ends it too, raised here.
 
-    Each chunk is read in a thread and sent without a copy (:meth:`ChunkSource.read_parts`).
+    Each chunk is read in a thread, the next one ahead of its request (:class:`_ReadAhead`),
+    and sent without a copy (:meth:`ChunkSource.read_parts`).
     A chunk that cannot be read ends the transfer with an error reply, which is also
     raised here. ``on_chunk(length)`` is called for every chunk sent; returning True
     damages that chunk on its way out (a test hook standing for a bad network).
     """
-    while True:
-        request = await comm.read()
-        raise_error(request, "the receiver")
-        if request.get("status") == "done":
-            return
-        try:
-            spec = _chunk_spec(request.get("chunk"))
-            header, payload = await asyncio.to_thread(source.read_parts, spec)
-        except Exception as e:
-            await comm.write(error_reply(e))
-            raise
-        if on_chunk is not None and on_chunk(spec.length):
-            damaged = bytearray(payload)
-            damaged[-1] ^= 0x01
-            payload = damaged
-        # A memoryview travels as a frame of its own; bytes would be pickled, a copy.
-        await comm.write({"header": header, "payload": to_serialize(memoryview(payload))})
-        del payload  # the comm holds it until it is sent
+    reader = _ReadAhead(source)
+    try:
+        while True:
+            request = await comm.read()
+            raise_error(request, "the receiver")
+            if request.get("status") == "done":
+                return
+            try:
+                spec = _chunk_spec(request.get("chunk"))
+                header, payload = await reader.read(spec)
+            except Exception as e:
+                await comm.write(error_reply(e))
+                raise
+            if on_chunk is not None and on_chunk(spec.length):
+                damaged = bytearray(payload)
+                damaged[-1] ^= 0x01
+                payload = damaged
+            # A memoryview travels as a frame of its own; bytes would be pickled, a copy.
+            await comm.write({"header": header, "payload": to_serialize(memoryview(payload))})
+            del payload  # the comm holds it until it is sent
+    finally:
+        reader.close()
+
+
+class _ReadAhead:
+    """Reads chunks in a thread of its own, and the chunk after each one in advance.
+
+    A receiver asks for the next chunk only once it has the last one (to bound its
+    memory), so a sender that waited for the question would leave the pipe empty while
+    it reads. Reading the chunk that follows in manifest order ahead of the question
+    overlaps the read with the send, for one chunk of memory more. One thread of its
+    own, not asyncio's pool: glibc gives each allocating thread an arena, which keeps
+    what was freed in it.
+    """
+
+    def __init__(self, source: transfer.ChunkSource) -> None:
+        self._source = source
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="dckpt-send")
+        self._ahead: tuple[transfer.ChunkSpec, asyncio.Future[Any]] | None = None
+
+    async def read(self, spec: transfer.ChunkSpec) -> tuple[bytes, transfer.Buffer]:
+        ahead, self._ahead = self._ahead, None
+        if ahead is not None and ahead[0] == spec:
+            future = ahead[1]
+        else:
+            if ahead is not None:
+                ahead[1].cancel()
+            future = self._start(spec)
+        parts: tuple[bytes, transfer.Buffer] = await future
+        following = _following(self._source, spec)
+        if following is not None:
+            self._ahead = (following, self._start(following))
+        return parts
+
+    def close(self) -> None:
+        if self._ahead is not None:
+            self._ahead[1].cancel()
+        self._thread.shutdown(wait=False)
+
+    def _start(self, spec: transfer.ChunkSpec) -> asyncio.Future[Any]:
+        future = asyncio.get_running_loop().run_in_executor(
+            self._thread, self._source.read_parts, spec
+        )
+        # A read ahead that nobody asks for may fail unseen (the receiver stopped).
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return future
+
+
+def _following(source: transfer.ChunkSource, spec: transfer.ChunkSpec) -> transfer.ChunkSpec | None:
+    """The chunk after ``spec`` in manifest order (:meth:`Manifest.chunks`), if any."""
+    files = source.manifest.files
+    index, offset = spec.file_index, spec.offset + spec.length
+    while index < len(files):
+        if offset < files[index].size:
+            return transfer.ChunkSpec(index, offset,
+                                      min(source.chunk_bytes, files[index].size - offset))
+        index, offset = index + 1, 0
+    return None
 
 
 def _chunk_spec(value: object) -> transfer.ChunkSpec:
@@ -242,3 +306,31 @@ async def pull(
     finally:
         pool.reuse(address, comm)  # an aborted comm is dropped, a clean one kept
     return manifest
+
+
+async def push(
+    pool: ConnectionPool, address: str, checkpoint_id: str, source: transfer.ChunkSource
+) -> dict[str, Any]:
+    """Send the directory behind ``source`` to the store at ``address`` (the driver's side).
+
+    The store asks for the chunks it needs (none when it holds that checkpoint with that
+    digest already) and keeps them in its node's cache. Returns its reply:
+    ``{"status": "OK", "node_id": ..., "path": ...}``.
+    """
+    timeout = parse_timedelta(dask.config.get("dckpt.transfer.connect-timeout"))
+    stall_timeout = parse_timedelta(dask.config.get("dckpt.transfer.stall-timeout"))
+    peer = f"the store at {address}"
+    comm = await asyncio.wait_for(pool.connect(address), timeout)
+    try:
+        await comm.write({"op": PUSH_OP, "checkpoint_id": checkpoint_id,
+                          "manifest": source.manifest.to_dict(),
+                          "chunk_bytes": source.chunk_bytes})
+        await serve_chunks(comm, source)
+        reply = await asyncio.wait_for(comm.read(), stall_timeout)
+        raise_error(reply, peer)
+    except BaseException:
+        comm.abort()
+        raise
+    finally:
+        pool.reuse(address, comm)
+    return dict(reply)

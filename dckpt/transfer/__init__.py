@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dckpt.transfer._frames import (
     CHUNK_HEADER,
+    Buffer,
     Frame,
     decode_chunk,
     encode_chunk,
@@ -34,6 +35,7 @@ from dckpt.transfer._source import ChunkSource
 
 __all__ = [
     "CHUNK_HEADER",
+    "Buffer",
     "ChunkSource",
     "ChunkSpec",
     "ChunkStream",

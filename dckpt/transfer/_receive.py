@@ -14,6 +14,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import TypeAlias
 
 from fsspec.callbacks import DEFAULT_CALLBACK, Callback
@@ -105,20 +106,28 @@ async def receive_directory(
         paths = [os.path.join(staging, *entry.path.split("/")) for entry in manifest.files]
         await asyncio.to_thread(_create_tree, staging, manifest, paths)
         wanted = manifest.chunks(chunk_bytes)
-        for attempt in range(retries + 1):
-            failed = await _receive_round(stream, wanted, paths, max_in_flight, callback)
-            if not failed:
-                break
-            for spec, error in failed:
-                name = manifest.files[spec.file_index].path
-                if attempt == retries:
-                    raise CorruptChunkError(
-                        f"{name!r}: {error}; still corrupt after {retries + 1} fetches, "
-                        "check the network and the sender's disk"
-                    ) from error
-                logger.warning("%r: %s; fetching it again (retry %d of %d)",
-                               name, error, attempt + 1, retries)
-            wanted = [spec for spec, _ in failed]
+        # Threads of its own rather than asyncio's default pool: glibc gives each thread
+        # that allocates an arena, which keeps the chunks freed in it; a few writer
+        # threads keep the memory a transfer leaves behind to a few chunks.
+        writers = ThreadPoolExecutor(max_in_flight, thread_name_prefix="dckpt-receive")
+        try:
+            for attempt in range(retries + 1):
+                failed = await _receive_round(stream, wanted, paths, writers, max_in_flight,
+                                              callback)
+                if not failed:
+                    break
+                for spec, error in failed:
+                    name = manifest.files[spec.file_index].path
+                    if attempt == retries:
+                        raise CorruptChunkError(
+                            f"{name!r}: {error}; still corrupt after {retries + 1} fetches, "
+                            "check the network and the sender's disk"
+                        ) from error
+                    logger.warning("%r: %s; fetching it again (retry %d of %d)",
+                                   name, error, attempt + 1, retries)
+                wanted = [spec for spec, _ in failed]
+        finally:
+            writers.shutdown(wait=False)  # nothing runs: every write was awaited
         await asyncio.to_thread(_finish_tree, staging, manifest, paths)
     logger.debug("received %d files, %d bytes into %s in %.2f s", len(manifest.files),
                  manifest.total_bytes, os.fspath(target), time.perf_counter() - started)
@@ -128,6 +137,7 @@ async def _receive_round(
     stream: ChunkStream,
     wanted: list[ChunkSpec],
     paths: list[str],
+    writers: Executor,
     max_in_flight: int,
     callback: Callback,
 ) -> list[tuple[ChunkSpec, CorruptChunkError]]:
@@ -138,7 +148,9 @@ async def _receive_round(
 
     async def write(spec: ChunkSpec, frame: Frame) -> None:
         try:
-            await asyncio.to_thread(_write_chunk, frame, spec, paths[spec.file_index])
+            await asyncio.get_running_loop().run_in_executor(
+                writers, _write_chunk, frame, spec, paths[spec.file_index]
+            )
         except CorruptChunkError as e:
             failed.append((spec, e))
         else:

@@ -9,7 +9,7 @@ import psutil
 import pytest
 from distributed import Client
 
-from dckpt.cluster import NodeCluster, isolation_available
+from dckpt.cluster import NodeCluster, install, isolation_available
 
 N_NODES = 2
 
@@ -72,3 +72,11 @@ def node_client(node_cluster: NodeCluster) -> Client:
     """A client of :func:`node_cluster`; not the default client, so that tests
     elsewhere do not run their computations on it by accident."""
     return node_cluster.client(set_as_default=False)
+
+
+@pytest.fixture(scope="module")
+def nodes(node_cluster: NodeCluster, node_client: Client) -> tuple[str, str]:
+    """The addresses of node 0's and node 1's workers, each with a store and the
+    scheduler's registry installed."""
+    install(node_client)
+    return node_cluster.nodes[0].worker_address, node_cluster.nodes[1].worker_address

@@ -11,17 +11,11 @@ import pytest
 from distributed import Client
 
 from dckpt import Checkpoint, CheckpointUnavailableError
-from dckpt.cluster import NodeCluster, install, stats
+from dckpt.cluster import NodeCluster, stats
 
 pytestmark = pytest.mark.slow
 
 SIZE = 2 << 20
-
-
-@pytest.fixture(scope="module")
-def nodes(node_cluster: NodeCluster, node_client: Client) -> tuple[str, str]:
-    install(node_client)
-    return node_cluster.nodes[0].worker_address, node_cluster.nodes[1].worker_address
 
 
 def _make_checkpoint(seed: int, persist_to: str | None = None) -> Checkpoint:

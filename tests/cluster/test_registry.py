@@ -80,12 +80,6 @@ def _workers_to_close(dask_scheduler: Any) -> list[str]:
 # ------------------------------------------------------- on the shared isolated cluster
 
 
-@pytest.fixture(scope="module")
-def nodes(node_cluster: NodeCluster, node_client: Client) -> tuple[str, str]:
-    install(node_client)
-    return node_cluster.nodes[0].worker_address, node_cluster.nodes[1].worker_address
-
-
 def test_who_has_shows_the_origin_then_the_nodes_that_cached_it(node_client: Client, nodes):
     owner, receiver = nodes
     checkpoint_id, digest = write(node_client, owner, seed=21)

@@ -16,16 +16,8 @@ from distributed import Client
 
 from dckpt.cluster import NodeCluster, _stream, stats
 from dckpt.cluster._store import local_store, register_directory, store_of
-from dckpt.cluster._worker_plugin import install
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def stores(node_cluster: NodeCluster, node_client: Client) -> tuple[str, str]:
-    """The addresses of node 0's and node 1's workers, each with a store."""
-    install(node_client)
-    return node_cluster.nodes[0].worker_address, node_cluster.nodes[1].worker_address
 
 
 def _write_checkpoint(size_mib: int, seed: int) -> tuple[str, dict[str, str], str, str]:
@@ -73,8 +65,8 @@ def _stats() -> dict:
     return local_store().stats()
 
 
-def test_a_checkpoint_moves_to_another_node_once(node_client: Client, stores):
-    owner, receiver = stores
+def test_a_checkpoint_moves_to_another_node_once(node_client: Client, nodes):
+    owner, receiver = nodes
     path, hashes, checkpoint_id, digest = node_client.submit(
         _write_checkpoint, 3, 1, workers=[owner], pure=False
     ).result()
@@ -94,8 +86,8 @@ def test_a_checkpoint_moves_to_another_node_once(node_client: Client, stores):
     assert after["cache_hits"] - before["cache_hits"] == 1
 
 
-def test_concurrent_fetches_make_one_transfer(node_client: Client, stores):
-    owner, receiver = stores
+def test_concurrent_fetches_make_one_transfer(node_client: Client, nodes):
+    owner, receiver = nodes
     _, hashes, checkpoint_id, digest = node_client.submit(
         _write_checkpoint, 2, 2, workers=[owner], pure=False
     ).result()
@@ -110,8 +102,8 @@ def test_concurrent_fetches_make_one_transfer(node_client: Client, stores):
     assert node_client.submit(_hashes, paths[0], workers=[receiver], pure=False).result() == hashes
 
 
-def test_a_chunk_damaged_in_transit_is_detected_and_fetched_again(node_client: Client, stores):
-    owner, receiver = stores
+def test_a_chunk_damaged_in_transit_is_detected_and_fetched_again(node_client: Client, nodes):
+    owner, receiver = nodes
     _, hashes, checkpoint_id, digest = node_client.submit(
         _write_checkpoint, 1, 5, workers=[owner], pure=False
     ).result()
@@ -125,8 +117,8 @@ def test_a_chunk_damaged_in_transit_is_detected_and_fetched_again(node_client: C
     assert sent - sent_before == n_chunks + 2  # the two damaged chunks were sent again
 
 
-def test_a_store_serves_only_registered_checkpoints(node_client: Client, stores):
-    owner, _ = stores
+def test_a_store_serves_only_registered_checkpoints(node_client: Client, nodes):
+    owner, _ = nodes
     for name in ("/etc/passwd", "../../etc", uuid.uuid4().hex):
         with pytest.raises(PermissionError, match="not registered"):
             store_of(owner, node_client).manifest(name).result()
@@ -143,19 +135,19 @@ async def _pull_into(client: Client, address: str, checkpoint_id: str, digest: s
 
 
 def test_stats_are_read_per_worker_from_the_client(node_cluster: NodeCluster,
-                                                   node_client: Client, stores):
+                                                   node_client: Client, nodes):
     by_address = stats(node_client)
     assert set(by_address) == {n.worker_address for n in node_cluster.nodes}
     assert {s["node_id"] for s in by_address.values()} == {"node-0", "node-1"}
-    owner, receiver = stores
+    owner, receiver = nodes
     assert by_address[owner]["bytes_sent"] >= (3 << 20)  # the first test's checkpoint
     assert by_address[receiver]["transfers"] >= 2
 
 
 def test_a_restarted_worker_finds_its_cache_again(node_cluster: NodeCluster,
-                                                  node_client: Client, stores):
+                                                  node_client: Client, nodes):
     # Last in this module: it restarts node 1, whose address the fixture holds.
-    owner, receiver = stores
+    owner, receiver = nodes
     _, hashes, checkpoint_id, digest = node_client.submit(
         _write_checkpoint, 1, 4, workers=[owner], pure=False
     ).result()
