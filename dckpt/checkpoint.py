@@ -18,13 +18,14 @@ The file layout and what travels beside a dict are described in
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import io
 import os
 import shutil
 import uuid
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import dask.config
@@ -70,6 +71,18 @@ if TYPE_CHECKING:
 __all__ = ["Checkpoint"]
 
 C = TypeVar("C", bound="Checkpoint")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _uses_data(method: F) -> F:
+    """Run a method within :meth:`Checkpoint._data_here` (resolve and pin a reference)."""
+
+    @functools.wraps(method)
+    def wrapper(self: Checkpoint, *args: Any, **kwargs: Any) -> Any:
+        with self._data_here():
+            return method(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 class _Unset:
@@ -131,6 +144,7 @@ class Checkpoint:
     _preprocessor: Any
     _uuid: uuid.UUID
     _node_ref: NodeRef | None
+    _resolved_from: NodeRef | None  # the reference _local_path was resolved from
     _known_uris: tuple[str, ...]
 
     def __init__(
@@ -167,6 +181,7 @@ class Checkpoint:
         self._preprocessor = _UNSET
         self._uuid = uuid.uuid4()
         self._node_ref = None
+        self._resolved_from = None
         self._known_uris = ()
 
         if local_path is not None:
@@ -275,7 +290,8 @@ class Checkpoint:
         if type(other) is cls:
             return other
         new = cls.__new__(cls)
-        for name in ("_local_path", "_files", "_uri", "_preprocessor", "_node_ref"):
+        for name in ("_local_path", "_files", "_uri", "_preprocessor", "_node_ref",
+                     "_resolved_from"):
             setattr(new, name, getattr(other, name))
         new._data_dict = None if other._data_dict is None else dict(other._data_dict)
         new._storage_options = dict(other._storage_options)
@@ -297,7 +313,6 @@ class Checkpoint:
         to carry). A directory's files are packed into ``result["_dckpt"]["files"]``;
         a ``dict_checkpoint.pkl`` in it gives the dict's keys.
         """
-        self._resolve_node_ref()
         if self._data_dict is not None:
             user = dict(self._data_dict)
             files = self._files
@@ -322,6 +337,7 @@ class Checkpoint:
             user[RESERVED_KEY] = reserved
         return user
 
+    @_uses_data
     def to_directory(
         self,
         path: str | os.PathLike[str] | None = None,
@@ -336,7 +352,6 @@ class Checkpoint:
         ``path`` is replaced as a whole. ``callback`` (an fsspec ``Callback``) follows
         downloads from a URI.
         """
-        self._resolve_node_ref()
         if path is None:
             path = os.path.join(
                 _config.temporary_directory(), f"checkpoint_tmp_{uuid.uuid4().hex}"
@@ -365,7 +380,10 @@ class Checkpoint:
         them), and removed when the last of them leaves the ``with`` block.
         Treat the directory as read-only.
         """
-        self._resolve_node_ref()
+        if self._node_ref is not None or self._resolved_from is not None:
+            with self._data_here():
+                yield self._local_path  # type: ignore[misc]  # set by _data_here
+            return
         if self._local_path is not None:
             yield self._local_path
             return
@@ -375,6 +393,7 @@ class Checkpoint:
         with shared_directory(path, self.to_directory) as directory:
             yield directory
 
+    @_uses_data
     def to_uri(
         self,
         uri: str,
@@ -392,7 +411,6 @@ class Checkpoint:
         if storage.is_local_uri(uri):
             self.to_directory(storage.local_path_of(uri), callback=callback)
         else:
-            self._resolve_node_ref()
             options = dict(storage_options or {})
             if self._local_path is not None:
                 overlay = self._control_files(self._local_path)
@@ -409,6 +427,7 @@ class Checkpoint:
         self._known_uris = (*self._known_uris, uri)
         return uri
 
+    @_uses_data
     def to_bytes(self) -> bytes:
         """Return the checkpoint packed into bytes (see :meth:`from_bytes`).
 
@@ -416,7 +435,6 @@ class Checkpoint:
         checksums. To stream a large checkpoint to a file or socket instead, use
         :func:`dckpt.formats.pack_directory` on :meth:`as_directory`.
         """
-        self._resolve_node_ref()
         out = io.BytesIO()
         with ArchiveWriter(out) as writer:
             if self._data_dict is not None:
@@ -459,12 +477,12 @@ class Checkpoint:
         """Return the preprocessor stored with the checkpoint, or ``None``."""
         if self._preprocessor is not _UNSET:
             return self._preprocessor
-        self._resolve_node_ref()
         if self._data_dict is not None:
             return self._data_dict.get(PREPROCESSOR_KEY)
-        if self._local_path is not None:
-            path = os.path.join(self._local_path, PREPROCESSOR_FILE)
-            return read_pickle_file(path) if os.path.exists(path) else None
+        if self._local_path is not None or self._node_ref is not None:
+            with self.as_directory() as directory:
+                path = os.path.join(directory, PREPROCESSOR_FILE)
+                return read_pickle_file(path) if os.path.exists(path) else None
         assert self._uri is not None
         raw = storage.read_file(
             self._uri, PREPROCESSOR_FILE, storage_options=self._storage_options
@@ -531,6 +549,7 @@ class Checkpoint:
         inline with a :class:`LargeInlineCheckpointWarning`.
         """
         state = dict(self.__dict__)
+        state.pop("_resolved_from", None)  # a path of this node: means nothing elsewhere
         if self._local_path is None:
             return state
         state.update(_local_path=None, _metadata=self.get_metadata())
@@ -565,6 +584,7 @@ class Checkpoint:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state.setdefault("_node_ref", None)
+        state.setdefault("_resolved_from", None)
         state.setdefault("_known_uris", ())
         self.__dict__.update(state)
 
@@ -576,18 +596,29 @@ class Checkpoint:
         new.__dict__.update(self.__dict__)
         new._local_path = new._data_dict = new._files = new._uri = None
         new._node_ref = ref
+        new._resolved_from = None
         new._metadata = self.get_metadata()
         new._uuid = uuid.uuid4()
         return new
 
-    def _resolve_node_ref(self) -> None:
-        """Find the data of a node reference here (see :mod:`dckpt.cluster._resolve`)."""
-        if self._node_ref is None:
-            return
-        from dckpt.cluster._resolve import resolve
+    @contextlib.contextmanager
+    def _data_here(self) -> Iterator[None]:
+        """Within the block the data of a node reference is on this node, and stays.
 
-        self._local_path = resolve(self._node_ref)
-        self._node_ref = None
+        The reference is resolved (:mod:`dckpt.cluster._resolve`) on first use, and
+        its copy in this node's cache is pinned for the block, so the cache cannot
+        evict it while it is read; a copy evicted since an earlier use is fetched
+        again. Checkpoints that never were a reference pass through.
+        """
+        ref = self._node_ref or self._resolved_from
+        if ref is None:
+            yield
+            return
+        from dckpt.cluster._resolve import pinned_copy
+
+        with pinned_copy(ref, self._local_path) as path:
+            self._local_path, self._node_ref, self._resolved_from = path, None, ref
+            yield
 
     @classmethod
     def _class_for(cls: type[C], saved_class_path: str | None) -> type[C]:

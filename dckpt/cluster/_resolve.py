@@ -21,10 +21,12 @@ This module runs in task threads, never on the event loop.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from typing import Any
 
 from distributed import Worker, get_client, get_worker
@@ -100,6 +102,26 @@ def resolve(ref: NodeRef) -> str:
         f"checkpoint {ref.checkpoint_id} of node {ref.node_id} ({ref.path}, "
         f"{ref.size} bytes) cannot be had here (node {here}). Tried:\n{steps}"
     )
+
+
+@contextlib.contextmanager
+def pinned_copy(ref: NodeRef, path: str | None) -> Iterator[str]:
+    """A local directory with the data of ``ref``, kept from eviction for the block.
+
+    ``path`` is where ``ref`` was found before, if anywhere: used again while it
+    exists, resolved anew (:func:`resolve`) otherwise. On a worker with a store the
+    checkpoint is pinned in this node's cache before it is looked up, so that nothing
+    can evict it between finding it and leaving the block. The driver's copies are
+    never evicted.
+    """
+    worker = _current_worker()
+    store = worker.state.actors.get(STORE_KEY) if worker is not None else None
+    pins = store._cache.pinned(ref.checkpoint_id) if isinstance(store, NodeStore) \
+        else contextlib.nullcontext()
+    with pins:
+        if path is None or not os.path.isdir(path):
+            path = resolve(ref)
+        yield path
 
 
 def _from_owner(ref: NodeRef, worker: Worker | None) -> str:

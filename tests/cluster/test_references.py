@@ -86,6 +86,38 @@ def test_used_on_another_node_it_moves_once_and_only_there(node_client, nodes):
     assert _received(node_client, owner) == owner_before
 
 
+def _evict_while_in_use_and_after(checkpoint: Checkpoint) -> dict[str, object]:
+    """On a worker of another node: try to evict the cached copy while the checkpoint
+    is in use, then after; then use it again."""
+    from dckpt.cluster._store import local_store
+
+    cache = local_store()._cache
+    checkpoint_id = checkpoint.get_internal_representation()[1].checkpoint_id
+    with checkpoint.as_directory() as directory:
+        evicted_in_use = cache.evict(checkpoint_id)
+        still_there = os.path.isdir(directory)
+    evicted_after = cache.evict(checkpoint_id)
+    gone_after = not os.path.isdir(directory)
+    with checkpoint.as_directory() as again, open(os.path.join(again, "weights.bin"), "rb") as f:
+        data = f.read()
+    return {"evicted_in_use": evicted_in_use, "still_there": still_there,
+            "evicted_after": evicted_after, "gone_after": gone_after, "data": data}
+
+
+def test_a_copy_in_use_is_pinned_and_an_evicted_one_fetched_again(node_client, nodes):
+    owner, receiver = nodes
+    checkpoint = node_client.submit(_make_checkpoint, 6, workers=[owner], pure=False).result()
+    before = _received(node_client, receiver)
+    seen = node_client.submit(
+        _evict_while_in_use_and_after, checkpoint, workers=[receiver], pure=False
+    ).result()
+    assert seen["evicted_in_use"] is False and seen["still_there"] is True
+    assert seen["evicted_after"] is True and seen["gone_after"] is True
+    assert seen["data"] == random.Random(6).randbytes(SIZE)
+    after = _received(node_client, receiver)
+    assert after[0] - before[0] == 2  # fetched, evicted, fetched again on the next use
+
+
 def test_the_driver_can_read_it_too(node_client, nodes, tmp_path):
     import dask.config
 
