@@ -13,12 +13,12 @@ set-up and tear-down) and ``D.users/`` (one marker per user, ``{pid}.{token}``).
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import shutil
-import uuid
 from collections.abc import Callable, Iterator
+
+from dckpt._locks import flocked, marker_is_alive, new_marker_name
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +31,8 @@ def shared_directory(path: str, materialize: Callable[[str], object]) -> Iterato
     that other processes never see it half-written. It runs under the lock, so one
     process materializes while the others wait for it.
     """
-    marker = os.path.join(f"{path}.users", f"{os.getpid()}.{uuid.uuid4().hex}")
-    with _locked(f"{path}.lock"):
+    marker = os.path.join(f"{path}.users", new_marker_name())
+    with flocked(f"{path}.lock"):
         os.makedirs(os.path.dirname(marker), exist_ok=True)
         open(marker, "x").close()
         try:
@@ -44,7 +44,7 @@ def shared_directory(path: str, materialize: Callable[[str], object]) -> Iterato
     try:
         yield path
     finally:
-        with _locked(f"{path}.lock"):
+        with flocked(f"{path}.lock"):
             _leave(path, marker)
 
 
@@ -53,7 +53,7 @@ def _leave(path: str, marker: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(marker)
     users_dir = os.path.dirname(marker)
-    live = [name for name in _list(users_dir) if _is_alive(name)]
+    live = [name for name in _list(users_dir) if marker_is_alive(name)]
     if live:
         return
     logger.debug("removing shared checkpoint directory %s: no users left", path)
@@ -68,44 +68,3 @@ def _list(directory: str) -> list[str]:
         return os.listdir(directory)
     except FileNotFoundError:
         return []
-
-
-def _is_alive(marker_name: str) -> bool:
-    try:
-        pid = int(marker_name.split(".", 1)[0])
-    except ValueError:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # alive, owned by someone else
-    return True
-
-
-@contextlib.contextmanager
-def _locked(lock_path: str) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``lock_path``.
-
-    The last user unlinks the lock file while holding it; a waiter that then gets the
-    lock on the unlinked file retries on the new one, so two processes never both
-    believe they hold the lock.
-    """
-    while True:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                same_file = os.path.samestat(os.fstat(fd), os.stat(lock_path))
-            except FileNotFoundError:
-                same_file = False
-            if same_file:
-                try:
-                    yield
-                finally:
-                    fcntl.flock(fd, fcntl.LOCK_UN)
-                return
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            os.close(fd)

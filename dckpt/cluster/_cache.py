@@ -1,30 +1,42 @@
 """The node cache: checkpoints copied to this node, kept within a byte budget.
 
-A :class:`NodeCache` owns one folder on the node's local disk (by default
-:func:`dckpt.node.cache_directory`). Checkpoints streamed from other nodes, or
-downloaded from URIs, are written into a *staging* directory inside that folder and
-then renamed into place, so a reader never sees half a checkpoint and the rename never
-crosses filesystems. The cache keeps
+A :class:`NodeCache` uses one folder on the node's local disk (by default
+:func:`dckpt.node.cache_directory`) and shares it with every other process of the node
+that uses the same folder: ``dask worker --nworkers 4`` starts four worker processes
+with one node id, each with a ``NodeStore`` and a ``NodeCache``, and a checkpoint is
+cached once per node, whichever of them fetched it. Checkpoints streamed from other
+nodes, or downloaded from URIs, are written into a *staging* directory inside that
+folder and then renamed into place, so a reader never sees half a checkpoint and the
+rename never crosses filesystems. The folder holds
 
-- a byte budget (``dckpt.cache.max-bytes``, read at the point of use), enforced by
-  evicting the least recently used checkpoints first;
-- pins: a checkpoint in use is never evicted (pins live in memory only: a restarted
-  worker has no users);
-- an index on disk, ``<root>/index.json``, so a restarted worker finds what is there.
+- the cached checkpoints, within a byte budget (``dckpt.cache.max-bytes``, read at the
+  point of use) over every entry, whoever added it, enforced by evicting the least
+  recently used first (a lookup by any process counts as a use);
+- ``index.json``, the list of entries (see :mod:`dckpt.cluster._cache_index`). It is
+  the truth: an operation reads it again when another process wrote it since;
+- ``.lock``: every operation that reads or changes the index holds an ``flock`` on it
+  (besides a thread lock), so that the processes take turns;
+- ``.pins/``: a checkpoint in use is never evicted, by any process. A pin is a marker
+  file named after its process (see :mod:`dckpt.cluster._cache_pins`); markers of
+  processes that are gone are ignored and removed, so a crashed worker pins nothing;
+- ``.transfers/``: the lock files of :meth:`NodeCache.transfer_lock`, with which one
+  process of the node transfers a checkpoint while the others wait for it.
 
-On start the index is trusted only as far as it checks out: entries whose directory
-is gone are dropped, anything in the folder that no entry names (staging directories
-left by a crash, evicted directories not yet deleted, strays) is removed, and an index
-that cannot be read or does not validate is logged and rebuilt empty. Directory names
-in the index are single, plain path components, so a hostile index can neither make
-the cache serve nor delete anything outside its folder.
+Hidden directories name the process that made them: ``.{name}.{pid}.{token}.partial``
+for staging, ``.{name}.{pid}.{token}.evicted`` for directories set aside to delete (see
+:mod:`dckpt.cluster._cache_names`). On
+start, the index is trusted only as far as it checks out: entries whose directory is
+gone are dropped; hidden leftovers of processes that are gone (a crash) are removed,
+those of live processes are theirs to finish; anything else that no entry names is
+removed; an index that cannot be read or does not validate is logged and rebuilt
+empty. Entries that other processes added are kept, whatever this one knew of them.
 
-Threads: every public method takes one lock and may be called from any thread. Slow
-deletions (``rmtree`` of an evicted checkpoint, a staging directory that lost a race)
-happen after the lock is released: under the lock a directory is only renamed aside.
-Methods still do blocking disk I/O in the calling thread (a small index write, and
-those deletions), so event-loop code should call them through a thread
-(``asyncio.to_thread``).
+Threads and processes: every public method may be called from any thread of any
+process. Slow deletions (``rmtree`` of an evicted checkpoint, a staging directory that
+lost a race) happen after the locks are released: under them a directory is only
+renamed aside. Methods do blocking disk I/O in the calling thread (the locks, a small
+index read or write, those deletions) and may wait for another process's operation, so
+event-loop code should call them through a thread (``asyncio.to_thread``).
 """
 
 from __future__ import annotations
@@ -32,94 +44,65 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import hashlib
-import json
 import logging
-import math
 import os
-import re
 import shutil
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any, NewType
+from collections.abc import Iterable, Iterator
 
 import dask.config
 from dask.utils import format_bytes, parse_bytes
 
 from dckpt import node
+from dckpt._locks import flocked
+from dckpt.cluster._cache_index import INDEX_NAME, CacheEntry, CheckpointId, IndexFile
+from dckpt.cluster._cache_names import (
+    STAGING_TAG,
+    TRASH_TAG,
+    checkpoint_key,
+    entry_dirname,
+    is_leftover,
+    owned_sibling,
+    owner_is_alive,
+)
+from dckpt.cluster._cache_pins import CachePins
 from dckpt.errors import CacheFullError
-from dckpt.formats._atomic import partial_sibling
-from dckpt.formats._layout import write_file_atomically
-from dckpt.formats._paths import safe_relpath
 
-__all__ = ["CacheEntry", "CheckpointId", "NodeCache"]
+__all__ = ["INDEX_NAME", "CacheEntry", "CheckpointId", "NodeCache"]
 
 logger = logging.getLogger(__name__)
 
-CheckpointId = NewType("CheckpointId", str)
-"""The id of a checkpoint, unique across the cluster (free text)."""
-
-INDEX_NAME = "index.json"
-INDEX_FORMAT_VERSION = 1
 MAX_BYTES_SETTING = "dckpt.cache.max-bytes"
 MAX_BYTES_VARIABLE = "DASK_DCKPT__CACHE__MAX_BYTES"
 
-# Hidden siblings (see dckpt.formats._atomic.partial_sibling): directories being
-# written, and directories evicted but not yet deleted. Never entries of the index.
-_STAGING_TAG = "partial"
-_TRASH_TAG = "evicted"
-_LEFTOVER_SUFFIXES = (f".{_STAGING_TAG}", f".{_TRASH_TAG}")
-
-_UNSAFE_CHARACTERS = re.compile(r"[^A-Za-z0-9_-]")
-_READABLE_ID_CHARS = 40
+# The folder's bookkeeping, shared by its processes (see the module docstring).
+_LOCK_NAME = ".lock"
+_PINS_NAME = ".pins"
+_TRANSFERS_NAME = ".transfers"
+BOOKKEEPING_NAMES = frozenset({_LOCK_NAME, _PINS_NAME, _TRANSFERS_NAME})
 
 _Key = tuple[CheckpointId, str]  # (checkpoint id, digest)
 
 
-@dataclass
-class CacheEntry:
-    """One cached checkpoint.
-
-    Attributes
-    ----------
-    checkpoint_id, digest
-        What is cached: the checkpoint and the digest of its contents.
-    size
-        Its size in bytes, as counted against the budget.
-    path
-        The absolute path of its directory.
-    last_used
-        When it was added or last looked up (``time.time()``).
-    pins
-        How many users hold it; in memory only, never persisted.
-    """
-
-    checkpoint_id: CheckpointId
-    digest: str
-    size: int
-    path: str
-    last_used: float
-    pins: int = 0
-
-
-class _CorruptIndexError(ValueError):
-    """The index file does not hold what this module writes."""
-
-
 class NodeCache:
-    """The cache of checkpoints copied to this node; thread-safe.
+    """The cache of checkpoints copied to this node; safe across threads and processes.
+
+    Any number of ``NodeCache`` objects, in one process or in several, may use one
+    folder: they share its entries, budget, least-recently-used order and pins (see the
+    module docstring). Only the counters of :meth:`stats` (hits, misses, evictions) and
+    the pin counts of :meth:`entries` are this object's own.
 
     Parameters
     ----------
     root
-        The folder the cache owns; created if needed. Defaults to
+        The folder the cache uses; created if needed. Defaults to
         :func:`dckpt.node.cache_directory`. A folder that is not empty and holds no
         cache index is refused: the cache removes whatever it does not know about.
     max_bytes
         The byte budget, an int or a string such as ``"10GiB"``. Defaults to the
-        setting ``dckpt.cache.max-bytes``, read each time it is needed.
+        setting ``dckpt.cache.max-bytes``, read each time it is needed. The processes
+        sharing a folder should agree on it: each enforces its own over all entries.
 
     Raises
     ------
@@ -139,11 +122,13 @@ class NodeCache:
     """
 
     root: str
-    _index_path: str
+    _index: IndexFile
+    _lock_path: str
+    _transfers_dir: str
     _max_bytes: int | None
-    _lock: threading.Lock
-    _entries: collections.OrderedDict[_Key, CacheEntry]  # least recently used first
-    _pins: dict[CheckpointId, int]
+    _lock: threading.Lock  # taken before the folder's flock, never after
+    _entries: collections.OrderedDict[_Key, CacheEntry]  # as on disk; least recently used first
+    _pins: CachePins  # this object's, and a view of every process's
     _dirty: bool  # the index on disk is behind _entries
     _hits: int
     _misses: int
@@ -158,22 +143,27 @@ class NodeCache:
         self.root = (
             os.path.abspath(os.fspath(root)) if root is not None else node.cache_directory()
         )
-        self._index_path = os.path.join(self.root, INDEX_NAME)
+        self._index = IndexFile(self.root)
+        self._lock_path = os.path.join(self.root, _LOCK_NAME)
+        self._transfers_dir = os.path.join(self.root, _TRANSFERS_NAME)
         self._max_bytes = None if max_bytes is None else _parse_budget(max_bytes, "max_bytes")
         self._lock = threading.Lock()
         self._entries = collections.OrderedDict()
-        self._pins = {}
         self._dirty = False
         self._hits = self._misses = self._evictions = 0
         os.makedirs(self.root, exist_ok=True)
-        with self._lock:
-            trash = self._load_locked()
+        _refuse_foreign(self.root)  # before writing anything into it
+        with self._lock, flocked(self._lock_path) as lock_fd:
+            self._pins = CachePins(os.path.join(self.root, _PINS_NAME))
+            os.makedirs(self._transfers_dir, exist_ok=True)
+            try:
+                trash = self._start_locked(lock_fd)
+            finally:
+                self._flush_locked(lock_fd)
         _remove_all(trash)
-        with self._lock:
-            self._flush_locked()
 
     def __repr__(self) -> str:
-        with self._lock:
+        with self._shared():
             count, used = len(self._entries), self._used_locked()
         return f"<NodeCache {self.root!r}: {count} entries, {format_bytes(used)}>"
 
@@ -188,16 +178,17 @@ class NodeCache:
 
     @property
     def used_bytes(self) -> int:
-        """The bytes of every cached checkpoint, pinned or not."""
-        with self._lock:
+        """The bytes of every cached checkpoint, pinned or not, whoever added it."""
+        with self._shared():
             return self._used_locked()
 
     def reserve(self, size: int) -> None:
         """Make room for ``size`` more bytes, evicting least recently used first.
 
-        Pinned checkpoints are never evicted. Nothing is held for the caller: the room
-        may be taken by another :meth:`add` before this caller's (which makes room
-        again). Call it before a transfer to fail early.
+        Checkpoints pinned by any live process are never evicted. Nothing is held for
+        the caller: the room may be taken by another :meth:`add` (of any process)
+        before this caller's (which makes room again). Call it before a transfer to
+        fail early.
 
         Raises
         ------
@@ -207,11 +198,8 @@ class NodeCache:
         ValueError
             If ``size`` is negative.
         """
-        with self._lock:
-            try:
-                trash = self._make_room_locked(size)
-            finally:
-                self._flush_locked()
+        with self._shared():
+            trash = self._make_room_locked(size)
         _remove_all(trash)
 
     # -- lookup and pins --------------------------------------------------------------
@@ -219,10 +207,11 @@ class NodeCache:
     def lookup(self, checkpoint_id: CheckpointId, digest: str) -> str | None:
         """The directory of ``checkpoint_id`` if it is cached with ``digest``.
 
-        A hit makes the entry the most recently used. Copies of the same checkpoint
-        with another digest are stale and are evicted, hit or miss, unless the
-        checkpoint is pinned (its users keep them; they go at the next lookup or
-        :meth:`add` after the last pin is released, or as the least recently used).
+        Whichever process added it. A hit makes the entry the most recently used.
+        Copies of the same checkpoint with another digest are stale and are evicted,
+        hit or miss, unless the checkpoint is pinned (its users keep them; they go at
+        the next lookup or :meth:`add` after the last pin is released, or as the
+        least recently used).
 
         Returns
         -------
@@ -230,56 +219,49 @@ class NodeCache:
             The absolute path, or None (a miss).
         """
         key = (checkpoint_id, digest)
-        trash: list[str] = []
         path: str | None = None
-        with self._lock:
-            try:
-                entry = self._entries.get(key)
-                if entry is not None and not _is_real_directory(entry.path):
-                    logger.warning(
-                        "the cached checkpoint %r at %s was removed behind the cache's back; "
-                        "forgetting it", checkpoint_id, entry.path,
-                    )
-                    del self._entries[key]
-                    self._dirty = True
-                    entry = None
-                trash = self._evict_stale_locked(checkpoint_id, digest)
-                if entry is None:
-                    self._misses += 1
-                else:
-                    self._hits += 1
-                    self._touch_locked(key)
-                    path = entry.path
-            finally:
-                self._flush_locked()
+        with self._shared():
+            entry = self._entries.get(key)
+            if entry is not None and not _is_real_directory(entry.path):
+                logger.warning(
+                    "the cached checkpoint %r at %s was removed behind the cache's back; "
+                    "forgetting it", checkpoint_id, entry.path,
+                )
+                del self._entries[key]
+                self._dirty = True
+                entry = None
+            trash = self._evict_stale_locked(checkpoint_id, digest)
+            if entry is None:
+                self._misses += 1
+            else:
+                self._hits += 1
+                self._touch_locked(key)
+                path = entry.path
         _remove_all(trash)
         return path
 
     def pin(self, checkpoint_id: CheckpointId) -> None:
-        """Keep ``checkpoint_id`` from eviction until a matching :meth:`unpin`.
+        """Keep ``checkpoint_id`` from eviction, by any process, until a matching :meth:`unpin`.
 
         Pins count, and may be taken before the checkpoint is cached: a user that pins
-        first, then looks up or adds, cannot lose the directory in between.
+        first, then looks up or adds, cannot lose the directory in between. The first
+        pin of this object on a checkpoint leaves a marker file that other processes
+        see; it goes with the last :meth:`unpin`, with this object, or with the
+        process (a dead process's markers are ignored).
         """
         with self._lock:
-            self._pins[checkpoint_id] = self._pins.get(checkpoint_id, 0) + 1
+            self._pins.pin(checkpoint_id)
 
     def unpin(self, checkpoint_id: CheckpointId) -> None:
-        """Release one pin of ``checkpoint_id``.
+        """Release one pin of ``checkpoint_id`` taken by :meth:`pin` of this object.
 
         Raises
         ------
         ValueError
-            If ``checkpoint_id`` is not pinned.
+            If ``checkpoint_id`` is not pinned by this object.
         """
         with self._lock:
-            count = self._pins.get(checkpoint_id, 0)
-            if count <= 0:
-                raise ValueError(f"checkpoint {checkpoint_id!r} is not pinned in {self.root}")
-            if count == 1:
-                del self._pins[checkpoint_id]
-            else:
-                self._pins[checkpoint_id] = count - 1
+            self._pins.unpin(checkpoint_id)
 
     @contextlib.contextmanager
     def pinned(self, checkpoint_id: CheckpointId) -> Iterator[None]:
@@ -292,14 +274,57 @@ class NodeCache:
 
     # -- adding -----------------------------------------------------------------------
 
+    @contextlib.contextmanager
+    def transfer_lock(self, checkpoint_id: CheckpointId) -> Iterator[None]:
+        """Hold the node-wide lock on transferring ``checkpoint_id`` into this folder.
+
+        Blocks until no other process of the node, and no other thread, holds it for
+        the same checkpoint, however long that holder's transfer takes: call it from a
+        thread (``asyncio.to_thread``), never on the event loop. A process that dies
+        holding it releases it (the kernel drops its ``flock``).
+
+        It is a lock only; with it, a node transfers a checkpoint once:
+
+        1. :meth:`pin` the checkpoint, so that nobody evicts it once it is there;
+        2. take ``transfer_lock``;
+        3. :meth:`lookup` again: another process may have added it meanwhile;
+        4. only if it is still missing, transfer it into a :meth:`staging_directory`
+           and :meth:`add` it;
+        5. release the lock, and unpin once done with the directory.
+
+        Concurrent requests within one process should share one transfer (the
+        ``NodeStore``'s single flight) rather than queue here one after the other.
+
+        Examples
+        --------
+        >>> with cache.pinned(checkpoint_id):  # doctest: +SKIP
+        ...     with cache.transfer_lock(checkpoint_id):
+        ...         path = cache.lookup(checkpoint_id, digest)
+        ...         if path is None:
+        ...             staging = cache.staging_directory(checkpoint_id)
+        ...             ...  # transfer into staging
+        ...             path = cache.add(checkpoint_id, digest, staging, size)
+        ...     ...  # use path
+        """
+        os.makedirs(self._transfers_dir, exist_ok=True)
+        lock_path = os.path.join(self._transfers_dir, f"{checkpoint_key(checkpoint_id)}.lock")
+        with flocked(lock_path):
+            try:
+                yield
+            finally:
+                # Unlinked while held (flocked allows it): waiters move on to a fresh
+                # file, and no lock file per checkpoint ever fetched piles up.
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(lock_path)
+
     def staging_directory(self, checkpoint_id: CheckpointId) -> str:
         """A fresh, empty directory inside the cache folder to write a checkpoint into.
 
         Hand it to :meth:`add` when complete. If the transfer fails before that, the
-        caller removes it (``shutil.rmtree``); a crash leaves it to the next start,
-        which removes it.
+        caller removes it (``shutil.rmtree``); a crash leaves it to the next cache to
+        start on the folder once this process is gone: its name holds this pid.
         """
-        staging = partial_sibling(os.path.join(self.root, _readable(checkpoint_id)), _STAGING_TAG)
+        staging = owned_sibling(self.root, checkpoint_id, STAGING_TAG)
         os.mkdir(staging)
         return staging
 
@@ -312,9 +337,9 @@ class NodeCache:
 
         ``staging`` belongs to the cache from this call on: it is renamed into place,
         or removed — when the checkpoint is already cached with the same digest
-        (another transfer won the race; its path is returned) and when adding fails
-        (``CacheFullError``, an ``OSError``). Only a ``staging`` refused up front
-        (``ValueError``) is left alone.
+        (another transfer, maybe of another process, won the race; its path is
+        returned) and when adding fails (``CacheFullError``, an ``OSError``). Only a
+        ``staging`` refused up front (``ValueError``) is left alone.
 
         Parameters
         ----------
@@ -346,36 +371,31 @@ class NodeCache:
         trash: list[str] = []
         placed = False
         try:
-            with self._lock:
-                try:
-                    existing = self._entries.get(key)
-                    if existing is not None and _is_real_directory(existing.path):
-                        logger.debug(
-                            "checkpoint %r is cached already; dropping %s", checkpoint_id, staging
-                        )
-                        self._touch_locked(key)
-                        return existing.path
-                    if existing is not None:  # its directory vanished
-                        del self._entries[key]
-                        self._dirty = True
-                    trash += self._evict_stale_locked(checkpoint_id, digest)
-                    trash += self._make_room_locked(size)
-                    final = os.path.join(self.root, _dirname(checkpoint_id, digest))
-                    if os.path.lexists(final):
-                        # No entry names it (checked above): a leftover. Move it aside.
-                        aside = partial_sibling(final, _TRASH_TAG)
-                        os.replace(final, aside)
-                        trash.append(aside)
-                    os.replace(staging, final)
-                    placed = True
-                    self._entries[key] = CacheEntry(
-                        checkpoint_id, digest, size, final, last_used=self._now_locked()
+            with self._shared():
+                existing = self._entries.get(key)
+                if existing is not None and _is_real_directory(existing.path):
+                    logger.debug(
+                        "checkpoint %r is cached already; dropping %s", checkpoint_id, staging
                     )
+                    self._touch_locked(key)
+                    return existing.path
+                if existing is not None:  # its directory vanished
+                    del self._entries[key]
                     self._dirty = True
-                    logger.debug("cached checkpoint %r (%d bytes) at %s", checkpoint_id, size, final)
-                    return final
-                finally:
-                    self._flush_locked()
+                trash += self._evict_stale_locked(checkpoint_id, digest)
+                trash += self._make_room_locked(size)
+                final = os.path.join(self.root, entry_dirname(checkpoint_id, digest))
+                if os.path.lexists(final):
+                    # No entry names it (checked above): a leftover. Move it aside.
+                    trash += self._set_aside_locked(final)
+                os.replace(staging, final)
+                placed = True
+                self._entries[key] = CacheEntry(
+                    checkpoint_id, digest, size, final, last_used=self._now_locked()
+                )
+                self._dirty = True
+                logger.debug("cached checkpoint %r (%d bytes) at %s", checkpoint_id, size, final)
+                return final
         finally:
             if not placed:
                 trash.append(staging)
@@ -389,57 +409,75 @@ class NodeCache:
         Returns
         -------
         bool
-            True if something was evicted; False if it is pinned or not cached.
+            True if something was evicted; False if it is pinned (by any live
+            process) or not cached.
         """
         trash: list[str] = []
-        with self._lock:
-            try:
-                if self._pins.get(checkpoint_id):
-                    return False
-                keys = [key for key in self._entries if key[0] == checkpoint_id]
-                for key in keys:
-                    trash += self._evict_locked(key)
-            finally:
-                self._flush_locked()
+        with self._shared():
+            if checkpoint_key(checkpoint_id) in self._pins.live_keys():
+                return False
+            keys = [key for key in self._entries if key[0] == checkpoint_id]
+            for key in keys:
+                trash += self._evict_locked(key)
         _remove_all(trash)
         return bool(keys)
 
     def entries(self) -> list[CacheEntry]:
-        """Copies of the entries, least recently used first (most recently used last)."""
-        with self._lock:
+        """Copies of the entries, least recently used first (most recently used last).
+
+        Every entry of the folder, whoever added it; ``pins`` counts this object's.
+        """
+        with self._shared():
             return [
-                dataclasses.replace(entry, pins=self._pins.get(entry.checkpoint_id, 0))
+                dataclasses.replace(entry, pins=self._pins.count(entry.checkpoint_id))
                 for entry in self._entries.values()
             ]
 
     def stats(self) -> dict[str, int]:
-        """Counters since this cache was created.
+        """Figures of the folder now, and counters of this object since it was created.
 
         Returns
         -------
         dict
-            ``bytes_cached`` and ``entries`` (now), ``hits`` and ``misses`` (of
-            :meth:`lookup`), ``evictions`` (checkpoints removed for room, as stale or
-            by :meth:`evict`) and ``pinned`` (entries pinned now).
+            Of the folder, shared by its processes: ``bytes_cached``, ``entries`` and
+            ``pinned`` (entries pinned by any live process). Of this object only:
+            ``hits`` and ``misses`` (of its :meth:`lookup`), ``evictions``
+            (checkpoints it removed for room, as stale or by :meth:`evict`).
         """
-        with self._lock:
+        with self._shared():
+            pinned = self._pins.live_keys()
             return {
                 "bytes_cached": self._used_locked(),
                 "entries": len(self._entries),
                 "hits": self._hits,
                 "misses": self._misses,
                 "evictions": self._evictions,
-                "pinned": sum(1 for key in self._entries if self._pins.get(key[0])),
+                "pinned": sum(1 for key in self._entries if checkpoint_key(key[0]) in pinned),
             }
 
-    # -- internals (callers hold self._lock) ------------------------------------------
+    # -- internals (callers hold self._lock, and the flock where they say so) ---------
+
+    @contextlib.contextmanager
+    def _shared(self) -> Iterator[None]:
+        """Hold the thread lock and the folder's flock, with ``_entries`` as on disk.
+
+        The index is read again only if someone wrote it since this object last read
+        or wrote it; changes are written back on the way out, also when the block raises.
+        """
+        with self._lock, flocked(self._lock_path) as lock_fd:
+            if self._index.changed(lock_fd):
+                self._reload_locked(lock_fd)
+            try:
+                yield
+            finally:
+                self._flush_locked(lock_fd)
 
     def _used_locked(self) -> int:
         return sum(entry.size for entry in self._entries.values())
 
     def _now_locked(self) -> float:
         # Never older than the most recent entry, so that last_used follows the LRU
-        # order even when the clock steps back; a restart sorts by it.
+        # order even when the clock steps back; a reload sorts by it.
         now = time.time()
         if self._entries:
             now = max(now, next(reversed(self._entries.values())).last_used)
@@ -450,27 +488,35 @@ class NodeCache:
         self._entries.move_to_end(key)
         self._dirty = True
 
+    def _set_aside_locked(self, path: str) -> list[str]:
+        """Rename ``path`` to a trash name of this process; returns what to delete.
+
+        Under the flock, so that exactly one process deletes it, after the locks.
+        """
+        aside = owned_sibling(self.root, os.path.basename(path), TRASH_TAG)
+        try:
+            os.replace(path, aside)
+        except FileNotFoundError:
+            return []
+        except OSError as e:
+            logger.warning("could not remove %s from the node cache: %s", path, e)
+            return []
+        return [aside]
+
     def _evict_locked(self, key: _Key) -> list[str]:
         """Forget an entry and rename its directory aside; returns what to delete."""
         entry = self._entries.pop(key)
         self._dirty = True
         self._evictions += 1
-        aside = partial_sibling(entry.path, _TRASH_TAG)
-        try:
-            os.replace(entry.path, aside)
-        except FileNotFoundError:
-            return []
-        except OSError as e:
-            logger.warning("could not remove the evicted checkpoint at %s: %s", entry.path, e)
-            return []
         logger.debug("evicted checkpoint %r (%d bytes)", entry.checkpoint_id, entry.size)
-        return [aside]
+        return self._set_aside_locked(entry.path)
 
     def _evict_stale_locked(self, checkpoint_id: CheckpointId, digest: str) -> list[str]:
-        if self._pins.get(checkpoint_id):
+        stale = [k for k in self._entries if k[0] == checkpoint_id and k[1] != digest]
+        if not stale or checkpoint_key(checkpoint_id) in self._pins.live_keys():
             return []
         trash: list[str] = []
-        for key in [k for k in self._entries if k[0] == checkpoint_id and k[1] != digest]:
+        for key in stale:
             logger.info("evicting checkpoint %r: digest %s is stale", checkpoint_id, key[1])
             trash += self._evict_locked(key)
         return trash
@@ -482,7 +528,10 @@ class NodeCache:
         used = self._used_locked()
         if used + size <= budget:
             return []
-        pinned = sum(e.size for e in self._entries.values() if self._pins.get(e.checkpoint_id))
+        pinned_ids = self._pins.live_keys()
+        pinned = sum(
+            e.size for e in self._entries.values() if checkpoint_key(e.checkpoint_id) in pinned_ids
+        )
         if size > budget:
             raise CacheFullError(
                 f"a checkpoint of {size} bytes ({format_bytes(size)}) is larger than the "
@@ -503,35 +552,40 @@ class NodeCache:
             if used + size <= budget:
                 break
             entry = self._entries[key]
-            if self._pins.get(entry.checkpoint_id):
+            if checkpoint_key(entry.checkpoint_id) in pinned_ids:
                 continue
             used -= entry.size
             trash += self._evict_locked(key)
         assert used + size <= budget, (used, size, budget)
         return trash
 
-    def _flush_locked(self) -> None:
+    def _reload_locked(self, lock_fd: int) -> None:
+        """Replace ``_entries`` by the index on disk; flock held."""
+        try:
+            records = self._index.read(lock_fd)
+            self._dirty = False
+        except (OSError, ValueError, RecursionError) as e:
+            logger.warning(
+                "the node cache index %s is unusable (%s); starting over with an empty "
+                "index: the directories in %s become strays, removed by the next cache "
+                "to start there", self._index.path, e, self.root,
+            )
+            records = []
+            self._dirty = True
+        self._entries = collections.OrderedDict(
+            ((record.checkpoint_id, record.digest), record)
+            for record in sorted(records, key=lambda r: r.last_used)  # stable: file order
+        )
+
+    def _flush_locked(self, lock_fd: int) -> None:
         if not self._dirty:
             return
-        payload = {
-            "format_version": INDEX_FORMAT_VERSION,
-            "entries": [
-                {
-                    "checkpoint_id": entry.checkpoint_id,
-                    "digest": entry.digest,
-                    "size": entry.size,
-                    "dirname": os.path.basename(entry.path),
-                    "last_used": entry.last_used,
-                }
-                for entry in self._entries.values()
-            ],
-        }
         try:
-            write_file_atomically(self._index_path, json.dumps(payload, indent=1).encode())
+            self._index.write(lock_fd, list(self._entries.values()))
         except OSError as e:
             # The cache still works; only a restart would forget the newest entries
             # (their directories are then removed as strays).
-            logger.warning("could not write the node cache index %s: %s", self._index_path, e)
+            logger.warning("could not write the node cache index %s: %s", self._index.path, e)
             return
         self._dirty = False
 
@@ -543,7 +597,7 @@ class NodeCache:
         real_root = os.path.realpath(self.root)
         if (
             rel.startswith("..")
-            or not (first.startswith(".") and first.endswith(f".{_STAGING_TAG}"))
+            or not (first.startswith(".") and first.endswith(f".{STAGING_TAG}"))
             or not os.path.realpath(staging).startswith(real_root + os.sep)
         ):
             raise ValueError(
@@ -553,53 +607,59 @@ class NodeCache:
         if not _is_real_directory(staging):
             raise FileNotFoundError(f"the staging directory {staging!r} does not exist")
 
-    def _load_locked(self) -> list[str]:
-        """Read the index and tidy the folder; returns what to delete."""
-        names = os.listdir(self.root)
-        if not os.path.lexists(self._index_path):
-            foreign = sorted(name for name in names if not _is_leftover(name))
-            if foreign:
-                raise ValueError(
-                    f"{self.root} is not empty ({', '.join(foreign[:5])}) and holds no "
-                    f"{INDEX_NAME}: it is not a dckpt node cache, and the cache removes "
-                    "what it does not know. Give the cache a folder of its own "
-                    "(see `dckpt.node-root`)."
-                )
-            records: list[CacheEntry] = []
-            self._dirty = True  # the index marks the folder as the cache's
+    def _start_locked(self, lock_fd: int) -> list[str]:
+        """Read the index and tidy the folder; returns what to delete. Flock held."""
+        if os.path.lexists(self._index.path):
+            self._reload_locked(lock_fd)
         else:
-            try:
-                records = _read_index(self._index_path, self.root)
-            except (OSError, ValueError, RecursionError) as e:
-                logger.warning(
-                    "the node cache index %s is unusable (%s); starting with an empty "
-                    "cache and removing the directories in %s",
-                    self._index_path, e, self.root,
-                )
-                records = []
-                self._dirty = True
-        for record in sorted(records, key=lambda r: r.last_used):  # stable: file order
-            if not _is_real_directory(record.path):
+            self._dirty = True  # the index marks the folder as the cache's
+        for key, entry in list(self._entries.items()):
+            if not _is_real_directory(entry.path):
                 logger.info(
                     "dropping checkpoint %r from the node cache: %s is gone",
-                    record.checkpoint_id, record.path,
+                    entry.checkpoint_id, entry.path,
                 )
+                del self._entries[key]
                 self._dirty = True
-                continue
-            self._entries[(record.checkpoint_id, record.digest)] = record
         keep = {os.path.basename(entry.path) for entry in self._entries.values()}
-        if os.path.isfile(self._index_path) and not os.path.islink(self._index_path):
-            keep.add(INDEX_NAME)  # rewritten by the first flush when it was unusable
-        trash = [os.path.join(self.root, name) for name in names if name not in keep]
-        for path in trash:
-            if not _is_leftover(os.path.basename(path)):
-                logger.info("removing %s from the node cache: no index entry names it", path)
-        # A smaller budget than before the restart: shrink now (nothing is pinned yet).
+        keep |= BOOKKEEPING_NAMES
+        if os.path.isfile(self._index.path) and not os.path.islink(self._index.path):
+            keep.add(INDEX_NAME)  # rewritten by the flush when it was unusable
+        trash: list[str] = []
+        for name in os.listdir(self.root):
+            if name in keep:
+                continue
+            if is_leftover(name):
+                if owner_is_alive(name):
+                    continue  # a live process's staging or trash: it finishes it
+            else:
+                logger.info("removing %s from the node cache: no index entry names it", name)
+            trash += self._set_aside_locked(os.path.join(self.root, name))
+        # A smaller budget than before a restart, or than the other processes': shrink
+        # now. Pins of live processes are respected.
         trash += self._make_room_locked(0)
         return trash
 
 
 # -- helpers --------------------------------------------------------------------------
+
+
+def _refuse_foreign(root: str) -> None:
+    """Raise ValueError if ``root`` holds files but is no node cache."""
+    # Listed before the index is looked for: a cache writes its index before anything
+    # else, so a concurrent first start is never taken for a foreign folder.
+    names = os.listdir(root)
+    if os.path.lexists(os.path.join(root, INDEX_NAME)):
+        return
+    foreign = sorted(n for n in names if not is_leftover(n) and n not in BOOKKEEPING_NAMES)
+    if foreign:
+        raise ValueError(
+            f"{root} is not empty ({', '.join(foreign[:5])}) and holds no "
+            f"{INDEX_NAME}: it is not a dckpt node cache, and the cache removes "
+            "what it does not know. Give the cache a folder of its own "
+            "(see `dckpt.node-root`)."
+        )
+
 
 
 def _parse_budget(value: object, name: str) -> int:
@@ -619,87 +679,11 @@ def _parse_budget(value: object, name: str) -> int:
     return int(parsed)
 
 
-def _readable(checkpoint_id: str) -> str:
-    return _UNSAFE_CHARACTERS.sub("_", checkpoint_id[:_READABLE_ID_CHARS]) or "checkpoint"
-
-
-def _dirname(checkpoint_id: str, digest: str) -> str:
-    """``<id, sanitized>-<digest[:12], sanitized>-<hash of both>``: one plain component.
-
-    The sanitized parts are for people reading a listing; the hash keeps ids that
-    sanitize alike (``a/b``, ``a:b``) and digests that share a prefix apart.
-    """
-    digest_part = _UNSAFE_CHARACTERS.sub("_", digest[:12]) or "none"
-    both = f"{checkpoint_id}\x00{digest}".encode("utf-8", "surrogatepass")
-    tag = hashlib.sha1(both, usedforsecurity=False).hexdigest()[:16]
-    return f"{_readable(checkpoint_id)}-{digest_part}-{tag}"
-
-
-def _is_leftover(name: str) -> bool:
-    return name.startswith(".") and name.endswith(_LEFTOVER_SUFFIXES)
-
-
 def _is_real_directory(path: str) -> bool:
     return os.path.isdir(path) and not os.path.islink(path)
 
 
-def _check_dirname(dirname: object) -> str:
-    if not isinstance(dirname, str):
-        raise _CorruptIndexError(f"dirname {dirname!r} is not a string")
-    # safe_relpath refuses "..", absolute paths, backslashes and NUL; beyond that an
-    # entry must be a single component that is neither hidden nor the index itself.
-    if safe_relpath(dirname) != dirname or "/" in dirname:
-        raise _CorruptIndexError(f"dirname {dirname!r} is not a single plain name")
-    if dirname.startswith(".") or dirname == INDEX_NAME:
-        raise _CorruptIndexError(f"dirname {dirname!r} is reserved")
-    return dirname
-
-
-def _read_index(path: str, root: str) -> list[CacheEntry]:
-    """The entries of the index at ``path``, validated; raises if it is not ours."""
-    if os.path.islink(path) or not os.path.isfile(path):
-        raise _CorruptIndexError("it is not a regular file")
-    with open(path, "rb") as f:
-        data: Any = json.loads(f.read())
-    version = data.get("format_version") if isinstance(data, dict) else None
-    if type(version) is not int or version != INDEX_FORMAT_VERSION:
-        raise _CorruptIndexError(
-            f"expected a JSON object with format_version {INDEX_FORMAT_VERSION}"
-        )
-    items = data.get("entries")
-    if not isinstance(items, list):
-        raise _CorruptIndexError("'entries' is not a list")
-    records: list[CacheEntry] = []
-    seen_keys: set[tuple[str, str]] = set()
-    seen_dirs: set[str] = set()
-    for i, item in enumerate(items):
-        if not isinstance(item, dict):
-            raise _CorruptIndexError(f"entry {i} is not an object")
-        checkpoint_id, digest = item.get("checkpoint_id"), item.get("digest")
-        size, last_used = item.get("size"), item.get("last_used")
-        if not isinstance(checkpoint_id, str) or not isinstance(digest, str):
-            raise _CorruptIndexError(f"entry {i}: checkpoint_id and digest must be strings")
-        if type(size) is not int or size < 0:
-            raise _CorruptIndexError(f"entry {i}: size {size!r} is not a byte count")
-        if not isinstance(last_used, (int, float)) or isinstance(last_used, bool) or (
-            not math.isfinite(last_used)
-        ):
-            raise _CorruptIndexError(f"entry {i}: last_used {last_used!r} is not a time")
-        dirname = _check_dirname(item.get("dirname"))
-        if (checkpoint_id, digest) in seen_keys or dirname in seen_dirs:
-            raise _CorruptIndexError(f"entry {i} repeats an earlier one")
-        seen_keys.add((checkpoint_id, digest))
-        seen_dirs.add(dirname)
-        records.append(
-            CacheEntry(
-                CheckpointId(checkpoint_id), digest, size,
-                os.path.join(root, dirname), float(last_used),
-            )
-        )
-    return records
-
-
-def _remove_all(paths: list[str]) -> None:
+def _remove_all(paths: Iterable[str]) -> None:
     """Delete files and directories; never follows a symbolic link out."""
     for path in paths:
         try:
@@ -711,3 +695,4 @@ def _remove_all(paths: list[str]) -> None:
             pass
         except OSError as e:
             logger.warning("could not remove %s: %s", path, e)
+

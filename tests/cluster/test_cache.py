@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 import threading
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import dask.config
 import pytest
 
 import dckpt
-from dckpt.cluster._cache import INDEX_NAME, CheckpointId, NodeCache
+from dckpt.cluster._cache import BOOKKEEPING_NAMES, INDEX_NAME, CheckpointId, NodeCache
 from dckpt.errors import CacheFullError, CheckpointError
 
 LOGGER = "dckpt.cluster._cache"
@@ -39,7 +40,16 @@ def put(cache: NodeCache, checkpoint_id: str, digest: str = "d" * 40, size: int 
 
 
 def listing(root: Path) -> set[str]:
-    return set(os.listdir(root))
+    """What the folder holds besides the lock file, pins and transfer locks that the
+    processes sharing it coordinate with."""
+    return set(os.listdir(root)) - BOOKKEEPING_NAMES
+
+
+def dead_pid() -> int:
+    """The pid of a process that has ended (and been reaped)."""
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
 
 
 def cached_ids(cache: NodeCache) -> list[str]:
@@ -356,9 +366,11 @@ def test_a_restarted_cache_finds_its_entries_and_removes_what_it_does_not_know(r
     cache.lookup(cid("a"), "d" * 40)  # order now b, c, a
     cache.pin(cid("b"))
     before = cache.entries()
-    # What a crash leaves: a half-written staging directory, an evicted directory not
-    # yet deleted, a half-written index; and strays nobody indexed.
-    crashed_staging = stage(cache, "d")
+    # What a crash leaves: a half-written staging directory (its name holds the pid of
+    # the process that made it, now gone), an evicted directory not yet deleted, a
+    # half-written index; and strays nobody indexed.
+    crashed_staging = str(root / f".d.{dead_pid()}.0123456789ab.partial")
+    os.rename(stage(cache, "d"), crashed_staging)
     (root / ".a-old.0123456789ab.evicted").mkdir()
     (root / ".index.json.0123456789ab.partial").write_text("{")
     (root / "stray-dir").mkdir()
@@ -371,7 +383,8 @@ def test_a_restarted_cache_finds_its_entries_and_removes_what_it_does_not_know(r
         (e.checkpoint_id, e.digest, e.size, e.path, e.last_used) for e in before
     ]
     assert cached_ids(restarted) == ["b", "c", "a"]
-    assert [e.pins for e in after] == [0, 0, 0]  # pins are not persisted
+    assert [e.pins for e in after] == [0, 0, 0]  # pins are counted per cache object
+    assert restarted.stats()["pinned"] == 1  # ... but seen by every one: "b" is in use
     assert not os.path.exists(crashed_staging)
     assert listing(root) == {os.path.basename(p) for p in paths.values()} | {INDEX_NAME}
     assert restarted.lookup(cid("c"), "d" * 40) == paths["c"]
