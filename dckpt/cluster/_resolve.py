@@ -25,19 +25,17 @@ import contextlib
 import hashlib
 import logging
 import os
-import shutil
 from collections.abc import Iterator
 from typing import Any
 
 from distributed import Worker, get_client, get_worker
 from distributed.utils import sync
 
-from dckpt import _config, node, storage, transfer
+from dckpt import _config, node, transfer
 from dckpt.cluster import _stream
 from dckpt.cluster._core import CheckpointId, NodeRef
-from dckpt.cluster._store import STORE_KEY, NodeStore, register_directory
+from dckpt.cluster._store import STORE_KEY, NodeStore, download_into, register_directory
 from dckpt.errors import CheckpointUnavailableError
-from dckpt.formats._atomic import atomic_directory
 
 logger = logging.getLogger(__name__)
 
@@ -149,23 +147,13 @@ def _from_owner(ref: NodeRef, worker: Worker | None) -> str:
 def _from_uri(ref: NodeRef, uri: str, worker: Worker | None) -> str:
     """Step 5: download into this node's cache (or the driver's folder)."""
     store = worker.state.actors.get(STORE_KEY) if worker is not None else None
-    if isinstance(store, NodeStore):
-        cache = store._cache
-        cached = cache.lookup(ref.checkpoint_id, ref.digest)
-        if cached is not None:
-            return cached
-        staging = cache.staging_directory(ref.checkpoint_id)
-        try:
-            data = os.path.join(staging, "data")
-            with atomic_directory(data) as partial:
-                storage.download_directory(uri, partial)
-            return cache.add(ref.checkpoint_id, ref.digest, data, ref.size)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
+    if worker is not None and isinstance(store, NodeStore):
+        path: str = sync(worker.loop, store.fetch_uri, uri, ref.checkpoint_id, ref.digest,
+                         ref.size)
+        return path
     target = _driver_copy(ref)
     if not os.path.isdir(target):
-        with atomic_directory(target) as partial:
-            storage.download_directory(uri, partial)
+        download_into(uri, target)
     return target
 
 

@@ -37,10 +37,11 @@ from distributed.comm import Comm
 from distributed.core import ConnectionPool, Status
 from distributed.worker import Worker
 
-from dckpt import node, transfer
+from dckpt import node, storage, transfer
 from dckpt.cluster import _stream
 from dckpt.cluster._cache import CheckpointId, NodeCache
 from dckpt.errors import CheckpointNotFoundError
+from dckpt.formats._atomic import atomic_directory
 
 logger = logging.getLogger(__name__)
 
@@ -205,7 +206,8 @@ class NodeStore:
             try:
                 manifest = await _stream.pull(self._pool(), owner_address, checkpoint_id,
                                               digest, target_for)
-                return await self._commit(checkpoint_id, manifest, staging[0], owner_address)
+                return await self._commit(checkpoint_id, digest, manifest.total_bytes,
+                                          staging[0], owner_address)
             finally:
                 await self._discard(staging)
 
@@ -236,7 +238,8 @@ class NodeStore:
                 try:
                     target = await self._prepare(checkpoint_id, checked.total_bytes, staging)
                     await _stream.stream_over(comm, peer, checked, target, chunk_bytes=chunk_bytes)
-                    return await self._commit(checkpoint_id, checked, staging[0], peer)
+                    return await self._commit(checkpoint_id, checked.digest,
+                                              checked.total_bytes, staging[0], peer)
                 finally:
                     await self._discard(staging)
 
@@ -264,11 +267,10 @@ class NodeStore:
         waiting = self._in_flight.get(key)
         if waiting is not None:
             return await asyncio.shield(waiting)
-        self._count(cache_misses=1)
         done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._in_flight[key] = done
         try:
-            path = await copy()
+            path = await self._copy_once_per_node(checkpoint_id, digest, copy)
         except BaseException as e:
             done.set_exception(e)
             done.exception()  # mark retrieved: waiters, if any, re-raise it themselves
@@ -279,6 +281,47 @@ class NodeStore:
         finally:
             del self._in_flight[key]
 
+    async def _copy_once_per_node(
+        self, checkpoint_id: CheckpointId, digest: str, copy: Callable[[], Awaitable[str]]
+    ) -> str:
+        """``copy()``, unless another worker process of this node cached it meanwhile.
+
+        Several workers of one node (``dask worker --nworkers N``) share its cache: the
+        cache's transfer lock lets one of them copy while the others wait, then find it.
+        """
+        lock = self._cache.transfer_lock(checkpoint_id)
+        await asyncio.to_thread(lock.__enter__)  # blocks while another process copies
+        try:
+            cached = await asyncio.to_thread(self._cache.lookup, checkpoint_id, digest)
+            if cached is not None:
+                self._count(cache_hits=1)
+                return cached
+            self._count(cache_misses=1)
+            return await copy()
+        finally:
+            await asyncio.to_thread(lock.__exit__, None, None, None)
+
+    async def fetch_uri(
+        self, uri: str, checkpoint_id: CheckpointId, digest: str, size: int
+    ) -> str:
+        """Download the checkpoint persisted at ``uri`` into this node's cache.
+
+        Like :meth:`fetch`: a cached copy is used as it is, and one download serves
+        every concurrent caller on the node. ``size`` is what the reference says, for
+        making room; the download is counted in ``bytes_received``.
+        """
+
+        async def download() -> str:
+            staging: list[str] = []
+            try:
+                target = await self._prepare(checkpoint_id, size, staging)
+                await asyncio.to_thread(download_into, uri, target)
+                return await self._commit(checkpoint_id, digest, size, staging[0], uri)
+            finally:
+                await self._discard(staging)
+
+        return await self._single_flight(checkpoint_id, digest, download)
+
     async def _prepare(self, checkpoint_id: CheckpointId, size: int, staging: list[str]) -> str:
         """Room in the cache and a staging directory (appended to ``staging``); the target."""
         await asyncio.to_thread(self._cache.reserve, size)
@@ -288,14 +331,13 @@ class NodeStore:
         return os.path.join(staging[0], "data")
 
     async def _commit(
-        self, checkpoint_id: CheckpointId, manifest: transfer.Manifest, staging: str, peer: str
+        self, checkpoint_id: CheckpointId, digest: str, size: int, staging: str, peer: str
     ) -> str:
         path = await asyncio.to_thread(
-            self._cache.add, checkpoint_id, manifest.digest, os.path.join(staging, "data"),
-            manifest.total_bytes,
+            self._cache.add, checkpoint_id, digest, os.path.join(staging, "data"), size
         )
-        self._count(bytes_received=manifest.total_bytes, transfers=1)
-        logger.debug("received %s (%d bytes) from %s", checkpoint_id, manifest.total_bytes, peer)
+        self._count(bytes_received=size, transfers=1)
+        logger.debug("received %s (%d bytes) from %s", checkpoint_id, size, peer)
         return path
 
     def _pool(self) -> ConnectionPool:
@@ -340,6 +382,12 @@ class NodeStore:
 
 _COUNTERS = ("bytes_sent", "bytes_received", "transfers", "chunks_sent",
              "cache_hits", "cache_misses")
+
+
+def download_into(uri: str, target: str) -> None:
+    """``uri``'s checkpoint into ``target``, which appears only once complete (thread)."""
+    with atomic_directory(target) as partial:
+        storage.download_directory(uri, partial)
 
 
 def store_of(worker_address: str, client: Client | None = None) -> Actor:
