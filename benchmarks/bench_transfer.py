@@ -1,7 +1,8 @@
 """Speed and memory of a node-to-node checkpoint copy, against baselines run in the same go.
 
     python benchmarks/bench_transfer.py [--size-mib 1024] [--files 64] [--repeat 2]
-                                        [--chunk-bytes 8MiB] [--in-flight 4]
+                                        [--chunk-bytes 8MiB] [--in-flight 1]
+                                        [--nanny-environ]
 
 Starts an isolated two-node ``NodeCluster`` (each worker in a mount namespace of its
 own, so node 1 cannot read node 0's files), writes a checkpoint on node 0 itself (random
@@ -373,6 +374,11 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2, help="best of N for each step")
     parser.add_argument("--chunk-bytes", help="dckpt.transfer.chunk-bytes, e.g. 8MiB")
     parser.add_argument("--in-flight", type=int, help="dckpt.transfer.max-in-flight")
+    parser.add_argument(
+        "--nanny-environ", action="store_true",
+        help="give the workers the environment a nanny would (distributed.nanny."
+             "pre-spawn-environ, e.g. MALLOC_TRIM_THRESHOLD_), as `dask worker` has by default",
+    )
     args = parser.parse_args()
 
     env = {}
@@ -380,6 +386,9 @@ def main() -> None:
         env["DASK_DCKPT__TRANSFER__CHUNK_BYTES"] = str(parse_bytes(args.chunk_bytes))
     if args.in_flight is not None:
         env["DASK_DCKPT__TRANSFER__MAX_IN_FLIGHT"] = str(args.in_flight)
+    if args.nanny_environ:
+        env.update({str(k): str(v) for k, v in
+                    dask.config.get("distributed.nanny.pre-spawn-environ", {}).items()})
     size = args.size_mib * MIB
 
     started = time.perf_counter()
