@@ -111,17 +111,24 @@ class ChunkSource:
         finally:
             self._give_buffer(buffer)
 
-    def read_parts(self, spec: ChunkSpec) -> tuple[bytes, Buffer]:
+    def read_parts(
+        self, spec: ChunkSpec, buffer: bytearray | None = None
+    ) -> tuple[bytes, Buffer]:
         """One chunk as ``(header, payload)`` (:func:`~dckpt.transfer.encode_parts`).
 
-        The chunk is read into a buffer of its own, which an uncompressed payload is a
-        view of: nothing is copied, and the caller may hold the payload for as long as
-        sending it takes. Raises as :meth:`read_chunk`.
+        The chunk is read into ``buffer`` (at least ``spec.length`` long), or into a new
+        one: an uncompressed payload is a view of it, nothing is copied, and it must
+        stay untouched until the payload is sent. Raises as :meth:`read_chunk`, and
+        ValueError for a ``buffer`` too short.
         """
         entry = self._check(spec)  # before allocating what a request asks for
-        buffer = bytearray(spec.length)
-        self._read(spec, entry, memoryview(buffer))
-        return encode_parts(buffer)
+        if buffer is None:
+            buffer = bytearray(spec.length)
+        elif len(buffer) < spec.length:
+            raise ValueError(f"a buffer of {len(buffer)} bytes cannot hold {spec.length}")
+        view = memoryview(buffer)[: spec.length]
+        self._read(spec, entry, view)
+        return encode_parts(view)
 
     def close(self) -> None:
         """Close the files; reads in progress finish first, later ones raise."""

@@ -1,13 +1,17 @@
-"""The sender's read-ahead guesses the chunk a receiver asks for next."""
+"""dckpt.cluster._stream without a cluster: a directory across one comm in this process,
+and the sender's guess of the chunk a receiver asks for next."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 from pathlib import Path
 
+import dask.config
 import pytest
+from distributed.comm import Comm, connect, listen
 
-from dckpt.cluster._stream import _following
+from dckpt.cluster._stream import _following, _raw_stream, serve_chunks, stream_over
 from dckpt.transfer import ChunkSource, build_manifest
 
 
@@ -24,3 +28,45 @@ def test_following_walks_the_chunks_in_manifest_order(tmp_path: Path, chunk_byte
         while (step := _following(source, walked[-1])) is not None:
             walked.append(step)
     assert walked == expected
+
+
+def _tree(root: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    (root / "sub").mkdir(parents=True)
+    (root / "weights.bin").write_bytes(rng.randbytes(640 * 1024 + 3))
+    (root / "sub" / "log.txt").write_bytes(b"loss 0.1\n" * 20_000)  # compresses
+    (root / "empty").write_bytes(b"")
+
+
+@pytest.mark.parametrize("in_flight", [1, 3])
+@pytest.mark.parametrize("scheme", ["tcp://127.0.0.1", "inproc://"])
+def test_a_directory_crosses_a_comm_intact(tmp_path: Path, scheme: str, in_flight: int):
+    """Raw chunk bytes after a message on TCP, chunks inside messages elsewhere; with no
+    retries allowed, a buffer reused too early would fail the transfer."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _tree(src, seed=in_flight)
+    manifest = build_manifest(src)
+    chunk_bytes = 64 * 1024
+    used_raw: list[bool] = []
+
+    async def main() -> None:
+        async def serve(comm: Comm) -> None:
+            with ChunkSource(str(src), manifest, chunk_bytes) as source:
+                await serve_chunks(comm, source)
+            await comm.close()
+
+        listener = await listen(scheme, serve)  # awaiting a listener starts it
+        try:
+            comm = await connect(listener.contact_address)
+            used_raw.append(_raw_stream(comm) is not None)
+            await stream_over(comm, "the test sender", manifest, str(dst), chunk_bytes=chunk_bytes)
+            await comm.close()
+        finally:
+            listener.stop()
+
+    with dask.config.set({"dckpt.transfer.max-in-flight": in_flight,
+                          "dckpt.transfer.retries": 0}):
+        asyncio.run(main())
+    assert used_raw == [scheme.startswith("tcp")]
+    for name in ("weights.bin", "sub/log.txt", "empty"):
+        assert (dst / name).read_bytes() == (src / name).read_bytes()
