@@ -40,8 +40,9 @@ class CheckpointConfig:
         a ``file://`` URI must name a folder every machine sees, as in Ray.
     persist_every
         Persist every ``persist_every``-th registered checkpoint (the ones with
-        ``(index + 1) % persist_every == 0``); ``1`` persists each, ``0`` none. Only
-        persisted checkpoints survive a restart (:meth:`CheckpointManager.restore`).
+        ``(index + 1) % persist_every == 0``); ``1`` persists each, ``0`` none (and
+        writes no state file either). Only persisted checkpoints survive a restart
+        (:meth:`CheckpointManager.restore`).
     storage_options
         Passed to fsspec for ``storage_uri`` (endpoint, credentials, ...). Never
         written to the manager's state file.

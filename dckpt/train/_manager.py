@@ -98,7 +98,7 @@ class CheckpointManager:
       re-raised by the next :meth:`wait` (or :meth:`close`); later checkpoints are
       still persisted.
     - **State** (``{storage_uri}/dckpt_manager_state.json``, JSON only) is rewritten
-      after each change. Metrics are stored as JSON data: numpy scalars and arrays as
+      after each change, unless ``persist_every=0`` (then nothing is written anywhere). Metrics are stored as JSON data: numpy scalars and arrays as
       numbers and lists, anything else JSON cannot hold as its ``repr``.
 
     Parameters
@@ -115,7 +115,8 @@ class CheckpointManager:
     Examples
     --------
     >>> manager = CheckpointManager(CheckpointConfig(num_to_keep=2,
-    ...     checkpoint_score_attribute="loss", checkpoint_score_order="min"))
+    ...     checkpoint_score_attribute="loss", checkpoint_score_order="min",
+    ...     persist_every=0))
     >>> for loss in [3.0, 1.0, 2.0]:
     ...     _ = manager.register(Checkpoint.from_dict({"loss": loss}), {"loss": loss})
     >>> [metrics["loss"] for _, metrics in manager.best_checkpoints]
@@ -196,7 +197,8 @@ class CheckpointManager:
                 self._submit(functools.partial(self._persist, entry))
             for old in dropped:
                 self._submit(functools.partial(self._delete, old))
-            self._submit(self._write_state)
+            if every:  # persist_every=0: nothing goes to storage, not even the state
+                self._submit(self._write_state)
             tracked = entry.tracked()
         logger.debug("registered checkpoint %d of %s (score %s); dropped %s",
                      index, self.run_name, score, [old.index for old in dropped])

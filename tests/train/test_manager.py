@@ -191,6 +191,29 @@ def test_a_local_directory_stays_and_its_persisted_copy_goes(make_manager, memor
     assert all(d.is_dir() for d in directories)  # the caller's directories
 
 
+def test_the_default_storage_is_a_local_directory_under_the_temporary_directory(tmp_path):
+    import dask.config
+
+    with dask.config.set({"dckpt.temporary-directory": str(tmp_path)}):
+        manager = CheckpointManager(run_name="my-run")
+    with manager:
+        manager.register(Checkpoint.from_dict({"w": 1}), {})
+    folder = tmp_path / "dckpt-train" / "my-run"
+    assert manager.storage_uri == str(folder)
+    assert sorted(os.listdir(folder)) == ["checkpoint_000000", STATE_FILE]
+    assert Checkpoint.from_uri(manager.tracked[0].uri).to_dict() == {"w": 1}
+
+
+def test_persist_every_zero_writes_nothing(tmp_path):
+    import dask.config
+
+    with dask.config.set({"dckpt.temporary-directory": str(tmp_path)}):
+        manager = CheckpointManager(CheckpointConfig(persist_every=0))
+    with manager:
+        manager.register(Checkpoint.from_dict({"w": 1}), {})
+    assert os.listdir(tmp_path) == [] and manager.tracked[0].uri is None
+
+
 def test_persist_every_nth(make_manager, memory_uri):
     manager = make_manager(storage_uri=memory_uri, persist_every=2)
     _register(manager, [0, 0, 0, 0, 0])
@@ -332,17 +355,23 @@ def test_restore_without_state_says_so(memory_uri):
         CheckpointManager.restore(memory_uri)
 
 
+_VALID_STATE = {"format": "dckpt-checkpoint-manager", "format_version": 1, "config": {},
+                "next_index": 0, "latest_index": None, "checkpoints": []}
+
+
 @pytest.mark.parametrize(("content", "match"), [
     (b"\x80\x04not json", "not valid JSON"),
-    (b'{"format": "something else"}', "not a checkpoint manager state"),
-    (b'{"format": "dckpt-checkpoint-manager", "format_version": 99}', "upgrade dckpt"),
-    (b'{"format": "dckpt-checkpoint-manager", "format_version": 1, "config": {}, '
-     b'"next_index": "3", "latest_index": null, "checkpoints": []}', "next_index"),
-    (b'{"format": "dckpt-checkpoint-manager", "format_version": 1, '
-     b'"config": {"checkpoint_score_order": "up"}, '
-     b'"next_index": 0, "latest_index": null, "checkpoints": []}', "'max' or 'min'"),
+    ({"format": "something else"}, "not a checkpoint manager state"),
+    ({**_VALID_STATE, "format_version": 99}, "upgrade dckpt"),
+    ({**_VALID_STATE, "next_index": "3"}, "next_index"),
+    ({**_VALID_STATE, "checkpoints": [{"index": 0}]}, "checkpoints"),
+    ({**_VALID_STATE, "config": {"checkpoint_score_order": "up"}}, "'max' or 'min'"),
+    ({**_VALID_STATE, "config": {"checkpoint_score_attribute": "loss"},
+      "checkpoints": [{"index": 0, "metrics": {}, "uri": None}]}, "'loss'"),
 ])
 def test_restore_from_a_damaged_state_says_so(memory_uri, content, match):
+    if isinstance(content, dict):
+        content = json.dumps(content).encode()
     fsspec.filesystem("memory").pipe_file(f"{memory_uri}/{STATE_FILE}", content)
     with pytest.raises(CheckpointFormatError, match=match):
         CheckpointManager.restore(memory_uri)
