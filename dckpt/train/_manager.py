@@ -96,7 +96,9 @@ class CheckpointManager:
     - **Persistence** to ``{storage_uri}/checkpoint_{index:06d}`` runs in one
       background thread; :meth:`register` never waits for it. A failure is logged and
       re-raised by the next :meth:`wait` (or :meth:`close`); later checkpoints are
-      still persisted.
+      still persisted. A node reference is uploaded from its own node; once it is,
+      the manager tracks a copy of it whose reference also carries the URI (so
+      ``latest_checkpoint`` can be had from storage when its node is gone).
     - **State** (``{storage_uri}/dckpt_manager_state.json``, JSON only) is rewritten
       after each change, unless ``persist_every=0`` (then nothing is written anywhere). Metrics are stored as JSON data: numpy scalars and arrays as
       numbers and lists, anything else JSON cannot hold as its ``repr``.
