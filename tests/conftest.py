@@ -1,4 +1,5 @@
-"""Fixtures shared by every test module: storage places (memory://, a real S3 server).
+"""Fixtures shared by every test module: storage places (memory://, a real S3 server)
+and an isolated two-node cluster (node_cluster, node_client, nodes).
 
 S3 is moto's server mode in a process of its own, reached over real HTTP on loopback
 by s3fs/botocore, not a mocked client.
@@ -21,6 +22,10 @@ from typing import Any
 
 import fsspec
 import pytest
+from distributed import Client
+
+from dckpt.cluster import NodeCluster, install, isolation_available
+from tests._nodes import N_NODES, alive, cluster_pids
 
 S3_START_TIMEOUT = 20.0  # seconds; moto's server answers within ~2 s here
 
@@ -136,3 +141,39 @@ def memory_uri() -> Iterator[str]:
     for key in [k for k in fs.store if k == path or k.startswith(path + "/")]:
         del fs.store[key]
     fs.pseudo_dirs[:] = [d for d in fs.pseudo_dirs if d != path and not d.startswith(path + "/")]
+
+
+@pytest.fixture(scope="session")
+def node_cluster() -> Iterator[NodeCluster]:
+    """An isolated NodeCluster of two nodes, shared by the whole session.
+
+    Tests that kill or restart a node leave every node running again. Skips where
+    mount namespaces cannot be had: what these tests prove needs isolation.
+    """
+    if not isolation_available():
+        pytest.skip("node isolation (mount namespaces) is not available here")
+    cluster = NodeCluster(N_NODES, isolate=True)
+    try:
+        yield cluster
+    finally:
+        pids = cluster_pids(cluster)
+        root = cluster.root
+        cluster.close()
+    # Nothing left behind: no processes, no files.
+    assert not any(alive(pid) for pid in pids)
+    assert not os.path.exists(root)
+
+
+@pytest.fixture(scope="session")
+def node_client(node_cluster: NodeCluster) -> Client:
+    """A client of :func:`node_cluster`; not the default client, so that tests
+    elsewhere do not run their computations on it by accident."""
+    return node_cluster.client(set_as_default=False)
+
+
+@pytest.fixture(scope="module")
+def nodes(node_cluster: NodeCluster, node_client: Client) -> tuple[str, str]:
+    """The addresses of node 0's and node 1's workers, each with a store and the
+    scheduler's registry installed."""
+    install(node_client)
+    return node_cluster.nodes[0].worker_address, node_cluster.nodes[1].worker_address

@@ -103,6 +103,14 @@ class _Registry:
             )
         return registration
 
+    def remove(self, checkpoint_id: CheckpointId) -> Registration | None:
+        """Stop serving ``checkpoint_id``; its registration, or None if it had none.
+
+        The directory itself is left alone: whoever removes the registration decides.
+        """
+        with self._lock:
+            return self._by_id.pop(checkpoint_id, None)
+
     def ids(self) -> list[CheckpointId]:
         with self._lock:
             return list(self._by_id)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster.conftest import child_pids
+from tests._nodes import child_pids
 
 LAUNCHER = Path(__file__).resolve().parents[2] / "scheduler" / "launch_local_cluster.py"
 

@@ -17,7 +17,7 @@ from dckpt.cluster import (
     _local,
     isolation_available,
 )
-from tests.cluster.conftest import N_NODES, alive, child_pids
+from tests._nodes import N_NODES, alive, child_pids
 
 
 def _write(path: str, text: str) -> str:

@@ -19,7 +19,7 @@ from distributed import Client
 
 from dckpt.cluster import NodeCluster, NodeStore, install, registry, store_of, who_has
 from dckpt.cluster._store import local_store
-from tests.cluster.conftest import alive, cluster_pids
+from tests._nodes import alive, cluster_pids
 from tests.cluster.test_store import _write_checkpoint
 
 pytestmark = pytest.mark.slow
