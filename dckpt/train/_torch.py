@@ -14,6 +14,7 @@ from typing import Any
 import distributed
 from distributed.comm import get_address_host
 
+from dckpt import node
 from dckpt.train._session import TrainContext
 
 __all__ = ["destroy_process_group", "init_process_group", "master_address"]
@@ -34,7 +35,7 @@ def _import_torch_distributed(where: str) -> Any:
 
 def _free_port() -> int:
     """A TCP port free on this host now. Runs on rank 0's worker."""
-    _import_torch_distributed(f"worker {distributed.get_worker().address}")
+    _import_torch_distributed(f"rank 0's node {node.node_id()}")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("", 0))
         return int(sock.getsockname()[1])

@@ -101,7 +101,7 @@ def test_a_stopped_rank_unwinds_through_except_exception():
         sender.stop = True
         try:
             report({"step": 1})
-        except Exception:  # user code must not be able to swallow the stop
+        except Exception:  # noqa: BLE001 - user code that must not swallow the stop
             pytest.fail("RankStopped was caught by except Exception")
 
     assert not issubclass(RankStopped, Exception)
