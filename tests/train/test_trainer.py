@@ -7,6 +7,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 import threading
 import uuid
 
@@ -15,6 +17,7 @@ import distributed
 import pytest
 
 from dckpt import Checkpoint, node
+from dckpt.cluster import isolation_available
 from dckpt.train import (
     DataParallelTrainer,
     TrainingFailedError,
@@ -194,3 +197,16 @@ def test_resume_after_killing_a_worker_continues_from_the_latest_checkpoint(
         )
     assert result.metrics["epoch"] == epochs - 1 and result.metrics["attempt"] == 1
     assert result.checkpoint is manager.registered[-1][0]
+
+
+def test_data_parallel_example_resumes_after_the_kill():
+    pytest.importorskip("dckpt.train._manager", reason="needs the CheckpointManager (merged later)")
+    if not isolation_available():
+        pytest.skip("the example runs an isolated NodeCluster")
+    example = os.path.join(os.path.dirname(__file__), "..", "..", "examples",
+                           "train_data_parallel.py")
+    result = subprocess.run([sys.executable, example], capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "resumed from the checkpoint of epoch" in result.stdout
+    assert "the curve continues" in result.stdout
