@@ -1,21 +1,46 @@
-"""Distributed training on Dask: keep the best checkpoints of a run and persist them.
+"""Distributed training on Dask with Ray Train's API.
 
+- :class:`DataParallelTrainer` (or :func:`fit`) runs a training function on N workers,
+  spread across nodes, and restarts the group from the latest checkpoint when a worker
+  or a node dies (up to ``max_failures``); it returns a :class:`Result`.
+- Inside the training function: :func:`report` metrics and checkpoints,
+  :func:`get_checkpoint` to resume from, :func:`get_context` for ranks and node.
 - :class:`CheckpointConfig`: how many checkpoints to keep, ranked by which metric,
   and where to persist them (Ray AIR's ``CheckpointConfig``).
 - :class:`CheckpointManager`: registers reported checkpoints, keeps the top K, deletes
   the others wherever they live, persists in the background, and restores itself from
   storage after a restart.
+
+>>> from dckpt.train import DataParallelTrainer, report, get_checkpoint, get_context
+>>> def train(config):  # doctest: +SKIP
+...     start = 0 if get_checkpoint() is None else get_checkpoint().to_dict()["epoch"] + 1
+...     for epoch in range(start, 10):
+...         report({"epoch": epoch}, checkpoint=Checkpoint.from_dict({"epoch": epoch}))
+>>> DataParallelTrainer(train, num_workers=2, max_failures=3).fit()  # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 from dckpt.train._config import CheckpointConfig
+from dckpt.train._errors import TrainingFailedError, WorkerLostError
 from dckpt.train._manager import CheckpointManager, TrackedCheckpoint
+from dckpt.train._result import Result
 from dckpt.train._scoring import MetricNotFoundError
+from dckpt.train._session import TrainContext, get_checkpoint, get_context, report
+from dckpt.train._trainer import DataParallelTrainer, fit
 
 __all__ = [
     "CheckpointConfig",
     "CheckpointManager",
+    "DataParallelTrainer",
     "MetricNotFoundError",
+    "Result",
     "TrackedCheckpoint",
+    "TrainContext",
+    "TrainingFailedError",
+    "WorkerLostError",
+    "fit",
+    "get_checkpoint",
+    "get_context",
+    "report",
 ]

@@ -1,0 +1,89 @@
+"""Fixtures of the trainer tests: a stand-in checkpoint manager, an isolated cluster.
+
+``FakeManager`` implements only what the trainer uses of ``CheckpointManager``
+(``register``, ``latest_checkpoint``, ``best_checkpoint``, ``best_checkpoints``,
+``close``), and records what it was given. It keeps every checkpoint and deletes none.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import pytest
+from distributed import Client
+
+from dckpt import Checkpoint
+from dckpt.cluster import NodeCluster, isolation_available
+
+N_NODES = 3
+
+
+class FakeManager:
+    """Records registrations; ``on_register(checkpoint, metrics)`` runs after each."""
+
+    def __init__(self, on_register: Callable[[Checkpoint, dict[str, Any]], None] | None = None):
+        self.registered: list[tuple[Checkpoint, dict[str, Any]]] = []
+        self.on_register = on_register
+        self.closed = False
+        self.thread_ids: set[int] = set()
+
+    def register(self, checkpoint: Checkpoint, metrics: Mapping[str, Any]) -> None:
+        self.thread_ids.add(threading.get_ident())
+        self.registered.append((checkpoint, dict(metrics)))
+        if self.on_register is not None:
+            self.on_register(checkpoint, dict(metrics))
+
+    @property
+    def latest_checkpoint(self) -> Checkpoint | None:
+        return self.registered[-1][0] if self.registered else None
+
+    @property
+    def best_checkpoint(self) -> Checkpoint | None:
+        return self.latest_checkpoint
+
+    @property
+    def best_checkpoints(self) -> list[tuple[Checkpoint, dict[str, Any]]]:
+        return list(self.registered)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@pytest.fixture(scope="module")
+def train_cluster() -> Iterator[NodeCluster]:
+    """An isolated NodeCluster of three nodes for one test module.
+
+    A test that kills a node starts it again. Skips where mount namespaces cannot be
+    had: the resume tests must not pass by reading another node's disk.
+    """
+    if not isolation_available():
+        pytest.skip("node isolation (mount namespaces) is not available here")
+    with NodeCluster(N_NODES, isolate=True) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def train_client(train_cluster: NodeCluster) -> Client:
+    return train_cluster.client(set_as_default=False)
+
+
+def _dckpt_train_names(dask_scheduler: Any) -> list[str]:
+    queues = dask_scheduler.extensions["queues"].queues
+    events = dask_scheduler.extensions["events"]._events
+    return [name for name in [*queues, *events] if str(name).startswith("dckpt-train")]
+
+
+@pytest.fixture
+def client(train_client: Client) -> Iterator[Client]:
+    """The module's client; afterwards, no queue or event of a run is left on the
+    scheduler (a queue's release is a one-way message: give it a moment to land)."""
+    yield train_client
+    deadline = time.monotonic() + 5
+    while (left := train_client.run_on_scheduler(_dckpt_train_names)) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.05)
+    assert left == []

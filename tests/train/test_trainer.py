@@ -1,0 +1,212 @@
+"""DataParallelTrainer on an isolated three-node cluster: reports, placement, resume,
+failures. Each node's disk is its own, so a resumed rank that reads its checkpoint
+had it fetched from the node that wrote it."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import threading
+import uuid
+
+import dask.config
+import distributed
+import pytest
+
+from dckpt import Checkpoint, node
+from dckpt.cluster import isolation_available
+from dckpt.train import (
+    DataParallelTrainer,
+    TrainingFailedError,
+    fit,
+    get_checkpoint,
+    get_context,
+    report,
+)
+from tests.train.conftest import N_NODES, FakeManager
+
+pytestmark = pytest.mark.slow
+
+
+def _save(epoch: int) -> Checkpoint:
+    """A directory checkpoint of ``epoch`` under this node's root."""
+    context = get_context()
+    path = os.path.join(node.node_root(), "train-tests", context.run_name,
+                        f"attempt-{context.attempt}-rank-{context.world_rank}-epoch-{epoch}")
+    os.makedirs(path)
+    with open(os.path.join(path, "state.json"), "w") as f:
+        json.dump({"epoch": epoch}, f)
+    return Checkpoint.from_directory(path)
+
+
+def _epoch_of(checkpoint: Checkpoint | None) -> int | None:
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as path, open(os.path.join(path, "state.json")) as f:
+        return int(json.load(f)["epoch"])
+
+
+def _train(config):
+    """Epochs from the one after the checkpoint's; every rank reports a checkpoint.
+
+    On a fresh start with ``config["pause_at"]``, every rank waits before that epoch
+    until ``config["event"]`` is set (the test kills a node meanwhile).
+    """
+    context = get_context()
+    resumed_from = _epoch_of(get_checkpoint())
+    start = 0 if resumed_from is None else resumed_from + 1
+    for epoch in range(start, config["epochs"]):
+        if resumed_from is None and epoch == config.get("pause_at"):
+            distributed.Event(config["event"]).wait(30)
+        report({"epoch": epoch, "loss": 1.0 / (epoch + 1), "node_id": context.node_id,
+                "resumed_from": resumed_from}, checkpoint=_save(epoch))
+
+
+def test_reports_of_all_ranks_arrive_and_rank_0s_checkpoints_stay_on_their_node(client):
+    manager = FakeManager()
+    result = DataParallelTrainer(
+        _train, train_loop_config={"epochs": 3}, num_workers=N_NODES,
+        checkpoint_manager=manager, client=client,
+    ).fit()
+
+    history = result.metrics_history
+    assert sorted((e["world_rank"], e["epoch"]) for e in history) == [
+        (rank, epoch) for rank in range(N_NODES) for epoch in range(3)
+    ]
+    assert all(e["resumed_from"] is None for e in history)  # a fresh start
+    # One rank per node.
+    nodes = {e["world_rank"]: e["node_id"] for e in history}
+    assert sorted(nodes.values()) == [f"node-{i}" for i in range(N_NODES)]
+    # Only rank 0's checkpoints are registered, with its metrics, from the driver's thread.
+    assert [(m["world_rank"], m["epoch"]) for _, m in manager.registered] == [(0, 0), (0, 1), (0, 2)]
+    assert manager.thread_ids == {threading.get_ident()}
+    assert not manager.closed  # an injected manager belongs to the caller
+    # The checkpoint reached the driver as a reference: its bytes were not copied.
+    kind, ref = result.checkpoint.get_internal_representation()
+    assert kind == "node_ref"
+    assert ref.node_id == nodes[0]
+    assert result.metrics["epoch"] == 2 and result.metrics["world_rank"] == 0
+    assert result.metrics["training_iteration"] == 3
+    assert result.error is None and result.failures == 0
+    assert result.best_checkpoints == manager.registered
+
+
+def _report_resume_point():
+    checkpoint = get_checkpoint()
+    report({"resumed_from": None if checkpoint is None else checkpoint.to_dict()["epoch"]})
+
+
+def test_get_checkpoint_returns_resume_from_checkpoint(client):
+    result = fit(_report_resume_point, num_workers=2, client=client,
+                 checkpoint_manager=FakeManager(),
+                 resume_from_checkpoint=Checkpoint.from_dict({"epoch": 5}))
+    assert [e["resumed_from"] for e in result.metrics_history] == [5, 5]
+
+
+def _fail_on_rank_1():
+    if get_context().world_rank == 1:
+        raise ValueError("rank 1 always fails")
+    report({"ok": True})
+
+
+def test_more_failures_than_max_failures_raise_with_the_result(client):
+    with pytest.raises(TrainingFailedError, match="failed 2 time.*max_failures=1") as info:
+        fit(_fail_on_rank_1, num_workers=2, max_failures=1, client=client,
+            checkpoint_manager=FakeManager())
+    result = info.value.result
+    assert isinstance(result.error, ValueError) and info.value.__cause__ is result.error
+    assert result.failures == 2
+    assert {e["attempt"] for e in result.metrics_history} <= {0, 1}
+
+
+def test_too_few_workers_fail_after_the_wait(client):
+    with dask.config.set({"dckpt.train.worker-wait-timeout": "200ms"}), \
+            pytest.raises(TrainingFailedError, match=f"{N_NODES + 1} workers") as info:
+        fit(_report_resume_point, num_workers=N_NODES + 1, client=client,
+            checkpoint_manager=FakeManager())
+    assert isinstance(info.value.result.error, TimeoutError)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("torch") is not None, reason="torch is installed")
+def test_torch_setup_without_torch_says_so(client):
+    with pytest.raises(ImportError, match="needs PyTorch on every worker"):
+        fit(_report_resume_point, num_workers=2, client=client,
+            checkpoint_manager=FakeManager(), setup_torch_distributed=True)
+
+
+def _all_reduce_ranks():
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.tensor([float(get_context().world_rank)])
+    dist.all_reduce(tensor)
+    report({"sum": float(tensor.item()), "world_size": int(os.environ["WORLD_SIZE"])})
+
+
+def test_torch_distributed_gloo_across_ranks(client):
+    pytest.importorskip("torch")
+    result = fit(_all_reduce_ranks, num_workers=2, client=client,
+                 checkpoint_manager=FakeManager(), setup_torch_distributed=True)
+    assert [(e["sum"], e["world_size"]) for e in result.metrics_history] == [(1.0, 2)] * 2
+
+
+def test_resume_after_killing_a_worker_continues_from_the_latest_checkpoint(
+    client, train_cluster
+):
+    epochs, pause_at = 6, 3
+    event = f"test-kill-{uuid.uuid4().hex}"
+    killer: list[threading.Thread] = []
+
+    def kill_rank_1s_node_then_restart_it():
+        # Rank i runs on node-i (placement is round-robin over sorted node ids).
+        train_cluster.kill_node(1)
+        train_cluster.restart_node(1)
+        distributed.Event(event, client=client).set()
+
+    def on_register(checkpoint, metrics):
+        if metrics["attempt"] == 0 and metrics["epoch"] == pause_at - 1 and not killer:
+            killer.append(threading.Thread(target=kill_rank_1s_node_then_restart_it))
+            killer[0].start()
+
+    manager = FakeManager(on_register)
+    try:
+        result = DataParallelTrainer(
+            _train, train_loop_config={"epochs": epochs, "pause_at": pause_at, "event": event},
+            num_workers=N_NODES, checkpoint_manager=manager, max_failures=1, client=client,
+        ).fit()
+    finally:
+        for thread in killer:
+            thread.join(60)
+        distributed.Event(event, client=client).clear()
+    assert result.failures == 1
+
+    latest_before = max(m["epoch"] for _, m in manager.registered if m["attempt"] == 0)
+    assert latest_before >= pause_at - 1
+    after = [e for e in result.metrics_history if e["attempt"] == 1]
+    # Every rank of the new attempt, on every node, resumed from that checkpoint ...
+    assert {(e["world_rank"], e["resumed_from"]) for e in after} == {
+        (rank, latest_before) for rank in range(N_NODES)
+    }
+    # ... and the epochs went on from there, not from 0.
+    for rank in range(N_NODES):
+        assert [e["epoch"] for e in after if e["world_rank"] == rank] == list(
+            range(latest_before + 1, epochs)
+        )
+    assert result.metrics["epoch"] == epochs - 1 and result.metrics["attempt"] == 1
+    assert result.checkpoint is manager.registered[-1][0]
+
+
+def test_data_parallel_example_resumes_after_the_kill():
+    pytest.importorskip("dckpt.train._manager", reason="needs the CheckpointManager (merged later)")
+    if not isolation_available():
+        pytest.skip("the example runs an isolated NodeCluster")
+    example = os.path.join(os.path.dirname(__file__), "..", "..", "examples",
+                           "train_data_parallel.py")
+    result = subprocess.run([sys.executable, example], capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "resumed from the checkpoint of epoch" in result.stdout
+    assert "the curve continues" in result.stdout
