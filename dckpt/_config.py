@@ -26,12 +26,15 @@ def temporary_directory() -> str:
     """The folder where checkpoints without a directory of their own are written.
 
     ``dckpt.temporary-directory``, else Dask's ``temporary-directory``, else the
-    system's temporary directory.
+    system's temporary directory; created if it does not exist yet (a configured
+    folder on a fresh node need not).
     """
     configured = dask.config.get("dckpt.temporary-directory", None) or dask.config.get(
         "temporary-directory", None
     )
-    return os.path.abspath(configured or tempfile.gettempdir())
+    path = os.path.abspath(configured or tempfile.gettempdir())
+    os.makedirs(path, exist_ok=True)
+    return path
 
 
 _load_defaults()

@@ -408,3 +408,13 @@ def test_package_exports():
     assert set(dckpt.__all__) >= {"Checkpoint", "CheckpointError", "CheckpointFormatError"}
     for name in dckpt.__all__:
         assert hasattr(dckpt, name)
+
+
+def test_a_temporary_directory_that_does_not_exist_yet_is_created(tmp_path):
+    import dask.config
+
+    folder = tmp_path / "fresh" / "tmp"
+    with dask.config.set({"dckpt.temporary-directory": str(folder)}), \
+            Checkpoint.from_dict({"x": 1}).as_directory() as directory:
+        assert os.path.dirname(directory) == str(folder)
+        assert Checkpoint.from_directory(directory).to_dict() == {"x": 1}

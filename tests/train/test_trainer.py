@@ -19,6 +19,8 @@ import pytest
 from dckpt import Checkpoint, node
 from dckpt.cluster import isolation_available
 from dckpt.train import (
+    CheckpointConfig,
+    CheckpointManager,
     DataParallelTrainer,
     TrainingFailedError,
     fit,
@@ -197,6 +199,38 @@ def test_resume_after_killing_a_worker_continues_from_the_latest_checkpoint(
         )
     assert result.metrics["epoch"] == epochs - 1 and result.metrics["attempt"] == 1
     assert result.checkpoint is manager.registered[-1][0]
+
+
+def _exists_here(path: str) -> bool:
+    return os.path.exists(path)
+
+
+def test_with_the_real_manager_a_new_driver_continues_from_storage(client, tmp_path):
+    """Top 2 by loss persisted to a URI; a new driver restores the manager from there
+    and the next fit resumes from the latest checkpoint."""
+    uri = f"file://{tmp_path}/run"
+    config = CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="loss",
+                              checkpoint_score_order="min", storage_uri=uri)
+    first = DataParallelTrainer(_train, train_loop_config={"epochs": 3}, num_workers=2,
+                                checkpoint_config=config, client=client).fit()
+    # The trainer closed the manager it made: every upload and deletion is done.
+    assert sorted(os.listdir(tmp_path / "run")) == [
+        "checkpoint_000001", "checkpoint_000002", "dckpt_manager_state.json"]
+    assert [m["epoch"] for _, m in first.best_checkpoints] == [2, 1]
+    # Epoch 0's checkpoint fell out of the top 2: gone from the node that wrote it too.
+    dropped = [e for e in first.metrics_history if e["world_rank"] == 0 and e["epoch"] == 0]
+    assert dropped and dropped[0]["node_id"] == "node-0"
+
+    restored = CheckpointManager.restore(uri, client=client)
+    try:
+        assert [m["epoch"] for _, m in restored.best_checkpoints] == [2, 1]
+        second = DataParallelTrainer(_train, train_loop_config={"epochs": 5}, num_workers=2,
+                                     checkpoint_manager=restored, client=client).fit()
+    finally:
+        restored.close()
+    assert {e["resumed_from"] for e in second.metrics_history} == {2}
+    assert sorted({e["epoch"] for e in second.metrics_history}) == [3, 4]
+    assert [m["epoch"] for _, m in restored.best_checkpoints] == [4, 3]
 
 
 def test_data_parallel_example_resumes_after_the_kill():
