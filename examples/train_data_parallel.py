@@ -2,12 +2,13 @@
 
 Run it with ``python examples/train_data_parallel.py`` (about 20 s on 2 cores).
 
-A logistic regression (pure Python: dckpt needs no numpy) is trained by two ranks,
-each on its half of a synthetic data set. Every epoch each rank computes the gradient
-on its half, the ranks average their gradients (a small all-reduce through Dask
-variables) and take the same step, and rank 0 saves a checkpoint: a directory on its
-own node with the weights, the epoch and the optimizer's momentum. Its bytes stay on
-that node; the driver only holds a reference.
+A logistic regression (pure Python: dckpt needs no numpy; the training function is
+``dckpt.demo.train_loop``, shared with ``dckpt demo``) is trained by two ranks, each on
+its half of a synthetic data set. Every epoch each rank computes the gradient on its
+half, the ranks average their gradients (a small all-reduce through Dask variables)
+and take the same step, and rank 0 saves a checkpoint: a directory on its own node
+with the weights, the epoch and the optimizer's momentum. Its bytes stay on that node;
+the driver only holds a reference.
 
 After a few epochs the driver kills the node of rank 1. The trainer notices, restarts
 both ranks on the nodes still alive, and each resumes from rank 0's latest checkpoint,
@@ -17,120 +18,20 @@ loss curve goes on from where it was instead of starting over.
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import random
 import shutil
 import tempfile
 import threading
-import time
 
 import distributed
 
-from dckpt import Checkpoint, node
 from dckpt.cluster import NodeCluster
-from dckpt.train import (
-    CheckpointConfig,
-    DataParallelTrainer,
-    Result,
-    get_checkpoint,
-    get_context,
-    report,
-)
+from dckpt.demo import train_loop
+from dckpt.train import CheckpointConfig, DataParallelTrainer, Result
 
 EPOCHS = 30
 KILL_AFTER_EPOCH = 8  # rank 1 asks to be killed once it has reported this epoch
-N_SAMPLES = 600
-N_FEATURES = 3
 EPOCH_SECONDS = 0.15  # stands in for real work, so the kill lands mid-training
-
-
-def make_data(seed: int = 0) -> list[tuple[list[float], int]]:
-    """Points whose label follows a fixed linear rule, with some noise."""
-    rng = random.Random(seed)
-    true_weights = [1.5, -2.0, 0.5]
-    data = []
-    for _ in range(N_SAMPLES):
-        x = [rng.gauss(0, 1) for _ in range(N_FEATURES)]
-        logit = sum(w * xi for w, xi in zip(true_weights, x)) + rng.gauss(0, 0.5)
-        data.append((x, int(logit > 0)))
-    return data
-
-
-def loss_and_gradient(weights: list[float], data: list[tuple[list[float], int]]) -> list[float]:
-    """[d loss / d w_0, ..., d loss / d w_n, loss], the log loss averaged over ``data``;
-    the last weight is the bias."""
-    gradient = [0.0] * len(weights)
-    loss = 0.0
-    for x, y in data:
-        z = sum(w * xi for w, xi in zip(weights, x)) + weights[-1]
-        p = 1 / (1 + math.exp(-z))
-        loss -= math.log(p if y else 1 - p)
-        for i, xi in enumerate([*x, 1.0]):
-            gradient[i] += (p - y) * xi
-    return [g / len(data) for g in gradient] + [loss / len(data)]
-
-
-def all_reduce_mean(values: list[float], tag: str) -> list[float]:
-    """The mean over all ranks of ``values``, through one Dask Variable per rank.
-
-    Every rank of the attempt must call it with the same ``tag``. A rank whose peer
-    died gives up after 10 s; by then the trainer has restarted the group anyway.
-    """
-    context = get_context()
-    client = distributed.get_client()
-    prefix = f"{context.run_name}-attempt-{context.attempt}-{tag}"
-    mine = distributed.Variable(f"{prefix}-rank-{context.world_rank}", client=client)
-    mine.set(values)
-    total = [0.0] * len(values)
-    for rank in range(context.world_size):
-        theirs = distributed.Variable(f"{prefix}-rank-{rank}", client=client).get(timeout=10)
-        total = [t + v for t, v in zip(total, theirs)]
-    return [t / context.world_size for t in total]
-
-
-def save_checkpoint(state: dict) -> Checkpoint:
-    """Write ``state`` to a fresh directory on this node and wrap it."""
-    context = get_context()
-    path = os.path.join(node.node_root(), "example-checkpoints", context.run_name,
-                        f"epoch-{state['epoch']:03d}-attempt-{context.attempt}")
-    os.makedirs(path)
-    with open(os.path.join(path, "state.json"), "w") as f:
-        json.dump(state, f)
-    return Checkpoint.from_directory(path)
-
-
-def train_loop(config: dict) -> None:
-    """One rank: plain gradient descent with momentum, gradients averaged over ranks."""
-    context = get_context()
-    shard = make_data()[context.world_rank::context.world_size]
-    weights = [0.0] * (N_FEATURES + 1)
-    momentum = [0.0] * (N_FEATURES + 1)
-    start, resumed_from = 0, None
-    checkpoint = get_checkpoint()
-    if checkpoint is not None:
-        # Fetched from the node that wrote it the first time it is used here.
-        with checkpoint.as_directory() as path, open(os.path.join(path, "state.json")) as f:
-            state = json.load(f)
-        weights, momentum = state["weights"], state["optimizer"]["momentum"]
-        start = resumed_from = state["epoch"] + 1
-
-    for epoch in range(start, config["epochs"]):
-        time.sleep(EPOCH_SECONDS)
-        *gradient, loss = all_reduce_mean(loss_and_gradient(weights, shard), f"epoch-{epoch}")
-        momentum = [config["momentum"] * m + g for m, g in zip(momentum, gradient)]
-        weights = [w - config["lr"] * m for w, m in zip(weights, momentum)]
-        checkpoint = None
-        if context.world_rank == 0:
-            checkpoint = save_checkpoint({
-                "epoch": epoch, "weights": weights,
-                "optimizer": {"momentum": momentum, "lr": config["lr"]},
-            })
-        report({"epoch": epoch, "loss": loss, "resumed_from": resumed_from,
-                "node_id": context.node_id}, checkpoint=checkpoint)
-        if context.world_rank == 1 and resumed_from is None and epoch == KILL_AFTER_EPOCH:
-            distributed.Variable(config["victim"]).set(context.node_id)
 
 
 def kill_when_asked(cluster: NodeCluster, client: distributed.Client, victim: str) -> None:
@@ -161,7 +62,9 @@ def run(storage: str) -> Result:
         killer.start()
         trainer = DataParallelTrainer(
             train_loop,
-            train_loop_config={"epochs": EPOCHS, "lr": 0.5, "momentum": 0.5, "victim": victim},
+            train_loop_config={"epochs": EPOCHS, "lr": 0.5, "momentum": 0.5,
+                               "epoch_seconds": EPOCH_SECONDS, "victim": victim,
+                               "kill_after": KILL_AFTER_EPOCH},
             num_workers=2, max_failures=2, client=client,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=3, checkpoint_score_attribute="loss",

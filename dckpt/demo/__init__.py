@@ -1,0 +1,26 @@
+"""``dckpt demo``: the whole idea on a local cluster, and the toy model it trains.
+
+:func:`run_demo` starts an isolated :class:`~dckpt.cluster.NodeCluster`, trains a small
+model data-parallel with checkpoints, kills a node and resumes, keeps the best two,
+batch-predicts on every node with locality, and reports what moved where.
+"""
+
+from __future__ import annotations
+
+from dckpt.demo._toy import (
+    ToyPredictor,
+    accuracy,
+    all_reduce_mean,
+    make_data,
+    read_state,
+    train_loop,
+)
+
+__all__ = [
+    "ToyPredictor",
+    "accuracy",
+    "all_reduce_mean",
+    "make_data",
+    "read_state",
+    "train_loop",
+]
