@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import random
 from pathlib import Path
+from typing import Any
 
 import dask.config
 import pytest
 from distributed.comm import Comm, connect, listen
+from distributed.security import Security
 
 from dckpt.cluster._stream import _following, _raw_stream, serve_chunks, stream_over
 from dckpt.transfer import ChunkSource, build_manifest
@@ -39,10 +41,10 @@ def _tree(root: Path, seed: int) -> None:
 
 
 @pytest.mark.parametrize("in_flight", [1, 3])
-@pytest.mark.parametrize("scheme", ["tcp://127.0.0.1", "inproc://"])
+@pytest.mark.parametrize("scheme", ["tcp://127.0.0.1", "tls://127.0.0.1", "inproc://"])
 def test_a_directory_crosses_a_comm_intact(tmp_path: Path, scheme: str, in_flight: int):
-    """Raw chunk bytes after a message on TCP, chunks inside messages elsewhere; with no
-    retries allowed, a buffer reused too early would fail the transfer."""
+    """Raw chunk bytes after a message on TCP and TLS, chunks inside messages elsewhere;
+    with no retries allowed, a buffer reused too early would fail the transfer."""
     src, dst = tmp_path / "src", tmp_path / "dst"
     _tree(src, seed=in_flight)
     manifest = build_manifest(src)
@@ -55,9 +57,10 @@ def test_a_directory_crosses_a_comm_intact(tmp_path: Path, scheme: str, in_fligh
                 await serve_chunks(comm, source)
             await comm.close()
 
-        listener = await listen(scheme, serve)  # awaiting a listener starts it
+        listen_args, connect_args = _security_for(scheme)
+        listener = await listen(scheme, serve, **listen_args)  # awaiting one starts it
         try:
-            comm = await connect(listener.contact_address)
+            comm = await connect(listener.contact_address, **connect_args)
             used_raw.append(_raw_stream(comm) is not None)
             await stream_over(comm, "the test sender", manifest, str(dst), chunk_bytes=chunk_bytes)
             await comm.close()
@@ -67,6 +70,15 @@ def test_a_directory_crosses_a_comm_intact(tmp_path: Path, scheme: str, in_fligh
     with dask.config.set({"dckpt.transfer.max-in-flight": in_flight,
                           "dckpt.transfer.retries": 0}):
         asyncio.run(main())
-    assert used_raw == [scheme.startswith("tcp")]
+    assert used_raw == [not scheme.startswith("inproc")]
     for name in ("weights.bin", "sub/log.txt", "empty"):
         assert (dst / name).read_bytes() == (src / name).read_bytes()
+
+
+def _security_for(scheme: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Listen and connect arguments: a throwaway certificate for TLS, none otherwise."""
+    if not scheme.startswith("tls"):
+        return {}, {}
+    pytest.importorskip("cryptography")  # Security.temporary() makes the certificate
+    security = Security.temporary()
+    return security.get_listen_args("worker"), security.get_connection_args("worker")
