@@ -75,7 +75,8 @@ def put(
     """
     client = client or get_client()
     targets = _workers_of(client, nodes)
-    ref = checkpoint._node_ref
+    # A worker's checkpoint the driver has read already still comes from its owner.
+    ref = checkpoint._node_ref or checkpoint._resolved_from
     if ref is None:
         ref = _push(client, checkpoint, targets[0][1])
     fetches = [

@@ -96,6 +96,22 @@ def test_put_of_a_worker_checkpoint_fetches_it_on_the_chosen_node(
     assert _received(node_client) == after_put
 
 
+def test_put_of_a_worker_checkpoint_read_on_the_driver_does_not_push_it(
+    tmp_path: Path, node_cluster: NodeCluster, node_client: Client, nodes: tuple[str, str]
+):
+    owner, other = nodes
+    made = node_client.submit(_make_on_worker, 16, workers=[owner], pure=False).result()
+    with dask.config.set({"dckpt.temporary-directory": str(tmp_path)}), \
+            node_client.as_current(), made.as_directory() as directory:
+        assert (Path(directory) / "weights.bin").stat().st_size == SIZE  # a driver copy
+    before = _received(node_client)
+    staged = dckpt.put(made, [node_cluster.nodes[1].node_id], client=node_client)
+    after = _received(node_client)
+    assert after[owner] == before[owner]  # nothing pushed to the owner's node
+    assert after[other][0] - before[other][0] == 1  # fetched from the owner
+    assert staged.get_internal_representation()[1].node_id == node_cluster.nodes[0].node_id
+
+
 def test_put_refuses_unknown_nodes(tmp_path: Path, node_client: Client, nodes: tuple[str, str]):
     checkpoint, _ = _driver_checkpoint(tmp_path, seed=13)
     with pytest.raises(ValueError, match="'no-such-node' is neither a node id nor a worker"):
