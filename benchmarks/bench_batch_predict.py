@@ -31,10 +31,9 @@ import time
 import uuid
 
 import cloudpickle
+import dask.dataframe as dd
 import numpy as np
 import pandas as pd
-
-import dask.dataframe as dd
 from distributed import Client
 
 from dckpt import Checkpoint

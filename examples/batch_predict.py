@@ -14,10 +14,10 @@ from __future__ import annotations
 import os
 
 import cloudpickle
+import dask.dataframe as dd
 import numpy as np
 import pandas as pd
 
-import dask.dataframe as dd
 from dckpt import Checkpoint
 from dckpt.cluster import NodeCluster, install, stats
 from dckpt.predict import BatchPredictor, SklearnLikePredictor
