@@ -2,11 +2,14 @@
 
 :class:`Predictor` is the base class (Ray AIR's API); :class:`SklearnLikePredictor` and
 :class:`FunctionPredictor` serve plain picklable models; :func:`model_checkpoint` makes
-a checkpoint they read.
+a checkpoint they read. :class:`BatchPredictor` scores Dask collections with one
+predictor per worker, placed where the checkpoint already is.
 """
 
 from __future__ import annotations
 
+from dckpt.predict._batch import BatchPredictor
+from dckpt.predict._batch_errors import BatchFormatError, ScoringWorkersError
 from dckpt.predict._predictor import (
     FunctionPredictor,
     Predictor,
@@ -16,8 +19,11 @@ from dckpt.predict._predictor import (
 )
 
 __all__ = [
+    "BatchFormatError",
+    "BatchPredictor",
     "FunctionPredictor",
     "Predictor",
+    "ScoringWorkersError",
     "SklearnLikePredictor",
     "load_model",
     "model_checkpoint",
