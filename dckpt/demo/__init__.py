@@ -7,6 +7,7 @@ batch-predicts on every node with locality, and reports what moved where.
 
 from __future__ import annotations
 
+from dckpt.demo._story import DemoReport, run_demo
 from dckpt.demo._toy import (
     ToyPredictor,
     accuracy,
@@ -17,10 +18,12 @@ from dckpt.demo._toy import (
 )
 
 __all__ = [
+    "DemoReport",
     "ToyPredictor",
     "accuracy",
     "all_reduce_mean",
     "make_data",
     "read_state",
+    "run_demo",
     "train_loop",
 ]

@@ -29,6 +29,7 @@ import distributed
 from dckpt import _config
 from dckpt.cluster import NodeCluster, stats
 from dckpt.demo._toy import ToyPredictor, accuracy, make_data, train_loop
+from dckpt.predict import BatchPredictor
 from dckpt.train import CheckpointConfig, DataParallelTrainer, Result
 
 __all__ = ["DemoReport", "run_demo"]
@@ -51,7 +52,9 @@ class DemoReport:
     best: list[tuple[int, float]] = field(default_factory=list)  # (epoch, loss)
     batches: int = 0
     accuracy: float = float("nan")
-    per_node: dict[str, dict[str, int]] = field(default_factory=dict)
+    # By node id: the store's counters after training, and what prediction added.
+    after_training: dict[str, dict[str, int]] = field(default_factory=dict)
+    by_prediction: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def lines(self) -> list[str]:
         """The report as lines of text."""
@@ -64,11 +67,19 @@ class DemoReport:
                 f"epoch {epoch} (loss {loss:.4f})" for epoch, loss in self.best),
             f"batch prediction: {self.batches} batches on every node with the best "
             f"checkpoint; accuracy {self.accuracy:.3f}",
-            f"{'node':<8} {'transfers':>9} {'bytes in':>10} {'bytes out':>10} {'cache hits':>10}",
+            "checkpoint bytes moved between nodes (a restarted node's counters start again):",
+            f"{'node':<8} {'training: transfers':>20} {'bytes in':>9} {'bytes out':>9}"
+            f"   {'prediction: transfers':>22} {'bytes in':>9} {'bytes out':>9}",
         ]
-        for node_id, row in sorted(self.per_node.items()):
-            out.append(f"{node_id:<8} {row['transfers']:>9} {row['bytes_received']:>10} "
-                       f"{row['bytes_sent']:>10} {row['cache_hits']:>10}")
+        empty = dict.fromkeys(_COUNTERS, 0)
+        for node_id in sorted({*self.after_training, *self.by_prediction}):
+            train = self.after_training.get(node_id, empty)
+            predict = self.by_prediction.get(node_id, empty)
+            out.append(
+                f"{node_id:<8} {train['transfers']:>20} {train['bytes_received']:>9} "
+                f"{train['bytes_sent']:>9}   {predict['transfers']:>22} "
+                f"{predict['bytes_received']:>9} {predict['bytes_sent']:>9}"
+            )
         return out
 
 
@@ -91,9 +102,10 @@ def run_demo(
             best = result.best_checkpoints[0][0]
             say(f"scoring {batches} batches on every node with the checkpoint of epoch "
                 f"{report.best[0][0]}")
+            report.after_training = _per_node(client)
             report.accuracy = accuracy(_predict(client, best, batches))
             report.batches = batches
-            report.per_node = _per_node(client)
+            report.by_prediction = _minus(_per_node(client), report.after_training)
     finally:
         shutil.rmtree(storage, ignore_errors=True)
     report.seconds = time.perf_counter() - started
@@ -151,7 +163,11 @@ def _summarize_training(result: Result, report: DemoReport) -> None:
 
 def _predict(client: distributed.Client, checkpoint: Any, batches: int) -> list[Any]:
     """Every batch scored where a predictor is loaded; the checkpoint once per node."""
-    raise NotImplementedError  # wired to BatchPredictor once it lands
+    with BatchPredictor(checkpoint, ToyPredictor) as predictor:
+        futures = predictor.predict(_batches(batches), client=client,
+                                    min_scoring_workers=len(client.nthreads()))
+        results: list[Any] = client.gather(futures)
+    return results
 
 
 def _batches(count: int, rows: int = 20) -> list[dict[str, list[Any]]]:
@@ -160,12 +176,23 @@ def _batches(count: int, rows: int = 20) -> list[dict[str, list[Any]]]:
             for i in range(0, len(data), rows)]
 
 
+_COUNTERS = ("transfers", "bytes_received", "bytes_sent")
+
+
 def _per_node(client: distributed.Client) -> dict[str, dict[str, int]]:
+    """The stores' counters, summed by node."""
     rows: dict[str, dict[str, int]] = {}
-    for address, counters in stats(client).items():
-        row = rows.setdefault(str(counters["node_id"]), dict.fromkeys(
-            ("transfers", "bytes_received", "bytes_sent", "cache_hits"), 0))
-        for name in row:
+    for counters in stats(client).values():
+        row = rows.setdefault(str(counters["node_id"]), dict.fromkeys(_COUNTERS, 0))
+        for name in _COUNTERS:
             row[name] += int(counters[name])
     return rows
+
+
+def _minus(
+    later: dict[str, dict[str, int]], earlier: dict[str, dict[str, int]]
+) -> dict[str, dict[str, int]]:
+    return {node_id: {name: value - earlier.get(node_id, {}).get(name, 0)
+                      for name, value in row.items()}
+            for node_id, row in later.items()}
 
