@@ -60,16 +60,16 @@ class DemoReport:
         """The report as lines of text."""
         out = [
             f"dckpt demo: {self.nodes} isolated nodes, {self.seconds:.1f} s",
-            f"training: 2 ranks; {self.killed_node} killed after epoch {KILL_AFTER_EPOCH}; "
+            (f"training: 2 ranks; {self.killed_node} killed after epoch {KILL_AFTER_EPOCH}; "
             f"{self.failures} failure(s) survived; resumed at epoch {self.resumed_at_epoch}; "
-            f"final loss {self.final_loss:.4f}",
+            f"final loss {self.final_loss:.4f}"),
             "best checkpoints kept: " + ", ".join(
                 f"epoch {epoch} (loss {loss:.4f})" for epoch, loss in self.best),
-            f"batch prediction: {self.batches} batches on every node with the best "
-            f"checkpoint; accuracy {self.accuracy:.3f}",
+            (f"batch prediction: {self.batches} batches on every node with the best "
+            f"checkpoint; accuracy {self.accuracy:.3f}"),
             "checkpoint bytes moved between nodes (a restarted node's counters start again):",
-            f"{'node':<8} {'training: transfers':>20} {'bytes in':>9} {'bytes out':>9}"
-            f"   {'prediction: transfers':>22} {'bytes in':>9} {'bytes out':>9}",
+            (f"{'node':<8} {'training: transfers':>20} {'bytes in':>9} {'bytes out':>9}"
+            f"   {'prediction: transfers':>22} {'bytes in':>9} {'bytes out':>9}"),
         ]
         empty = dict.fromkeys(_COUNTERS, 0)
         for node_id in sorted({*self.after_training, *self.by_prediction}):
