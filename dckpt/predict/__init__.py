@@ -2,11 +2,13 @@
 
 :class:`Predictor` is the base class (Ray AIR's API); :class:`SklearnLikePredictor` and
 :class:`FunctionPredictor` serve plain picklable models; :func:`model_checkpoint` makes
-a checkpoint they read.
+a checkpoint they read. :class:`PredictorDeployment` runs replicas of a predictor as
+Dask actors and serves them over HTTP (Ray Serve's ``PredictorDeployment``).
 """
 
 from __future__ import annotations
 
+from dckpt.predict._deployment import PredictorDeployment
 from dckpt.predict._predictor import (
     FunctionPredictor,
     Predictor,
@@ -14,10 +16,13 @@ from dckpt.predict._predictor import (
     load_model,
     model_checkpoint,
 )
+from dckpt.predict._replicas import ReplicaUnavailableError
 
 __all__ = [
     "FunctionPredictor",
     "Predictor",
+    "PredictorDeployment",
+    "ReplicaUnavailableError",
     "SklearnLikePredictor",
     "load_model",
     "model_checkpoint",
