@@ -10,18 +10,21 @@ import json
 import os
 import re
 import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import cloudpickle
 import pytest
 
 import dckpt.node
 from dckpt import Checkpoint
-from dckpt.cluster import stats
+from dckpt.cluster import isolation_available, stats
 from dckpt.predict import (
     FunctionPredictor,
     PredictorDeployment,
@@ -227,3 +230,13 @@ def test_a_replica_whose_worker_dies_is_replaced_and_its_requests_answered(
     finally:
         node_cluster.restart_node(0)
 
+
+def test_the_serve_example_runs():
+    if not isolation_available():
+        pytest.skip("the example isolates its nodes (mount namespaces)")
+    example = Path(__file__).resolve().parents[2] / "examples" / "serve.py"
+    result = subprocess.run([sys.executable, str(example)], capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "POST /predict (malformed JSON) -> 400" in result.stdout
+    assert "8 concurrent requests -> [1.0, 4.0, 7.0" in result.stdout
