@@ -4,12 +4,15 @@
 :class:`FunctionPredictor` serve plain picklable models; :func:`model_checkpoint` makes
 a checkpoint they read. :class:`BatchPredictor` scores Dask collections with one
 predictor per worker, placed where the checkpoint already is.
+:class:`PredictorDeployment` runs replicas of a predictor as Dask actors and serves
+them over HTTP (Ray Serve's ``PredictorDeployment``).
 """
 
 from __future__ import annotations
 
 from dckpt.predict._batch import BatchPredictor
 from dckpt.predict._batch_errors import BatchFormatError, ScoringWorkersError
+from dckpt.predict._deployment import PredictorDeployment
 from dckpt.predict._predictor import (
     FunctionPredictor,
     Predictor,
@@ -17,12 +20,15 @@ from dckpt.predict._predictor import (
     load_model,
     model_checkpoint,
 )
+from dckpt.predict._replicas import ReplicaUnavailableError
 
 __all__ = [
     "BatchFormatError",
     "BatchPredictor",
     "FunctionPredictor",
     "Predictor",
+    "PredictorDeployment",
+    "ReplicaUnavailableError",
     "ScoringWorkersError",
     "SklearnLikePredictor",
     "load_model",

@@ -20,22 +20,7 @@ from dckpt.predict import (
 np = pytest.importorskip("numpy")
 pd = pytest.importorskip("pandas")
 
-
-class Linear:
-    """y = X @ w + b, scikit-learn style."""
-
-    def __init__(self, w: list[float], b: float = 0.0) -> None:
-        self.w, self.b = np.asarray(w), b
-
-    def predict(self, X):
-        return np.asarray(X, dtype=float) @ self.w + self.b
-
-
-class Scale:
-    """A preprocessor in Ray's style: transform_batch."""
-
-    def transform_batch(self, batch):
-        return batch * 2
+from tests.predict._models import Linear, Scale  # after importorskip: needs numpy
 
 
 def test_numpy_in_numpy_out_with_the_checkpoint_preprocessor():

@@ -1,0 +1,242 @@
+"""PredictorDeployment on the shared isolated cluster: real worker processes, one per node.
+
+The module's deployment has a replica on each of the two nodes; the last test kills a
+node and starts it again, as the session fixture asks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cloudpickle
+import pytest
+
+import dckpt.node
+from dckpt import Checkpoint
+from dckpt.cluster import isolation_available, stats
+from dckpt.predict import (
+    FunctionPredictor,
+    PredictorDeployment,
+    ReplicaUnavailableError,
+    SklearnLikePredictor,
+    model_checkpoint,
+)
+from dckpt.predict._replica import RemoteTraceback
+
+np = pytest.importorskip("numpy")
+
+from tests.predict._models import Linear, Scale  # after importorskip: needs numpy
+
+pytestmark = pytest.mark.slow
+
+DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def node_after(model, batch):
+    """Each row's answer is the id of the node that scored it, after a nap."""
+    time.sleep(float(batch["sleep"][0]))
+    return np.array([dckpt.node.node_id()] * len(batch["sleep"]))
+
+
+def naps(seconds: float, rows: int = 1) -> dict:
+    return {"sleep": np.full(rows, seconds)}
+
+
+CHECKPOINT = model_checkpoint(Linear([1.0, 10.0], b=0.5), preprocessor=Scale())
+ECHO = model_checkpoint(None)  # for node_after, which needs no model
+
+
+@pytest.fixture(scope="module")
+def deployment(node_client, nodes):
+    with PredictorDeployment(CHECKPOINT, SklearnLikePredictor, num_replicas=2,
+                             client=node_client) as deployment:
+        yield deployment
+
+
+@pytest.fixture(scope="module")
+def url(deployment):
+    host, port = deployment.serve()
+    return f"http://{host}:{port}"
+
+
+def post(url: str, document) -> tuple[int, dict]:
+    body = document if isinstance(document, bytes) else json.dumps(document).encode()
+    request = urllib.request.Request(f"{url}/predict", data=body, method="POST")
+    return _open(request)
+
+
+def _open(request) -> tuple[int, dict]:
+    try:
+        with DIRECT.open(request, timeout=30) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as e:
+        with e:
+            return e.code, json.load(e)
+
+
+def local(batch, **kwargs):
+    return SklearnLikePredictor.from_checkpoint(CHECKPOINT).predict(batch, **kwargs)
+
+
+def test_replicas_sit_on_distinct_nodes_and_answer_like_a_local_predictor(deployment):
+    health = deployment.health()
+    assert health["status"] == "ok"
+    assert sorted(r["node"] for r in health["replicas"]) == ["node-0", "node-1"]
+    rows = np.arange(12.0).reshape(6, 2)
+    assert deployment.predict(rows).tolist() == local(rows).tolist()
+    pd = pytest.importorskip("pandas")
+    frame = pd.DataFrame({"a": [1.0, 2.0], "b": [3.0, 4.0], "id": [7, 8]}, index=[5, 6])
+    out = deployment.predict(frame, feature_columns=["a", "b"])
+    pd.testing.assert_frame_equal(out, local(frame, feature_columns=["a", "b"]))
+
+
+def test_a_predictor_error_reaches_the_caller_and_the_replica_stays(deployment):
+    served = sum(r["served"] for r in deployment.health()["replicas"])
+    with pytest.raises(ValueError, match="mismatch|shape|align") as info:
+        deployment.predict(np.ones((2, 3)))
+    assert isinstance(info.value.__cause__, RemoteTraceback)
+    assert "_predict" in str(info.value.__cause__)  # the replica's own traceback
+    health = deployment.health()
+    assert health["status"] == "ok"
+    assert sum(r["served"] for r in health["replicas"]) == served + 1
+
+
+def test_requests_go_to_the_least_busy_replica(node_client):
+    with PredictorDeployment(ECHO, FunctionPredictor, num_replicas=2,
+                             client=node_client, fn=node_after) as deployment:
+        with ThreadPoolExecutor(4) as pool:
+            long = pool.submit(deployment.predict, naps(1.5))
+            while sum(r["in_flight"] for r in deployment.health()["replicas"]) == 0:
+                time.sleep(0.01)
+            # One replica is busy: every short request goes to the other one, in turn
+            # (round robin would put one of them behind the long request).
+            started = time.monotonic()
+            short = [deployment.predict(naps(0.05))["predictions"][0] for _ in range(3)]
+            assert time.monotonic() - started < 1.0
+            busy = long.result()["predictions"][0]
+            assert len(set(short)) == 1 and busy not in short
+            # Concurrent requests spread over both replicas.
+            answers = list(pool.map(lambda _: deployment.predict(naps(0.3)), range(4)))
+        nodes = [a["predictions"][0] for a in answers]
+        assert sorted(nodes) == ["node-0", "node-0", "node-1", "node-1"]
+
+
+def test_http_answers_concurrent_requests_in_each_form(url):
+    rows = [np.random.default_rng(i).normal(size=(i + 1, 2)).round(3) for i in range(16)]
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda r: post(url, {"instances": r.tolist()}), rows))
+    for batch, (status, document) in zip(rows, answers):
+        assert status == 200
+        assert document["predictions"] == pytest.approx(local(batch).tolist())
+    pd = pytest.importorskip("pandas")
+    frame = {"dataframe": {"a": [1.0, 0.0], "b": [0.0, 1.0]}}
+    assert post(url, frame) == (200, {"predictions": local(pd.DataFrame(
+        frame["dataframe"]))["predictions"].tolist()})
+
+
+def test_healthz_lists_the_replicas(url, deployment):
+    status, document = _open(urllib.request.Request(f"{url}/healthz"))
+    assert status == 200 and document["status"] == "ok"
+    assert [r["state"] for r in document["replicas"]] == ["ready", "ready"]
+    assert {r["worker"] for r in document["replicas"]} == {
+        r["worker"] for r in deployment.health()["replicas"]}
+
+
+@pytest.mark.parametrize(("body", "match"), [
+    (b'{"instances": [[1, 2]', "not JSON"),
+    (b'{"inputs": [[1, 2]]}', "exactly one of"),
+    (b'{"instances": [[1, 2], [3]]}', "rectangular|ragged"),
+    (b'{"instances": [[1, 2, 3]]}', "the predictor raised ValueError"),
+])
+def test_http_bad_requests_get_400_and_a_json_error(url, body, match):
+    status, document = post(url, body)
+    assert status == 400
+    assert list(document) == ["error"]
+    assert re.search(match, document["error"])
+
+
+def test_close_stops_the_port_and_the_replicas(node_client):
+    before = _replica_actors(node_client)  # the module's deployment has its own
+    deployment = PredictorDeployment(CHECKPOINT, SklearnLikePredictor, client=node_client)
+    host, port = deployment.serve()
+    assert len(_replica_actors(node_client) - before) == 1
+    assert post(f"http://{host}:{port}", {"instances": [[1, 1]]})[0] == 200
+    deployment.close()
+    deployment.close()
+    with socket.socket() as sock, pytest.raises(ConnectionRefusedError):
+        sock.connect((host, port))
+    with pytest.raises(ReplicaUnavailableError, match="closed"):
+        deployment.predict(np.ones((1, 2)))
+    with pytest.raises(RuntimeError, match="closed"):
+        deployment.serve()
+    assert deployment.health()["status"] == "unavailable"
+    # Nothing is left on the workers: the actor is gone.
+    deadline = time.monotonic() + 5
+    while _replica_actors(node_client) != before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _replica_actors(node_client) == before
+
+
+def _replica_actors(client) -> set[str]:
+    actors = client.run(lambda dask_worker: list(dask_worker.state.actors))
+    return {key for keys in actors.values() for key in keys if key.startswith("dckpt-replica")}
+
+
+def _model_directory() -> Checkpoint:
+    """A directory checkpoint on the node that runs this (pickles as a node reference)."""
+    path = os.path.join(dckpt.node.node_root(), f"model-{uuid.uuid4().hex[:8]}")
+    os.makedirs(path)
+    with open(os.path.join(path, "model.pkl"), "wb") as f:
+        cloudpickle.dump(Linear([1.0, 10.0], b=0.5), f)
+    return Checkpoint.from_directory(path)
+
+
+def test_a_replica_whose_worker_dies_is_replaced_and_its_requests_answered(
+    node_cluster, node_client, nodes,
+):
+    checkpoint = node_client.submit(_model_directory, workers=[nodes[1]], pure=False).result()
+    assert checkpoint.get_internal_representation()[0] == "node_ref"
+    before = stats(node_client)[nodes[0]]["transfers"]
+    try:
+        with PredictorDeployment(checkpoint, FunctionPredictor, client=node_client,
+                                 fn=node_after) as deployment:
+            # One replica, on node 0 (nodes in order): the checkpoint was copied there.
+            [replica] = deployment.health()["replicas"]
+            assert replica["node"] == "node-0"
+            assert stats(node_client)[nodes[0]]["transfers"] == before + 1
+            with ThreadPoolExecutor(3) as pool:
+                calls = [pool.submit(deployment.predict, naps(1.0)) for _ in range(3)]
+                while deployment.health()["replicas"][0].get("in_flight", 0) == 0:
+                    time.sleep(0.01)
+                time.sleep(0.3)  # the first call is being computed on node 0
+                node_cluster.kill_node(0)
+                answers = [call.result(timeout=30)["predictions"][0] for call in calls]
+            # Answered by the replacement, on node 1, which reads the checkpoint in place.
+            assert answers == ["node-1"] * 3
+            [replica] = deployment.health()["replicas"]
+            assert (replica["state"], replica["node"]) == ("ready", "node-1")
+            assert deployment.predict(naps(0))["predictions"].tolist() == ["node-1"]
+    finally:
+        node_cluster.restart_node(0)
+
+
+def test_the_serve_example_runs():
+    if not isolation_available():
+        pytest.skip("the example isolates its nodes (mount namespaces)")
+    example = Path(__file__).resolve().parents[2] / "examples" / "serve.py"
+    result = subprocess.run([sys.executable, str(example)], capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "POST /predict (malformed JSON) -> 400" in result.stdout
+    assert "8 concurrent requests -> [1.0, 4.0, 7.0" in result.stdout
