@@ -24,8 +24,9 @@ class BytesProgressCallback(Callback):
     """An fsspec callback that shows the bytes its branched children report.
 
     Children may report from several threads at once (parallel uploads and
-    downloads); updates of the bar take a lock. The files counted by this callback
-    itself are shown after the bar.
+    downloads); updates of the bar take a lock. The files this callback counts itself
+    are not shown: dckpt writes its own control files without telling callbacks, so
+    that count would differ from the checkpoint's.
     """
 
     _bar: Any  # tqdm.tqdm
@@ -40,8 +41,7 @@ class BytesProgressCallback(Callback):
         return _ChildCallback(self)
 
     def call(self, *args: Any, **kwargs: Any) -> None:
-        with self._lock:
-            self._bar.set_postfix_str(f"{self.value} files", refresh=False)
+        pass  # a file done: its bytes were shown already
 
     def add_bytes(self, n: int) -> None:
         with self._lock:
