@@ -350,7 +350,7 @@ class Checkpoint:
         the caller then owns). The directory is built beside its final place and
         renamed into it, so it is never seen half-written; an existing directory at
         ``path`` is replaced as a whole. ``callback`` (an fsspec ``Callback``) follows
-        downloads from a URI.
+        the copy: one update per file, and a branched child per file for its bytes.
         """
         if path is None:
             path = os.path.join(
@@ -428,12 +428,16 @@ class Checkpoint:
         return uri
 
     @_uses_data
-    def to_bytes(self) -> bytes:
+    def to_bytes(
+        self, *, callback: fsspec.callbacks.Callback = DEFAULT_CALLBACK
+    ) -> bytes:
         """Return the checkpoint packed into bytes (see :meth:`from_bytes`).
 
         The packed format starts with a dckpt header and holds an lz4 frame with
         checksums. To stream a large checkpoint to a file or socket instead, use
-        :func:`dckpt.formats.pack_directory` on :meth:`as_directory`.
+        :func:`dckpt.formats.pack_directory` on :meth:`as_directory`. ``callback``
+        follows the packing of a directory's files (a child per file for its bytes);
+        a dict checkpoint's data is in memory already and reports nothing.
         """
         out = io.BytesIO()
         with ArchiveWriter(out) as writer:
@@ -444,7 +448,9 @@ class Checkpoint:
             else:
                 with self.as_directory() as directory:
                     overlay = self._control_files(directory)
-                    writer.add_tree(directory, exclude=overlay.__contains__)
+                    writer.add_tree(
+                        directory, exclude=overlay.__contains__, callback=callback
+                    )
             for name, content in sorted(overlay.items()):
                 if content is not None:
                     writer.add_bytes(name, content)
@@ -702,7 +708,7 @@ class Checkpoint:
             # Symlinks are followed, as in Ray (shutil.copytree's default).
             shutil.copytree(
                 self._local_path, staging, dirs_exist_ok=True,
-                ignore_dangling_symlinks=True,
+                ignore_dangling_symlinks=True, copy_function=_reporting_copy(callback),
             )
             source = self._local_path
         else:
@@ -823,6 +829,22 @@ def _copy_archive(
             assert entry.target is not None
             writer.add_symlink(entry.path, entry.target)
     return kept, copied
+
+
+def _reporting_copy(callback: fsspec.callbacks.Callback) -> Callable[[str, str], str]:
+    """``shutil.copy2`` that tells ``callback`` of each file, as downloads do: a
+    branched child gets the file's bytes (at once: copy2 keeps its fast paths), the
+    callback itself one update per file."""
+
+    def copy(source: str, destination: str) -> str:
+        with callback.branched(source, destination) as child:
+            copied: str = shutil.copy2(source, destination)
+            child.set_size(os.path.getsize(copied))
+            child.relative_update(child.size)
+        callback.relative_update(1)
+        return copied
+
+    return copy
 
 
 def _write_plain(path: str, content: bytes) -> None:

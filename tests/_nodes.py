@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import psutil
 
 from dckpt.cluster import NodeCluster
@@ -39,3 +41,15 @@ def cluster_pids(cluster: NodeCluster) -> set[int]:
         except psutil.NoSuchProcess:
             pass
     return pids
+
+
+def lines_until_ready(process: subprocess.Popen[str]) -> list[str]:
+    """What a cluster command (``dckpt cluster``, the launcher) prints on stdout up to
+    its "Press Ctrl-C" line, after which its cluster is ready; fewer if it exits."""
+    assert process.stdout is not None
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith("Press Ctrl-C"):
+            break
+    return lines

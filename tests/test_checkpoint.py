@@ -418,3 +418,16 @@ def test_a_temporary_directory_that_does_not_exist_yet_is_created(tmp_path):
             Checkpoint.from_dict({"x": 1}).as_directory() as directory:
         assert os.path.dirname(directory) == str(folder)
         assert Checkpoint.from_directory(directory).to_dict() == {"x": 1}
+
+
+def test_to_directory_and_to_bytes_report_progress_per_file(tmp_path):
+    from tests.test_storage import Recorder
+
+    path = make_tree(tmp_path / "t")
+    sizes = {rel: len(data) for rel, data in read_tree(path).items() if isinstance(data, bytes)}
+    copied, packed = Recorder(), Recorder()
+    Checkpoint.from_directory(path).to_directory(str(tmp_path / "copy"), callback=copied)
+    Checkpoint.from_directory(path).to_bytes(callback=packed)
+    for recorder in (copied, packed):
+        assert sum(c.value for _, _, c in recorder.children) == sum(sizes.values())
+    assert copied.value == len(sizes)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests._nodes import child_pids
+from tests._nodes import child_pids, lines_until_ready
 
 LAUNCHER = Path(__file__).resolve().parents[2] / "scheduler" / "launch_local_cluster.py"
 
@@ -22,12 +22,7 @@ def test_launcher_prints_the_cluster_and_stops_on_ctrl_c():
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
-        lines = []
-        for line in process.stdout:
-            lines.append(line)
-            if line.startswith("Press Ctrl-C"):
-                break
-        output = "".join(lines)
+        output = "".join(lines_until_ready(process))
         assert "scheduler: tcp://127.0.0.1:" in output, output + process.stderr.read()
         assert "node-0" in output and "node-1" in output
         process.send_signal(signal.SIGINT)

@@ -1,0 +1,62 @@
+"""``dckpt cluster --nodes N``: a local multi-node Dask cluster until interrupted.
+
+Starts a :class:`~dckpt.cluster.NodeCluster` (each worker a simulated node, isolated in
+a mount namespace where possible), sets dckpt up on it (:func:`dckpt.cluster.install`:
+a store on every worker and the scheduler's registry, so ``dckpt ls`` works), prints
+the scheduler's address and the nodes, and waits. Ctrl-C or SIGTERM stops every
+process and removes the cluster's temporary folder; the exit status is then 0.
+``scheduler/launch_local_cluster.py`` runs this.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+NAME = "cluster"
+SUMMARY = "run a local multi-node cluster until interrupted"
+DESCRIPTION = """\
+Start a local Dask cluster whose workers are simulated nodes (node-0, node-1, ...),
+each with a storage root of its own, isolated in a mount namespace when possible
+(Linux, as root or with user namespaces). dckpt is set up on it. Prints the scheduler
+address and each node, then runs until Ctrl-C or SIGTERM, which stops everything.
+Connect with distributed.Client("<scheduler address>") or dckpt ls --scheduler ADDR.
+"""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``cluster``."""
+    parser.add_argument("--nodes", type=int, default=2, help="how many nodes (default 2)")
+    parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                        help="a mount namespace per node; --isolate fails where that "
+                             "cannot be had (default: isolate when available)")
+    parser.add_argument("--threads", type=int, default=1, help="threads per worker")
+    parser.add_argument("--memory-limit", default="2GiB", help="memory limit per worker")
+
+
+def run(args: argparse.Namespace) -> int:
+    from dckpt.cluster import NodeCluster, install  # imports distributed: only here
+
+    if args.nodes < 1:
+        raise ValueError(f"--nodes must be at least 1, not {args.nodes}")
+    if not args.debug:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    # SIGTERM ends the cluster like Ctrl-C does, so it is closed either way.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        with NodeCluster(args.nodes, isolate=args.isolate, threads_per_worker=args.threads,
+                         memory_limit=args.memory_limit) as cluster:
+            install(cluster.client(set_as_default=False))
+            print(f"scheduler: {cluster.scheduler_address}")
+            print(f"root: {cluster.root} (isolated: {cluster.isolated})")
+            for node in cluster.nodes:
+                print(f"  {node.node_id}: {node.worker_address} pid {node.pid} root {node.root}")
+            print("Press Ctrl-C to stop.", flush=True)
+            signal.pause()
+    except KeyboardInterrupt:
+        # Also when it comes while starting, or inside print(): the with-block has
+        # closed the cluster by now.
+        print("Stopped.", file=sys.stderr)
+    return 0

@@ -1,0 +1,114 @@
+"""``dckpt cp SRC DST``: copy a checkpoint between directories, URIs and bytes files.
+
+Through the :class:`~dckpt.Checkpoint` API (``from_*`` then ``to_*``), so the copy is
+what a program would get, and it is atomic at DST: a directory is built beside its
+place and renamed, a URI gets its commit marker last, a bytes file is written to a
+hidden sibling and renamed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+from dckpt import _config
+from dckpt.checkpoint import Checkpoint
+from dckpt.cli import _output, _places
+from dckpt.cli._listing import list_place
+from dckpt.cli._progress import progress
+from dckpt.formats._layout import write_file_atomically
+
+NAME = "cp"
+SUMMARY = "copy a checkpoint between directories, URIs and bytes files"
+DESCRIPTION = f"""\
+Copy a checkpoint from SRC to DST: any of a local directory, a folder at a URI and a
+bytes file (Checkpoint.to_bytes()) to any other, atomically at DST.
+
+SRC is a folder at a URI when it has a scheme other than file:// (s3://..., gs://...),
+else a directory or a bytes file, whichever it is.
+DST is chosen by its name, unless --to says:
+  a bytes file     when it ends in {_places.BYTES_SUFFIX} (or --to bytes; local paths only)
+  a folder at URI  when it has a scheme other than file://
+  a directory      otherwise (a path or file:// URI)
+An existing DST is replaced only with --force.
+
+A progress bar on stderr follows transfers of at least dckpt.cli.progress-min-bytes
+(4MiB; DASK_DCKPT__CLI__PROGRESS_MIN_BYTES), when stderr is a terminal or --progress
+is given. Loading SRC unpickles what Checkpoint.from_*() does (a bytes file's dict,
+a subclass's state): copy only checkpoints you trust.
+"""
+
+_VERBS = {"directory": "write", "uri": "upload", "bytes": "pack"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``cp``."""
+    parser.add_argument("src", metavar="SRC", help="a directory, a URI or a bytes file")
+    parser.add_argument("dst", metavar="DST", help="where to write the copy")
+    parser.add_argument("--to", choices=_places.KINDS,
+                        help="the kind of DST, instead of telling it by its name")
+    parser.add_argument("--force", "-f", action="store_true",
+                        help="replace whatever is at DST")
+    shown = parser.add_mutually_exclusive_group()
+    shown.add_argument("--quiet", "-q", dest="progress", action="store_false", default=None,
+                       help="print nothing on success, show no progress bar")
+    shown.add_argument("--progress", dest="progress", action="store_true", default=None,
+                       help="show the progress bar even when stderr is not a terminal")
+    _places.add_storage_option_argument(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    options = _places.storage_options(args.storage_options)
+    src = _places.source(args.src, options)
+    dst = _places.destination(args.dst, args.to, options)
+    if _places.exists(dst) and not args.force:
+        raise _output.CommandError(
+            f"{args.dst} exists already; pass --force to replace it"
+        )
+    started = time.perf_counter()
+    # Sizes for the bar and the summary, read without unpickling (a bytes file is
+    # not decompressed twice: its size on disk says whether a bar is worth it).
+    files = None if src.kind == "bytes" else list_place(src, ()).files
+    total = None if files is None else sum(files.values())
+    hint = os.path.getsize(src.location) if src.kind == "bytes" else None
+
+    checkpoint = _places.load(src)
+    if src.kind == "uri" and dst.kind != "directory":
+        # Downloaded here first, with a bar of its own; Checkpoint.to_uri/to_bytes
+        # would download it inside as_directory(), silently.
+        with tempfile.TemporaryDirectory(
+            prefix="dckpt-cp-", dir=_config.temporary_directory()
+        ) as scratch:
+            with progress("download", total, show=args.progress) as callback:
+                local = checkpoint.to_directory(os.path.join(scratch, "checkpoint"),
+                                                callback=callback)
+            _write(Checkpoint.from_directory(local), dst, total, hint, args.progress)
+    else:
+        _write(checkpoint, dst, total, hint, args.progress)
+
+    if files is None and dst.kind != "bytes":
+        files = list_place(dst, ()).files
+        total = sum(files.values())
+    if args.progress is not False:
+        written = (f" ({_output.size(os.path.getsize(dst.location))} packed)"
+                   if dst.kind == "bytes" else "")
+        count = "" if files is None else f" in {len(files)} files"
+        print(f"copied {src} to {dst}{written}: {_output.size(total)}{count}, "
+              f"{time.perf_counter() - started:.1f} s")
+    return 0
+
+
+def _write(
+    checkpoint: Checkpoint, dst: _places.Place, total: int | None, hint: int | None,
+    show: bool | None,
+) -> None:
+    with progress(_VERBS[dst.kind], total, show=show, size_hint=hint) as callback:
+        if dst.kind == "directory":
+            checkpoint.to_directory(dst.location, callback=callback)
+        elif dst.kind == "uri":
+            checkpoint.to_uri(dst.location, storage_options=dst.storage_options,
+                              callback=callback)
+        else:
+            write_file_atomically(dst.location, checkpoint.to_bytes(callback=callback))

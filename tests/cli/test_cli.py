@@ -1,0 +1,322 @@
+"""The ``dckpt`` command line, run as a subprocess (``python -m dckpt``) on real data.
+
+Usage errors and ``--help`` run in-process (:func:`dckpt.cli.main`): argparse exits the
+same way there, in a fraction of the time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dckpt import Checkpoint
+from dckpt.cli import SUBCOMMANDS, main
+from tests._nodes import child_pids, lines_until_ready
+from tests._trees import make_tree, read_tree
+
+ROOT = Path(__file__).resolve().parents[2]
+METADATA = {"epoch": 3, "loss": 0.42}
+KINDS = ("directory", "file_uri", "bytes")
+
+
+def dckpt(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -m dckpt ARGS`` from the repository root; stdout and stderr captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "dckpt", *args], capture_output=True, text=True,
+        cwd=ROOT, env={**os.environ, **(env or {})}, timeout=60, check=False,
+    )
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def failed(result: subprocess.CompletedProcess[str], command: str) -> str:
+    """The one-line message of a failure, checked: exit 1, no traceback."""
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"dckpt {command}: error: "), lines
+    return lines[0]
+
+
+@pytest.fixture
+def directory(tmp_path: Path) -> str:
+    """A directory checkpoint with a dict, a preprocessor, metadata and files."""
+    checkpoint = Checkpoint.from_dict({"step": 1200, "weights": [0.5, 1.5]})
+    checkpoint.set_preprocessor({"mean": 0.25})
+    checkpoint.set_metadata(METADATA)
+    path = checkpoint.to_directory(str(tmp_path / "ckpt"))
+    return make_tree(path)
+
+
+def place(kind: str, directory: str, tmp_path: Path) -> str:
+    """``directory``'s checkpoint as ``kind``, written under ``tmp_path``."""
+    if kind == "directory":
+        return directory
+    if kind == "file_uri":
+        return Checkpoint.from_directory(directory).to_uri(f"file://{tmp_path}/as-uri")
+    path = tmp_path / "as-bytes.dckpt"
+    path.write_bytes(Checkpoint.from_directory(directory).to_bytes())
+    return str(path)
+
+
+def contents(checkpoint: Checkpoint, tmp_path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Every file of the checkpoint written as a directory, and its metadata."""
+    out = tmp_path / f"compare-{uuid.uuid4().hex[:8]}"
+    return read_tree(checkpoint.to_directory(str(out))), checkpoint.get_metadata()
+
+
+def s3_options(storage_options: dict[str, Any]) -> list[str]:
+    """``--storage-option`` arguments for the moto server's options."""
+    args = [f"key={storage_options['key']}", f"secret={storage_options['secret']}"]
+    args += [f"client_kwargs.{k}={v}" for k, v in storage_options["client_kwargs"].items()]
+    return [word for arg in args for word in ("-o", arg)]
+
+
+# ---------------------------------------------------------------------------- inspect
+
+
+def check_report(report: dict[str, Any], kind: str) -> None:
+    assert report["kind"] == kind
+    assert report["layout"] == "dckpt" and report["format_version"] == 1
+    assert report["class"] == "dckpt:Checkpoint"
+    assert report["metadata"] == METADATA
+    assert report["dict_data"] and report["preprocessor"]
+    assert report["files"]["model/weights.bin"] == 300_000
+    assert {".dckpt.json", "dict_checkpoint.pkl", "_preprocessor", "run.sh",
+            "model/layers/config.json"} <= report["files"].keys()
+    assert report["size"] == sum(report["files"].values())
+    assert "dict_keys" not in report  # nothing was unpickled
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_inspect_each_kind(kind, directory, tmp_path):
+    src = place(kind, directory, tmp_path)
+    report = json.loads(ok(dckpt("inspect", src, "--json")))
+    check_report(report, "directory" if kind == "file_uri" else kind)
+    if kind == "bytes":
+        assert report["packed_format_version"] == 1
+        assert report["stored_size"] == os.path.getsize(src)
+    text = ok(dckpt("inspect", src))
+    assert '"epoch": 3' in text and "dict_checkpoint.pkl; pass --unpickle" in text
+    assert "model/\n" in text and "weights.bin" in text and "292.97 kiB" in text
+
+
+@pytest.mark.s3
+def test_inspect_s3(directory, s3_bucket, s3_storage_options):
+    uri = Checkpoint.from_directory(directory).to_uri(
+        f"{s3_bucket}/ckpt", storage_options=s3_storage_options)
+    report = json.loads(ok(dckpt("inspect", uri, "--json", *s3_options(s3_storage_options))))
+    check_report(report, "uri")
+    assert report["uri_status"] == "committed"
+
+
+class _Evil:
+    """Unpickling this creates a file: proof that nothing was unpickled if absent."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_inspect_unpickles_nothing_unless_asked(tmp_path):
+    marker = tmp_path / "unpickled"
+    checkpoint = Checkpoint.from_dict({"model": _Evil(str(marker))})
+    checkpoint.set_preprocessor(_Evil(str(marker)))
+    directory = checkpoint.to_directory(str(tmp_path / "ckpt"))
+    packed = tmp_path / "ckpt.dckpt"
+    packed.write_bytes(Checkpoint.from_directory(directory).to_bytes())
+    assert not marker.exists()
+    for src in (directory, str(packed)):
+        report = json.loads(ok(dckpt("inspect", src, "--json")))
+        assert report["dict_data"] and report["preprocessor"]
+        assert not marker.exists()
+
+    report = json.loads(ok(dckpt("inspect", str(packed), "--json", "--unpickle")))
+    assert marker.exists()  # the test above could have seen it
+    assert report["dict_keys"] == ["model"]
+    assert report["preprocessor_type"] == "_io.TextIOWrapper"
+
+
+def test_inspect_of_damaged_or_foreign_files_fails_in_one_line(directory, tmp_path):
+    packed = Checkpoint.from_directory(directory).to_bytes()
+    flipped = bytearray(packed)
+    flipped[len(packed) // 2] ^= 0xFF
+    cases = {
+        "foreign": (b"PK\x03\x04 not ours", "has no dckpt header"),
+        "truncated": (packed[: len(packed) // 2], "is truncated"),
+        "flipped": (bytes(flipped), "corrupted"),
+    }
+    for name, (data, message) in cases.items():
+        path = tmp_path / f"{name}.dckpt"
+        path.write_bytes(data)
+        assert message in failed(dckpt("inspect", str(path)), "inspect")
+    assert "no such file" in failed(dckpt("inspect", str(tmp_path / "missing")), "inspect")
+
+
+# --------------------------------------------------------------------------------- cp
+
+
+@pytest.mark.parametrize("src_kind", KINDS)
+def test_cp_between_every_pair_of_kinds(src_kind, directory, tmp_path):
+    src = place(src_kind, directory, tmp_path)
+    expected = contents(Checkpoint.from_directory(directory), tmp_path)
+    destinations = {
+        "directory": str(tmp_path / "to-dir"),
+        "file_uri": f"file://{tmp_path}/to-uri",
+        "bytes": str(tmp_path / "to-bytes.dckpt"),
+    }
+    for dst_kind, dst in destinations.items():
+        out = ok(dckpt("cp", src, dst))
+        assert out.startswith("copied ") and "B" in out
+        copy = (Checkpoint.from_bytes(Path(dst).read_bytes()) if dst_kind == "bytes"
+                else Checkpoint.from_uri(dst))
+        assert contents(copy, tmp_path) == expected, (src_kind, dst_kind)
+    # Nothing half-written or staged beside the destinations.
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".partial")]
+
+
+@pytest.mark.s3
+def test_cp_to_and_from_s3(directory, tmp_path, s3_bucket, s3_storage_options):
+    expected = contents(Checkpoint.from_directory(directory), tmp_path)
+    uri = f"{s3_bucket}/ckpt"
+    options = s3_options(s3_storage_options)
+    ok(dckpt("cp", directory, uri, *options))
+    assert contents(Checkpoint.from_uri(uri, storage_options=s3_storage_options),
+                    tmp_path) == expected
+    packed = tmp_path / "from-s3.dckpt"
+    ok(dckpt("cp", uri, str(packed), *options))
+    assert contents(Checkpoint.from_bytes(packed.read_bytes()), tmp_path) == expected
+
+
+def test_cp_refuses_an_existing_destination_without_force(directory, tmp_path):
+    dst = tmp_path / "copy"
+    dst.mkdir()
+    (dst / "keep").write_text("mine")
+    assert "--force" in failed(dckpt("cp", directory, str(dst)), "cp")
+    assert (dst / "keep").read_text() == "mine"
+    ok(dckpt("cp", directory, str(dst), "--force", "--quiet"))
+    assert not (dst / "keep").exists()
+
+
+def test_cp_progress_bar_only_when_asked_off_a_terminal(directory, tmp_path):
+    always = {"DASK_DCKPT__CLI__PROGRESS_MIN_BYTES": "0"}
+    shown = dckpt("cp", directory, str(tmp_path / "a.dckpt"), "--progress", env=always)
+    assert "pack: 100%" in ok(shown) + shown.stderr
+    silent = dckpt("cp", directory, str(tmp_path / "b.dckpt"), env=always)
+    assert ok(silent).startswith("copied ") and silent.stderr == ""
+    quiet = dckpt("cp", directory, str(tmp_path / "c.dckpt"), "--quiet", env=always)
+    assert ok(quiet) == "" and quiet.stderr == ""
+
+
+# ---------------------------------------------------------------- usage and --help
+
+
+@pytest.mark.parametrize("argv", [
+    [], ["nope"], ["inspect"], ["cp", "a"], ["cp", "a", "b", "--to", "zip"],
+    ["cp", "a", "b", "-o", "no-equals-sign"], ["ls"], ["cluster", "--nodes", "two"],
+])
+def test_usage_errors_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert "usage: dckpt" in capsys.readouterr().err
+
+
+def test_every_subcommand_has_help(capsys):
+    names = [module.NAME for module in SUBCOMMANDS]
+    for name in names:
+        with pytest.raises(SystemExit) as exit_info:
+            main([name, "--help"])
+        assert exit_info.value.code == 0
+        assert f"usage: dckpt {name}" in capsys.readouterr().out
+    assert names == ["inspect", "cp", "ls", "cluster"]
+
+
+def test_usage_error_exits_2_from_the_console_entry_point():
+    result = dckpt("cp", "only-one-argument")
+    assert result.returncode == 2 and "usage: dckpt cp" in result.stderr
+
+
+# ------------------------------------------------------------------------- clusters
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_ls_of_a_wrong_address_fails_in_one_line():
+    result = dckpt("ls", "--scheduler", f"tcp://127.0.0.1:{_free_port()}", "--timeout", "1")
+    assert "cannot reach a Dask scheduler" in failed(result, "ls")
+
+
+def _write_checkpoint() -> Checkpoint:
+    """On a worker: a directory checkpoint under the node root; returning it
+    registers it with the node's store."""
+    from dckpt import node
+
+    path = os.path.join(node.node_root(), f"ckpt-{uuid.uuid4().hex[:8]}")
+    return Checkpoint.from_directory(Checkpoint.from_dict({"step": 1}).to_directory(path))
+
+
+@pytest.mark.slow
+def test_cluster_runs_until_ctrl_c_and_ls_lists_its_checkpoints(tmp_path):
+    from distributed import Client
+
+    from dckpt.cluster import who_has
+    from tests.cluster.test_registry import eventually
+
+    before = child_pids()
+    stderr = tmp_path / "stderr"
+    with open(stderr, "w") as err:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "dckpt", "cluster", "--nodes", "2"],
+            stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT,
+        )
+    try:
+        lines = lines_until_ready(process)
+        output = "".join(lines)
+        assert output.startswith("scheduler: tcp://127.0.0.1:"), output + stderr.read_text()
+        address = lines[0].split()[1]
+        workers = dict(line.split()[:2] for line in lines if line.startswith("  node-"))
+        owner = workers["node-1:"]
+
+        with Client(address, set_as_default=False) as client:
+            checkpoint = client.submit(_write_checkpoint, workers=[owner], pure=False).result()
+            kind, ref = checkpoint.get_internal_representation()
+            assert kind == "node_ref"
+            eventually(lambda: who_has(client, [ref.checkpoint_id])[ref.checkpoint_id],
+                       lambda places: places["origin"] == [owner], "registration")
+
+        report = json.loads(ok(dckpt("ls", "--scheduler", address, "--json")))
+        listed = report["workers"]
+        assert listed[owner]["node_id"] == "node-1"
+        assert listed[owner]["origin"] == {ref.checkpoint_id: ref.size}
+        assert listed[owner]["stats"]["registered"] == 1
+        assert all(not w["origin"] for a, w in listed.items() if a != owner)
+        table = ok(dckpt("ls", "--scheduler", address))
+        assert f"{ref.checkpoint_id}  node-1  origin" in table
+
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 0, stderr.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stdout.close()
+    assert child_pids() == before
