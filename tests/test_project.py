@@ -28,7 +28,7 @@ def _readme_commands() -> list[str]:
 def test_readme_has_exactly_two_set_up_commands():
     commands = _readme_commands()
     assert len(commands) == 2, commands
-    assert "examples/quickstart.py" in commands[0]
+    assert commands[0].endswith("dckpt demo")
     assert "pytest" in commands[1]
 
 

@@ -17,14 +17,14 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from dckpt import __version__
-from dckpt.cli import _cluster, _cp, _inspect, _ls
+from dckpt.cli import _cluster, _cp, _demo, _inspect, _ls
 from dckpt.cli._output import report_failure
 
 __all__ = ["main"]
 
 #: The subcommands, in the order ``dckpt --help`` lists them. A new one (``demo``,
 #: with the prediction layer) is a module like these and its name here.
-SUBCOMMANDS: tuple[ModuleType, ...] = (_inspect, _cp, _ls, _cluster)
+SUBCOMMANDS: tuple[ModuleType, ...] = (_inspect, _cp, _ls, _cluster, _demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -228,6 +228,7 @@ def test_cp_progress_bar_only_when_asked_off_a_terminal(directory, tmp_path):
 @pytest.mark.parametrize("argv", [
     [], ["nope"], ["inspect"], ["cp", "a"], ["cp", "a", "b", "--to", "zip"],
     ["cp", "a", "b", "-o", "no-equals-sign"], ["ls"], ["cluster", "--nodes", "two"],
+    ["demo", "--batches", "many"],
 ])
 def test_usage_errors_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -243,7 +244,7 @@ def test_every_subcommand_has_help(capsys):
             main([name, "--help"])
         assert exit_info.value.code == 0
         assert f"usage: dckpt {name}" in capsys.readouterr().out
-    assert names == ["inspect", "cp", "ls", "cluster"]
+    assert names == ["inspect", "cp", "ls", "cluster", "demo"]
 
 
 def test_usage_error_exits_2_from_the_console_entry_point():
@@ -320,3 +321,25 @@ def test_cluster_runs_until_ctrl_c_and_ls_lists_its_checkpoints(tmp_path):
             process.wait()
         process.stdout.close()
     assert child_pids() == before
+
+
+# ---------------------------------------------------------------------------- demo
+
+
+@pytest.mark.slow
+def test_demo_tells_the_whole_story_in_one_command():
+    from dckpt.cluster import isolation_available
+
+    if not isolation_available():
+        pytest.skip("the demo's figures are those of isolated nodes")
+    out = ok(dckpt("demo", "--batches", "40"))
+    assert "killing node-1, which runs rank 1, after epoch 8" in out
+    assert "1 failure(s) survived; resumed at epoch 9" in out
+    assert "best checkpoints kept: epoch" in out and "accuracy 0.9" in out
+    rows = [line.split() for line in out.splitlines() if line.startswith("node-")]
+    assert [row[0] for row in rows] == ["node-0", "node-1", "node-2"]
+    assert all(int(row[4]) <= 1 for row in rows)  # prediction: once per node at most
+
+
+def test_demo_refuses_too_few_nodes():
+    assert "at least 3" in failed(dckpt("demo", "--nodes", "2"), "demo")
