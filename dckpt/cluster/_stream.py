@@ -207,7 +207,9 @@ class _ReadAhead:
         self._free.clear()
 
     def _start(self, spec: transfer.ChunkSpec) -> asyncio.Future[Any]:
-        buffer = self._free.pop() if self._free else bytearray(self._source.chunk_bytes)
+        # A chunk shorter than chunk_bytes (a small file's) gets a buffer of its size:
+        # a fresh bytearray is zeroed, which costs as much as the read for small files.
+        buffer = self._free.pop() if self._free else bytearray(spec.length)
 
         def read() -> tuple[bytes, transfer.Buffer, bytearray]:
             header, payload = self._source.read_parts(spec, buffer)
