@@ -290,3 +290,32 @@ def test_too_few_workers_and_failing_predictors_are_named_errors(client, workers
         predictor.predict(frame, feature_columns=["a", "b"], keep_columns=["predictions"],
                           client=client)
     predictor.close()
+
+
+def _slow_where(model, batch):
+    """FunctionPredictor fn: like _where, slowly enough for a node to die meanwhile."""
+    time.sleep(0.05)
+    return _where(model, batch)
+
+
+@pytest.mark.slow
+def test_a_scoring_worker_that_dies_mid_run_is_replaced_and_the_run_completes(
+    cluster, client, workers
+):
+    """Kills node 2's worker while partitions are scored (last in this module: its
+    worker comes back at another address). The scorer actor is rebuilt elsewhere and
+    the partitions that waited for it follow it there instead of waiting forever."""
+    checkpoint = client.submit(_write_model, "model-dies", workers=[workers[0]], pure=False).result()
+    ddf = dd.from_pandas(_frame(600), npartitions=60)
+    with BatchPredictor(checkpoint, FunctionPredictor, fn=_slow_where) as predictor:
+        out = predictor.predict(ddf, client=client, meta=pd.DataFrame(
+            {"node": pd.Series(dtype=object), "pid": pd.Series(dtype=int)}))
+        assert sorted(predictor.scoring_workers) == sorted(workers)
+        future = client.compute(out)
+        time.sleep(0.5)  # 60 partitions of 50 ms on 3 workers: some done, more to come
+        assert not future.done()
+        cluster.kill_node(2)
+        cluster.restart_node(2)
+        where = future.result(timeout=60)
+    assert len(where) == 600 and where.index.tolist() == list(range(600))
+    assert set(where["node"]) <= {"node-0", "node-1", "node-2"}
