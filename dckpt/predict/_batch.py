@@ -177,6 +177,11 @@ class BatchPredictor:
             or predictions that do not fit the output (e.g. a dict for an Array).
         ScoringWorkersError
             Fewer than ``min_scoring_workers`` workers.
+
+        A scoring worker that dies while the result is computed fails that
+        computation with Dask's ``RuntimeError("Worker holding Actor was lost")``:
+        Dask does not rebuild an actor that a client holds. The next ``predict()``
+        drops that scorer and scores on the workers alive.
         """
         kind = _collection_kind(data)
         if batch_size is not None and batch_size < 1:
@@ -249,8 +254,9 @@ class BatchPredictor:
                     self._predictor_kwargs, self._preprocessor,
                     key=f"{SCORER_PREFIX}{self._token}-{uuid.uuid4().hex[:8]}",
                     workers=[address],
-                    # Should the worker die, the actor may be rebuilt elsewhere rather
-                    # than leave the scoring tasks waiting for that worker forever.
+                    # A worker that left between the choice and the start does not
+                    # leave the actor waiting for it. (One that dies later fails the
+                    # run: Dask does not rebuild an actor a client holds.)
                     allow_other_workers=True,
                     actor=True,
                 )
