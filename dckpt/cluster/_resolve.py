@@ -15,16 +15,20 @@ fallbacks"):
 
 Steps 3–5 go through the worker's :class:`NodeStore` (one transfer per node, however
 many tasks ask). A process with no store (the driver) keeps its copies in
-``<dckpt.temporary-directory>/dckpt-fetched/`` instead, which nothing evicts.
+``<dckpt.temporary-directory>/dckpt-fetched/<pid>/`` instead, which nothing evicts
+while it runs and which goes when it exits.
 This module runs in task threads, never on the event loop.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 import hashlib
 import logging
 import os
+import shutil
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,6 +36,7 @@ from distributed import Worker, get_client, get_worker
 from distributed.utils import sync
 
 from dckpt import _config, node, transfer
+from dckpt._locks import is_alive
 from dckpt.cluster import _stream
 from dckpt.cluster._core import CheckpointId, NodeRef
 from dckpt.cluster._store import STORE_KEY, NodeStore, download_into, register_directory
@@ -158,10 +163,33 @@ def _from_uri(ref: NodeRef, uri: str, worker: Worker | None) -> str:
 
 
 def _driver_copy(ref: NodeRef) -> str:
-    return os.path.join(
-        _config.temporary_directory(), "dckpt-fetched",
-        f"{ref.checkpoint_id}-{ref.digest[:16]}",
-    )
+    root = _fetched_root(os.path.join(_config.temporary_directory(), "dckpt-fetched"),
+                         os.getpid())
+    return os.path.join(root, f"{ref.checkpoint_id}-{ref.digest[:16]}")
+
+
+@functools.cache
+def _fetched_root(base: str, pid: int) -> str:
+    """This process's folder of copies under ``base``, removed when the process exits.
+
+    Nothing evicts these copies while the process lives (its checkpoint objects point
+    at them); at exit they go, and folders that processes which died left behind go
+    the first time another process makes its own. Keyed by pid as well, so a forked
+    child does not share, and remove, its parent's folder.
+    """
+    os.makedirs(base, exist_ok=True)
+    for name in os.listdir(base):
+        if name.isdigit() and int(name) != pid and not is_alive(int(name)):
+            shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+    root = os.path.join(base, str(pid))
+    os.makedirs(root, exist_ok=True)
+    atexit.register(_remove_if_mine, root, pid)
+    return root
+
+
+def _remove_if_mine(root: str, pid: int) -> None:
+    if os.getpid() == pid:  # not in a forked child, which inherits the atexit hook
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _current_worker() -> Worker | None:

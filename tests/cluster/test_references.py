@@ -148,3 +148,32 @@ def test_when_the_owner_dies_a_uri_saves_the_day_and_otherwise_the_error_says_wh
             node_client.submit(_use, lost, "2s", workers=[receiver], pure=False).result()
     finally:
         node_cluster.restart_node(0)
+
+
+def test_the_drivers_copies_go_when_its_process_ends(tmp_path):
+    """Copies a driver made (``dckpt-fetched/<pid>``) are removed at its exit, and a
+    dead process's folder by the next process that makes its own; a live one's stays."""
+    import subprocess
+    import sys
+
+    base = tmp_path / "dckpt-fetched"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    (base / dead / "old-copy").mkdir(parents=True)
+    live = base / str(os.getppid())  # pytest's parent: alive for as long as this runs
+    live.mkdir()
+    script = (
+        "import os\n"
+        "from dckpt.cluster._resolve import _driver_copy\n"
+        "from dckpt.cluster._core import NodeRef\n"
+        "ref = NodeRef('node-x', '/x', 'id', 1, 'f' * 64, 'tcp://127.0.0.1:1')\n"
+        "path = _driver_copy(ref)\n"
+        "os.makedirs(path)\n"
+        "print(path)\n"
+    )
+    env = {**os.environ, "DASK_DCKPT__TEMPORARY_DIRECTORY": str(tmp_path)}
+    made = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          check=True, env=env).stdout.strip()
+    assert os.path.dirname(os.path.dirname(made)) == str(base)
+    assert not os.path.exists(made)  # removed when that process exited
+    assert sorted(os.listdir(base)) == [live.name]  # the dead one's folder went too
