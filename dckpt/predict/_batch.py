@@ -24,10 +24,11 @@ from distributed import Client, Future, get_client
 
 from dckpt import node
 from dckpt.checkpoint import Checkpoint
-from dckpt.cluster import install, who_has
+from dckpt.cluster import install
 from dckpt.predict import _scorer
 from dckpt.predict._batch_errors import BatchFormatError, ScoringWorkersError
 from dckpt.predict._batches import ScoreOptions
+from dckpt.predict._holders import holder_nodes
 from dckpt.predict._placement import choose_scoring_workers
 from dckpt.predict._predictor import _check_batch, _kind
 from dckpt.predict._restrictions import SCORER_PREFIX, ScoringRestrictionsPlugin
@@ -241,7 +242,7 @@ class BatchPredictor:
         """Scorers on the chosen workers: the ones kept from earlier calls, and new ones."""
         workers = _workers(client, min_workers)
         checkpoint = self._travelling_checkpoint(client, workers)
-        holders = _holder_nodes(client, checkpoint, workers)
+        holders = holder_nodes(client, checkpoint, workers)
         limit = max(min_workers, min(units, max_workers or len(workers)))
         chosen = choose_scoring_workers(workers, holders, min_workers=min_workers,
                                         max_workers=limit)
@@ -393,19 +394,6 @@ def _workers(client: Client, min_workers: int) -> dict[str, str]:
         ) from e
     node_of: dict[str, Any] = client.run(node.node_id)
     return {address: str(node_id) for address, node_id in node_of.items()}
-
-
-def _holder_nodes(client: Client, checkpoint: Checkpoint, workers: dict[str, str]) -> list[str]:
-    """Nodes that hold the checkpoint: its owner first, then those with a cached copy."""
-    kind, ref = checkpoint.get_internal_representation()
-    if kind != "node_ref":
-        return []
-    places = who_has(client, [ref.checkpoint_id])[ref.checkpoint_id]
-    holders = [ref.node_id]
-    for address in places["origin"] + places["cached"]:
-        if address in workers and workers[address] not in holders:
-            holders.append(workers[address])
-    return holders
 
 
 def _probe(client: Client, sample: Any, options: ScoreOptions, scorers: list[Future]) -> Any:

@@ -16,6 +16,7 @@ import cloudpickle
 import distributed
 
 from dckpt.checkpoint import Checkpoint
+from dckpt.predict._holders import holder_nodes
 from dckpt.predict._http import PredictionServer
 from dckpt.predict._predictor import Predictor
 from dckpt.predict._replica import PredictorFailure
@@ -32,7 +33,9 @@ class PredictorDeployment:
     Each replica is a Dask actor on a worker of its own (spread across nodes) holding
     ``predictor_cls.from_checkpoint(checkpoint, **predictor_kwargs)``, made on that
     worker: the checkpoint is materialized there when the predictor reads it, once per
-    node, by the node's store. The constructor returns once every replica is ready.
+    node, by the node's store. Among nodes with as few replicas, those that hold the
+    checkpoint already (its owner, then cached copies, from the scheduler's registry)
+    come first. The constructor returns once every replica is ready.
 
     Requests (:meth:`predict`, or ``POST /predict`` after :meth:`serve`) go to the
     replica with the fewest requests in flight, as counted by this process. A replica
@@ -100,7 +103,11 @@ class PredictorDeployment:
         self._server = None
         self._closed = True  # until the replicas are up: close() has nothing to stop
         payload = cloudpickle.dumps((checkpoint, predictor_cls, predictor_kwargs))
-        self._replicas = ReplicaSet(self._client, payload, num_replicas)
+        client = self._client
+        self._replicas = ReplicaSet(
+            client, payload, num_replicas,
+            holders=lambda workers: holder_nodes(client, checkpoint, workers),
+        )
         self._closed = False
         logger.info("%r ready", self)
 

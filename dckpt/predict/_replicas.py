@@ -25,7 +25,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -121,6 +121,9 @@ class ReplicaSet:
         What every replica is made from (see :class:`PredictorReplica`).
     num_replicas
         How many slots.
+    holders
+        Given ``{address: node id}`` of the workers alive, the nodes that hold the
+        checkpoint, best first: replicas go there first.
 
     Raises
     ------
@@ -133,6 +136,7 @@ class ReplicaSet:
     _client: distributed.Client
     _loop: asyncio.AbstractEventLoop
     _payload: bytes
+    _holders: Callable[[dict[str, str]], list[str]] | None
     _slots: list[Replica | None]
     _starting: dict[int, str]
     _errors: dict[int, str]
@@ -145,13 +149,20 @@ class ReplicaSet:
     _token: str
     _generation: itertools.count[int]
 
-    def __init__(self, client: distributed.Client, payload: bytes, num_replicas: int) -> None:
+    def __init__(
+        self,
+        client: distributed.Client,
+        payload: bytes,
+        num_replicas: int,
+        holders: Callable[[dict[str, str]], list[str]] | None = None,
+    ) -> None:
         if client.asynchronous or client.loop is None:
             raise ValueError(f"{client!r} is asynchronous; a deployment needs a "
                              "synchronous client, whose event loop runs in a thread")
         self._client = client
         self._loop = client.sync(_running_loop)  # where the calls to replicas run
         self._payload = payload
+        self._holders = holders
         self._slots = [None] * num_replicas
         self._starting, self._errors, self._node_ids = {}, {}, {}
         self._cond = threading.Condition()
@@ -335,7 +346,9 @@ class ReplicaSet:
         slots = list(slots)
         with self._cond:
             taken = [r.address for r in self._slots if r is not None]
-        seats = choose_workers(len(slots), self._nodes_of(alive), taken)
+        nodes = self._nodes_of(alive)
+        preferred = self._holders(nodes) if self._holders is not None else []
+        seats = choose_workers(len(slots), nodes, taken, preferred)
         failures: list[BaseException] = []
         for slot in slots[len(seats):]:
             failures.append(ReplicaUnavailableError(

@@ -193,42 +193,49 @@ def _replica_actors(client) -> set[str]:
     return {key for keys in actors.values() for key in keys if key.startswith("dckpt-replica")}
 
 
-def _model_directory() -> Checkpoint:
-    """A directory checkpoint on the node that runs this (pickles as a node reference)."""
+def _model_directory(persist_to: str | None = None) -> Checkpoint:
+    """A directory checkpoint on the node that runs this (pickles as a node reference),
+    also uploaded to ``persist_to`` when given (the reference then carries that URI)."""
     path = os.path.join(dckpt.node.node_root(), f"model-{uuid.uuid4().hex[:8]}")
     os.makedirs(path)
     with open(os.path.join(path, "model.pkl"), "wb") as f:
         cloudpickle.dump(Linear([1.0, 10.0], b=0.5), f)
-    return Checkpoint.from_directory(path)
+    checkpoint = Checkpoint.from_directory(path)
+    if persist_to is not None:
+        checkpoint.to_uri(persist_to)
+    return checkpoint
 
 
 def test_a_replica_whose_worker_dies_is_replaced_and_its_requests_answered(
-    node_cluster, node_client, nodes,
+    node_cluster, node_client, nodes, tmp_path
 ):
-    checkpoint = node_client.submit(_model_directory, workers=[nodes[1]], pure=False).result()
+    # Node 1 owns it; a copy at a URI that every node sees outlives node 1.
+    checkpoint = node_client.submit(_model_directory, f"file://{tmp_path}/model",
+                                    workers=[nodes[1]], pure=False).result()
     assert checkpoint.get_internal_representation()[0] == "node_ref"
-    before = stats(node_client)[nodes[0]]["transfers"]
+    before = {a: stats(node_client)[a]["transfers"] for a in nodes}
     try:
         with PredictorDeployment(checkpoint, FunctionPredictor, client=node_client,
                                  fn=node_after) as deployment:
-            # One replica, on node 0 (nodes in order): the checkpoint was copied there.
+            # One replica, on the node that holds the checkpoint: nothing was copied.
             [replica] = deployment.health()["replicas"]
-            assert replica["node"] == "node-0"
-            assert stats(node_client)[nodes[0]]["transfers"] == before + 1
+            assert replica["node"] == "node-1"
+            assert {a: stats(node_client)[a]["transfers"] for a in nodes} == before
             with ThreadPoolExecutor(3) as pool:
                 calls = [pool.submit(deployment.predict, naps(1.0)) for _ in range(3)]
                 while deployment.health()["replicas"][0].get("in_flight", 0) == 0:
                     time.sleep(0.01)
-                time.sleep(0.3)  # the first call is being computed on node 0
-                node_cluster.kill_node(0)
+                time.sleep(0.3)  # the first call is being computed on node 1
+                node_cluster.kill_node(1)
                 answers = [call.result(timeout=30)["predictions"][0] for call in calls]
-            # Answered by the replacement, on node 1, which reads the checkpoint in place.
-            assert answers == ["node-1"] * 3
+            # Answered by the replacement on node 0, which had the checkpoint from the URI.
+            assert answers == ["node-0"] * 3
             [replica] = deployment.health()["replicas"]
-            assert (replica["state"], replica["node"]) == ("ready", "node-1")
-            assert deployment.predict(naps(0))["predictions"].tolist() == ["node-1"]
+            assert (replica["state"], replica["node"]) == ("ready", "node-0")
+            assert deployment.predict(naps(0))["predictions"].tolist() == ["node-0"]
+            assert stats(node_client)[nodes[0]]["transfers"] == before[nodes[0]] + 1
     finally:
-        node_cluster.restart_node(0)
+        node_cluster.restart_node(1)
 
 
 def test_the_serve_example_runs():

@@ -50,6 +50,15 @@ def test_workers_are_chosen_one_per_node_first_and_never_twice():
     assert choose_workers(1, workers, taken=list(workers)) == []
 
 
+def test_nodes_that_hold_the_checkpoint_come_first_among_equals():
+    workers = {"w1": "n0", "w2": "n0", "w3": "n1", "w4": "n2"}
+    assert choose_workers(1, workers, taken=[], preferred=["n2"]) == [("w4", "n2")]
+    assert choose_workers(3, workers, taken=[], preferred=["n2", "n1"]) == [
+        ("w4", "n2"), ("w3", "n1"), ("w1", "n0")]
+    # Spreading still wins: n2 has a replica already, so the next goes elsewhere.
+    assert choose_workers(1, workers, taken=["w4"], preferred=["n2", "n1"]) == [("w3", "n1")]
+
+
 # -- the JSON of the endpoint ------------------------------------------------------------
 
 
