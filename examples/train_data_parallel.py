@@ -3,7 +3,8 @@
 Run it with ``python examples/train_data_parallel.py`` (about 20 s on 2 cores).
 
 A logistic regression (pure Python: dckpt needs no numpy; the training function is
-``dckpt.demo.train_loop``, shared with ``dckpt demo``) is trained by two ranks, each on
+``dckpt.demo.train_loop`` and the run ``dckpt.demo.train_with_a_kill``, shared with
+``dckpt demo``) is trained by two ranks, each on
 its half of a synthetic data set. Every epoch each rank computes the gradient on its
 half, the ranks average their gradients (a small all-reduce through Dask variables)
 and take the same step, and rank 0 saves a checkpoint: a directory on its own node
@@ -18,28 +19,15 @@ loss curve goes on from where it was instead of starting over.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
-import threading
-
-import distributed
 
 from dckpt.cluster import NodeCluster
-from dckpt.demo import train_loop
-from dckpt.train import CheckpointConfig, DataParallelTrainer, Result
+from dckpt.demo import KILL_AFTER_EPOCH, train_with_a_kill
+from dckpt.train import Result
 
 EPOCHS = 30
-KILL_AFTER_EPOCH = 8  # rank 1 asks to be killed once it has reported this epoch
 EPOCH_SECONDS = 0.15  # stands in for real work, so the kill lands mid-training
-
-
-def kill_when_asked(cluster: NodeCluster, client: distributed.Client, victim: str) -> None:
-    """Driver thread: kill the node that rank 1 names, as a crash would."""
-    node_id = distributed.Variable(victim, client=client).get(timeout=120)
-    index = next(i for i, info in enumerate(cluster.nodes) if info.node_id == node_id)
-    print(f"-- killing {node_id} (rank 1) after epoch {KILL_AFTER_EPOCH} --", flush=True)
-    cluster.kill_node(index)
 
 
 def main() -> None:
@@ -57,23 +45,14 @@ def run(storage: str) -> Result:
             cluster.client() as client:
         # Two threads per worker: a rank of the failed attempt that still waits for
         # its dead peer does not hold up the rank of the new attempt on that worker.
-        victim = f"dckpt-example-victim-{os.getpid()}"
-        killer = threading.Thread(target=kill_when_asked, args=(cluster, client, victim))
-        killer.start()
-        trainer = DataParallelTrainer(
-            train_loop,
-            train_loop_config={"epochs": EPOCHS, "lr": 0.5, "momentum": 0.5,
-                               "epoch_seconds": EPOCH_SECONDS, "victim": victim,
-                               "kill_after": KILL_AFTER_EPOCH},
-            num_workers=2, max_failures=2, client=client,
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=3, checkpoint_score_attribute="loss",
-                checkpoint_score_order="min", storage_uri=f"file://{storage}",
-            ),
+        # train_with_a_kill runs DataParallelTrainer(train_loop, ...) with a
+        # CheckpointConfig keeping the best 3 by loss at the storage URI.
+        result, _ = train_with_a_kill(
+            cluster, client, f"file://{storage}", epochs=EPOCHS,
+            epoch_seconds=EPOCH_SECONDS, num_to_keep=3,
+            on_kill=lambda node_id: print(
+                f"-- killing {node_id} (rank 1) after epoch {KILL_AFTER_EPOCH} --", flush=True),
         )
-        result = trainer.fit()
-        killer.join()
-        distributed.Variable(victim, client=client).delete()
     return result
 
 

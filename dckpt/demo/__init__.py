@@ -7,7 +7,7 @@ batch-predicts on every node with locality, and reports what moved where.
 
 from __future__ import annotations
 
-from dckpt.demo._story import DemoReport, run_demo
+from dckpt.demo._story import KILL_AFTER_EPOCH, DemoReport, run_demo, train_with_a_kill
 from dckpt.demo._toy import (
     ToyPredictor,
     accuracy,
@@ -18,6 +18,7 @@ from dckpt.demo._toy import (
 )
 
 __all__ = [
+    "KILL_AFTER_EPOCH",
     "DemoReport",
     "ToyPredictor",
     "accuracy",
@@ -26,4 +27,5 @@ __all__ = [
     "read_state",
     "run_demo",
     "train_loop",
+    "train_with_a_kill",
 ]

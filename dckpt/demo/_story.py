@@ -33,7 +33,7 @@ from dckpt.demo._toy import ToyPredictor, accuracy, make_data, train_loop
 from dckpt.predict import BatchPredictor
 from dckpt.train import CheckpointConfig, DataParallelTrainer, Result
 
-__all__ = ["DemoReport", "run_demo"]
+__all__ = ["KILL_AFTER_EPOCH", "DemoReport", "run_demo", "train_with_a_kill"]
 
 EPOCHS = 24
 KILL_AFTER_EPOCH = 8
@@ -121,42 +121,71 @@ def run_demo(
     return report
 
 
-def _train(
-    cluster: NodeCluster, client: distributed.Client, storage: str, report: DemoReport,
-    say: Callable[[str], Any],
-) -> Result:
-    victim = f"dckpt-demo-victim-{os.getpid()}-{time.monotonic_ns()}"
+def train_with_a_kill(
+    cluster: NodeCluster,
+    client: distributed.Client,
+    storage_uri: str,
+    *,
+    epochs: int,
+    epoch_seconds: float,
+    num_to_keep: int,
+    on_kill: Callable[[str], Any],
+) -> tuple[Result, int | None]:
+    """Train :func:`~dckpt.demo.train_loop` on 2 ranks, killing rank 1's node mid-run.
 
+    Rank 1 names its node after epoch :data:`KILL_AFTER_EPOCH` (through a Dask
+    Variable); a driver thread then calls ``on_kill(node_id)`` and kills that node, as
+    a crash would. The trainer restarts both ranks from the latest checkpoint. Keeps the
+    best ``num_to_keep`` by loss, persisted to ``storage_uri``. Returns the result and
+    the index of the node killed (None if it never was); the caller restarts it if it
+    wants it back. Used by ``dckpt demo`` and ``examples/train_data_parallel.py``.
+    """
+    victim = f"dckpt-demo-victim-{os.getpid()}-{time.monotonic_ns()}"
     killed: list[int] = []
 
     def kill_when_asked() -> None:
-        node_id = distributed.Variable(victim, client=client).get(timeout=120)
-        report.killed_node = str(node_id)
+        node_id = str(distributed.Variable(victim, client=client).get(timeout=120))
         index = next(i for i, info in enumerate(cluster.nodes) if info.node_id == node_id)
-        say(f"killing {node_id}, which runs rank 1, after epoch {KILL_AFTER_EPOCH}")
+        on_kill(node_id)
         cluster.kill_node(index)
         killed.append(index)
 
     killer = threading.Thread(target=kill_when_asked, name="dckpt-demo-killer", daemon=True)
     killer.start()
-    say(f"training 2 ranks for {EPOCHS} epochs, keeping the best 2 checkpoints")
     try:
-        return DataParallelTrainer(
+        result = DataParallelTrainer(
             train_loop,
-            train_loop_config={"epochs": EPOCHS, "lr": 0.5, "momentum": 0.5,
-                               "epoch_seconds": EPOCH_SECONDS, "victim": victim,
+            train_loop_config={"epochs": epochs, "lr": 0.5, "momentum": 0.5,
+                               "epoch_seconds": epoch_seconds, "victim": victim,
                                "kill_after": KILL_AFTER_EPOCH},
             num_workers=2, max_failures=2, client=client,
             checkpoint_config=CheckpointConfig(
-                num_to_keep=2, checkpoint_score_attribute="loss",
-                checkpoint_score_order="min", storage_uri=f"file://{storage}",
+                num_to_keep=num_to_keep, checkpoint_score_attribute="loss",
+                checkpoint_score_order="min", storage_uri=storage_uri,
             ),
         ).fit()
     finally:
         killer.join(timeout=5)
         distributed.Variable(victim, client=client).delete()
-        for index in killed:  # back for the prediction, with what its disk held
-            cluster.restart_node(index)
+    return result, killed[0] if killed else None
+
+
+def _train(
+    cluster: NodeCluster, client: distributed.Client, storage: str, report: DemoReport,
+    say: Callable[[str], Any],
+) -> Result:
+    def on_kill(node_id: str) -> None:
+        report.killed_node = node_id
+        say(f"killing {node_id}, which runs rank 1, after epoch {KILL_AFTER_EPOCH}")
+
+    say(f"training 2 ranks for {EPOCHS} epochs, keeping the best 2 checkpoints")
+    result, killed = train_with_a_kill(
+        cluster, client, f"file://{storage}", epochs=EPOCHS, epoch_seconds=EPOCH_SECONDS,
+        num_to_keep=2, on_kill=on_kill,
+    )
+    if killed is not None:  # back for the prediction, with what its disk held
+        cluster.restart_node(killed)
+    return result
 
 
 def _summarize_training(result: Result, report: DemoReport) -> None:
