@@ -8,7 +8,7 @@ import stat
 import threading
 
 from dckpt.errors import CheckpointFormatError
-from dckpt.transfer._frames import Buffer, encode_chunk, encode_parts
+from dckpt.transfer._frames import Buffer, encode_parts
 from dckpt.transfer._manifest import ChunkSpec, FileEntry, Manifest
 from dckpt.transfer._settings import check_chunk_bytes, config_chunk_bytes
 
@@ -38,12 +38,11 @@ class _OpenFile:
 class ChunkSource:
     """Sender side: serves the chunks of one directory, as its manifest describes it.
 
-    Thread-safe: reads use ``os.preadv`` (no shared file offset). :meth:`read_chunk`
-    reads into one of a few reused buffers of ``chunk_bytes`` (one per concurrent
-    reader), so memory grows by two chunks per concurrent call, not per call;
-    :meth:`read_parts` reads into a buffer that it hands over, copying nothing. Files are opened on first use and
-    at most 64 stay open; a descriptor is closed only once no read uses it, so it can
-    never be reused under a reader's feet.
+    Thread-safe: reads use ``os.preadv`` (no shared file offset). :meth:`read_parts`
+    reads into a buffer that it hands over (or the caller's), copying nothing;
+    :meth:`read_chunk` joins those parts into one frame. Files are opened on first use
+    and at most 64 stay open; a descriptor is closed only once no read uses it, so it
+    can never be reused under a reader's feet.
 
     A file that no longer has the size the manifest gives, or is gone, raises
     :class:`~dckpt.errors.CheckpointFormatError`: the directory changed after it was
@@ -64,7 +63,6 @@ class ChunkSource:
     chunk_bytes: int
     _lock: threading.Lock
     _files: collections.OrderedDict[int, _OpenFile]
-    _buffers: list[bytearray]
     _closed: bool
 
     def __init__(
@@ -80,7 +78,6 @@ class ChunkSource:
         )
         self._lock = threading.Lock()
         self._files = collections.OrderedDict()
-        self._buffers = []
         self._closed = False
 
     def __enter__(self) -> ChunkSource:
@@ -90,9 +87,8 @@ class ChunkSource:
         self.close()
 
     def read_chunk(self, spec: ChunkSpec) -> bytes:
-        """The encoded frame (:func:`~dckpt.transfer.encode_chunk`) of one chunk.
-
-        The chunk is read into a reused buffer and copied into the frame.
+        """The encoded frame (:func:`~dckpt.transfer.encode_chunk`) of one chunk:
+        :meth:`read_parts` joined into one buffer.
 
         Raises
         ------
@@ -102,14 +98,7 @@ class ChunkSource:
         CheckpointFormatError
             The file changed (size, type) or vanished since the manifest was built.
         """
-        entry = self._check(spec)
-        buffer = self._take_buffer()
-        try:
-            with memoryview(buffer)[: spec.length] as view:
-                self._read(spec, entry, view)
-                return encode_chunk(view)
-        finally:
-            self._give_buffer(buffer)
+        return b"".join(self.read_parts(spec))
 
     def read_parts(
         self, spec: ChunkSpec, buffer: bytearray | None = None
@@ -136,7 +125,6 @@ class ChunkSource:
             self._closed = True
             handles = list(self._files.values())
             self._files.clear()
-            self._buffers.clear()
             for handle in handles:
                 self._retire(handle)
 
@@ -213,17 +201,6 @@ class ChunkSource:
             handle.users -= 1
             if handle.retired and handle.users == 0:
                 os.close(handle.fd)
-
-    def _take_buffer(self) -> bytearray:
-        with self._lock:
-            if self._buffers:
-                return self._buffers.pop()
-        return bytearray(self.chunk_bytes)
-
-    def _give_buffer(self, buffer: bytearray) -> None:
-        with self._lock:
-            if not self._closed:
-                self._buffers.append(buffer)
 
     def _read_into(self, fd: int, view: memoryview, spec: ChunkSpec, entry: FileEntry) -> None:
         done = 0
