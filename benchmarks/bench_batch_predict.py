@@ -100,7 +100,7 @@ def run(client: Client, owner: str, ddf: dd.DataFrame, model_mib: int, way: str)
     after = received(client)
     return {"seconds": seconds, "rows": len(result), "loads": loads, "size": size,
             "transfers": after[0] - before[0], "bytes": after[1] - before[1],
-            "checksum": float(result["predictions"].sum())}
+            "predictions": result["predictions"].sort_index().to_numpy()}
 
 
 def main() -> None:
@@ -126,7 +126,10 @@ def main() -> None:
                     best[way] = figures
         client.close()
 
-    assert best["dckpt"]["checksum"] == best["naive"]["checksum"], "the two ways disagree"
+    # Batches of other sizes may round differently in the last bits: compare with a tolerance.
+    if not np.allclose(best["dckpt"]["predictions"], best["naive"]["predictions"],
+                       rtol=1e-12, atol=1e-12):
+        raise SystemExit("the two ways disagree: their predictions differ beyond rounding")
     mib = 1 << 20
     print(f"{args.nodes} nodes, {args.partitions} partitions of {args.rows} rows, "
           f"checkpoint of {best['dckpt']['size'] / mib:.1f} MiB on node 0, best of {args.repeat}")

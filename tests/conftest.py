@@ -13,7 +13,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -26,8 +25,9 @@ from distributed import Client
 
 from dckpt.cluster import NodeCluster, install, isolation_available
 from tests._nodes import N_NODES, alive, cluster_pids
+from tests._waiting import eventually
 
-S3_START_TIMEOUT = 20.0  # seconds; moto's server answers within ~2 s here
+S3_START_TIMEOUT = 60.0  # seconds; moto's server answers within ~2 s here, unloaded
 
 
 def _free_port() -> int:
@@ -66,17 +66,17 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
             stdout=log, stderr=subprocess.STDOUT, env=env,
         )
+    def answers() -> bool:
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"the moto S3 server on {endpoint} exited with {process.returncode}; its "
+                f"log ({log_path}) ends with:\n{log_path.read_text()[-2000:]}"
+            )
+        return _answers(endpoint)
+
     try:
-        deadline = time.monotonic() + S3_START_TIMEOUT
-        while not _answers(endpoint):
-            if process.poll() is not None or time.monotonic() > deadline:
-                state = (f"exited with {process.returncode}" if process.poll() is not None
-                         else f"did not answer within {S3_START_TIMEOUT:.0f} s")
-                raise RuntimeError(
-                    f"the moto S3 server on {endpoint} {state}; its log "
-                    f"({log_path}) ends with:\n{log_path.read_text()[-2000:]}"
-                )
-            time.sleep(0.1)
+        eventually(answers, what=f"the moto S3 server on {endpoint} to answer (log: {log_path})",
+                   timeout=S3_START_TIMEOUT)
         yield endpoint
     finally:
         process.terminate()
@@ -171,9 +171,17 @@ def node_client(node_cluster: NodeCluster) -> Client:
     return node_cluster.client(set_as_default=False)
 
 
-@pytest.fixture(scope="module")
-def nodes(node_cluster: NodeCluster, node_client: Client) -> tuple[str, str]:
-    """The addresses of node 0's and node 1's workers, each with a store and the
-    scheduler's registry installed."""
+@pytest.fixture(scope="session")
+def node_stores(node_client: Client) -> None:
+    """dckpt installed on :func:`node_cluster`: the registry on its scheduler and a
+    store on every worker, present and future (a restarted node gets one too)."""
     install(node_client)
+
+
+@pytest.fixture
+def nodes(node_cluster: NodeCluster, node_stores: None) -> tuple[str, str]:
+    """The addresses of node 0's and node 1's workers, each with a store.
+
+    Read for each test: a test that restarts a node gives it a new address.
+    """
     return node_cluster.nodes[0].worker_address, node_cluster.nodes[1].worker_address

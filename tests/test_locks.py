@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from dckpt._locks import flocked, is_alive, marker_is_alive, marker_pid, new_marker_name
+from tests._waiting import eventually
 
 
 def test_this_process_is_alive_and_a_reaped_one_is_not():
@@ -24,10 +24,8 @@ def test_this_process_is_alive_and_a_reaped_one_is_not():
 def test_a_zombie_is_not_alive():
     process = subprocess.Popen(["true"])
     try:
-        deadline = time.monotonic() + 30
-        while b") Z " not in Path(f"/proc/{process.pid}/stat").read_bytes():
-            assert time.monotonic() < deadline, "the child never exited"
-            time.sleep(0.01)
+        eventually(lambda: b") Z " in Path(f"/proc/{process.pid}/stat").read_bytes(),
+                   what="the child to exit")
         os.kill(process.pid, 0)  # a zombie still answers kill(0) ...
         assert not is_alive(process.pid)  # ... but holds nothing
     finally:

@@ -86,3 +86,16 @@ def test_quickstart_example_runs():
     )
     assert result.returncode == 0, result.stderr
     assert "all round trips recovered the original data" in result.stdout
+
+
+def test_no_test_sleeps_to_wait_for_something():
+    """Tests wait on events or poll through tests/_waiting.eventually (one home for
+    polling); a sleep that orders events flakes on a loaded machine."""
+    offenders = [
+        f"{path.relative_to(ROOT)}:{number}"
+        for path in sorted((ROOT / "tests").rglob("*.py"))
+        if path.name != "_waiting.py"
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if re.search(r"\btime\.sleep\(|^\s*from time import .*\bsleep\b", line)
+    ]
+    assert offenders == [], f"time.sleep in tests: {offenders}"

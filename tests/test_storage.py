@@ -13,7 +13,6 @@ import json
 import os
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -412,18 +411,26 @@ class StorageContract:
 
         def track(method: str) -> None:
             original = getattr(fs, method)
-            lock, running = threading.Lock(), [0]
+            changed = threading.Condition()
+            running, started = [0], [0]
 
             def wrapper(*args: Any, **kwargs: Any) -> Any:
-                with lock:
+                with changed:
                     running[0] += 1
+                    started[0] += 1
                     peaks[method] = max(peaks.get(method, 0), running[0])
+                    changed.notify_all()
+                    # Hold this call until another one runs beside it (or none is left
+                    # to start), so that parallel calls are seen to overlap however
+                    # slow the machine; with a limit of 1 nothing can join it.
+                    changed.wait_for(lambda: limit == 1 or running[0] > 1
+                                     or started[0] == len(os.listdir(src)), timeout=10)
                 try:
-                    time.sleep(0.05)  # long enough for the other threads to start
                     return original(*args, **kwargs)
                 finally:
-                    with lock:
+                    with changed:
                         running[0] -= 1
+                        changed.notify_all()
 
             monkeypatch.setattr(fs, method, wrapper)
 

@@ -19,6 +19,7 @@ import pytest
 
 from dckpt.cluster._cache import BOOKKEEPING_NAMES, INDEX_NAME, CheckpointId, NodeCache
 from dckpt.errors import CacheFullError
+from tests._waiting import eventually
 
 CTX = multiprocessing.get_context("spawn")
 DIGEST = "d" * 40
@@ -290,10 +291,12 @@ def test_transfer_lock_makes_the_second_process_wait_then_find_the_first_s_copy(
     assert first.receive() == "inside"  # holds the lock, has not added yet
 
     second.send("single_flight", "wanted", 100, False)
-    deadline = time.monotonic() + TIMEOUT
-    while not blocked_on_flock(second.pid):
-        assert time.monotonic() < deadline, "the second process never waited for the lock"
-        assert not second.conn.poll(0.01), "the second process did not wait for the lock"
+
+    def blocked() -> bool:
+        assert not second.conn.poll(0), "the second process did not wait for the lock"
+        return blocked_on_flock(second.pid)
+
+    eventually(blocked, what="the second process to block on the transfer lock")
     first.conn.send("go")
     one, two = first.receive(), second.receive()
 

@@ -8,10 +8,9 @@ tests poll with a bounded wait rather than sleep.
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import yaml
@@ -20,31 +19,18 @@ from distributed import Client
 from dckpt.cluster import NodeCluster, NodeStore, install, registry, store_of, who_has
 from dckpt.cluster._store import local_store
 from tests._nodes import alive, cluster_pids
+from tests._waiting import eventually
 from tests.cluster.test_store import _write_checkpoint
 
 pytestmark = pytest.mark.slow
 
-T = TypeVar("T")
-
 SCHEDULER_DIR = Path(__file__).resolve().parents[2] / "scheduler"
 SCHEDULER_PRELOAD = str(SCHEDULER_DIR / "dckpt_scheduler_preload.py")
 WORKER_PRELOAD = str(SCHEDULER_DIR / "dckpt_worker_preload.py")
-# Twice the default refresh: a snapshot is sent within one interval (1 s) of a change.
+# A snapshot is sent within one interval (1 s) of a change; its age stays far below this.
 WAIT = 20.0
 # What _write_checkpoint(1, ...) writes: 1 MiB of weights and 13,000 bytes of config.
 SIZE = (1 << 20) + 13_000
-
-
-def eventually(read: Callable[[], T], ok: Callable[[T], bool], what: str) -> T:
-    """``read()`` until ``ok`` says yes; fail after :data:`WAIT` seconds."""
-    deadline = time.monotonic() + WAIT
-    while True:
-        value = read()
-        if ok(value):
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"after {WAIT}s still no {what}: {value!r}")
-        time.sleep(0.05)
 
 
 def write(client: Client, address: str, seed: int) -> tuple[str, str]:

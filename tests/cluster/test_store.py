@@ -136,17 +136,24 @@ async def _pull_into(client: Client, address: str, checkpoint_id: str, digest: s
 
 def test_stats_are_read_per_worker_from_the_client(node_cluster: NodeCluster,
                                                    node_client: Client, nodes):
-    by_address = stats(node_client)
-    assert set(by_address) == {n.worker_address for n in node_cluster.nodes}
-    assert {s["node_id"] for s in by_address.values()} == {"node-0", "node-1"}
     owner, receiver = nodes
-    assert by_address[owner]["bytes_sent"] >= (3 << 20)  # the first test's checkpoint
-    assert by_address[receiver]["transfers"] >= 2
+    before = stats(node_client)
+    assert set(before) == {n.worker_address for n in node_cluster.nodes}
+    assert {s["node_id"] for s in before.values()} == {"node-0", "node-1"}
+    _, _, checkpoint_id, digest = node_client.submit(
+        _write_checkpoint, 2, 6, workers=[owner], pure=False
+    ).result()
+    store_of(receiver, node_client).fetch(owner, checkpoint_id, digest).result()
+    after = stats(node_client)
+    size = (2 << 20) + 13_000
+    assert after[owner]["bytes_sent"] - before[owner]["bytes_sent"] == size
+    assert after[receiver]["bytes_received"] - before[receiver]["bytes_received"] == size
+    assert after[receiver]["transfers"] - before[receiver]["transfers"] == 1
 
 
 def test_a_restarted_worker_finds_its_cache_again(node_cluster: NodeCluster,
                                                   node_client: Client, nodes):
-    # Last in this module: it restarts node 1, whose address the fixture holds.
+    # It restarts node 1: the `nodes` fixture gives later tests its new address.
     owner, receiver = nodes
     _, hashes, checkpoint_id, digest = node_client.submit(
         _write_checkpoint, 1, 4, workers=[owner], pure=False

@@ -9,14 +9,15 @@ on node 0, so that a transfer counted by the stores is a real copy between nodes
 from __future__ import annotations
 
 import collections
+import functools
 import os
-import time
+import uuid
 from collections.abc import Iterator
 
 import cloudpickle
 import dask.config
 import pytest
-from distributed import Client, LocalCluster
+from distributed import Client, Event, LocalCluster
 
 from dckpt import Checkpoint, put
 from dckpt.cluster import NodeCluster, install, isolation_available, stats, who_has
@@ -29,6 +30,7 @@ from dckpt.predict import (
 )
 from dckpt.predict._batches import concat, keep_columns, split
 from dckpt.predict._placement import choose_scoring_workers
+from tests._waiting import eventually
 
 np = pytest.importorskip("numpy")
 pd = pytest.importorskip("pandas")
@@ -38,6 +40,7 @@ db = pytest.importorskip("dask.bag")
 
 PAD = 2 << 20  # bytes of padding in the model: a transfer is plain in the counters
 LOADS: collections.Counter[str] = collections.Counter()  # per worker process
+HOLD_TIMEOUT = 60  # seconds; only bounds a hang
 
 
 class Linear:
@@ -173,9 +176,17 @@ def client(cluster: NodeCluster) -> Client:
     return client
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def workers(cluster: NodeCluster) -> list[str]:
+    """The workers' addresses, read for each test: a restarted node has a new one."""
     return [n.worker_address for n in cluster.nodes]
+
+
+def assert_close(got, expected) -> None:
+    """Predictions computed along another path (other row slices, another memory
+    layout) may differ from a local predictor's in the last bits."""
+    np.testing.assert_allclose(np.asarray(got, dtype=float), np.asarray(expected, dtype=float),
+                               rtol=1e-12, atol=1e-12)
 
 
 def _transfers(client: Client) -> dict[str, tuple[int, int]]:
@@ -211,10 +222,10 @@ def test_200_partitions_on_3_nodes_move_the_checkpoint_once_per_other_node(clien
     # The same as one local predictor of the same checkpoint on the whole frame.
     with client.as_current():  # the driver fetches node 0's directory through this client
         local = SklearnLikePredictor.from_checkpoint(checkpoint).predict(frame[["a", "b"]])
-    assert np.array_equal(result["predictions"].to_numpy(), local["predictions"].to_numpy())
+    assert_close(result["predictions"], local["predictions"])
     assert result["id"].tolist() == frame["id"].tolist()
     assert result.index.tolist() == frame.index.tolist()
-    assert np.array_equal(again["predictions"].to_numpy(), local["predictions"].to_numpy())
+    assert_close(again["predictions"], local["predictions"])
 
 
 @pytest.mark.slow
@@ -238,10 +249,9 @@ def test_a_node_with_a_cached_copy_is_chosen_before_one_without(client, workers)
     checkpoint = client.submit(_write_model, "model-cached", workers=[workers[0]], pure=False).result()
     put(checkpoint, ["node-2"], client=client)
     checkpoint_id = checkpoint.get_internal_representation()[1].checkpoint_id
-    deadline = time.monotonic() + 20  # the registry lags the stores by about 1 s
-    while workers[2] not in who_has(client, [checkpoint_id])[checkpoint_id]["cached"]:
-        assert time.monotonic() < deadline, "the cached copy never showed in the registry"
-        time.sleep(0.05)
+    # The registry lags the stores by about dckpt.registry.interval.
+    eventually(lambda: who_has(client, [checkpoint_id])[checkpoint_id]["cached"],
+               lambda cached: workers[2] in cached, "node 2's cached copy in the registry")
     before = _transfers(client)
     with BatchPredictor(checkpoint, SklearnLikePredictor) as predictor:
         out = predictor.predict(da.ones((40, 2), chunks=(10, 2)), max_scoring_workers=2,
@@ -260,22 +270,23 @@ def test_arrays_bags_and_lists_of_batches_come_back_in_their_own_kind(client, wo
     with BatchPredictor(checkpoint, SklearnLikePredictor) as predictor:
         array = predictor.predict(da.from_array(x, chunks=(7, 1)), batch_size=3, client=client)
         assert array.shape == (30,) and array.chunks[0] == (7, 7, 7, 7, 2)
-        assert np.array_equal(client.compute(array).result(), local.predict(x))
+        assert_close(client.compute(array).result(), local.predict(x))
 
         records = [{"a": float(a), "b": float(b), "key": f"r{i}"} for i, (a, b) in enumerate(x)]
         bag = predictor.predict(db.from_sequence(records, npartitions=4),
                                 feature_columns=["a", "b"], keep_columns=["key"], client=client)
         expected = local.predict(pd.DataFrame(records)[["a", "b"]])["predictions"].tolist()
-        assert client.compute(bag).result() == [
-            {"predictions": p, "key": f"r{i}"} for i, p in enumerate(expected)
-        ]
+        scored = client.compute(bag).result()
+        assert [sorted(r) for r in scored] == [["key", "predictions"]] * len(records)
+        assert [r["key"] for r in scored] == [r["key"] for r in records]
+        assert_close([r["predictions"] for r in scored], expected)
 
         batches = [x[:5], {"a": x[5:9, 0], "b": x[5:9, 1]}, pd.DataFrame(x[9:], columns=["a", "b"])]
         futures = predictor.predict(batches, feature_columns=None, client=client)
         got = client.gather(futures)
-    assert np.array_equal(got[0], local.predict(x[:5]))
-    assert np.array_equal(got[1]["predictions"], x[5:9] @ [2.0, -1.0] + 1.0)
-    assert got[2]["predictions"].tolist() == local.predict(x[9:]).tolist()
+    assert_close(got[0], local.predict(x[:5]))
+    assert_close(got[1]["predictions"], x[5:9] @ [2.0, -1.0] + 1.0)
+    assert_close(got[2]["predictions"], local.predict(x[9:]))
 
 
 @pytest.mark.slow
@@ -292,9 +303,14 @@ def test_too_few_workers_and_failing_predictors_are_named_errors(client, workers
     predictor.close()
 
 
-def _slow_where(model, batch):
-    """FunctionPredictor fn: like _where, slowly enough for a node to die meanwhile."""
-    time.sleep(0.05)
+def _held_where(hold: str, model, batch):
+    """FunctionPredictor fn (with ``hold`` bound): like _where, once the event ``hold``
+    is set; sets ``<hold>-started`` first, so the test knows scoring has begun."""
+    from distributed import Event
+
+    Event(f"{hold}-started").set()
+    if not Event(hold).wait(timeout=HOLD_TIMEOUT):
+        raise TimeoutError(f"the test never set the event {hold!r}")
     return _where(model, batch)
 
 
@@ -302,21 +318,28 @@ def _slow_where(model, batch):
 def test_a_scoring_worker_that_dies_fails_the_run_clearly_and_the_next_run_goes_on(
     cluster, client, workers
 ):
-    """Kills node 2's worker while partitions are scored (last in this module: its
-    worker comes back at another address). Dask does not rebuild an actor that a
-    client holds, so the run fails at once with Dask's "Worker holding Actor was lost"
-    (not a hang); the next predict() drops that scorer and scores on the workers alive."""
+    """Kills node 2's worker while partitions are scored (its worker comes back at
+    another address). Dask does not rebuild an actor that a client holds, so the run
+    fails at once with Dask's "Worker holding Actor was lost" (not a hang); the next
+    predict() drops that scorer and scores on the workers alive."""
     checkpoint = client.submit(_write_model, "model-dies", workers=[workers[0]], pure=False).result()
     ddf = dd.from_pandas(_frame(600), npartitions=60)
     meta = pd.DataFrame({"node": pd.Series(dtype=object), "pid": pd.Series(dtype=int)})
-    with BatchPredictor(checkpoint, FunctionPredictor, fn=_slow_where) as predictor:
-        future = client.compute(predictor.predict(ddf, client=client, meta=meta))
-        assert sorted(predictor.scoring_workers) == sorted(workers)
-        time.sleep(0.5)  # 60 partitions of 50 ms on 3 workers: some done, more to come
-        assert not future.done()
-        cluster.kill_node(2)
+    hold = f"dckpt-test-hold-{uuid.uuid4().hex[:8]}"
+    release = Event(hold, client=client)
+    fn = functools.partial(_held_where, hold)
+    with BatchPredictor(checkpoint, FunctionPredictor, fn=fn) as predictor:
+        try:
+            future = client.compute(predictor.predict(ddf, client=client, meta=meta))
+            assert sorted(predictor.scoring_workers) == sorted(workers)
+            # Scoring has begun and no partition can finish before the release.
+            assert Event(f"{hold}-started", client=client).wait(timeout=HOLD_TIMEOUT)
+            assert not future.done()
+            cluster.kill_node(2)
+        finally:
+            release.set()
         with pytest.raises(RuntimeError, match="Worker holding Actor was lost"):
-            future.result(timeout=30)
+            future.result(timeout=60)
         cluster.restart_node(2)
         where = client.compute(predictor.predict(ddf, client=client, meta=meta)).result(
             timeout=60)

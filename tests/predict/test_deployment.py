@@ -1,7 +1,7 @@
 """PredictorDeployment on the shared isolated cluster: real worker processes, one per node.
 
-The module's deployment has a replica on each of the two nodes; the last test kills a
-node and starts it again, as the session fixture asks.
+The ``deployment`` fixture has a replica on each of the two nodes; a test that kills a
+node starts it again, as the session fixture asks.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import re
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import cloudpickle
 import pytest
+from distributed import Event
 
 import dckpt.node
 from dckpt import Checkpoint
@@ -33,6 +33,7 @@ from dckpt.predict import (
     model_checkpoint,
 )
 from dckpt.predict._replica import RemoteTraceback
+from tests._waiting import eventually
 
 np = pytest.importorskip("numpy")
 
@@ -41,30 +42,57 @@ from tests.predict._models import Linear, Scale  # after importorskip: needs num
 pytestmark = pytest.mark.slow
 
 DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+HOLD_TIMEOUT = 60  # seconds; only bounds a hang
 
 
 def node_after(model, batch):
-    """Each row's answer is the id of the node that scored it, after a nap."""
-    time.sleep(float(batch["sleep"][0]))
-    return np.array([dckpt.node.node_id()] * len(batch["sleep"]))
+    """Each row's answer is the id of the node that scored it.
+
+    A batch made by :func:`held` first sets the event ``<name>-started`` and then waits
+    for the event ``<name>``, so that a test decides when each request finishes.
+    """
+    name = str(batch["hold"][0])
+    if name:
+        Event(f"{name}-started").set()
+        if not Event(name).wait(timeout=HOLD_TIMEOUT):
+            raise TimeoutError(f"the test never set the event {name!r}")
+    return np.array([dckpt.node.node_id()] * len(batch["hold"]))
 
 
-def naps(seconds: float, rows: int = 1) -> dict:
-    return {"sleep": np.full(rows, seconds)}
+def held(name: str) -> dict:
+    """A one-row batch that :func:`node_after` answers once the event ``name`` is set."""
+    return {"hold": np.array([name])}
+
+
+def free() -> dict:
+    """A one-row batch that :func:`node_after` answers at once."""
+    return {"hold": np.array([""])}
+
+
+def new_hold(client) -> tuple[str, Event, Event]:
+    """A fresh hold name, with its "started" event and the event that releases it."""
+    name = f"dckpt-test-hold-{uuid.uuid4().hex[:8]}"
+    return name, Event(f"{name}-started", client=client), Event(name, client=client)
+
+
+def in_flight(deployment) -> int:
+    return sum(r.get("in_flight", 0) for r in deployment.health()["replicas"])
 
 
 CHECKPOINT = model_checkpoint(Linear([1.0, 10.0], b=0.5), preprocessor=Scale())
 ECHO = model_checkpoint(None)  # for node_after, which needs no model
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def deployment(node_client, nodes):
+    """Two replicas of CHECKPOINT, one on each node; one per test, since a test that
+    kills a node would leave a shared one with a replacement on the other node."""
     with PredictorDeployment(CHECKPOINT, SklearnLikePredictor, num_replicas=2,
                              client=node_client) as deployment:
         yield deployment
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def url(deployment):
     host, port = deployment.serve()
     return f"http://{host}:{port}"
@@ -114,22 +142,30 @@ def test_a_predictor_error_reaches_the_caller_and_the_replica_stays(deployment):
 
 def test_requests_go_to_the_least_busy_replica(node_client):
     with PredictorDeployment(ECHO, FunctionPredictor, num_replicas=2,
-                             client=node_client, fn=node_after) as deployment:
-        with ThreadPoolExecutor(4) as pool:
-            long = pool.submit(deployment.predict, naps(1.5))
-            while sum(r["in_flight"] for r in deployment.health()["replicas"]) == 0:
-                time.sleep(0.01)
-            # One replica is busy: every short request goes to the other one, in turn
-            # (round robin would put one of them behind the long request).
-            started = time.monotonic()
-            short = [deployment.predict(naps(0.05))["predictions"][0] for _ in range(3)]
-            assert time.monotonic() - started < 1.0
-            busy = long.result()["predictions"][0]
-            assert len(set(short)) == 1 and busy not in short
-            # Concurrent requests spread over both replicas.
-            answers = list(pool.map(lambda _: deployment.predict(naps(0.3)), range(4)))
-        nodes = [a["predictions"][0] for a in answers]
-        assert sorted(nodes) == ["node-0", "node-0", "node-1", "node-1"]
+                             client=node_client, fn=node_after) as deployment, \
+            ThreadPoolExecutor(4) as pool:
+        name, started, release = new_hold(node_client)
+        try:
+            long = pool.submit(deployment.predict, held(name))
+            assert started.wait(timeout=HOLD_TIMEOUT)
+            # One replica is busy until the test releases it: every short request goes
+            # to the other one, in turn (round robin would put one behind the long one).
+            short = [deployment.predict(free())["predictions"][0] for _ in range(3)]
+        finally:
+            release.set()
+        busy = long.result()["predictions"][0]
+        assert len(set(short)) == 1 and busy not in short
+
+        # Concurrent requests spread over both replicas: none ends before all are sent.
+        name, _, release = new_hold(node_client)
+        try:
+            calls = [pool.submit(deployment.predict, held(name)) for _ in range(4)]
+            eventually(lambda: in_flight(deployment), lambda n: n == 4,
+                       "4 requests in flight")
+        finally:
+            release.set()
+        nodes = [call.result()["predictions"][0] for call in calls]
+    assert sorted(nodes) == ["node-0", "node-0", "node-1", "node-1"]
 
 
 def test_http_answers_concurrent_requests_in_each_form(url):
@@ -167,7 +203,7 @@ def test_http_bad_requests_get_400_and_a_json_error(url, body, match):
 
 
 def test_close_stops_the_port_and_the_replicas(node_client):
-    before = _replica_actors(node_client)  # the module's deployment has its own
+    before = _replica_actors(node_client)  # replicas of deployments other than this one
     deployment = PredictorDeployment(CHECKPOINT, SklearnLikePredictor, client=node_client)
     host, port = deployment.serve()
     assert len(_replica_actors(node_client) - before) == 1
@@ -182,10 +218,8 @@ def test_close_stops_the_port_and_the_replicas(node_client):
         deployment.serve()
     assert deployment.health()["status"] == "unavailable"
     # Nothing is left on the workers: the actor is gone.
-    deadline = time.monotonic() + 5
-    while _replica_actors(node_client) != before and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _replica_actors(node_client) == before
+    eventually(lambda: _replica_actors(node_client), lambda left: left == before,
+               "the closed deployment's replica to leave its worker")
 
 
 def _replica_actors(client) -> set[str]:
@@ -221,18 +255,22 @@ def test_a_replica_whose_worker_dies_is_replaced_and_its_requests_answered(
             [replica] = deployment.health()["replicas"]
             assert replica["node"] == "node-1"
             assert {a: stats(node_client)[a]["transfers"] for a in nodes} == before
+            name, started, release = new_hold(node_client)
             with ThreadPoolExecutor(3) as pool:
-                calls = [pool.submit(deployment.predict, naps(1.0)) for _ in range(3)]
-                while deployment.health()["replicas"][0].get("in_flight", 0) == 0:
-                    time.sleep(0.01)
-                time.sleep(0.3)  # the first call is being computed on node 1
-                node_cluster.kill_node(1)
-                answers = [call.result(timeout=30)["predictions"][0] for call in calls]
+                try:
+                    calls = [pool.submit(deployment.predict, held(name)) for _ in range(3)]
+                    eventually(lambda: in_flight(deployment), lambda n: n == 3,
+                               "3 requests in flight")
+                    assert started.wait(timeout=HOLD_TIMEOUT)  # node 1 is computing
+                    node_cluster.kill_node(1)
+                finally:
+                    release.set()  # the requests retried on the replacement go through
+                answers = [call.result(timeout=60)["predictions"][0] for call in calls]
             # Answered by the replacement on node 0, which had the checkpoint from the URI.
             assert answers == ["node-0"] * 3
             [replica] = deployment.health()["replicas"]
             assert (replica["state"], replica["node"]) == ("ready", "node-0")
-            assert deployment.predict(naps(0))["predictions"].tolist() == ["node-0"]
+            assert deployment.predict(free())["predictions"].tolist() == ["node-0"]
             assert stats(node_client)[nodes[0]]["transfers"] == before[nodes[0]] + 1
     finally:
         node_cluster.restart_node(1)

@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -17,6 +16,7 @@ from distributed import Client
 
 from dckpt import Checkpoint
 from dckpt.cluster import NodeCluster, isolation_available
+from tests._waiting import eventually
 
 N_NODES = 3
 
@@ -81,9 +81,5 @@ def client(train_client: Client) -> Iterator[Client]:
     """The module's client; afterwards, no queue or event of a run is left on the
     scheduler (a queue's release is a one-way message: give it a moment to land)."""
     yield train_client
-    deadline = time.monotonic() + 5
-    while (left := train_client.run_on_scheduler(_dckpt_train_names)) and (
-        time.monotonic() < deadline
-    ):
-        time.sleep(0.05)
-    assert left == []
+    eventually(lambda: train_client.run_on_scheduler(_dckpt_train_names), lambda left: left == [],
+               "every queue and event of the run to be released on the scheduler")
