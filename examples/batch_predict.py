@@ -1,10 +1,11 @@
 """Locality-aware batch prediction: a model trained on node 0 scores 300 partitions on
 three nodes, and its checkpoint moves to each other node once.
 
-Run it with ``python examples/batch_predict.py`` (about 15 s). It starts an isolated
-three-node ``NodeCluster`` (each worker a node that cannot see the others' files),
-fits a small least-squares model in a task on node 0 and writes it there as a
-directory checkpoint (a few MiB), then scores a dask DataFrame of 300 partitions with
+Run it with ``python examples/batch_predict.py`` (about 15 s; it needs the ``predict``
+extra: ``pip install -e '.[predict]'``). It starts an isolated three-node
+``NodeCluster`` (each worker a node that cannot see the others' files), fits a small
+least-squares model in a task on node 0 and writes it there as a directory checkpoint
+(a few MiB), then scores a dask DataFrame of 300 partitions with
 ``BatchPredictor``: one predictor per worker, node 0 first, each partition scored
 beside a loaded model. It prints what each node received and how many models loaded.
 """
@@ -14,9 +15,13 @@ from __future__ import annotations
 import os
 
 import cloudpickle
-import dask.dataframe as dd
-import numpy as np
-import pandas as pd
+
+try:
+    import dask.dataframe as dd
+    import numpy as np
+    import pandas as pd
+except ModuleNotFoundError as e:  # numpy, pandas, pyarrow: the `predict` extra
+    raise SystemExit(f"This example needs {e.name}: pip install -e '.[predict]'") from None
 
 from dckpt import Checkpoint
 from dckpt.cluster import NodeCluster, install, stats

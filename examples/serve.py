@@ -1,10 +1,10 @@
 """Serve a model over HTTP from two replicas on a two-node Dask cluster.
 
-Run it with ``python examples/serve.py`` (needs numpy, and root or user namespaces
-for the isolated nodes). It starts a local cluster of two simulated nodes, fits a
-small linear model, deploys it as two replicas (one per node) behind an HTTP JSON
-endpoint, sends a few requests with urllib, from several threads at once, and shows
-what a bad request gets back.
+Run it with ``python examples/serve.py`` (it needs the ``predict`` extra, ``pip install
+-e '.[predict]'``, and root or user namespaces for the isolated nodes). It starts a
+local cluster of two simulated nodes, fits a small linear model, deploys it as two
+replicas (one per node) behind an HTTP JSON endpoint, sends a few requests with urllib,
+from several threads at once, and shows what a bad request gets back.
 """
 
 from __future__ import annotations
@@ -14,7 +14,10 @@ import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
+try:
+    import numpy as np
+except ModuleNotFoundError as e:  # the `predict` extra
+    raise SystemExit(f"This example needs {e.name}: pip install -e '.[predict]'") from None
 
 from dckpt.cluster import NodeCluster
 from dckpt.predict import PredictorDeployment, SklearnLikePredictor, model_checkpoint
