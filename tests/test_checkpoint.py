@@ -7,6 +7,7 @@ import pickle
 import sys
 from pathlib import Path
 
+import fsspec
 import pytest
 
 import dckpt
@@ -382,6 +383,18 @@ class TestBadInput:
             checkpoint.to_directory(old)
         assert read_tree(old) == before
         assert os.listdir(tmp_path) == ["out"]
+
+    def test_deeply_nested_json_is_a_format_error(self, tmp_path, memory_uri):
+        # json raises RecursionError on this; a header must never do that.
+        nested = "[" * 100_000
+        path = make_tree(tmp_path / "t")
+        (Path(path) / HEADER_FILE).write_text(nested)
+        with pytest.raises(CheckpointFormatError, match="nested too deeply"):
+            Checkpoint.from_directory(path)
+        uri = Checkpoint.from_dict({"x": 1}).to_uri(f"{memory_uri}/c")
+        fsspec.filesystem("memory").pipe_file(f"{uri}/{HEADER_FILE}", nested.encode())
+        with pytest.raises(CheckpointFormatError, match="nested too deeply"):
+            Checkpoint.from_uri(uri)
 
     def test_to_directory_into_itself_is_refused(self, tmp_path):
         path = make_tree(tmp_path / "t")
