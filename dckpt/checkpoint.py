@@ -260,18 +260,25 @@ class Checkpoint:
     def from_bytes(cls: type[C], data: bytes | bytearray | memoryview) -> C:
         """Create a dict checkpoint from the output of :meth:`to_bytes`.
 
-        The header is checked before anything is unpickled: anything else raises
+        The header, and the checkpoint class it names, are checked before anything is
+        unpickled: bytes that are not a packed checkpoint raise
         :class:`~dckpt.errors.CheckpointFormatError` (a ``ValueError``), as do
-        truncated or corrupted bytes.
+        truncated or corrupted bytes and a class that cannot be imported; a class
+        unrelated to this one raises
+        :class:`~dckpt.errors.IncompatibleCheckpointError`.
         """
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"from_bytes() takes bytes, not {type(data).__name__}")
         files = io.BytesIO()
         with ArchiveWriter(files) as writer:
             control, has_files = _copy_archive(data, writer, keep_apart=CONTROL_FILES)
-        header = CheckpointHeader.from_json(control[HEADER_FILE], "header") if HEADER_FILE in control else None
-        user = _user_dict(control, "the packed data")
+        header = (
+            CheckpointHeader.from_json(control[HEADER_FILE], f"the packed {HEADER_FILE}")
+            if HEADER_FILE in control else None
+        )
+        # The class is checked before anything is unpickled, as in from_directory.
         checkpoint_cls = cls._class_for(header.checkpoint_class if header else None)
+        user = _user_dict(control, "the packed data")
         checkpoint = checkpoint_cls(data_dict=user)
         checkpoint._files = files.getvalue() if has_files else None
         checkpoint._metadata = header.metadata if header else {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
 import sys
@@ -337,6 +338,29 @@ class TestBadInput:
             with pytest.raises(CheckpointFormatError, match="dckpt header|empty"):
                 Checkpoint.from_bytes(data)
         assert not canary.exists()
+
+    def test_from_bytes_checks_the_class_before_unpickling(self, tmp_path):
+        from dckpt.formats import ArchiveWriter
+        from dckpt.formats._layout import DICT_FILE, CheckpointHeader
+
+        canary = tmp_path / "unpickled"
+        evil_dict = pickle.dumps({"evil": _Evil(str(canary))})
+        incompatible = OtherCheckpoint.from_dict({"x": 1}).to_bytes()
+        assert not canary.exists()
+        unimportable = io.BytesIO()
+        with ArchiveWriter(unimportable) as writer:
+            header = CheckpointHeader(checkpoint_class="no_such_module_xyz:Ckpt")
+            writer.add_bytes(HEADER_FILE, header.to_json())
+            writer.add_bytes(DICT_FILE, evil_dict)
+        with pytest.raises(CheckpointFormatError, match="cannot be imported"):
+            Checkpoint.from_bytes(unimportable.getvalue())
+        assert not canary.exists()
+        evil = OtherCheckpoint.from_dict({"evil": _Evil(str(canary))})
+        with pytest.raises(IncompatibleCheckpointError, match="OtherCheckpoint"):
+            ModelCheckpoint.from_bytes(evil.to_bytes())
+        assert not canary.exists(), "the dict was unpickled before its class was checked"
+        with pytest.raises(IncompatibleCheckpointError):
+            ModelCheckpoint.from_bytes(incompatible)
 
     def test_damaged_bytes_are_refused(self):
         good = Checkpoint.from_dict({"w": os.urandom(50_000)}).to_bytes()
