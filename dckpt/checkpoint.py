@@ -22,7 +22,6 @@ import functools
 import importlib
 import io
 import os
-import shutil
 import uuid
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -47,6 +46,7 @@ from dckpt.formats import (
     unpack_to_directory,
 )
 from dckpt.formats._atomic import atomic_directory
+from dckpt.formats._tree import copy_tree
 from dckpt.formats._layout import (
     CONTROL_FILES,
     DICT_FILE,
@@ -358,6 +358,13 @@ class Checkpoint:
         renamed into it, so it is never seen half-written; an existing directory at
         ``path`` is replaced as a whole. ``callback`` (an fsspec ``Callback``) follows
         the copy: one update per file, and a branched child per file for its bytes.
+
+        Symlinks are treated as by :meth:`to_bytes` and the dict form, whatever the
+        working directory: a relative link whose target stays inside the checkpoint
+        stays a link with that target (dangling or not); a link leading out (or
+        absolute) is followed and what it points to copied, as Ray's ``copytree``
+        does; a link leading out to nothing is skipped with a logged warning. Object
+        stores hold no links: :meth:`to_uri` to one uploads what links point to.
         """
         if path is None:
             path = os.path.join(
@@ -697,35 +704,29 @@ class Checkpoint:
         return files
 
     def _write_control_files(self, directory: str, source: str | None, write: Any) -> None:
-        for name, content in self._control_files(source).items():
-            path = os.path.join(directory, name)
-            if content is None:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
-            else:
-                write(path, content)
+        _write_overlay(directory, self._control_files(source), write)
 
     def _materialize(self, staging: str, callback: fsspec.callbacks.Callback) -> None:
         """Write the whole checkpoint into the empty directory ``staging``."""
         if self._data_dict is not None:
             if self._files is not None:
                 unpack_to_directory(self._files, staging, callback=callback)
-            source = None
+            overlay = self._control_files(None)
         elif self._local_path is not None:
-            # Symlinks are followed, as in Ray (shutil.copytree's default).
-            shutil.copytree(
-                self._local_path, staging, dirs_exist_ok=True,
-                ignore_dangling_symlinks=True, copy_function=_reporting_copy(callback),
-            )
-            source = self._local_path
+            # Symlinks as in to_bytes (dckpt.formats._tree): links inside the tree stay
+            # links, others are followed as Ray's copytree does. Control files this
+            # object rewrites are not copied, so none is written through a link.
+            overlay = self._control_files(self._local_path)
+            copy_tree(self._local_path, staging, exclude=overlay.__contains__,
+                      callback=callback)
         else:
             assert self._uri is not None
             storage.download_directory(
                 self._uri, staging, storage_options=self._storage_options,
                 callback=callback,
             )
-            source = staging
-        self._write_control_files(staging, source, write=_write_plain)
+            overlay = self._control_files(staging)
+        _write_overlay(staging, overlay, write=_write_plain)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -838,23 +839,20 @@ def _copy_archive(
     return kept, copied
 
 
-def _reporting_copy(callback: fsspec.callbacks.Callback) -> Callable[[str, str], str]:
-    """``shutil.copy2`` that tells ``callback`` of each file, as downloads do: a
-    branched child gets the file's bytes (at once: copy2 keeps its fast paths), the
-    callback itself one update per file."""
-
-    def copy(source: str, destination: str) -> str:
-        with callback.branched(source, destination) as child:
-            copied: str = shutil.copy2(source, destination)
-            child.set_size(os.path.getsize(copied))
-            child.relative_update(child.size)
-        callback.relative_update(1)
-        return copied
-
-    return copy
+def _write_overlay(directory: str, files: Mapping[str, bytes | None], write: Any) -> None:
+    """Write control files into ``directory``; ``None`` removes a file of that name."""
+    for name, content in files.items():
+        path = os.path.join(directory, name)
+        if content is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        else:
+            write(path, content)
 
 
 def _write_plain(path: str, content: bytes) -> None:
+    if os.path.islink(path):  # a link of that name in the data: replace, never write through
+        os.unlink(path)
     with open(path, "wb") as f:
         f.write(content)
 

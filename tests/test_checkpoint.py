@@ -285,6 +285,37 @@ def dask_temporary_directory(path):
     return dask.config.set({"dckpt.temporary-directory": str(path)})
 
 
+def test_links_leading_out_are_followed_and_dangling_ones_skipped(
+    tmp_path, monkeypatch, caplog
+):
+    """The symlink policy of every representation (dckpt.formats._tree), from a
+    working directory that is not the source's."""
+    import logging
+
+    (tmp_path / "outside.txt").write_text("outside")
+    source = Path(make_tree(tmp_path / "t"))
+    (source / "relative_out").symlink_to("../outside.txt")
+    (source / "absolute_out").symlink_to(tmp_path / "outside.txt")
+    (source / "dangling_out").symlink_to("../nowhere")
+    (source / "dangling_in").symlink_to("missing")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    checkpoint = Checkpoint.from_directory(source)
+    with caplog.at_level(logging.WARNING, logger="dckpt.formats._tree"):
+        outs = [
+            checkpoint.to_directory(tmp_path / "dir"),
+            checkpoint.to_uri(f"file://{tmp_path / 'uri'}").removeprefix("file://"),
+            Checkpoint.from_bytes(checkpoint.to_bytes()).to_directory(tmp_path / "bytes"),
+            Checkpoint.from_dict(checkpoint.to_dict()).to_directory(tmp_path / "dict"),
+        ]
+    for out in map(Path, outs):
+        for name in ("relative_out", "absolute_out"):  # followed, as Ray's copytree does
+            assert not (out / name).is_symlink() and (out / name).read_text() == "outside"
+        assert not os.path.lexists(out / "dangling_out")
+        assert os.readlink(out / "dangling_in") == "missing"  # inside: kept as it is
+    assert "dangling symlink" in caplog.text
+
+
 class TestPickling:
     def test_dict_and_uri_checkpoints_keep_their_representation(self, memory_uri):
         d = Checkpoint.from_dict({"x": 1})
