@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -455,6 +457,76 @@ class TestBadInput:
         path = make_tree(tmp_path / "t")
         with pytest.raises(ValueError, match="inside"):
             Checkpoint.from_directory(path).to_directory(os.path.join(path, "sub"))
+
+
+_BLOCKING_WRITER = """
+import sys
+from fsspec.callbacks import Callback
+from dckpt import Checkpoint
+
+class Block(Callback):
+    def relative_update(self, inc=1):
+        super().relative_update(inc)
+        if self.value == 1:  # one file is in the partial directory
+            print("writing", flush=True)
+            sys.stdin.readline()  # until the test lets go, or kills this process
+
+Checkpoint.from_directory(sys.argv[1]).to_directory(sys.argv[2], callback=Block())
+"""
+
+
+def _start_blocked_writer(source: str, target: Path, log: Path) -> subprocess.Popen:
+    """A process blocked inside ``to_directory(target)``, its partial half-written."""
+    with open(log, "ab") as err:
+        process = subprocess.Popen(
+            [sys.executable, "-c", _BLOCKING_WRITER, source, str(target)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
+            cwd=Path(__file__).parent.parent,
+        )
+    line = process.stdout.readline()
+    assert line == "writing\n", f"the writer did not start: {log.read_text()[-2000:]}"
+    return process
+
+
+def _partials_of(target: Path) -> list[str]:
+    return sorted(n for n in os.listdir(target.parent)
+                  if n.startswith(f".{target.name}.") and n.endswith(".partial"))
+
+
+def test_the_next_write_removes_the_partial_of_a_killed_writer_only(tmp_path):
+    source = make_tree(tmp_path / "source")
+    target = tmp_path / "out"
+    log = tmp_path / "writers.log"
+    killed = _start_blocked_writer(source, target, log)
+    live = None
+    try:
+        [left] = _partials_of(target)
+        assert f".{killed.pid}." in left  # the partial names its writer (and host)
+        killed.send_signal(signal.SIGKILL)
+        killed.wait()
+        live = _start_blocked_writer(source, target, log)
+        [live_partial] = [n for n in _partials_of(target) if f".{live.pid}." in n]
+        # Another host's writer with a pid that is dead here: not ours to judge.
+        other_host = tmp_path / f".out.some-other-host.{killed.pid}.0123456789ab.partial"
+        other_host.mkdir()
+
+        Checkpoint.from_dict({"x": 1}).to_directory(target)
+        assert Checkpoint.from_directory(target).to_dict() == {"x": 1}
+        assert _partials_of(target) == sorted([live_partial, other_host.name])
+
+        live.stdin.write("go\n")
+        live.stdin.flush()
+        assert live.wait(60) == 0, log.read_text()[-2000:]
+        assert read_tree(target) == read_tree(source)
+        assert _partials_of(target) == [other_host.name]
+    finally:
+        for process in (killed, live):
+            if process is not None:
+                if process.poll() is None:
+                    process.kill()
+                process.wait()
+                process.stdin.close()
+                process.stdout.close()
 
 
 class _Evil:

@@ -30,7 +30,7 @@ from typing import Any
 import cloudpickle
 
 from dckpt.errors import CheckpointFormatError
-from dckpt.formats._atomic import partial_sibling
+from dckpt.formats._atomic import remove_stale_siblings, writer_sibling
 
 DICT_FILE = "dict_checkpoint.pkl"
 PREPROCESSOR_KEY = "_preprocessor"
@@ -165,8 +165,13 @@ def read_pickle_file(path: str) -> Any:
 
 
 def write_file_atomically(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary sibling and a rename."""
-    staging = partial_sibling(path)
+    """Write ``data`` to ``path`` through a temporary sibling and a rename.
+
+    The sibling names this process (:func:`~dckpt.formats._atomic.writer_sibling`);
+    those of earlier writers of ``path`` that were killed are removed first.
+    """
+    remove_stale_siblings(path)
+    staging = writer_sibling(path)
     try:
         with open(staging, "wb") as f:
             f.write(data)
