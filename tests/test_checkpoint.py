@@ -8,6 +8,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import fsspec
@@ -21,6 +22,7 @@ from dckpt import (
     CheckpointURIError,
     IncompatibleCheckpointError,
 )
+from dckpt.cluster._core import CheckpointId, NodeRef
 from dckpt.formats._layout import HEADER_FILE, RESERVED_KEY
 from tests._trees import make_tree, read_tree
 from tests.test_checkpoint_contract import (
@@ -192,6 +194,84 @@ class TestSubclassCasting:
         data = {"x": 1, RESERVED_KEY: {"class": "no_such_module_xyz:Ckpt"}}
         with pytest.raises(CheckpointFormatError, match="cannot be imported"):
             Checkpoint.from_dict(data)
+
+
+class _StubCheckpoint(Checkpoint):
+    """A subclass that sets attributes in ``__init__``, as Ray code does: a default
+    for its serialized ``epoch``, a lock, and a cache for a loaded model."""
+
+    _SERIALIZED_ATTRS = ("epoch",)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.foo = "set by __init__"
+        self.epoch = 0
+        self.lock = threading.Lock()
+        self.model = None
+
+
+def _fake_node_ref() -> NodeRef:
+    return NodeRef(node_id="node-x", path="/nowhere/ckpt", checkpoint_id=CheckpointId("c" * 16),
+                   size=10, digest="d" * 16, store_address="tcp://127.0.0.1:1")
+
+
+class TestSubclassConstructor:
+    @pytest.mark.parametrize("kind", ["dict", "directory", "uri", "node_ref"])
+    def test_from_checkpoint_builds_through_the_subclass_constructor(
+        self, tmp_path, memory_uri, kind
+    ):
+        other = {
+            "dict": lambda: Checkpoint.from_dict({"x": 1}),
+            "directory": lambda: Checkpoint.from_directory(make_tree(tmp_path / "t")),
+            "uri": lambda: Checkpoint.from_uri(
+                Checkpoint.from_dict({"x": 1}).to_uri(f"{memory_uri}/c")),
+            "node_ref": lambda: Checkpoint.from_dict({})._with_node_ref(_fake_node_ref()),
+        }[kind]()
+        other.set_metadata({"m": 1})
+        stub = _StubCheckpoint.from_checkpoint(other)
+        assert type(stub) is _StubCheckpoint
+        assert stub.foo == "set by __init__" and stub.model is None
+        def shown(checkpoint):  # a dict's reserved key names its class: leave it out
+            kind, value = checkpoint.get_internal_representation()
+            if kind == "data_dict":
+                value = {k: v for k, v in value.items() if k != RESERVED_KEY}
+            return kind, value
+
+        assert shown(stub) == shown(other)
+        assert stub.get_metadata() == {"m": 1}
+
+    def test_serialized_attrs_set_after_init_survive_every_constructor(self, tmp_path):
+        stub = _StubCheckpoint.from_dict({"x": 1})
+        stub.epoch = 5
+        assert _StubCheckpoint.from_checkpoint(Checkpoint.from_dict({"x": 1})).epoch == 0
+        for back in (Checkpoint.from_dict(stub.to_dict()),
+                     Checkpoint.from_bytes(stub.to_bytes()),
+                     Checkpoint.from_directory(stub.to_directory(tmp_path / "d")),
+                     pickle.loads(pickle.dumps(stub))):
+            assert type(back) is _StubCheckpoint and back.epoch == 5
+
+    def test_pickling_carries_only_serialized_attrs_and_reruns_init(self, tmp_path, memory_uri):
+        starts = [
+            _StubCheckpoint.from_dict({"x": 1}),
+            _StubCheckpoint.from_directory(
+                Checkpoint.from_dict({"x": 1}).to_directory(tmp_path / "d")),
+            _StubCheckpoint.from_uri(Checkpoint.from_dict({"x": 1}).to_uri(f"{memory_uri}/u")),
+        ]
+        for stub in starts:
+            stub.epoch = 7
+            stub.model = threading.Lock()  # what a cache may hold: it cannot be pickled
+            stub.extra = "set later, not serialized"
+            back = pickle.loads(pickle.dumps(stub))
+            assert type(back) is _StubCheckpoint and back.epoch == 7
+            assert back.foo == "set by __init__" and back.model is None
+            assert not hasattr(back, "extra")
+            assert back.lock is not stub.lock
+            with back.lock:
+                assert back.to_dict()["x"] == 1
+            # The other representations write only the _SERIALIZED_ATTRS too.
+            for again in (Checkpoint.from_bytes(stub.to_bytes()),
+                          Checkpoint.from_directory(stub.to_directory(tmp_path / "again"))):
+                assert again.epoch == 7 and again.model is None
 
 
 class TestAsDirectory:
