@@ -609,6 +609,23 @@ def test_the_next_write_removes_the_partial_of_a_killed_writer_only(tmp_path):
                 process.stdout.close()
 
 
+def test_a_killed_writers_partial_control_file_goes_with_the_next_write(tmp_path):
+    from dckpt.formats._atomic import writer_sibling
+
+    path = make_tree(tmp_path / "t")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    ours = os.path.basename(writer_sibling(os.path.join(path, HEADER_FILE)))
+    stale = Path(path) / ours.replace(f".{os.getpid()}.", f".{dead}.")
+    stale.write_text("half a header")
+    checkpoint = Checkpoint.from_directory(path)
+    checkpoint.set_metadata({"m": 1})
+    checkpoint.to_directory(path)  # rewrites .dckpt.json in place
+    assert not stale.exists()
+    assert Checkpoint.from_directory(path).get_metadata() == {"m": 1}
+    assert not [n for n in os.listdir(path) if n.endswith(".partial")]
+
+
 class _Evil:
     """Unpickling this creates a file: proof that nothing was unpickled if absent."""
 
