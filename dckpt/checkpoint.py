@@ -22,7 +22,6 @@ import functools
 import importlib
 import io
 import os
-import shutil
 import uuid
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -47,6 +46,7 @@ from dckpt.formats import (
     unpack_to_directory,
 )
 from dckpt.formats._atomic import atomic_directory
+from dckpt.formats._tree import copy_tree
 from dckpt.formats._layout import (
     CONTROL_FILES,
     DICT_FILE,
@@ -125,7 +125,12 @@ class Checkpoint:
 
     Pickling, without a cluster, behaves as in Ray: dict and URI checkpoints keep
     their representation, a directory checkpoint travels as its data (a dict
-    checkpoint).
+    checkpoint). Only the checkpoint's own state and its ``_SERIALIZED_ATTRS``
+    travel; the copy is built through the class's ``__init__`` (as
+    :meth:`from_checkpoint` builds one), so a subclass's other attributes are what
+    its ``__init__`` sets. A subclass's constructor must therefore accept Ray's
+    ``local_path=``, ``data_dict=`` and ``uri=`` keywords (and ``storage_options=``
+    for URIs that have some).
 
     In-memory changes (:meth:`set_preprocessor`, :meth:`set_metadata`, subclass
     attributes) are never written into a checkpoint's own directory or URI; they are
@@ -134,6 +139,14 @@ class Checkpoint:
 
     #: Names of instance attributes that travel with the checkpoint's data.
     _SERIALIZED_ATTRS: tuple[str, ...] = ()
+
+    # The checkpoint's own state, all of which travels when it is pickled (besides
+    # the _SERIALIZED_ATTRS); a field added below must be added here to travel.
+    # _resolved_from does not: a path of this node means nothing elsewhere.
+    _PICKLED_FIELDS = (
+        "_local_path", "_data_dict", "_files", "_uri", "_storage_options", "_metadata",
+        "_preprocessor", "_uuid", "_node_ref", "_known_uris",
+    )
 
     _local_path: str | None
     _data_dict: dict[Any, Any] | None
@@ -208,7 +221,10 @@ class Checkpoint:
         """Create a checkpoint from a dict. ``data`` is copied (shallowly), not changed."""
         _, reserved = split_reserved(data)
         checkpoint_cls = cls._class_for(reserved.get("class"))
-        return checkpoint_cls(data_dict=data)
+        checkpoint = checkpoint_cls(data_dict=data)
+        # Again once the subclass's __init__ is done, as Ray does: it may set defaults.
+        checkpoint.__dict__.update(reserved.get("state", {}))
+        return checkpoint
 
     @classmethod
     def from_directory(cls: type[C], path: str | os.PathLike[str]) -> C:
@@ -260,18 +276,25 @@ class Checkpoint:
     def from_bytes(cls: type[C], data: bytes | bytearray | memoryview) -> C:
         """Create a dict checkpoint from the output of :meth:`to_bytes`.
 
-        The header is checked before anything is unpickled: anything else raises
+        The header, and the checkpoint class it names, are checked before anything is
+        unpickled: bytes that are not a packed checkpoint raise
         :class:`~dckpt.errors.CheckpointFormatError` (a ``ValueError``), as do
-        truncated or corrupted bytes.
+        truncated or corrupted bytes and a class that cannot be imported; a class
+        unrelated to this one raises
+        :class:`~dckpt.errors.IncompatibleCheckpointError`.
         """
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"from_bytes() takes bytes, not {type(data).__name__}")
         files = io.BytesIO()
         with ArchiveWriter(files) as writer:
             control, has_files = _copy_archive(data, writer, keep_apart=CONTROL_FILES)
-        header = CheckpointHeader.from_json(control[HEADER_FILE], "header") if HEADER_FILE in control else None
-        user = _user_dict(control, "the packed data")
+        header = (
+            CheckpointHeader.from_json(control[HEADER_FILE], f"the packed {HEADER_FILE}")
+            if HEADER_FILE in control else None
+        )
+        # The class is checked before anything is unpickled, as in from_directory.
         checkpoint_cls = cls._class_for(header.checkpoint_class if header else None)
+        user = _user_dict(control, "the packed data")
         checkpoint = checkpoint_cls(data_dict=user)
         checkpoint._files = files.getvalue() if has_files else None
         checkpoint._metadata = header.metadata if header else {}
@@ -284,24 +307,31 @@ class Checkpoint:
         """Convert a checkpoint to this class (e.g. a generic one to a framework's).
 
         ``other`` is returned as it is when it already has this exact class. Otherwise
-        the new checkpoint shares ``other``'s data and copies its metadata, preprocessor
-        and the attributes named by this class's ``_SERIALIZED_ATTRS``.
+        the new checkpoint is built through this class's constructor, as Ray does
+        (``cls(local_path=..., data_dict=..., uri=...)``: what a subclass sets in
+        ``__init__`` is there), shares ``other``'s data and copies its metadata,
+        preprocessor and the attributes named by this class's ``_SERIALIZED_ATTRS``.
+        A node reference not yet used here has no path, dict or URI to give the
+        constructor: it is built as an empty dict checkpoint, then given the reference.
         """
         if type(other) is cls:
             return other
-        new = cls.__new__(cls)
-        for name in ("_local_path", "_files", "_uri", "_preprocessor", "_node_ref",
-                     "_resolved_from"):
-            setattr(new, name, getattr(other, name))
-        new._data_dict = None if other._data_dict is None else dict(other._data_dict)
-        new._storage_options = dict(other._storage_options)
-        new._metadata = None if other._metadata is None else dict(other._metadata)
-        new._uuid = uuid.uuid4()
-        new._known_uris = other._known_uris
-        for attr in cls._SERIALIZED_ATTRS:
-            if hasattr(other, attr):
-                setattr(new, attr, getattr(other, attr))
-        return new
+        fields = {
+            name: getattr(other, name)
+            for name in ("_local_path", "_files", "_uri", "_preprocessor", "_node_ref",
+                         "_resolved_from", "_known_uris")
+        }
+        fields.update(
+            _data_dict=None if other._data_dict is None else dict(other._data_dict),
+            _storage_options=dict(other._storage_options),
+            _metadata=None if other._metadata is None else dict(other._metadata),
+        )
+        fields.update(
+            (attr, getattr(other, attr))
+            for attr in cls._SERIALIZED_ATTRS
+            if hasattr(other, attr)
+        )
+        return cls._built(fields)
 
     # ------------------------------------------------------------------ conversions
 
@@ -351,6 +381,13 @@ class Checkpoint:
         renamed into it, so it is never seen half-written; an existing directory at
         ``path`` is replaced as a whole. ``callback`` (an fsspec ``Callback``) follows
         the copy: one update per file, and a branched child per file for its bytes.
+
+        Symlinks are treated as by :meth:`to_bytes` and the dict form, whatever the
+        working directory: a relative link whose target stays inside the checkpoint
+        stays a link with that target (dangling or not); a link leading out (or
+        absolute) is followed and what it points to copied, as Ray's ``copytree``
+        does; a link leading out to nothing is skipped with a logged warning. Object
+        stores hold no links: :meth:`to_uri` to one uploads what links point to.
         """
         if path is None:
             path = os.path.join(
@@ -553,9 +590,12 @@ class Checkpoint:
         copy (:func:`dckpt.cluster._put.push_for_pickling`); else it is uploaded to
         ``dckpt.staging-uri`` when one is set and travels as that URI; else it travels
         inline with a :class:`LargeInlineCheckpointWarning`.
+
+        What travels is the checkpoint's own state and the attributes named in
+        ``_SERIALIZED_ATTRS``, as in Ray; no other instance attribute does (a subclass
+        may cache a loaded model or hold a lock on itself). See :meth:`__setstate__`.
         """
-        state = dict(self.__dict__)
-        state.pop("_resolved_from", None)  # a path of this node: means nothing elsewhere
+        state = self._pickled_state()
         if self._local_path is None:
             return state
         state.update(_local_path=None, _metadata=self.get_metadata())
@@ -589,22 +629,38 @@ class Checkpoint:
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        state.setdefault("_node_ref", None)
-        state.setdefault("_resolved_from", None)
-        state.setdefault("_known_uris", ())
+        """Run the class's ``__init__`` as :meth:`from_checkpoint` does, then take ``state``.
+
+        So a subclass's attributes that do not travel (not in ``_SERIALIZED_ATTRS``: a
+        lock, a loaded model) are what its ``__init__`` sets, as after Ray's
+        ``from_bytes``; those it sets later are absent.
+        """
+        state = {"_node_ref": None, "_resolved_from": None, "_known_uris": (), **state}
+        type(self).__init__(self, **_constructor_arguments(state))
         self.__dict__.update(state)
 
     # ------------------------------------------------------------------ internals
 
     def _with_node_ref(self, ref: NodeRef) -> Checkpoint:
         """A checkpoint like this one (class, metadata, preprocessor) whose data is ``ref``."""
-        new = type(self).__new__(type(self))
-        new.__dict__.update(self.__dict__)
-        new._local_path = new._data_dict = new._files = new._uri = None
-        new._node_ref = ref
-        new._resolved_from = None
-        new._metadata = self.get_metadata()
-        new._uuid = uuid.uuid4()
+        state = self._pickled_state()
+        state.update(_local_path=None, _data_dict=None, _files=None, _uri=None,
+                     _node_ref=ref, _metadata=self.get_metadata())
+        del state["_uuid"]  # a new object: a new one
+        return type(self)._built(state)
+
+    def _pickled_state(self) -> dict[str, Any]:
+        """The checkpoint's own fields (:attr:`_PICKLED_FIELDS`) and its subclass state."""
+        state = {name: self.__dict__[name] for name in self._PICKLED_FIELDS
+                 if name in self.__dict__}
+        state.update(self._serialized_state())
+        return state
+
+    @classmethod
+    def _built(cls: type[C], state: Mapping[str, Any]) -> C:
+        """A checkpoint of this class built through its constructor, then given ``state``."""
+        new = cls(**_constructor_arguments(state))
+        new.__dict__.update(state)
         return new
 
     @contextlib.contextmanager
@@ -690,35 +746,29 @@ class Checkpoint:
         return files
 
     def _write_control_files(self, directory: str, source: str | None, write: Any) -> None:
-        for name, content in self._control_files(source).items():
-            path = os.path.join(directory, name)
-            if content is None:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
-            else:
-                write(path, content)
+        _write_overlay(directory, self._control_files(source), write)
 
     def _materialize(self, staging: str, callback: fsspec.callbacks.Callback) -> None:
         """Write the whole checkpoint into the empty directory ``staging``."""
         if self._data_dict is not None:
             if self._files is not None:
                 unpack_to_directory(self._files, staging, callback=callback)
-            source = None
+            overlay = self._control_files(None)
         elif self._local_path is not None:
-            # Symlinks are followed, as in Ray (shutil.copytree's default).
-            shutil.copytree(
-                self._local_path, staging, dirs_exist_ok=True,
-                ignore_dangling_symlinks=True, copy_function=_reporting_copy(callback),
-            )
-            source = self._local_path
+            # Symlinks as in to_bytes (dckpt.formats._tree): links inside the tree stay
+            # links, others are followed as Ray's copytree does. Control files this
+            # object rewrites are not copied, so none is written through a link.
+            overlay = self._control_files(self._local_path)
+            copy_tree(self._local_path, staging, exclude=overlay.__contains__,
+                      callback=callback)
         else:
             assert self._uri is not None
             storage.download_directory(
                 self._uri, staging, storage_options=self._storage_options,
                 callback=callback,
             )
-            source = staging
-        self._write_control_files(staging, source, write=_write_plain)
+            overlay = self._control_files(staging)
+        _write_overlay(staging, overlay, write=_write_plain)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -726,6 +776,27 @@ class Checkpoint:
 
 class LargeInlineCheckpointWarning(UserWarning):
     """A large directory checkpoint was pickled with all of its data."""
+
+
+def _constructor_arguments(state: Mapping[str, Any]) -> dict[str, Any]:
+    """The arguments Ray would build a checkpoint with, for the fields in ``state``.
+
+    ``local_path``, ``data_dict`` and ``uri`` (one set, as Ray passes them), plus
+    ``storage_options`` when there are any. A node reference (used here or not) has
+    nothing to pass: it gets an empty ``data_dict``, and its fields are set after.
+    """
+    arguments: dict[str, Any] = {"local_path": None, "data_dict": None, "uri": None}
+    if state.get("_node_ref") is None and state.get("_resolved_from") is None:
+        for field, argument in (("_data_dict", "data_dict"), ("_uri", "uri"),
+                                ("_local_path", "local_path")):
+            if state.get(field) is not None:
+                arguments[argument] = state[field]
+                break
+    if all(value is None for value in arguments.values()):
+        arguments["data_dict"] = {}
+    if state.get("_storage_options"):
+        arguments["storage_options"] = dict(state["_storage_options"])
+    return arguments
 
 
 def _directory_size(path: str) -> int:
@@ -831,23 +902,20 @@ def _copy_archive(
     return kept, copied
 
 
-def _reporting_copy(callback: fsspec.callbacks.Callback) -> Callable[[str, str], str]:
-    """``shutil.copy2`` that tells ``callback`` of each file, as downloads do: a
-    branched child gets the file's bytes (at once: copy2 keeps its fast paths), the
-    callback itself one update per file."""
-
-    def copy(source: str, destination: str) -> str:
-        with callback.branched(source, destination) as child:
-            copied: str = shutil.copy2(source, destination)
-            child.set_size(os.path.getsize(copied))
-            child.relative_update(child.size)
-        callback.relative_update(1)
-        return copied
-
-    return copy
+def _write_overlay(directory: str, files: Mapping[str, bytes | None], write: Any) -> None:
+    """Write control files into ``directory``; ``None`` removes a file of that name."""
+    for name, content in files.items():
+        path = os.path.join(directory, name)
+        if content is None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        else:
+            write(path, content)
 
 
 def _write_plain(path: str, content: bytes) -> None:
+    if os.path.islink(path):  # a link of that name in the data: replace, never write through
+        os.unlink(path)
     with open(path, "wb") as f:
         f.write(content)
 

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import os
 import pickle
+import signal
+import subprocess
 import sys
+import threading
 from pathlib import Path
 
+import fsspec
 import pytest
 
 import dckpt
@@ -17,6 +22,7 @@ from dckpt import (
     CheckpointURIError,
     IncompatibleCheckpointError,
 )
+from dckpt.cluster._core import CheckpointId, NodeRef
 from dckpt.formats._layout import HEADER_FILE, RESERVED_KEY
 from tests._trees import make_tree, read_tree
 from tests.test_checkpoint_contract import (
@@ -190,6 +196,84 @@ class TestSubclassCasting:
             Checkpoint.from_dict(data)
 
 
+class _StubCheckpoint(Checkpoint):
+    """A subclass that sets attributes in ``__init__``, as Ray code does: a default
+    for its serialized ``epoch``, a lock, and a cache for a loaded model."""
+
+    _SERIALIZED_ATTRS = ("epoch",)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.foo = "set by __init__"
+        self.epoch = 0
+        self.lock = threading.Lock()
+        self.model = None
+
+
+def _fake_node_ref() -> NodeRef:
+    return NodeRef(node_id="node-x", path="/nowhere/ckpt", checkpoint_id=CheckpointId("c" * 16),
+                   size=10, digest="d" * 16, store_address="tcp://127.0.0.1:1")
+
+
+class TestSubclassConstructor:
+    @pytest.mark.parametrize("kind", ["dict", "directory", "uri", "node_ref"])
+    def test_from_checkpoint_builds_through_the_subclass_constructor(
+        self, tmp_path, memory_uri, kind
+    ):
+        other = {
+            "dict": lambda: Checkpoint.from_dict({"x": 1}),
+            "directory": lambda: Checkpoint.from_directory(make_tree(tmp_path / "t")),
+            "uri": lambda: Checkpoint.from_uri(
+                Checkpoint.from_dict({"x": 1}).to_uri(f"{memory_uri}/c")),
+            "node_ref": lambda: Checkpoint.from_dict({})._with_node_ref(_fake_node_ref()),
+        }[kind]()
+        other.set_metadata({"m": 1})
+        stub = _StubCheckpoint.from_checkpoint(other)
+        assert type(stub) is _StubCheckpoint
+        assert stub.foo == "set by __init__" and stub.model is None
+        def shown(checkpoint):  # a dict's reserved key names its class: leave it out
+            kind, value = checkpoint.get_internal_representation()
+            if kind == "data_dict":
+                value = {k: v for k, v in value.items() if k != RESERVED_KEY}
+            return kind, value
+
+        assert shown(stub) == shown(other)
+        assert stub.get_metadata() == {"m": 1}
+
+    def test_serialized_attrs_set_after_init_survive_every_constructor(self, tmp_path):
+        stub = _StubCheckpoint.from_dict({"x": 1})
+        stub.epoch = 5
+        assert _StubCheckpoint.from_checkpoint(Checkpoint.from_dict({"x": 1})).epoch == 0
+        for back in (Checkpoint.from_dict(stub.to_dict()),
+                     Checkpoint.from_bytes(stub.to_bytes()),
+                     Checkpoint.from_directory(stub.to_directory(tmp_path / "d")),
+                     pickle.loads(pickle.dumps(stub))):
+            assert type(back) is _StubCheckpoint and back.epoch == 5
+
+    def test_pickling_carries_only_serialized_attrs_and_reruns_init(self, tmp_path, memory_uri):
+        starts = [
+            _StubCheckpoint.from_dict({"x": 1}),
+            _StubCheckpoint.from_directory(
+                Checkpoint.from_dict({"x": 1}).to_directory(tmp_path / "d")),
+            _StubCheckpoint.from_uri(Checkpoint.from_dict({"x": 1}).to_uri(f"{memory_uri}/u")),
+        ]
+        for stub in starts:
+            stub.epoch = 7
+            stub.model = threading.Lock()  # what a cache may hold: it cannot be pickled
+            stub.extra = "set later, not serialized"
+            back = pickle.loads(pickle.dumps(stub))
+            assert type(back) is _StubCheckpoint and back.epoch == 7
+            assert back.foo == "set by __init__" and back.model is None
+            assert not hasattr(back, "extra")
+            assert back.lock is not stub.lock
+            with back.lock:
+                assert back.to_dict()["x"] == 1
+            # The other representations write only the _SERIALIZED_ATTRS too.
+            for again in (Checkpoint.from_bytes(stub.to_bytes()),
+                          Checkpoint.from_directory(stub.to_directory(tmp_path / "again"))):
+                assert again.epoch == 7 and again.model is None
+
+
 class TestAsDirectory:
     def test_own_directory_is_yielded_and_never_deleted(self, tmp_path):
         path = make_tree(tmp_path / "t")
@@ -283,6 +367,37 @@ def dask_temporary_directory(path):
     return dask.config.set({"dckpt.temporary-directory": str(path)})
 
 
+def test_links_leading_out_are_followed_and_dangling_ones_skipped(
+    tmp_path, monkeypatch, caplog
+):
+    """The symlink policy of every representation (dckpt.formats._tree), from a
+    working directory that is not the source's."""
+    import logging
+
+    (tmp_path / "outside.txt").write_text("outside")
+    source = Path(make_tree(tmp_path / "t"))
+    (source / "relative_out").symlink_to("../outside.txt")
+    (source / "absolute_out").symlink_to(tmp_path / "outside.txt")
+    (source / "dangling_out").symlink_to("../nowhere")
+    (source / "dangling_in").symlink_to("missing")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    checkpoint = Checkpoint.from_directory(source)
+    with caplog.at_level(logging.WARNING, logger="dckpt.formats._tree"):
+        outs = [
+            checkpoint.to_directory(tmp_path / "dir"),
+            checkpoint.to_uri(f"file://{tmp_path / 'uri'}").removeprefix("file://"),
+            Checkpoint.from_bytes(checkpoint.to_bytes()).to_directory(tmp_path / "bytes"),
+            Checkpoint.from_dict(checkpoint.to_dict()).to_directory(tmp_path / "dict"),
+        ]
+    for out in map(Path, outs):
+        for name in ("relative_out", "absolute_out"):  # followed, as Ray's copytree does
+            assert not (out / name).is_symlink() and (out / name).read_text() == "outside"
+        assert not os.path.lexists(out / "dangling_out")
+        assert os.readlink(out / "dangling_in") == "missing"  # inside: kept as it is
+    assert "dangling symlink" in caplog.text
+
+
 class TestPickling:
     def test_dict_and_uri_checkpoints_keep_their_representation(self, memory_uri):
         d = Checkpoint.from_dict({"x": 1})
@@ -337,6 +452,29 @@ class TestBadInput:
                 Checkpoint.from_bytes(data)
         assert not canary.exists()
 
+    def test_from_bytes_checks_the_class_before_unpickling(self, tmp_path):
+        from dckpt.formats import ArchiveWriter
+        from dckpt.formats._layout import DICT_FILE, CheckpointHeader
+
+        canary = tmp_path / "unpickled"
+        evil_dict = pickle.dumps({"evil": _Evil(str(canary))})
+        incompatible = OtherCheckpoint.from_dict({"x": 1}).to_bytes()
+        assert not canary.exists()
+        unimportable = io.BytesIO()
+        with ArchiveWriter(unimportable) as writer:
+            header = CheckpointHeader(checkpoint_class="no_such_module_xyz:Ckpt")
+            writer.add_bytes(HEADER_FILE, header.to_json())
+            writer.add_bytes(DICT_FILE, evil_dict)
+        with pytest.raises(CheckpointFormatError, match="cannot be imported"):
+            Checkpoint.from_bytes(unimportable.getvalue())
+        assert not canary.exists()
+        evil = OtherCheckpoint.from_dict({"evil": _Evil(str(canary))})
+        with pytest.raises(IncompatibleCheckpointError, match="OtherCheckpoint"):
+            ModelCheckpoint.from_bytes(evil.to_bytes())
+        assert not canary.exists(), "the dict was unpickled before its class was checked"
+        with pytest.raises(IncompatibleCheckpointError):
+            ModelCheckpoint.from_bytes(incompatible)
+
     def test_damaged_bytes_are_refused(self):
         good = Checkpoint.from_dict({"w": os.urandom(50_000)}).to_bytes()
         with pytest.raises(ValueError):
@@ -383,10 +521,109 @@ class TestBadInput:
         assert read_tree(old) == before
         assert os.listdir(tmp_path) == ["out"]
 
+    def test_deeply_nested_json_is_a_format_error(self, tmp_path, memory_uri):
+        # json raises RecursionError on this; a header must never do that.
+        nested = "[" * 100_000
+        path = make_tree(tmp_path / "t")
+        (Path(path) / HEADER_FILE).write_text(nested)
+        with pytest.raises(CheckpointFormatError, match="nested too deeply"):
+            Checkpoint.from_directory(path)
+        uri = Checkpoint.from_dict({"x": 1}).to_uri(f"{memory_uri}/c")
+        fsspec.filesystem("memory").pipe_file(f"{uri}/{HEADER_FILE}", nested.encode())
+        with pytest.raises(CheckpointFormatError, match="nested too deeply"):
+            Checkpoint.from_uri(uri)
+
     def test_to_directory_into_itself_is_refused(self, tmp_path):
         path = make_tree(tmp_path / "t")
         with pytest.raises(ValueError, match="inside"):
             Checkpoint.from_directory(path).to_directory(os.path.join(path, "sub"))
+
+
+_BLOCKING_WRITER = """
+import sys
+from fsspec.callbacks import Callback
+from dckpt import Checkpoint
+
+class Block(Callback):
+    def relative_update(self, inc=1):
+        super().relative_update(inc)
+        if self.value == 1:  # one file is in the partial directory
+            print("writing", flush=True)
+            sys.stdin.readline()  # until the test lets go, or kills this process
+
+Checkpoint.from_directory(sys.argv[1]).to_directory(sys.argv[2], callback=Block())
+"""
+
+
+def _start_blocked_writer(source: str, target: Path, log: Path) -> subprocess.Popen:
+    """A process blocked inside ``to_directory(target)``, its partial half-written."""
+    with open(log, "ab") as err:
+        process = subprocess.Popen(
+            [sys.executable, "-c", _BLOCKING_WRITER, source, str(target)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True,
+            cwd=Path(__file__).parent.parent,
+        )
+    line = process.stdout.readline()
+    assert line == "writing\n", f"the writer did not start: {log.read_text()[-2000:]}"
+    return process
+
+
+def _partials_of(target: Path) -> list[str]:
+    return sorted(n for n in os.listdir(target.parent)
+                  if n.startswith(f".{target.name}.") and n.endswith(".partial"))
+
+
+def test_the_next_write_removes_the_partial_of_a_killed_writer_only(tmp_path):
+    source = make_tree(tmp_path / "source")
+    target = tmp_path / "out"
+    log = tmp_path / "writers.log"
+    killed = _start_blocked_writer(source, target, log)
+    live = None
+    try:
+        [left] = _partials_of(target)
+        assert f".{killed.pid}." in left  # the partial names its writer (and host)
+        killed.send_signal(signal.SIGKILL)
+        killed.wait()
+        live = _start_blocked_writer(source, target, log)
+        [live_partial] = [n for n in _partials_of(target) if f".{live.pid}." in n]
+        # Another host's writer with a pid that is dead here: not ours to judge.
+        other_host = tmp_path / f".out.some-other-host.{killed.pid}.0123456789ab.partial"
+        other_host.mkdir()
+
+        Checkpoint.from_dict({"x": 1}).to_directory(target)
+        assert Checkpoint.from_directory(target).to_dict() == {"x": 1}
+        assert _partials_of(target) == sorted([live_partial, other_host.name])
+
+        live.stdin.write("go\n")
+        live.stdin.flush()
+        assert live.wait(60) == 0, log.read_text()[-2000:]
+        assert read_tree(target) == read_tree(source)
+        assert _partials_of(target) == [other_host.name]
+    finally:
+        for process in (killed, live):
+            if process is not None:
+                if process.poll() is None:
+                    process.kill()
+                process.wait()
+                process.stdin.close()
+                process.stdout.close()
+
+
+def test_a_killed_writers_partial_control_file_goes_with_the_next_write(tmp_path):
+    from dckpt.formats._atomic import writer_sibling
+
+    path = make_tree(tmp_path / "t")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    ours = os.path.basename(writer_sibling(os.path.join(path, HEADER_FILE)))
+    stale = Path(path) / ours.replace(f".{os.getpid()}.", f".{dead}.")
+    stale.write_text("half a header")
+    checkpoint = Checkpoint.from_directory(path)
+    checkpoint.set_metadata({"m": 1})
+    checkpoint.to_directory(path)  # rewrites .dckpt.json in place
+    assert not stale.exists()
+    assert Checkpoint.from_directory(path).get_metadata() == {"m": 1}
+    assert not [n for n in os.listdir(path) if n.endswith(".partial")]
 
 
 class _Evil:

@@ -129,6 +129,44 @@ USER_DICT = {
 }
 
 
+# Hops through an object store, which holds files only: links arrive as what they
+# point to (dckpt.storage uploads follow them).
+OBJECT_STORE_HOPS = {"memory_uri", "s3"}
+
+
+def make_linked_tree(root: Path) -> str:
+    """make_tree plus relative links inside the tree, to a file, up and to a folder."""
+    make_tree(root)
+    (root / "latest").symlink_to("model/weights.bin")
+    (root / "model" / "layers" / "up").symlink_to("../../notes.txt")
+    (root / "current").symlink_to("model")
+    return str(root)
+
+
+def read_links(root: str | os.PathLike[str]) -> dict[str, str]:
+    """``relpath -> link target`` of every symlink below ``root``."""
+    links = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            if os.path.islink(path):
+                links[os.path.relpath(path, root)] = os.readlink(path)
+    return links
+
+
+def read_followed(root: str | os.PathLike[str]) -> dict[str, bytes | None]:
+    """:func:`read_tree` through links to folders too: what a reader of the tree sees."""
+    tree: dict[str, bytes | None] = {}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        rel = os.path.relpath(dirpath, root)
+        for name in dirnames:
+            tree[os.path.normpath(os.path.join(rel, name)) + "/"] = None
+        for name in filenames:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                tree[os.path.normpath(os.path.join(rel, name))] = f.read()
+    return tree
+
+
 class RoundTripContract:
     """Everything Ray documents about round trips, for a chain of hops."""
 
@@ -206,6 +244,18 @@ class RoundTripContract:
         assert type(back) is ModelCheckpoint
         assert (back.framework, back.epoch) == ("numpy", 12)
         assert back.to_dict()["x"] == 1
+
+    def test_links_inside_the_tree_stay_links_from_any_working_directory(
+        self, tmp_path, travel, monkeypatch
+    ):
+        source = make_linked_tree(tmp_path / "source")
+        elsewhere = tmp_path / "elsewhere"  # not the source: relative links dangle here
+        elsewhere.mkdir()
+        monkeypatch.chdir(elsewhere)
+        out = travel(Checkpoint.from_directory(source)).to_directory(tmp_path / "out")
+        assert read_followed(out) == read_followed(source)
+        if not set(self.hops) & OBJECT_STORE_HOPS:  # object stores hold no links
+            assert read_links(out) == read_links(source)
 
     def test_plain_checkpoint_carries_no_reserved_key(self, travel):
         data = travel(Checkpoint.from_dict({"x": 1})).to_dict()

@@ -28,6 +28,7 @@ from dckpt.formats import (
     pack_directory_to_bytes,
     unpack_to_directory,
 )
+from dckpt.formats._tree import copy_tree
 from tests._trees import make_tree
 
 MiB = 1 << 20
@@ -319,6 +320,28 @@ def test_dangling_outside_links_fifos_and_cycles_are_skipped_with_a_warning(
     assert "dangling symlink" in messages
     assert "not a regular file" in messages
     assert "back to a directory above it" in messages
+
+
+def test_copy_tree_gives_what_packing_and_unpacking_give(
+    tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # Checkpoint.to_directory copies with copy_tree, to_bytes packs: one symlink policy,
+    # whatever the working directory (here not the source, where relative links resolve).
+    (tree / "dangling_outside").symlink_to("../nowhere")
+    (tree / "dangling_inside").symlink_to("nowhere")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    copied = tmp_path / "copied"
+    copied.mkdir()
+    copy_tree(str(tree), str(copied), exclude={"private.txt"}.__contains__)
+    unpacked = unpack_fresh(pack_directory_to_bytes(tree, exclude={"private.txt"}.__contains__),
+                            tmp_path, "unpacked")
+    assert snapshot(copied) == snapshot(unpacked)
+    assert snapshot(copied)["link_to_file"] == ("link", "notes.txt")
+    assert snapshot(copied)["a/b/up_link"] == ("link", "../../notes.txt")
+    assert snapshot(copied)["outside_file"][0] == "file"
+    assert "dangling_outside" not in snapshot(copied)
 
 
 class _ResizingCallback(Callback):

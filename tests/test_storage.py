@@ -345,8 +345,18 @@ class StorageContract:
                                                    storage_options, out):
         storage.upload_directory(tree, uri, storage_options=storage_options)
         raw_fs.pipe_file(f"{uri}/{COMMIT_MARKER}", b"{not json")
-        with pytest.raises(CheckpointFormatError, match="not a dckpt manifest"):
+        with pytest.raises(CheckpointFormatError, match="commit marker .* not valid JSON"):
             storage.download_directory(uri, out, storage_options=storage_options)
+        raw_fs.pipe_file(f"{uri}/{COMMIT_MARKER}", b"[" * 100_000)  # RecursionError in json
+        with pytest.raises(CheckpointFormatError, match="nested too deeply"):
+            storage.list_files(uri, storage_options=storage_options)
+        raw_fs.pipe_file(f"{uri}/{PENDING_MARKER}", b"[" * 100_000)
+        # Both unreadable markers are ignored by the next upload, which replaces them.
+        storage.upload_directory(tree, uri, storage_options=storage_options)
+        assert storage.list_files(uri, storage_options=storage_options)
+        raw_fs.pipe_file(f"{uri}/{COMMIT_MARKER}", b"[]")
+        with pytest.raises(CheckpointFormatError, match="not a dckpt manifest"):
+            storage.list_files(uri, storage_options=storage_options)
         newer = {"format_version": 99, "files": {}}
         raw_fs.pipe_file(f"{uri}/{COMMIT_MARKER}", json.dumps(newer).encode())
         with pytest.raises(CheckpointFormatError, match="upgrade dckpt"):

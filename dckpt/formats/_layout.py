@@ -30,7 +30,7 @@ from typing import Any
 import cloudpickle
 
 from dckpt.errors import CheckpointFormatError
-from dckpt.formats._atomic import partial_sibling
+from dckpt.formats._atomic import remove_stale_siblings, writer_sibling
 
 DICT_FILE = "dict_checkpoint.pkl"
 PREPROCESSOR_KEY = "_preprocessor"
@@ -66,10 +66,7 @@ class CheckpointHeader:
 
     @classmethod
     def from_json(cls, raw: bytes, source: str) -> CheckpointHeader:
-        try:
-            document = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointFormatError(f"{source} is not valid JSON: {e}") from e
+        document = load_json(raw, source)
         if not isinstance(document, dict):
             raise CheckpointFormatError(f"{source} holds {type(document).__name__}, not an object")
         version = document.get("format_version")
@@ -126,6 +123,29 @@ def read_header(directory: str) -> CheckpointHeader | None:
     return CheckpointHeader.from_json(raw, path)
 
 
+def load_json(raw: bytes | str, source: str) -> Any:
+    """Parse a JSON document read from a file, a URI or a marker.
+
+    Everything that can go wrong with bytes from outside raises
+    :class:`~dckpt.errors.CheckpointFormatError` (a ``ValueError``): bytes that are not
+    UTF-8, text that is not JSON, and documents nested too deeply for the parser
+    (``"[" * 100_000``), where :mod:`json` raises ``RecursionError``. ``source`` names
+    what was read, for the message.
+    """
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _not_json(source, str(e)) from e
+    except RecursionError as e:
+        raise _not_json(source, "it is nested too deeply") from e
+
+
+def _not_json(source: str, problem: str) -> CheckpointFormatError:
+    return CheckpointFormatError(
+        f"{source} is not valid JSON ({problem}); it is damaged or was not written by dckpt"
+    )
+
+
 def dump_pickle(value: Any) -> bytes:
     """Pickle with cloudpickle, so preprocessors defined in ``__main__`` travel too."""
     return cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
@@ -145,8 +165,13 @@ def read_pickle_file(path: str) -> Any:
 
 
 def write_file_atomically(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary sibling and a rename."""
-    staging = partial_sibling(path)
+    """Write ``data`` to ``path`` through a temporary sibling and a rename.
+
+    The sibling names this process (:func:`~dckpt.formats._atomic.writer_sibling`);
+    those of earlier writers of ``path`` that were killed are removed first.
+    """
+    remove_stale_siblings(path)
+    staging = writer_sibling(path)
     try:
         with open(staging, "wb") as f:
             f.write(data)

@@ -38,6 +38,7 @@ from typing import Any
 import fsspec
 
 from dckpt.errors import CheckpointFormatError
+from dckpt.formats._layout import load_json
 from dckpt.formats._paths import safe_relpath
 
 logger = logging.getLogger(__name__)
@@ -50,9 +51,8 @@ FORMAT_VERSION = 1
 
 def read_marker(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> dict[str, Any]:
     """The parsed commit marker at ``path``; ``FileNotFoundError`` if there is none."""
-    raw = fs.cat_file(path)
+    doc = load_json(fs.cat_file(path), f"the commit marker at {uri}")
     try:
-        doc = json.loads(raw)
         version = doc["format_version"]
         files = {safe_relpath(rel): int(size) for rel, size in doc["files"].items()}
         dirs = [safe_relpath(rel) for rel in doc.get("dirs", [])]
@@ -76,7 +76,7 @@ def read_marker(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> dict[str,
 def files_of_pending(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> set[str]:
     """The files an unfinished upload replaced or wrote, by its pending marker."""
     try:
-        doc = json.loads(fs.cat_file(path))
+        doc = load_json(fs.cat_file(path), f"the pending marker at {uri}")
         return {safe_relpath(rel) for key in ("replaces", "uploading") for rel in doc[key]}
     except FileNotFoundError:
         return set()

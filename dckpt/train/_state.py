@@ -18,6 +18,7 @@ from typing import Any
 from dckpt import storage
 from dckpt.errors import CheckpointFormatError, CheckpointNotFoundError
 from dckpt.formats._atomic import partial_sibling
+from dckpt.formats._layout import load_json
 
 __all__ = ["STATE_FILE", "STATE_FORMAT", "STATE_VERSION", "read_state", "write_state"]
 
@@ -79,13 +80,7 @@ def read_state(storage_uri: str, storage_options: Mapping[str, Any] | None) -> d
             f"no checkpoint manager state at {uri}: was a CheckpointManager with "
             f"storage_uri={storage_uri!r} ever run?"
         ) from e
-    try:
-        state = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointFormatError(
-            f"the checkpoint manager state at {uri} is not valid JSON ({e}); it is damaged "
-            "or was written by something else"
-        ) from e
+    state = load_json(raw, f"the checkpoint manager state at {uri}")
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise CheckpointFormatError(
             f"{uri} is not a checkpoint manager state (expected a JSON object with "

@@ -56,8 +56,8 @@ async def receive_directory(
 
     Runs on the event loop; blocking work goes to threads (``asyncio.to_thread``):
     creating the tree, decoding and writing each chunk, the final rename. The tree is
-    built in a hidden sibling of ``target`` (``.{name}.{uuid}.partial``), which
-    replaces ``target`` (if it exists) by a rename once every chunk is written; on any
+    built in a hidden sibling of ``target`` (``.{name}.{host}.{pid}.{token}.partial``),
+    which replaces ``target`` (if it exists) by a rename once every chunk is written; on any
     failure, or cancellation, it is removed and the error raised.
 
     Each file is created at its full size (``os.ftruncate``), so chunks land in any

@@ -361,6 +361,7 @@ _VALID_STATE = {"format": "dckpt-checkpoint-manager", "format_version": 1, "conf
 
 @pytest.mark.parametrize(("content", "match"), [
     (b"\x80\x04not json", "not valid JSON"),
+    (b"[" * 100_000, "nested too deeply"),  # json raises RecursionError
     ({"format": "something else"}, "not a checkpoint manager state"),
     ({**_VALID_STATE, "format_version": 99}, "upgrade dckpt"),
     ({**_VALID_STATE, "next_index": "3"}, "next_index"),
