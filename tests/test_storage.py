@@ -942,3 +942,86 @@ def test_local_path_of(tmp_path, monkeypatch):
     with pytest.raises(CheckpointURIError, match="not a local path"):
         storage.local_path_of("memory://x")
 
+
+# ------------------------------------------------ one download per machine (Ray parity)
+
+# A process that holds ``Checkpoint.from_uri(argv[1]).as_directory()`` until it reads
+# a line; it reports the directory, its files and how many files it fetched itself.
+_HOLDER = """
+import json, os, sys
+from dckpt import Checkpoint, storage
+
+uri, options = sys.argv[1], json.loads(sys.argv[2])
+fs = storage.resolve_uri(uri, options)[0]  # the instance dckpt uses
+fetched, get_file = [], fs.get_file
+fs.get_file = lambda rpath, lpath, **kw: (fetched.append(rpath), get_file(rpath, lpath, **kw))
+checkpoint = Checkpoint.from_uri(uri, storage_options=options)
+with checkpoint.as_directory() as directory:
+    print(json.dumps({"dir": directory, "fetched": len(fetched),
+                      "files": sorted(os.listdir(directory))}), flush=True)
+    sys.stdin.readline()
+"""
+
+
+class _Holder:
+    def __init__(self, uri: str, options: dict[str, Any], env: dict[str, str]) -> None:
+        import subprocess
+
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", _HOLDER, uri, json.dumps(options)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+        )
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        assert line, f"the holder process died ({self.process.wait()})"
+        self.report = json.loads(line)
+
+    def leave(self) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write("\n")
+        self.process.stdin.close()
+        assert self.process.wait(timeout=60) == 0
+        assert self.process.stdout is not None
+        self.process.stdout.close()
+
+
+@pytest.mark.s3
+def test_processes_share_one_download_per_committed_version(
+    tmp_path, s3_bucket, s3_storage_options
+):
+    from dckpt import Checkpoint
+
+    uri = f"{s3_bucket}/shared"
+    old, new = _old_and_new_trees(tmp_path)
+    Checkpoint.from_directory(old).to_uri(uri, storage_options=s3_storage_options)
+    temp = tmp_path / "machine-temp"
+    env = {**os.environ, "DASK_DCKPT__TEMPORARY_DIRECTORY": str(temp)}
+
+    first = _Holder(uri, s3_storage_options, env)
+    second = _Holder(uri, s3_storage_options, env)
+    # One download: the second process found the first one's directory.
+    assert first.report["fetched"] == len(file_sizes(old))
+    assert second.report == {**first.report, "fetched": 0}
+    assert first.report["files"] == sorted(os.listdir(old))
+
+    with dask.config.set({"dckpt.temporary-directory": str(temp)}):
+        # What an object adds to the URI's content changes what it must show.
+        changed = Checkpoint.from_uri(uri, storage_options=s3_storage_options)
+        changed.set_metadata({"epoch": 3})
+        with changed.as_directory() as directory:
+            assert directory != first.report["dir"]
+            assert ".dckpt.json" in os.listdir(directory)
+        assert not os.path.exists(directory)
+        # A new commit at the URI is never served from the old download.
+        Checkpoint.from_directory(new).to_uri(uri, storage_options=s3_storage_options)
+    third = _Holder(uri, s3_storage_options, env)
+    assert third.report["dir"] != first.report["dir"]
+    assert third.report["files"] == sorted(os.listdir(new))
+    assert third.report["fetched"] == len(file_sizes(new))
+
+    second.leave()
+    assert os.path.isdir(first.report["dir"])  # the first one is still in there
+    first.leave()
+    third.leave()
+    # The last user out removed everything, lock files and user markers included.
+    assert os.listdir(temp) == []
