@@ -636,6 +636,30 @@ class StorageContract:
         raw_fs.pipe_file(f"{plain}/b", b"2")
         assert storage.uri_version(plain, storage_options=storage_options) != one
 
+    def test_rewrite_during_a_download_is_refused(
+        self, tmp_path, uri, fs, storage_options, monkeypatch, out
+    ):
+        # Same names, same sizes, other bytes: only the version tells them apart.
+        old, new = tmp_path / "old", tmp_path / "new"
+        for root in (old, new):
+            root.mkdir()
+            for name in ("a.bin", "b.bin", "c.bin"):
+                (root / name).write_bytes(os.urandom(100))
+        storage.upload_directory(old, uri, storage_options=storage_options)
+        original = fs.get_file
+
+        def rewriting(rpath: str, lpath: str, **kwargs: Any) -> Any:
+            result = original(rpath, lpath, **kwargs)
+            if rpath.endswith("a.bin"):  # the first file: someone overwrites the rest
+                storage.upload_directory(new, uri, storage_options=storage_options)
+            return result
+
+        monkeypatch.setattr(fs, "get_file", rewriting)
+        with (dask.config.set({"dckpt.storage.max-concurrency": 1}),
+              pytest.raises(CheckpointFormatError, match="rewritten or deleted while it "
+                                                         "was being downloaded")):
+            storage.download_directory(uri, out, storage_options=storage_options)
+
     # ------------------------------------------------------------------ file modes
 
     def test_file_modes_survive(self, tmp_path, uri, storage_options, out):
