@@ -616,6 +616,18 @@ class StorageContract:
         raw_fs.invalidate_cache()
         assert raw_fs.find(uri) == []
 
+    def test_overwrite_where_a_folder_becomes_a_file(self, tmp_path, uri,
+                                                     storage_options, out):
+        old, new = tmp_path / "old", tmp_path / "new"
+        (old / "x").mkdir(parents=True)
+        (old / "x" / "y").write_text("below")
+        new.mkdir()
+        (new / "x").write_text("a file now")
+        storage.upload_directory(old, uri, storage_options=storage_options)
+        storage.upload_directory(new, uri, storage_options=storage_options)
+        storage.download_directory(uri, out, storage_options=storage_options)
+        assert read_tree(out) == {"x": b"a file now"}
+
     def test_version_changes_with_every_commit_only(self, tmp_path, uri, raw_fs,
                                                     storage_options):
         old, new = _old_and_new_trees(tmp_path)

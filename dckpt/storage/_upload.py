@@ -168,17 +168,19 @@ def upload_directory(
 
     manifest = Manifest(version, prefix, dict(sorted(sizes.items())), modes, empty_dirs)
     write_manifest(fs, root, manifest)  # the switch: from here on, readers see this one
+    stale = sorted(leftovers - set(sizes))
+    remove_all(fs, [join(root, rel) for rel in stale])
     if prefix:
         # Back to a plain folder: the new files to the top, then the marker to them.
-        remove_all(fs, [join(root, rel) for rel in sorted(leftovers - set(sizes))])
+        # A folder the old checkpoint had may be a file of the new one (local disks).
+        remove_empty_folders(fs, root)
         _make_folders(fs, root, set(empty_dirs) | (parents if make_parents else set()))
         run_parallel([
             functools.partial(fs.cp_file, join(root, join_rel(prefix, rel)), join(root, rel))
             for rel in sorted(sizes)
         ])
         write_manifest(fs, root, dataclasses.replace(manifest, prefix=""))
-    stale = sorted((leftovers | staged) - set(sizes))
-    remove_all(fs, [join(root, rel) for rel in stale])
+        remove_all(fs, [join(root, rel) for rel in sorted(staged)])
     with contextlib.suppress(FileNotFoundError):
         fs.rm_file(join(root, PENDING_MARKER))
     remove_empty_folders(fs, join(root, VERSIONS_FOLDER))
