@@ -17,8 +17,8 @@ files, as another tool would have uploaded them, plus two markers at its top:
   ``version`` is new for every upload; ``prefix`` is the folder, relative to the
   checkpoint's, that holds the files (``""``: the top); ``modes`` are the permission
   bits (``0o777``) of the files uploaded from a local directory; ``dirs`` are the
-  empty folders, which object stores cannot hold on their own. Format 1 (dckpt
-  before 2026-12) had neither ``version``, ``prefix`` nor ``modes`` and is still
+  empty folders, which object stores cannot hold on their own. Format 1 (earlier
+  dckpt) had neither ``version``, ``prefix`` nor ``modes`` and is still
   read: its files are at the top, its version is a hash of the marker.
 
 An upload:

@@ -19,6 +19,9 @@ Every public function of :mod:`dckpt.storage` that touches a URI is wrapped by
   ``__cause__``;
 - ``TypeError``, ``AttributeError``, ``NameError`` and ``AssertionError`` are bugs,
   not storage failures, and pass unchanged.
+
+An exception raised by a progress callback ends the operation like a back-end failure
+and is translated the same way (it is the ``__cause__``).
 """
 
 from __future__ import annotations
