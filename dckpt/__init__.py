@@ -22,6 +22,7 @@ from dckpt.errors import (
     CorruptChunkError,
     IncompatibleCheckpointError,
     IncompleteCheckpointError,
+    StorageError,
     UnsafePathError,
 )
 
@@ -38,6 +39,7 @@ __all__ = [
     "CorruptChunkError",
     "IncompatibleCheckpointError",
     "IncompleteCheckpointError",
+    "StorageError",
     "UnsafePathError",
     "__version__",
     "put",

@@ -1,8 +1,9 @@
 """A temporary directory shared by every process of one machine that uses it.
 
 ``Checkpoint.as_directory()`` materializes a checkpoint without a directory of its own
-at a path derived from the checkpoint's id, so that the copies of one checkpoint that
-several processes hold (it was pickled to them) share one directory. Each user leaves
+at a path derived from the checkpoint's id (for a URI checkpoint: :func:`shared_name`
+of its URI, committed version and in-memory additions), so that the copies of one
+checkpoint that several processes hold share one directory. Each user leaves
 a marker file while inside the ``with`` block; the last one out removes the directory.
 Markers of processes that died are ignored, so a crash leaks nothing for long.
 
@@ -13,14 +14,31 @@ set-up and tear-down) and ``D.users/`` (one marker per user, ``{pid}.{token}``).
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
 import shutil
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from dckpt._locks import flocked, marker_is_alive, new_marker_name
 
 logger = logging.getLogger(__name__)
+
+
+def shared_name(*parts: Any) -> str:
+    """A name for the directory of what ``parts`` identify, the same in every process.
+
+    ``parts`` are JSON-like values (bytes too); dict keys are sorted, so equal options
+    built in another order give the same name. Values JSON cannot hold count by their
+    ``repr``. A hash: credentials among the parts do not show in the name.
+    """
+    def default(value: Any) -> Any:
+        return value.hex() if isinstance(value, bytes) else repr(value)
+
+    text = json.dumps(parts, sort_keys=True, default=default)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 @contextlib.contextmanager

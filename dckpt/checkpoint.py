@@ -33,7 +33,7 @@ from dask.utils import parse_bytes
 from fsspec.callbacks import DEFAULT_CALLBACK
 
 from dckpt import _config, storage
-from dckpt._shared_dir import shared_directory
+from dckpt._shared_dir import shared_directory, shared_name
 from dckpt.errors import (
     CheckpointFormatError,
     CheckpointNotFoundError,
@@ -414,8 +414,11 @@ class Checkpoint:
         which in-memory changes such as :meth:`set_preprocessor` are not written).
         Others are written to a temporary directory named after this checkpoint, shared
         by every process on this machine that holds a copy of it (it was pickled to
-        them), and removed when the last of them leaves the ``with`` block.
-        Treat the directory as read-only.
+        them), and removed when the last of them leaves the ``with`` block. A URI
+        checkpoint's is named after the URI, its committed version (a rewritten URI
+        gets a directory of its own) and what this object adds to it (preprocessor,
+        metadata, subclass state), so every object of it shares one download, as in
+        Ray. Treat the directory as read-only.
         """
         if self._node_ref is not None or self._resolved_from is not None:
             with self._data_here():
@@ -424,10 +427,26 @@ class Checkpoint:
         if self._local_path is not None:
             yield self._local_path
             return
-        path = os.path.join(
-            _config.temporary_directory(), f"checkpoint_tmp_{self._uuid.hex}"
-        )
-        with shared_directory(path, self.to_directory) as directory:
+        name = self._uuid.hex
+        materialize: Callable[[str], object] = self.to_directory
+        if self._uri is not None:
+            uri, options = self._uri, self._storage_options
+            version = storage.uri_version(uri, storage_options=options)
+            name = shared_name(uri, version, options, self._control_files(None))
+
+            def download(path: str) -> None:
+                self.to_directory(path)
+                if storage.uri_version(uri, storage_options=options) != version:
+                    shutil.rmtree(path, ignore_errors=True)  # not what `name` says
+                    raise CheckpointFormatError(
+                        f"the checkpoint at {uri} was rewritten while it was being "
+                        "downloaded; try again"
+                    )
+
+            materialize = download
+
+        path = os.path.join(_config.temporary_directory(), f"checkpoint_tmp_{name}")
+        with shared_directory(path, materialize) as directory:
             yield directory
 
     @_uses_data

@@ -15,6 +15,7 @@ __all__ = [
     "UnsafePathError",
     "CorruptChunkError",
     "CheckpointURIError",
+    "StorageError",
     "IncompatibleCheckpointError",
     "CacheFullError",
     "CheckpointUnavailableError",
@@ -59,6 +60,19 @@ class CorruptChunkError(CheckpointFormatError):
 
 class CheckpointURIError(CheckpointError, ValueError):
     """A URI whose protocol fsspec does not know, or whose backend is not installed."""
+
+
+class StorageError(CheckpointError, OSError):
+    """The storage back-end at a URI failed: no credentials, no connection, no such
+    bucket to write into, access denied, a local disk error, ...
+
+    Raised by :mod:`dckpt.storage` in place of whatever the fsspec back-end raised
+    (``botocore``'s ``NoCredentialsError``, ``EndpointConnectionError``, ...), which
+    is kept as ``__cause__`` (look there for an ``errno``). The message names the operation and the URI. An ``OSError``, so code
+    that catches I/O failures catches it. What means "no checkpoint there" on a read
+    is :class:`CheckpointNotFoundError` instead, for a missing bucket as for a missing
+    ``memory://`` path.
+    """
 
 
 class IncompatibleCheckpointError(CheckpointError, ValueError):

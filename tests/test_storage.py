@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import socket
+import stat
 import sys
 import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +33,7 @@ from dckpt.errors import (
     CheckpointNotFoundError,
     CheckpointURIError,
     IncompleteCheckpointError,
+    StorageError,
     UnsafePathError,
 )
 from dckpt.storage import COMMIT_MARKER, PENDING_MARKER
@@ -173,29 +178,44 @@ class StorageContract:
             original = getattr(fs, method)
 
             def wrapper(*args: Any, **kwargs: Any) -> Any:
-                path = args[1] if method == "put_file" else args[0]
+                path = args[1] if method in ("put_file", "cp_file", "mv") else args[0]
                 events.append((method, fs._strip_protocol(path).removeprefix(prefix)))
                 return original(*args, **kwargs)
 
             monkeypatch.setattr(fs, method, wrapper)
 
-        for method in ("pipe_file", "put_file", "rm_file"):
+        for method in ("pipe_file", "put_file", "rm_file", "cp_file", "mv"):
             record(method)
         storage.upload_directory(tree, uri, storage_options=storage_options)
         storage.upload_directory(tree, uri, storage_options=storage_options)  # overwrite
 
+        def is_commit(event: tuple[str, str]) -> bool:
+            # Local disks write the marker beside and rename it into place.
+            return event in (("pipe_file", COMMIT_MARKER), ("mv", COMMIT_MARKER))
+
         assert events[0] == ("pipe_file", PENDING_MARKER)
         starts = [i for i, event in enumerate(events) if event == ("pipe_file", PENDING_MARKER)]
         assert len(starts) == 2
-        second = events[starts[1]:]
-        # The old commit marker goes right after the pending marker is in place ...
-        assert second[1] == ("rm_file", COMMIT_MARKER)
+        first, second = events[:starts[1]], events[starts[1]:]
+        # A first upload: the files to the top, the commit marker after all of them.
+        puts = [i for i, (method, _) in enumerate(first) if method == "put_file"]
+        assert {first[i][1] for i in puts} == set(file_sizes(tree))
+        assert next(i for i, e in enumerate(first) if is_commit(e)) > max(puts)
+        # An overwrite never removes the old commit marker: it is replaced, once the
+        # new files are all up beside the old ones ...
+        assert ("rm_file", COMMIT_MARKER) not in events
         puts = [i for i, (method, _) in enumerate(second) if method == "put_file"]
         assert len(puts) == len(file_sizes(tree))
-        commit = second.index(("pipe_file", COMMIT_MARKER))
-        # ... the new one after every file, and the pending marker goes after it.
-        assert commit > max(puts)
-        assert second.index(("rm_file", PENDING_MARKER)) > commit
+        assert all(second[i][1].startswith(f"{storage.VERSIONS_FOLDER}/") for i in puts)
+        commits = [i for i, e in enumerate(second) if is_commit(e)]
+        assert len(commits) == 2 and commits[0] > max(puts)
+        # ... then copied to the top, and the marker switched to them.
+        # (Local disks' put_file is a cp_file too, into the versioned folder.)
+        copies = [i for i, (method, path) in enumerate(second) if method == "cp_file"
+                  and not path.startswith(f"{storage.VERSIONS_FOLDER}/")]
+        assert {second[i][1] for i in copies} == set(file_sizes(tree))
+        assert commits[0] < min(copies) and max(copies) < commits[1]
+        assert second.index(("rm_file", PENDING_MARKER)) > commits[1]
 
     def test_failed_upload_is_refused_by_readers(
         self, tree, uri, fs, storage_options, monkeypatch, out
@@ -239,7 +259,7 @@ class StorageContract:
             storage.upload_directory(failed, uri, storage_options=storage_options)
         monkeypatch.undo()
         raw_fs.invalidate_cache()
-        assert raw_fs.exists(f"{uri}/partial_only.txt")
+        assert any(p.endswith("/partial_only.txt") for p in raw_fs.find(uri))
 
         new = tmp_path / "new"
         new.mkdir()
@@ -523,6 +543,253 @@ class StorageContract:
         raw_fs.invalidate_cache()
         assert raw_fs.find(uri) == []
 
+    # ------------------------------------------------- overwrites that do not finish
+
+    @pytest.mark.parametrize("fail_after", [0, 2])
+    def test_interrupted_overwrite_keeps_the_old_checkpoint(
+        self, tmp_path, uri, raw_fs, storage_options, fail_after
+    ):
+        old, new = _old_and_new_trees(tmp_path)
+        storage.upload_directory(old, uri, storage_options=storage_options)
+        with (dask.config.set({"dckpt.storage.max-concurrency": 1}),
+              pytest.raises(StorageError, match="connection dropped") as info):
+            storage.upload_directory(new, uri, storage_options=storage_options,
+                                     callback=FailAfter(fail_after))
+        assert isinstance(info.value.__cause__, ConnectionError)
+
+        # The old checkpoint, exactly: files, folders, modes, and nothing of the new.
+        assert storage.uri_status(uri, storage_options=storage_options) == "committed"
+        assert storage.list_files(uri, storage_options=storage_options) == file_sizes(old)
+        assert storage.read_file(uri, "a.txt", storage_options=storage_options) == b"old a"
+        assert storage.read_file(uri, "c.txt", storage_options=storage_options) is None
+        (tmp_path / "got_old").mkdir()
+        storage.download_directory(uri, tmp_path / "got_old", storage_options=storage_options)
+        assert read_tree(tmp_path / "got_old") == read_tree(old)
+        assert modes_of(tmp_path / "got_old") == modes_of(old)
+
+        storage.upload_directory(new, uri, storage_options=storage_options)
+        (tmp_path / "got_new").mkdir()
+        storage.download_directory(uri, tmp_path / "got_new", storage_options=storage_options)
+        assert read_tree(tmp_path / "got_new") == read_tree(new)
+        # The old files and the failed upload's are gone; a plain folder is left, with
+        # the user's files at the top, as another tool would read it.
+        raw_fs.invalidate_cache()
+        top = fs_prefix(raw_fs, uri)
+        assert sorted(p.removeprefix(top) for p in raw_fs.find(uri)) == sorted(
+            [COMMIT_MARKER, *file_sizes(new)])
+
+    def test_interrupted_overwrite_of_a_checkpoint_object(
+        self, tmp_path, uri, storage_options
+    ):
+        """The same through ``Checkpoint.to_uri`` / ``from_uri`` (``file://`` URIs go
+        through ``to_directory``, which renames into place)."""
+        from dckpt import Checkpoint
+
+        old, new = _old_and_new_trees(tmp_path)
+        Checkpoint.from_directory(old).to_uri(uri, storage_options=storage_options)
+        with (dask.config.set({"dckpt.storage.max-concurrency": 1}),
+              pytest.raises(OSError, match="connection dropped")):
+            Checkpoint.from_directory(new).to_uri(uri, storage_options=storage_options,
+                                                  callback=FailAfter(2))
+        got = Checkpoint.from_uri(uri, storage_options=storage_options).to_directory(
+            tmp_path / "got_old")
+        assert read_tree(got) == read_tree(old)
+        Checkpoint.from_directory(new).to_uri(uri, storage_options=storage_options)
+        got = Checkpoint.from_uri(uri, storage_options=storage_options).to_directory(
+            tmp_path / "got_new")
+        assert read_tree(got) == read_tree(new)
+
+    def test_upload_after_an_interrupted_copy_to_the_top(
+        self, tmp_path, uri, fs, raw_fs, storage_options, monkeypatch
+    ):
+        """A crash after the switch, while the new files are copied to the top: the
+        new checkpoint is read from its versioned folder, and the next upload cleans up."""
+        old, new = _old_and_new_trees(tmp_path)
+        storage.upload_directory(old, uri, storage_options=storage_options)
+        original, copied = fs.cp_file, []
+
+        def failing(path1: str, path2: str, **kwargs: Any) -> Any:
+            if f"/{storage.VERSIONS_FOLDER}/" not in fs._strip_protocol(path2):
+                if copied:
+                    raise OSError("crashed while copying")
+                copied.append(path2)
+            return original(path1, path2, **kwargs)
+
+        monkeypatch.setattr(fs, "cp_file", failing)
+        with (dask.config.set({"dckpt.storage.max-concurrency": 1}),
+              pytest.raises(StorageError, match="crashed while copying")):
+            storage.upload_directory(new, uri, storage_options=storage_options)
+        monkeypatch.undo()
+        (tmp_path / "got").mkdir()
+        storage.download_directory(uri, tmp_path / "got", storage_options=storage_options)
+        assert read_tree(tmp_path / "got") == read_tree(new)
+
+        storage.upload_directory(old, uri, storage_options=storage_options)
+        raw_fs.invalidate_cache()
+        top = fs_prefix(raw_fs, uri)
+        assert sorted(p.removeprefix(top) for p in raw_fs.find(uri)) == sorted(
+            [COMMIT_MARKER, *file_sizes(old)])
+        storage.delete(uri, storage_options=storage_options)
+        raw_fs.invalidate_cache()
+        assert raw_fs.find(uri) == []
+
+    def test_overwrite_where_a_folder_becomes_a_file(self, tmp_path, uri,
+                                                     storage_options, out):
+        old, new = tmp_path / "old", tmp_path / "new"
+        (old / "x").mkdir(parents=True)
+        (old / "x" / "y").write_text("below")
+        new.mkdir()
+        (new / "x").write_text("a file now")
+        storage.upload_directory(old, uri, storage_options=storage_options)
+        storage.upload_directory(new, uri, storage_options=storage_options)
+        storage.download_directory(uri, out, storage_options=storage_options)
+        assert read_tree(out) == {"x": b"a file now"}
+
+    def test_version_changes_with_every_commit_only(self, tmp_path, uri, raw_fs,
+                                                    storage_options):
+        old, new = _old_and_new_trees(tmp_path)
+        storage.upload_directory(old, uri, storage_options=storage_options)
+        first = storage.uri_version(uri, storage_options=storage_options)
+        assert storage.uri_version(uri, storage_options=storage_options) == first
+        with (dask.config.set({"dckpt.storage.max-concurrency": 1}),
+              pytest.raises(StorageError)):
+            storage.upload_directory(new, uri, storage_options=storage_options,
+                                     callback=FailAfter(1))
+        assert storage.uri_version(uri, storage_options=storage_options) == first
+        storage.upload_directory(old, uri, storage_options=storage_options)
+        assert storage.uri_version(uri, storage_options=storage_options) != first
+        # A plain folder's version follows its listing.
+        plain = f"{uri}-plain"
+        raw_fs.pipe_file(f"{plain}/a", b"1")
+        one = storage.uri_version(plain, storage_options=storage_options)
+        raw_fs.pipe_file(f"{plain}/b", b"2")
+        assert storage.uri_version(plain, storage_options=storage_options) != one
+
+    def test_rewrite_during_a_download_is_refused(
+        self, tmp_path, uri, fs, storage_options, monkeypatch, out
+    ):
+        # Same names, same sizes, other bytes: only the version tells them apart.
+        old, new = tmp_path / "old", tmp_path / "new"
+        for root in (old, new):
+            root.mkdir()
+            for name in ("a.bin", "b.bin", "c.bin"):
+                (root / name).write_bytes(os.urandom(100))
+        storage.upload_directory(old, uri, storage_options=storage_options)
+        original = fs.get_file
+
+        def rewriting(rpath: str, lpath: str, **kwargs: Any) -> Any:
+            result = original(rpath, lpath, **kwargs)
+            if rpath.endswith("a.bin"):  # the first file: someone overwrites the rest
+                storage.upload_directory(new, uri, storage_options=storage_options)
+            return result
+
+        monkeypatch.setattr(fs, "get_file", rewriting)
+        with (dask.config.set({"dckpt.storage.max-concurrency": 1}),
+              pytest.raises(CheckpointFormatError, match="rewritten or deleted while it "
+                                                         "was being downloaded")):
+            storage.download_directory(uri, out, storage_options=storage_options)
+
+    # ------------------------------------------------------------------ file modes
+
+    def test_file_modes_survive(self, tmp_path, uri, storage_options, out):
+        src = tmp_path / "modes"
+        src.mkdir()
+        for name, mode in MODES.items():
+            (src / name).write_text(name)
+            (src / name).chmod(mode)
+        storage.upload_directory(src, uri, storage_options=storage_options)
+        storage.download_directory(uri, out, storage_options=storage_options)
+        assert modes_of(out) == MODES
+
+    def test_format_1_manifest_is_still_read(self, tmp_path, uri, raw_fs,
+                                             storage_options, out):
+        raw_fs.pipe_file(f"{uri}/model.bin", b"weights")
+        v1 = {"format_version": 1, "files": {"model.bin": 7}, "dirs": []}
+        raw_fs.pipe_file(f"{uri}/{COMMIT_MARKER}", json.dumps(v1).encode())
+        assert storage.list_files(uri, storage_options=storage_options) == {"model.bin": 7}
+        version = storage.uri_version(uri, storage_options=storage_options)
+        assert storage.uri_version(uri, storage_options=storage_options) == version
+        storage.download_directory(uri, out, storage_options=storage_options)
+        assert read_tree(out) == {"model.bin": b"weights"}
+        # Overwriting it keeps it readable until the switch, like any committed one.
+        storage.upload_directory(build_tree(tmp_path / "t"), uri,
+                                 storage_options=storage_options)
+        assert storage.uri_version(uri, storage_options=storage_options) != version
+        raw_fs.invalidate_cache()
+        assert not raw_fs.exists(f"{uri}/model.bin")
+
+    # ------------------------------------------------------------ back-end failures
+
+    def test_failures_are_storage_errors_naming_the_uri(
+        self, tree, uri, fs, storage_options, monkeypatch, out
+    ):
+        storage.upload_directory(tree, uri, storage_options=storage_options)
+
+        def broken(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("back-end exploded")
+
+        monkeypatch.setattr(fs, "get_file", broken)
+        with pytest.raises(StorageError, match=r"cannot download the checkpoint at "
+                                               r".*ckpt: RuntimeError: back-end exploded"):
+            storage.download_directory(uri, out, storage_options=storage_options)
+
+
+def _old_and_new_trees(tmp_path: Path) -> tuple[Path, Path]:
+    """Two checkpoints that share some names (new content) and differ in others."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    for root, tag in ((old, "old"), (new, "new")):
+        (root / "sub").mkdir(parents=True)
+        (root / "a.txt").write_bytes(f"{tag} a".encode())
+        (root / "sub" / "b.bin").write_bytes(os.urandom(1000 if tag == "old" else 2000))
+    (old / "only_old.txt").write_text("old only")
+    (old / "a.txt").chmod(0o640)
+    (old / "empty_dir").mkdir()
+    (new / "c.txt").write_text("new only")
+    (new / "sub" / "deeper").mkdir()
+    (new / "sub" / "deeper" / "d.sh").write_text("#!/bin/sh\n")
+    (new / "sub" / "deeper" / "d.sh").chmod(0o750)
+    return old, new
+
+
+def fs_prefix(fs: fsspec.AbstractFileSystem, uri: str) -> str:
+    return fs._strip_protocol(uri).rstrip("/") + "/"
+
+
+MODES = {"secret": 0o600, "group": 0o640, "run.sh": 0o755, "plain": 0o644,
+         "read_only": 0o444, "group_exec": 0o710}
+
+
+def modes_of(root: str | os.PathLike[str]) -> dict[str, int]:
+    return {
+        os.path.relpath(os.path.join(dirpath, name), root): stat.S_IMODE(
+            os.stat(os.path.join(dirpath, name)).st_mode)
+        for dirpath, _, names in os.walk(root) for name in names
+    }
+
+
+class FailAfter(Callback):
+    """Fails the upload, as a dropped connection would, once ``n`` files are up."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        self.n = n
+
+    def branched(self, path_1: str, path_2: str, **kwargs: Any) -> Callback:
+        if self.value >= self.n:
+            raise ConnectionError("connection dropped mid-upload")
+        return Callback()
+
+
+def _calls(tree: str, uri: str, options: dict[str, Any], out: Path) -> dict[str, Any]:
+    """One call of each kind of storage operation, by what its errors say it did."""
+    return {
+        "upload to": lambda: storage.upload_directory(tree, uri, storage_options=options),
+        "read the checkpoint at": lambda: storage.uri_status(uri, storage_options=options),
+        "download the checkpoint at": lambda: storage.download_directory(
+            uri, out, storage_options=options),
+        "delete the checkpoint at": lambda: storage.delete(uri, storage_options=options),
+    }
+
 
 class TestMemoryStorage(StorageContract):
     @pytest.fixture
@@ -586,6 +853,78 @@ class TestS3Storage(StorageContract):
         raw_fs.invalidate_cache()
         assert raw_fs.exists(s3_bucket)  # s3fs's rm(bucket, recursive=True) would not
         assert raw_fs.find(s3_bucket) == []
+
+    # ------------------------------------------------- what S3 failures become
+
+    @pytest.mark.parametrize("how", ["empty-environment", "unset-environment"])
+    def test_no_credentials_is_a_storage_error(
+        self, tree, uri, storage_options, monkeypatch, tmp_path, out, how
+    ):
+        exceptions = pytest.importorskip("botocore.exceptions")
+        storage.upload_directory(tree, uri, storage_options=storage_options)
+        if how == "empty-environment":
+            monkeypatch.setenv("AWS_ACCESS_KEY_ID", "")
+            monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "")
+        else:
+            monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+            monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+        # Nowhere else to find any: no files, no instance metadata service.
+        monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-such-file"))
+        monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-such-file"))
+        monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+        options = {"anon": False, "client_kwargs": storage_options["client_kwargs"],
+                   "skip_instance_cache": True}
+        for operation, call in _calls(tree, uri, options, out).items():
+            with pytest.raises(StorageError, match=f"cannot {operation} {re.escape(uri)}: "
+                                                   "NoCredentialsError") as info:
+                call()
+            assert isinstance(info.value.__cause__, exceptions.NoCredentialsError)
+            assert isinstance(info.value, OSError)
+        from dckpt import Checkpoint
+
+        with pytest.raises(StorageError, match="NoCredentialsError"):
+            Checkpoint.from_uri(uri, storage_options=options)
+
+    def test_endpoint_nobody_listens_on_is_a_storage_error(
+        self, tree, uri, storage_options, out
+    ):
+        exceptions = pytest.importorskip("botocore.exceptions")
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))  # a free port, closed again: nobody listens
+            port = sock.getsockname()[1]
+        options = {**storage_options, "skip_instance_cache": True,
+                   "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{port}",
+                                     "region_name": "us-east-1"},
+                   "config_kwargs": {"retries": {"max_attempts": 1}}}
+        for operation, call in _calls(tree, uri, options, out).items():
+            with pytest.raises(StorageError, match=f"cannot {operation} {re.escape(uri)}: "
+                                                   "EndpointConnectionError") as info:
+                call()
+            assert isinstance(info.value.__cause__, exceptions.EndpointConnectionError)
+
+    def test_missing_bucket_is_not_found_like_a_missing_memory_path(
+        self, tree, raw_fs, storage_options, memory_uri, out
+    ):
+        from dckpt import Checkpoint
+
+        bucket = f"dckpt-missing-{uuid.uuid4().hex[:12]}"
+        for missing, options in ((f"s3://{bucket}/ckpt", storage_options),
+                                 (f"{memory_uri}/ckpt", {})):
+            for operation, call in _calls(tree, missing, options, out).items():
+                if operation == "upload to":
+                    continue
+                with pytest.raises(CheckpointNotFoundError, match="no checkpoint at") as info:
+                    call()
+                assert type(info.value) is CheckpointNotFoundError
+            with pytest.raises(CheckpointNotFoundError):
+                Checkpoint.from_uri(missing, storage_options=options)
+        # Writing into a bucket that does not exist: refused, and no bucket is made.
+        with pytest.raises(StorageError, match=f"cannot upload to s3://{bucket}/ckpt: "
+                                               ".*dckpt creates no buckets") as info:
+            storage.upload_directory(tree, f"s3://{bucket}/ckpt",
+                                     storage_options=storage_options)
+        assert isinstance(info.value.__cause__, FileNotFoundError)
+        assert not raw_fs.exists(bucket)
 
     def test_a_key_that_is_file_and_folder_is_refused(self, uri, raw_fs,
                                                        storage_options, out):
@@ -655,3 +994,87 @@ def test_local_path_of(tmp_path, monkeypatch):
     assert storage.local_path_of("rel/x") == str(tmp_path / "rel" / "x")
     with pytest.raises(CheckpointURIError, match="not a local path"):
         storage.local_path_of("memory://x")
+
+
+# ------------------------------------------------ one download per machine (Ray parity)
+
+# A process that holds ``Checkpoint.from_uri(argv[1]).as_directory()`` until it reads
+# a line; it reports the directory, its files and how many files it fetched itself.
+_HOLDER = """
+import json, os, sys
+from dckpt import Checkpoint, storage
+
+uri, options = sys.argv[1], json.loads(sys.argv[2])
+fs = storage.resolve_uri(uri, options)[0]  # the instance dckpt uses
+fetched, get_file = [], fs.get_file
+fs.get_file = lambda rpath, lpath, **kw: (fetched.append(rpath), get_file(rpath, lpath, **kw))
+checkpoint = Checkpoint.from_uri(uri, storage_options=options)
+with checkpoint.as_directory() as directory:
+    print(json.dumps({"dir": directory, "fetched": len(fetched),
+                      "files": sorted(os.listdir(directory))}), flush=True)
+    sys.stdin.readline()
+"""
+
+
+class _Holder:
+    def __init__(self, uri: str, options: dict[str, Any], env: dict[str, str]) -> None:
+        import subprocess
+
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", _HOLDER, uri, json.dumps(options)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+        )
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        assert line, f"the holder process died ({self.process.wait()})"
+        self.report = json.loads(line)
+
+    def leave(self) -> None:
+        assert self.process.stdin is not None
+        self.process.stdin.write("\n")
+        self.process.stdin.close()
+        assert self.process.wait(timeout=60) == 0
+        assert self.process.stdout is not None
+        self.process.stdout.close()
+
+
+@pytest.mark.s3
+def test_processes_share_one_download_per_committed_version(
+    tmp_path, s3_bucket, s3_storage_options
+):
+    from dckpt import Checkpoint
+
+    uri = f"{s3_bucket}/shared"
+    old, new = _old_and_new_trees(tmp_path)
+    Checkpoint.from_directory(old).to_uri(uri, storage_options=s3_storage_options)
+    temp = tmp_path / "machine-temp"
+    env = {**os.environ, "DASK_DCKPT__TEMPORARY_DIRECTORY": str(temp)}
+
+    first = _Holder(uri, s3_storage_options, env)
+    second = _Holder(uri, s3_storage_options, env)
+    # One download: the second process found the first one's directory.
+    assert first.report["fetched"] == len(file_sizes(old))
+    assert second.report == {**first.report, "fetched": 0}
+    assert first.report["files"] == sorted(os.listdir(old))
+
+    with dask.config.set({"dckpt.temporary-directory": str(temp)}):
+        # What an object adds to the URI's content changes what it must show.
+        changed = Checkpoint.from_uri(uri, storage_options=s3_storage_options)
+        changed.set_metadata({"epoch": 3})
+        with changed.as_directory() as directory:
+            assert directory != first.report["dir"]
+            assert ".dckpt.json" in os.listdir(directory)
+        assert not os.path.exists(directory)
+        # A new commit at the URI is never served from the old download.
+        Checkpoint.from_directory(new).to_uri(uri, storage_options=s3_storage_options)
+    third = _Holder(uri, s3_storage_options, env)
+    assert third.report["dir"] != first.report["dir"]
+    assert third.report["files"] == sorted(os.listdir(new))
+    assert third.report["fetched"] == len(file_sizes(new))
+
+    second.leave()
+    assert os.path.isdir(first.report["dir"])  # the first one is still in there
+    first.leave()
+    third.leave()
+    # The last user out removed everything, lock files and user markers included.
+    assert os.listdir(temp) == []

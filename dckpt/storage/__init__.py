@@ -3,10 +3,11 @@
 The protocol (markers, manifest, what readers accept) is described in
 :mod:`dckpt.storage._protocol`. One private module per job:
 
-- :mod:`._uri`: the fsspec filesystem for a URI; local paths.
+- :mod:`._uri`: the fsspec filesystem for a URI; local paths; what back-end failures
+  become (:class:`~dckpt.errors.StorageError`, ...).
 - :mod:`._upload`: :func:`upload_directory`.
-- :mod:`._read`: :func:`uri_status`, :func:`list_files`, :func:`download_directory`,
-  :func:`read_file`.
+- :mod:`._read`: :func:`uri_status`, :func:`uri_version`, :func:`list_files`,
+  :func:`download_directory`, :func:`read_file`.
 - :mod:`._delete`: :func:`delete`.
 - :mod:`._folders`: listing a folder; :mod:`._parallel`: the thread pool.
 """
@@ -14,8 +15,14 @@ The protocol (markers, manifest, what readers accept) is described in
 from __future__ import annotations
 
 from dckpt.storage._delete import delete
-from dckpt.storage._protocol import COMMIT_MARKER, MARKERS, PENDING_MARKER
-from dckpt.storage._read import download_directory, list_files, read_file, uri_status
+from dckpt.storage._protocol import COMMIT_MARKER, MARKERS, PENDING_MARKER, VERSIONS_FOLDER
+from dckpt.storage._read import (
+    download_directory,
+    list_files,
+    read_file,
+    uri_status,
+    uri_version,
+)
 from dckpt.storage._upload import upload_directory
 from dckpt.storage._uri import is_local_uri, local_path_of, resolve_uri
 
@@ -23,6 +30,7 @@ __all__ = [
     "COMMIT_MARKER",
     "MARKERS",
     "PENDING_MARKER",
+    "VERSIONS_FOLDER",
     "delete",
     "download_directory",
     "is_local_uri",
@@ -32,4 +40,5 @@ __all__ = [
     "resolve_uri",
     "upload_directory",
     "uri_status",
+    "uri_version",
 ]

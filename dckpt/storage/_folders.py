@@ -6,12 +6,14 @@ A committed checkpoint's files come from its manifest instead
 
 from __future__ import annotations
 
+import contextlib
+
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
 from dckpt.formats._paths import safe_relpath
-from dckpt.storage._protocol import MARKERS, join
+from dckpt.storage._protocol import is_reserved
 
 # Filesystems where a folder exists apart from the files in it (and may be empty).
 FOLDERS_OF_THEIR_OWN = (LocalFileSystem, MemoryFileSystem)
@@ -30,15 +32,18 @@ def listing(
         if not name.startswith(prefix):
             continue  # the folder itself, or an object named like it
         rel = name[len(prefix):]
+        if is_reserved(rel.rstrip("/")):
+            continue
         if rel.endswith("/"):
             # A folder marker object ("d/", as the S3 console makes them): a folder.
             dirs.add(safe_relpath(rel))
-        elif (rel := safe_relpath(rel)) not in MARKERS:
-            files[rel] = int(info.get("size") or 0)
+        else:
+            files[safe_relpath(rel)] = int(info.get("size") or 0)
     if isinstance(fs, FOLDERS_OF_THEIR_OWN):
         # Empty folders exist only here; on object stores folders are implied by keys.
         for name, info in fs.find(root, withdirs=True, detail=True).items():
-            if info.get("type") == "directory" and name.startswith(prefix):
+            if (info.get("type") == "directory" and name.startswith(prefix)
+                    and not is_reserved(name[len(prefix):])):
                 dirs.add(safe_relpath(name[len(prefix):]))
     return files, sorted(dirs)
 
@@ -50,6 +55,36 @@ def file_paths(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
 
 
 def has_files(fs: fsspec.AbstractFileSystem, root: str) -> bool:
-    """Whether any file other than the markers lies below ``root``."""
-    markers = {join(root, name) for name in MARKERS}
-    return any(name not in markers for name in file_paths(fs, root))
+    """Whether any file other than dckpt's (markers, staged versions) lies below ``root``."""
+    prefix = root.rstrip("/") + "/"
+    return any(not is_reserved(name[len(prefix):]) for name in file_paths(fs, root))
+
+
+def fingerprint(fs: fsspec.AbstractFileSystem, root: str) -> str:
+    """A string that changes when a file below ``root`` is added, removed or rewritten:
+    names, sizes and whatever the store says about the content or its age."""
+    prefix = root.rstrip("/") + "/"
+    entries = []
+    for name, info in sorted(fs.find(root, detail=True).items()):
+        if name.startswith(prefix) and not is_reserved(name[len(prefix):]):
+            stamp = next((info[key] for key in ("ETag", "mtime", "LastModified", "created")
+                          if info.get(key) is not None), None)
+            entries.append((name[len(prefix):], info.get("size"), str(stamp)))
+    return repr(entries)
+
+
+def remove_empty_folders(fs: fsspec.AbstractFileSystem, root: str) -> None:
+    """Remove the folders below ``root``, and ``root``, that hold nothing any more.
+
+    Only where folders exist on their own; object stores have none to remove.
+    """
+    if not isinstance(fs, FOLDERS_OF_THEIR_OWN) or not fs.exists(root):
+        return
+    folders = [
+        name for name, info in fs.find(root, withdirs=True, detail=True).items()
+        if info.get("type") == "directory"
+    ]
+    for folder in sorted(set(folders) | {fs._strip_protocol(root)}, key=len, reverse=True):
+        # OSError: not empty (someone else's files are left alone) or already gone.
+        with contextlib.suppress(OSError):
+            fs.rmdir(folder)

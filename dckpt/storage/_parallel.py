@@ -39,10 +39,11 @@ def transfer_all(
 
 
 def remove_all(fs: fsspec.AbstractFileSystem, paths: Sequence[str]) -> None:
-    """Remove files, in parallel; those already gone are fine."""
+    """Remove files, in parallel; those already gone are fine (also when a file
+    has taken the place of a folder on the way)."""
 
     def remove(path: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
             fs.rm_file(path)
 
     run_parallel([functools.partial(remove, path) for path in paths])

@@ -1,24 +1,50 @@
 """The marker protocol that uploads, reads and deletes at a URI all follow.
 
-A checkpoint at a URI is a folder (a key prefix, on object stores) of files. An upload
-by dckpt brackets its files with two markers at the top of that folder:
+A checkpoint at a URI is a folder (a key prefix, on object stores) of the user's
+files, as another tool would have uploaded them, plus two markers at its top:
 
-1. :data:`PENDING_MARKER` is written first. It records which files the checkpoint being
-   overwritten had (``"replaces"``) and which files this upload is about to write
-   (``"uploading"``), so that a later upload or :func:`~dckpt.storage.delete` can
-   clean up after a failed one.
-2. The files are uploaded, in parallel (``dckpt.storage.max-concurrency`` threads).
-3. :data:`COMMIT_MARKER` is written last: a JSON manifest
-   ``{"format_version": 1, "files": {relpath: size, ...}, "dirs": [relpath, ...]}``.
-   ``"dirs"`` lists the empty folders, which object stores cannot hold on their own.
-4. The pending marker is removed, then the files that the overwritten checkpoint had
-   and this one does not.
+- :data:`PENDING_MARKER` (``.dckpt_pending``): an upload is under way, or failed. It
+  lists every file, relative to the folder, that the checkpoint being replaced had
+  (``"replaces"``) and that this upload writes (``"uploading"``), so that a later
+  upload or :func:`~dckpt.storage.delete` can clean up after a failed one.
+- :data:`COMMIT_MARKER` (``.dckpt_commit``): the manifest of the committed
+  checkpoint, a JSON document::
+
+      {"format_version": 2, "version": "<hex>", "prefix": "",
+       "files": {relpath: size, ...}, "modes": {relpath: 0o640, ...},
+       "dirs": [relpath, ...]}
+
+  ``version`` is new for every upload; ``prefix`` is the folder, relative to the
+  checkpoint's, that holds the files (``""``: the top); ``modes`` are the permission
+  bits (``0o777``) of the files uploaded from a local directory; ``dirs`` are the
+  empty folders, which object stores cannot hold on their own. Format 1 (earlier
+  dckpt) had neither ``version``, ``prefix`` nor ``modes`` and is still
+  read: its files are at the top, its version is a hash of the marker.
+
+An upload:
+
+1. writes the pending marker; the old commit marker stays, so readers keep reading
+   the old checkpoint;
+2. uploads the files, in parallel: to the top if no committed checkpoint is there,
+   else under a fresh :data:`VERSIONS_FOLDER` ``/<version>/``, next to the old files;
+3. writes the commit marker (the switch: one ``PUT`` of a small object, a rename on
+   local disks);
+4. if the files went under ``.dckpt_versions/<version>/``: removes the old files,
+   copies the new ones to the top (server-side on object stores), switches the commit
+   marker to them (``"prefix": ""``, same version) and removes the versioned copies;
+5. removes every other file that a marker listed, then the pending marker.
+
+So an interrupted overwrite leaves the old checkpoint readable (before step 3) or the
+new one (after it), never neither; and once an upload is complete, the folder is a
+plain folder of the user's files plus the markers, which any tool can read. The price
+of that is one server-side copy of each file when a checkpoint is overwritten.
 
 Readers go by the markers (:func:`~dckpt.storage.uri_status`): a commit marker means
 a finished upload, whose files are exactly those its manifest lists (stale files are
 never listed, even before they are removed); a pending marker without a commit marker
 means an upload that never finished, which is refused; a folder without markers was
-uploaded by some other tool and is accepted as it is, as Ray AIR does.
+uploaded by some other tool and is accepted as it is, as Ray AIR does. A plain
+folder is overwritten in place (it reads as an unfinished upload meanwhile).
 
 Every relative path that comes from a listing or a manifest passes
 :func:`~dckpt.formats._paths.safe_relpath` before anything is written locally.
@@ -30,12 +56,16 @@ writing them. The steps themselves are in :mod:`._upload`, :mod:`._read` and
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 
 from dckpt.errors import CheckpointFormatError
 from dckpt.formats._layout import load_json
@@ -46,16 +76,51 @@ logger = logging.getLogger(__name__)
 PENDING_MARKER = ".dckpt_pending"
 COMMIT_MARKER = ".dckpt_commit"
 MARKERS = frozenset({PENDING_MARKER, COMMIT_MARKER})
-FORMAT_VERSION = 1
+# Where an overwrite stages the new files while the old checkpoint stays readable.
+VERSIONS_FOLDER = ".dckpt_versions"
+FORMAT_VERSION = 2
 
 
-def read_marker(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> dict[str, Any]:
-    """The parsed commit marker at ``path``; ``FileNotFoundError`` if there is none."""
-    doc = load_json(fs.cat_file(path), f"the commit marker at {uri}")
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """A parsed commit marker; ``files``, ``modes`` and ``dirs`` are relative to the
+    checkpoint's folder, ``prefix`` is where they are stored (see the module)."""
+
+    version: str
+    prefix: str
+    files: dict[str, int]
+    modes: dict[str, int]
+    dirs: list[str]
+
+    def stored(self, rel: str) -> str:
+        """Where the file ``rel`` of the checkpoint is stored, relative to its folder."""
+        return join_rel(self.prefix, rel)
+
+
+def is_reserved(rel: str) -> bool:
+    """Whether the relative path ``rel`` is dckpt's (a marker, a staged version)."""
+    return rel in MARKERS or rel == VERSIONS_FOLDER or rel.startswith(VERSIONS_FOLDER + "/")
+
+
+def new_version() -> str:
+    return uuid.uuid4().hex
+
+
+def read_manifest(fs: fsspec.AbstractFileSystem, root: str, uri: str) -> Manifest:
+    """The commit marker of the checkpoint at ``root``; ``FileNotFoundError`` if none."""
+    raw = fs.cat_file(join(root, COMMIT_MARKER))
+    doc = load_json(raw, f"the commit marker at {uri}")
     try:
         version = doc["format_version"]
         files = {safe_relpath(rel): int(size) for rel, size in doc["files"].items()}
+        modes = {safe_relpath(rel): int(mode) & 0o777
+                 for rel, mode in doc.get("modes", {}).items()}
         dirs = [safe_relpath(rel) for rel in doc.get("dirs", [])]
+        prefix = str(doc.get("prefix", ""))
+        if prefix:
+            prefix = safe_relpath(prefix)
+        # Format 1 had no version of its own: any change of the marker is a new one.
+        content_version = str(doc.get("version") or hashlib.sha256(raw).hexdigest())
     except CheckpointFormatError:
         raise
     except (ValueError, TypeError, KeyError, AttributeError) as e:
@@ -68,15 +133,44 @@ def read_marker(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> dict[str,
             f"the checkpoint at {uri} was written in format {version!r}, newer than "
             f"this dckpt reads ({FORMAT_VERSION}); upgrade dckpt"
         )
-    if MARKERS & files.keys() or any(size < 0 for size in files.values()):
+    if (any(map(is_reserved, files)) or any(size < 0 for size in files.values())
+            or (prefix and not is_reserved(prefix))):
         raise CheckpointFormatError(f"the commit marker at {uri} lists impossible files")
-    return {"format_version": version, "files": files, "dirs": dirs}
+    return Manifest(content_version, prefix, files, modes, dirs)
 
 
-def files_of_pending(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> set[str]:
-    """The files an unfinished upload replaced or wrote, by its pending marker."""
+def read_manifest_or_none(
+    fs: fsspec.AbstractFileSystem, root: str, uri: str
+) -> Manifest | None:
+    """:func:`read_manifest`, ``None`` when there is no commit marker."""
     try:
-        doc = load_json(fs.cat_file(path), f"the pending marker at {uri}")
+        return read_manifest(fs, root, uri)
+    except FileNotFoundError:
+        return None
+
+
+def write_manifest(fs: fsspec.AbstractFileSystem, root: str, manifest: Manifest) -> None:
+    """Write the commit marker in one step: a single ``PUT`` on object stores and
+    ``memory://``, a write to a sibling and a rename on local disks (where
+    ``pipe_file`` would truncate the old marker first)."""
+    doc = {"format_version": FORMAT_VERSION, "version": manifest.version,
+           "prefix": manifest.prefix, "files": dict(sorted(manifest.files.items())),
+           "modes": dict(sorted(manifest.modes.items())), "dirs": manifest.dirs}
+    path = join(root, COMMIT_MARKER)
+    if isinstance(fs, LocalFileSystem):
+        partial = join(root, f"{VERSIONS_FOLDER}/.commit.{new_version()}.partial")
+        fs.makedirs(join(root, VERSIONS_FOLDER), exist_ok=True)
+        fs.pipe_file(partial, dump_marker(doc))
+        fs.mv(partial, path)
+    else:
+        fs.pipe_file(path, dump_marker(doc))
+
+
+def files_of_pending(fs: fsspec.AbstractFileSystem, root: str, uri: str) -> set[str]:
+    """The files an unfinished upload replaced or wrote (relative to ``root``, where
+    they are stored), by its pending marker."""
+    try:
+        doc = load_json(fs.cat_file(join(root, PENDING_MARKER)), f"the pending marker at {uri}")
         return {safe_relpath(rel) for key in ("replaces", "uploading") for rel in doc[key]}
     except FileNotFoundError:
         return set()
@@ -89,6 +183,11 @@ def files_of_pending(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> set[
 def join(root: str, rel: str) -> str:
     """The path of ``rel`` below the folder ``root`` of a filesystem."""
     return f"{root.rstrip('/')}/{rel}"
+
+
+def join_rel(prefix: str, rel: str) -> str:
+    """``rel`` below the relative folder ``prefix`` (``""``: the top)."""
+    return f"{prefix}/{rel}" if prefix else rel
 
 
 def dump_marker(doc: Mapping[str, Any]) -> bytes:

@@ -1,7 +1,8 @@
 """Reading a checkpoint at a URI: its status, its file list, one file, all of it.
 
 Readers go by the markers of :mod:`._protocol`: the manifest of a committed
-checkpoint, else a listing of a plain folder; an unfinished upload is refused.
+checkpoint (which says where its files are stored), else a listing of a plain folder;
+an unfinished upload is refused.
 """
 
 from __future__ import annotations
@@ -21,20 +22,23 @@ from dckpt.errors import (
     IncompleteCheckpointError,
 )
 from dckpt.formats._paths import safe_relpath
-from dckpt.storage._folders import has_files, listing
+from dckpt.storage._folders import fingerprint, has_files, listing
 from dckpt.storage._parallel import transfer_all
 from dckpt.storage._protocol import (
     COMMIT_MARKER,
     MARKERS,
     PENDING_MARKER,
+    Manifest,
     join,
-    read_marker,
+    read_manifest,
+    read_manifest_or_none,
 )
-from dckpt.storage._uri import resolve_uri
+from dckpt.storage._uri import resolve_uri, translated
 
 logger = logging.getLogger(__name__)
 
 
+@translated("read the checkpoint at", reading=True)
 def uri_status(
     uri: str, *, storage_options: Mapping[str, Any] | None = None
 ) -> Literal["committed", "plain"]:
@@ -53,12 +57,37 @@ def uri_status(
     IncompleteCheckpointError
         A dckpt upload that never finished (a pending marker, no commit marker).
     CheckpointNotFoundError
-        Nothing at ``uri``.
+        Nothing at ``uri`` (a missing bucket too).
+    StorageError
+        The storage back-end failed: no credentials, no connection, ... (see
+        :mod:`._uri`); the same for every function of this module.
     """
     fs, root = resolve_uri(uri, storage_options)
     return _status(fs, root, uri)
 
 
+@translated("read the checkpoint at", reading=True)
+def uri_version(uri: str, *, storage_options: Mapping[str, Any] | None = None) -> str:
+    """A string that identifies what the checkpoint at ``uri`` holds now.
+
+    For a committed checkpoint, the version its upload chose (new for every upload,
+    the same while it stays committed); for a plain folder, a fingerprint of its
+    listing (names, sizes, ETags or modification times). Local copies of a URI
+    checkpoint are keyed by it, so that a rewritten URI is never served from a
+    stale copy.
+
+    Raises
+    ------
+    IncompleteCheckpointError, CheckpointNotFoundError, StorageError
+        As :func:`uri_status`.
+    """
+    fs, root = resolve_uri(uri, storage_options)
+    if _status(fs, root, uri) == "committed":
+        return _committed(fs, root, uri).version
+    return "plain:" + fingerprint(fs, root)
+
+
+@translated("read the checkpoint at", reading=True)
 def list_files(
     uri: str, *, storage_options: Mapping[str, Any] | None = None
 ) -> dict[str, int]:
@@ -76,9 +105,10 @@ def list_files(
         As :func:`uri_status`.
     """
     fs, root = resolve_uri(uri, storage_options)
-    return _contents(fs, root, uri, _status(fs, root, uri))[0]
+    return _contents(fs, root, uri, _status(fs, root, uri)).files
 
 
+@translated("download the checkpoint at", reading=True)
 def download_directory(
     uri: str,
     local_dir: str | os.PathLike[str],
@@ -90,7 +120,10 @@ def download_directory(
 
     Unfinished uploads are refused before anything is written. Files are fetched in
     parallel (``dckpt.storage.max-concurrency`` threads) and their sizes checked
-    afterwards against the manifest (or, for a plain folder, the listing). On error,
+    afterwards against the manifest (or, for a plain folder, the listing); the
+    permission bits the manifest records are restored (files of a plain folder, and
+    files a format-1 manifest lists, keep the local default). If the checkpoint is
+    rewritten meanwhile (its version changes), the download is refused. On error,
     files may have been written to ``local_dir``: pass a partial sibling from
     :func:`dckpt.formats._atomic.atomic_directory`, which removes it.
 
@@ -107,7 +140,7 @@ def download_directory(
         A name that would lead outside ``local_dir``; nothing was written.
     CheckpointFormatError
         A file is missing, or its size differs from the manifest's: it changed after
-        the checkpoint was committed.
+        the checkpoint was committed, or the checkpoint was rewritten meanwhile.
     """
     target = os.path.abspath(os.fspath(local_dir))
     fs, root = resolve_uri(uri, storage_options)
@@ -115,7 +148,8 @@ def download_directory(
     status = _status(fs, root, uri)
     since = ("since the checkpoint was committed" if status == "committed"
              else "while the folder was being downloaded")
-    files, dirs = _contents(fs, root, uri, status)
+    contents = _contents(fs, root, uri, status)
+    files, dirs = contents.files, contents.dirs
     folders = sorted({rel.rpartition("/")[0] for rel in files} | set(dirs))
     # Checked before anything is written: object stores allow keys "a" and "a/b".
     ancestors = {f.rsplit("/", i)[0] for f in folders if f for i in range(f.count("/") + 1)}
@@ -129,7 +163,8 @@ def download_directory(
         os.makedirs(os.path.join(target, *folder.split("/")), exist_ok=True)
 
     def download(rel: str) -> tuple[str, str, Callable[[Callback], None]]:
-        rpath, lpath = join(root, rel), os.path.join(target, *rel.split("/"))
+        rpath = join(root, contents.stored(rel))
+        lpath = os.path.join(target, *rel.split("/"))
 
         def get(child: Callback) -> None:
             try:
@@ -139,11 +174,20 @@ def download_directory(
                     f"{rel!r} of the checkpoint at {uri} is missing: it was removed "
                     f"{since}; upload the checkpoint again"
                 ) from e
+            if rel in contents.modes:
+                os.chmod(lpath, contents.modes[rel])
 
         return rpath, lpath, get
 
     transfer_all([download(rel) for rel in sorted(files)], callback)
 
+    if status == "committed":
+        now = read_manifest_or_none(fs, root, uri)
+        if now is None or now.version != contents.version:
+            raise CheckpointFormatError(
+                f"the checkpoint at {uri} was rewritten or deleted while it was being "
+                "downloaded; download it again"
+            )
     for rel, size in files.items():
         actual = os.path.getsize(os.path.join(target, *rel.split("/")))
         if actual != size:
@@ -158,6 +202,7 @@ def download_directory(
     )
 
 
+@translated("read the checkpoint at", reading=True)
 def read_file(
     uri: str, relpath: str, *, storage_options: Mapping[str, Any] | None = None
 ) -> bytes | None:
@@ -184,11 +229,12 @@ def read_file(
     fs, root = resolve_uri(uri, storage_options)
     rel = safe_relpath(relpath)
     if rel not in MARKERS:
-        try:
-            if rel not in read_marker(fs, join(root, COMMIT_MARKER), uri)["files"]:
+        manifest = read_manifest_or_none(fs, root, uri)
+        if manifest is not None:
+            if rel not in manifest.files:
                 return None
-        except FileNotFoundError:
-            pass  # a plain folder (or an unfinished upload): read what is there
+            rel = manifest.stored(rel)
+        # else a plain folder (or an unfinished upload): read what is there
     try:
         return bytes(fs.cat_file(join(root, rel)))
     except FileNotFoundError:
@@ -212,11 +258,19 @@ def _status(
     return "plain"
 
 
+def _committed(fs: fsspec.AbstractFileSystem, root: str, uri: str) -> Manifest:
+    try:
+        return read_manifest(fs, root, uri)
+    except FileNotFoundError as e:  # deleted since _status saw it
+        raise CheckpointNotFoundError(f"no checkpoint at {uri}: it was just deleted") from e
+
+
 def _contents(
     fs: fsspec.AbstractFileSystem, root: str, uri: str, status: str
-) -> tuple[dict[str, int], list[str]]:
-    """Files (``relpath -> size``) and folders of a checkpoint whose status is known."""
+) -> Manifest:
+    """Files (``relpath -> size``), where they are, and folders of a checkpoint whose
+    status is known; a plain folder as a manifest of its listing."""
     if status == "committed":
-        manifest = read_marker(fs, join(root, COMMIT_MARKER), uri)
-        return manifest["files"], manifest["dirs"]
-    return listing(fs, root, uri)
+        return _committed(fs, root, uri)
+    files, dirs = listing(fs, root, uri)
+    return Manifest(version="", prefix="", files=files, modes={}, dirs=dirs)

@@ -1,12 +1,14 @@
 """Uploading a local directory to a URI by the marker protocol of :mod:`._protocol`.
 
-Pending marker first, files in parallel, commit marker last, then the clean-up of
-what the overwritten checkpoint had and this one lacks.
+Pending marker first, files in parallel (beside the checkpoint they replace), commit
+marker last, then the move of the files to the top and the clean-up of what the
+overwritten checkpoint had and this one lacks.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import logging
 import os
@@ -14,27 +16,34 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import fsspec
 from fsspec.callbacks import DEFAULT_CALLBACK, Callback
 from fsspec.implementations.local import LocalFileSystem
 
 from dckpt.errors import CheckpointFormatError, CheckpointNotFoundError
 from dckpt.formats._paths import safe_relpath
+from dckpt.storage._folders import remove_empty_folders
 from dckpt.storage._parallel import remove_all, run_parallel, transfer_all
 from dckpt.storage._protocol import (
-    COMMIT_MARKER,
     FORMAT_VERSION,
-    MARKERS,
     PENDING_MARKER,
+    VERSIONS_FOLDER,
+    Manifest,
     dump_marker,
     files_of_pending,
+    is_reserved,
     join,
-    read_marker,
+    join_rel,
+    new_version,
+    read_manifest_or_none,
+    write_manifest,
 )
-from dckpt.storage._uri import resolve_uri
+from dckpt.storage._uri import resolve_uri, translated
 
 logger = logging.getLogger(__name__)
 
 
+@translated("upload to", reading=False)
 def upload_directory(
     local_dir: str | os.PathLike[str],
     uri: str,
@@ -45,17 +54,23 @@ def upload_directory(
 ) -> None:
     """Upload the files of ``local_dir`` to the folder at ``uri``, commit marker last.
 
-    The order of writes is what lets readers tell a finished upload from an unfinished
-    one: the pending marker first (it records the file lists needed to clean up
-    later), then the old commit marker is removed, then every file in parallel, then
-    the commit marker (the manifest of every file uploaded and its size), and only
-    then are the pending marker and the files of the overwritten checkpoint that this
-    one lacks removed. Files that no dckpt marker ever listed are never removed.
+    The steps (see :mod:`._protocol`): the pending marker first (it records the file
+    lists needed to clean up later); every file in parallel, to the top of the folder,
+    or, when a committed checkpoint is there already, under
+    ``.dckpt_versions/<version>/`` beside it, which stays readable meanwhile; then the
+    commit marker (the manifest of every file, its size and mode); then the new files
+    are copied to the top and the commit marker switched to them, and whatever the
+    replaced checkpoint and failed uploads left is removed. Files that no dckpt marker
+    ever listed are never removed. A completed upload is a plain folder of the files
+    plus the commit marker, ``.dckpt_commit``.
 
     Files are read from ``local_dir`` recursively, following symbolic links (as
     ``shutil.copytree`` does; dangling links and special files are skipped). Files
-    named like the markers at the top of ``local_dir`` are skipped. File modes are
-    not kept: object stores have none. ``local_dir`` must not change meanwhile.
+    named like dckpt's own (``.dckpt_commit``, ``.dckpt_pending``, ``.dckpt_versions``)
+    at the top of ``local_dir`` are skipped. Permission bits (``0o777``) are recorded
+    in the manifest and restored by :func:`download_directory`; those of ``overlay``
+    files are not. ``local_dir`` must not change meanwhile. A bucket that does not
+    exist is not created: :class:`~dckpt.errors.StorageError`.
 
     Parameters
     ----------
@@ -78,9 +93,10 @@ def upload_directory(
         ``local_dir`` is not a directory.
     UnsafePathError
         A file name that could not be downloaded safely again (backslashes, ...).
-    OSError
-        Any upload failed; the others are cancelled and the pending marker stays, so
-        that readers see an unfinished upload.
+    StorageError
+        Any upload failed (an ``OSError``, the back-end's exception as its cause); the
+        others are cancelled and the pending marker stays: readers see the checkpoint
+        that was there before, or an unfinished upload if there was none.
     """
     source = os.path.abspath(os.fspath(local_dir))
     if not os.path.isdir(source):
@@ -88,56 +104,57 @@ def upload_directory(
     sources, empty_dirs = _local_tree(source)
     for name, content in (overlay or {}).items():
         rel = safe_relpath(name)
-        if rel in MARKERS:
+        if is_reserved(rel):
             raise ValueError(f"{name!r} is reserved for dckpt's upload markers")
         if content is None:
             sources.pop(rel, None)
         else:
             sources[rel] = bytes(content)
-    sizes = {
-        rel: len(src) if isinstance(src, bytes) else os.stat(src).st_size
-        for rel, src in sources.items()
-    }
+    sizes: dict[str, int] = {}
+    modes: dict[str, int] = {}
+    for rel, src in sources.items():
+        if isinstance(src, bytes):
+            sizes[rel] = len(src)
+        else:
+            stat = os.stat(src)
+            sizes[rel], modes[rel] = stat.st_size, stat.st_mode & 0o777
 
     fs, root = resolve_uri(uri, storage_options)
-    # fsspec's local put_file and pipe_file need the parent folders to exist; the
-    # other filesystems make them (memory://) or have none (object stores).
+    # fsspec's local put_file, pipe_file and cp_file need the parent folders to
+    # exist; the other filesystems make them (memory://) or have none (object stores).
     make_parents = isinstance(fs, LocalFileSystem) and not fs.auto_mkdir
     if make_parents:
         fs.makedirs(root, exist_ok=True)
     started = time.perf_counter()
     fs.invalidate_cache(root)
-    commit_path, pending_path = join(root, COMMIT_MARKER), join(root, PENDING_MARKER)
     try:
-        old_files = set(read_marker(fs, commit_path, uri)["files"])
+        old = read_manifest_or_none(fs, root, uri)
     except CheckpointFormatError as e:
         logger.warning("ignoring the unreadable commit marker at %s: %s", uri, e)
-        old_files = set()
-    except FileNotFoundError:
-        old_files = set()
+        old = None
+    version = new_version()
+    # Beside a committed checkpoint, so that it stays readable until the switch.
+    prefix = "" if old is None else f"{VERSIONS_FOLDER}/{version}"
+    staged = {join_rel(prefix, rel) for rel in sizes}
     # A pending marker left by a failed upload lists what that upload replaced and
     # what it had started to write: both are ours to clean up once this one commits.
-    old_files |= files_of_pending(fs, pending_path, uri)
-
-    # Pending first, then drop the old commit marker: at no moment does the folder
-    # look like a plain folder, and the old file list is never held by no marker.
-    pending = {"format_version": FORMAT_VERSION, "replaces": sorted(old_files),
-               "uploading": sorted(sizes)}
-    fs.pipe_file(pending_path, dump_marker(pending))
-    with contextlib.suppress(FileNotFoundError):
-        fs.rm_file(commit_path)
+    leftovers = files_of_pending(fs, root, uri)
+    if old is not None:
+        leftovers |= {old.stored(rel) for rel in old.files}
+    pending = {"format_version": FORMAT_VERSION, "version": version,
+               "replaces": sorted(leftovers), "uploading": sorted(staged | set(sizes))}
+    fs.pipe_file(join(root, PENDING_MARKER), dump_marker(pending))
 
     # Object stores have no folders and ignore this; memory:// and local ones keep
     # empty ones. (The manifest lists those too, so downloads from any store have them.)
-    folders = set(empty_dirs)
+    folders = {join_rel(prefix, rel) for rel in empty_dirs}
+    parents = {rel.rpartition("/")[0] for rel in sizes} - {""}
     if make_parents:
-        folders |= {rel.rpartition("/")[0] for rel in sizes} - {""}
-    run_parallel(
-        [functools.partial(fs.makedirs, join(root, rel), exist_ok=True) for rel in folders]
-    )
+        folders |= {join_rel(prefix, rel) for rel in parents} | ({prefix} - {""})
+    _make_folders(fs, root, folders)
 
     def upload(rel: str, src: str | bytes) -> tuple[str, str, Callable[[Callback], None]]:
-        rpath = join(root, rel)
+        rpath = join(root, join_rel(prefix, rel))
         if isinstance(src, bytes):
             def put(child: Callback, data: bytes = src) -> None:
                 child.set_size(len(data))
@@ -149,16 +166,33 @@ def upload_directory(
 
     transfer_all([upload(rel, src) for rel, src in sorted(sources.items())], callback)
 
-    manifest = {"format_version": FORMAT_VERSION, "files": dict(sorted(sizes.items())),
-                "dirs": empty_dirs}
-    fs.pipe_file(commit_path, dump_marker(manifest))
-    with contextlib.suppress(FileNotFoundError):
-        fs.rm_file(pending_path)
-    stale = sorted(old_files - set(sizes))
+    manifest = Manifest(version, prefix, dict(sorted(sizes.items())), modes, empty_dirs)
+    write_manifest(fs, root, manifest)  # the switch: from here on, readers see this one
+    stale = sorted(leftovers - set(sizes))
     remove_all(fs, [join(root, rel) for rel in stale])
+    if prefix:
+        # Back to a plain folder: the new files to the top, then the marker to them.
+        # A folder the old checkpoint had may be a file of the new one (local disks).
+        remove_empty_folders(fs, root)
+        _make_folders(fs, root, set(empty_dirs) | (parents if make_parents else set()))
+        run_parallel([
+            functools.partial(fs.cp_file, join(root, join_rel(prefix, rel)), join(root, rel))
+            for rel in sorted(sizes)
+        ])
+        write_manifest(fs, root, dataclasses.replace(manifest, prefix=""))
+        remove_all(fs, [join(root, rel) for rel in sorted(staged)])
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm_file(join(root, PENDING_MARKER))
+    remove_empty_folders(fs, join(root, VERSIONS_FOLDER))
     logger.debug(
         "uploaded %d files (%d bytes) to %s in %.2f s; removed %d stale files",
         len(sizes), sum(sizes.values()), uri, time.perf_counter() - started, len(stale),
+    )
+
+
+def _make_folders(fs: fsspec.AbstractFileSystem, root: str, folders: set[str]) -> None:
+    run_parallel(
+        [functools.partial(fs.makedirs, join(root, rel), exist_ok=True) for rel in folders]
     )
 
 
@@ -169,6 +203,10 @@ def _local_tree(source: str) -> tuple[dict[str, str | bytes], list[str]]:
     for dirpath, dirnames, filenames in os.walk(source, followlinks=True):
         rel_dir = os.path.relpath(dirpath, source).replace(os.sep, "/")
         rel_dir = "" if rel_dir == "." else rel_dir
+        if rel_dir and is_reserved(rel_dir):
+            logger.debug("not uploading %s: the name is dckpt's own", dirpath)
+            dirnames[:] = []
+            continue
         if rel_dir and _links_to_ancestor(dirpath, source):
             logger.debug("not following %s: it links to a folder above it", dirpath)
             dirnames[:] = []
@@ -176,8 +214,8 @@ def _local_tree(source: str) -> tuple[dict[str, str | bytes], list[str]]:
         kept = 0
         for name in filenames:
             path = os.path.join(dirpath, name)
-            if not rel_dir and name in MARKERS:
-                logger.debug("not uploading %s: the name is dckpt's marker", path)
+            if is_reserved(f"{rel_dir}/{name}" if rel_dir else name):
+                logger.debug("not uploading %s: the name is dckpt's own", path)
             elif not os.path.isfile(path):
                 logger.debug("not uploading %s: dangling link or special file", path)
             else:

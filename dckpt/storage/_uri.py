@@ -1,22 +1,54 @@
-"""Choosing the fsspec filesystem for a URI, and telling local paths from remote ones.
+"""Choosing the fsspec filesystem for a URI, telling local paths from remote ones, and
+what the back-end's failures become.
 
 Storage options (endpoint, credentials, ...) go straight to fsspec. When fsspec knows
 a protocol but its backend package is missing, the error names what to install.
+
+Every public function of :mod:`dckpt.storage` that touches a URI is wrapped by
+:func:`storage_errors`, the one place where back-end exceptions are translated:
+
+- dckpt's own errors (:class:`~dckpt.errors.CheckpointNotFoundError`,
+  :class:`~dckpt.errors.IncompleteCheckpointError`,
+  :class:`~dckpt.errors.CheckpointFormatError`, ...) pass unchanged;
+- a ``FileNotFoundError`` on a read (a missing bucket, a missing ``memory://`` or
+  local folder) becomes :class:`~dckpt.errors.CheckpointNotFoundError`;
+- anything else the back-end raises (``botocore``'s ``NoCredentialsError`` and
+  ``EndpointConnectionError``, ``PermissionError``, a ``FileNotFoundError`` on a write
+  into a bucket that does not exist, ...) becomes
+  :class:`~dckpt.errors.StorageError` (an ``OSError``), the original kept as
+  ``__cause__``;
+- ``TypeError``, ``AttributeError``, ``NameError`` and ``AssertionError`` are bugs,
+  not storage failures, and pass unchanged.
+
+An exception raised by a progress callback ends the operation like a back-end failure
+and is translated the same way (it is the ``__cause__``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import os
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, TypeVar
 
 import fsspec
 import fsspec.core
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.registry import get_filesystem_class, known_implementations
 
-from dckpt.errors import CheckpointURIError
+from dckpt.errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CheckpointURIError,
+    StorageError,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Programming errors: translating them would hide the bug behind a storage message.
+_BUGS = (TypeError, AttributeError, NameError, AssertionError)
 
 # What to install when fsspec knows a protocol but its backend is not installed;
 # fsspec's own hint ("Install s3fs to access S3") for the others.
@@ -96,3 +128,45 @@ def local_path_of(uri: str) -> str:
     if not is_local_uri(uri):
         raise CheckpointURIError(f"{uri!r} is not a local path or file:// URI")
     return os.path.abspath(LocalFileSystem._strip_protocol(os.fspath(uri)))
+
+
+@contextlib.contextmanager
+def storage_errors(uri: str, operation: str, *, reading: bool) -> Iterator[None]:
+    """Translate what the fsspec back-end raises inside the block (see the module's
+    docstring). ``operation`` completes "cannot ...", e.g. ``"upload to"``;
+    ``reading``: a ``FileNotFoundError`` means there is no checkpoint at ``uri``."""
+    try:
+        yield
+    except (CheckpointError, *_BUGS):
+        raise
+    except FileNotFoundError as e:
+        if reading:
+            raise CheckpointNotFoundError(f"no checkpoint at {uri}: {e}") from e
+        raise _storage_error(uri, operation, e, " (dckpt creates no buckets: create it "
+                             "first, or check the URI)") from e
+    except Exception as e:
+        raise _storage_error(uri, operation, e, "") from e
+
+
+def _storage_error(uri: str, operation: str, cause: Exception, advice: str) -> StorageError:
+    message = (f"cannot {operation} {uri}: {type(cause).__name__}: {cause}{advice}; "
+               "check the URI, the storage options (endpoint, credentials) and the "
+               "network")
+    return StorageError(message)
+
+
+def translated(operation: str, *, reading: bool) -> Callable[[F], F]:
+    """Decorate a function that takes a ``uri`` argument with :func:`storage_errors`."""
+
+    def decorate(fn: F) -> F:
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            uri = signature.bind(*args, **kwargs).arguments["uri"]
+            with storage_errors(uri, operation, reading=reading):
+                return fn(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate

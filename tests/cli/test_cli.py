@@ -202,6 +202,49 @@ def test_cp_to_and_from_s3(directory, tmp_path, s3_bucket, s3_storage_options):
     assert contents(Checkpoint.from_bytes(packed.read_bytes()), tmp_path) == expected
 
 
+@pytest.mark.s3
+def test_inspect_and_cp_read_the_old_checkpoint_after_an_interrupted_overwrite(
+    directory, tmp_path, s3_bucket, s3_storage_options
+):
+    import dask.config
+    from fsspec.callbacks import Callback
+
+    class DropAfterTwoFiles(Callback):
+        def branched(self, path_1: str, path_2: str, **kwargs: Any) -> Callback:
+            if self.value >= 2:
+                raise ConnectionError("connection dropped mid-upload")
+            return Callback()
+
+    uri = Checkpoint.from_directory(directory).to_uri(
+        f"{s3_bucket}/ckpt", storage_options=s3_storage_options)
+    expected = contents(Checkpoint.from_directory(directory), tmp_path)
+    other = tmp_path / "other"
+    make_tree(other, seed=1)
+    (other / "only_in_the_new_one.txt").write_text("new")
+    with (dask.config.set({"dckpt.storage.max-concurrency": 1}),
+          pytest.raises(OSError, match="connection dropped")):
+        Checkpoint.from_directory(other).to_uri(uri, storage_options=s3_storage_options,
+                                                callback=DropAfterTwoFiles())
+    options = s3_options(s3_storage_options)
+    report = json.loads(ok(dckpt("inspect", uri, "--json", *options)))
+    check_report(report, "uri")
+    assert "only_in_the_new_one.txt" not in report["files"]
+    ok(dckpt("cp", uri, str(tmp_path / "copied"), *options))
+    assert contents(Checkpoint.from_directory(tmp_path / "copied"), tmp_path) == expected
+
+
+@pytest.mark.s3
+def test_storage_failure_is_one_line_naming_the_uri(s3_storage_options):
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))  # closed again: nobody listens there
+        port = sock.getsockname()[1]
+    options = {**s3_storage_options, "client_kwargs": {
+        "endpoint_url": f"http://127.0.0.1:{port}", "region_name": "us-east-1"}}
+    line = failed(dckpt("inspect", "s3://bucket/ckpt", *s3_options(options),
+                        "-o", "config_kwargs.retries.max_attempts=1"), "inspect")
+    assert "cannot read the checkpoint at s3://bucket/ckpt: EndpointConnectionError" in line
+
+
 def test_cp_refuses_an_existing_destination_without_force(directory, tmp_path):
     dst = tmp_path / "copy"
     dst.mkdir()
