@@ -222,6 +222,92 @@ def test_cp_progress_bar_only_when_asked_off_a_terminal(directory, tmp_path):
     assert ok(quiet) == "" and quiet.stderr == ""
 
 
+def _entries(packed: bytes) -> dict[str, tuple[str, int, bytes | str | None]]:
+    """Every entry of a packed checkpoint: path -> (kind, mode, payload or target)."""
+    import io
+
+    from dckpt.formats import ArchiveReader
+
+    reader = ArchiveReader(io.BytesIO(packed))
+    out: dict[str, tuple[str, int, bytes | str | None]] = {}
+    for entry in reader:
+        payload = reader.read_payload() if entry.kind == "file" else entry.target
+        out[entry.path] = (entry.kind, entry.mode, payload)
+    return out
+
+
+def test_cp_bytes_files_hold_what_to_bytes_and_from_bytes_do(directory, tmp_path):
+    packed = tmp_path / "copy.dckpt"
+    ok(dckpt("cp", directory, str(packed), "--quiet"))
+    blob = Checkpoint.from_directory(directory).to_bytes()
+    assert _entries(packed.read_bytes()) == _entries(blob)
+    restored = Checkpoint.from_bytes(packed.read_bytes())
+    assert contents(restored, tmp_path) == contents(Checkpoint.from_directory(directory), tmp_path)
+
+    # And the other way: a file to_bytes() wrote unpacks to what from_bytes() gives.
+    written = tmp_path / "written.dckpt"
+    written.write_bytes(blob)
+    ok(dckpt("cp", str(written), str(tmp_path / "unpacked"), "--quiet"))
+    expected = Checkpoint.from_bytes(blob).to_directory(str(tmp_path / "expected"))
+    assert read_tree(tmp_path / "unpacked") == read_tree(expected)
+    assert Checkpoint.from_directory(str(tmp_path / "unpacked")).get_metadata() == METADATA
+
+
+def _peak_rss_bytes(*args: str) -> int:
+    """Run ``python -m dckpt ARGS``; the peak RSS of that process alone, in bytes.
+
+    ``os.wait4`` gives the child's own rusage (``RUSAGE_CHILDREN`` would be the
+    largest of every child this test process ever waited for).
+    """
+    process = subprocess.Popen([sys.executable, "-m", "dckpt", *args], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stderr = process.stderr.read()
+    process.stderr.close()
+    _, status, usage = os.wait4(process.pid, 0)  # this child's own rusage
+    process.returncode = os.waitstatus_to_exitcode(status)
+    assert process.returncode == 0, stderr
+    return usage.ru_maxrss * 1024  # KiB on Linux
+
+
+@pytest.mark.slow
+def test_cp_to_and_from_a_bytes_file_streams_in_bounded_memory(tmp_path):
+    size = 256 << 20
+    big = tmp_path / "big"
+    (big / "model").mkdir(parents=True)
+    with open(big / "model" / "weights.bin", "wb") as f:
+        for _ in range(size >> 22):
+            f.write(os.urandom(4 << 20))  # random: lz4 cannot shrink it in memory
+    small = Checkpoint.from_dict({"step": 1}).to_directory(str(tmp_path / "small"))
+
+    base = max(_peak_rss_bytes("cp", small, str(tmp_path / "small.dckpt"), "-q"),
+               _peak_rss_bytes("cp", str(tmp_path / "small.dckpt"), str(tmp_path / "s"), "-q"))
+    packing = _peak_rss_bytes("cp", str(big), str(tmp_path / "big.dckpt"), "-q")
+    unpacking = _peak_rss_bytes("cp", str(tmp_path / "big.dckpt"), str(tmp_path / "out"), "-q")
+    assert packing < base + size / 4, (packing, base)
+    assert unpacking < base + size / 4, (unpacking, base)
+    assert os.path.getsize(tmp_path / "out" / "model" / "weights.bin") == size
+
+
+def test_cp_to_uri_writes_the_uri_layout_into_a_local_folder(directory, tmp_path):
+    from dckpt import storage
+
+    expected = read_tree(directory)
+    for dst in (f"file://{tmp_path}/as-uri", str(tmp_path / "as-uri-path")):
+        ok(dckpt("cp", directory, dst, "--to", "uri", "--quiet"))
+        uri = dst if dst.startswith("file://") else f"file://{dst}"
+        folder = storage.local_path_of(uri)
+        assert os.path.isfile(os.path.join(folder, storage.COMMIT_MARKER))
+        assert storage.uri_status(uri) == "committed"
+        assert set(storage.list_files(uri)) == {k for k, v in expected.items() if v is not None}
+        report = json.loads(ok(dckpt("inspect", uri, "--json")))
+        assert report["kind"] == "uri" and report["uri_status"] == "committed"
+        assert storage.COMMIT_MARKER not in report["files"]
+        # Read back as the URI it is: the markers are no files of the checkpoint.
+        back = tmp_path / f"back-{uuid.uuid4().hex[:8]}"
+        ok(dckpt("cp", uri, str(back), "--quiet"))
+        assert read_tree(back) == expected
+
+
 # ---------------------------------------------------------------- usage and --help
 
 
