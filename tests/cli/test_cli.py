@@ -333,6 +333,16 @@ def test_every_subcommand_has_help(capsys):
     assert names == ["inspect", "cp", "ls", "cluster", "demo"]
 
 
+def test_the_help_promises_only_what_the_subcommands_do(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    names = {module.NAME for module in SUBCOMMANDS}
+    # The summary once said "serve", and no subcommand serves anything.
+    for verb in ("serve", "deploy", "predict", "train"):
+        assert verb not in text.split("positional arguments")[0] or verb in names, verb
+
+
 def test_usage_error_exits_2_from_the_console_entry_point():
     result = dckpt("cp", "only-one-argument")
     assert result.returncode == 2 and "usage: dckpt cp" in result.stderr
@@ -348,8 +358,49 @@ def _free_port() -> int:
 
 
 def test_ls_of_a_wrong_address_fails_in_one_line():
-    result = dckpt("ls", "--scheduler", f"tcp://127.0.0.1:{_free_port()}", "--timeout", "1")
-    assert "cannot reach a Dask scheduler" in failed(result, "ls")
+    # A timeout longer than dckpt()'s own 60 s: a refused connection must not wait it out.
+    result = dckpt("ls", "--scheduler", f"tcp://127.0.0.1:{_free_port()}", "--timeout", "600")
+    assert "connection refused" in failed(result, "ls")
+
+
+@pytest.mark.parametrize("address", ["nonsense", "tcp://127.0.0.1:notaport",
+                                     "tcp://127.0.0.1:0", "nope://127.0.0.1:8786"])
+def test_ls_of_a_malformed_address_is_a_usage_error_at_once(address):
+    result = dckpt("ls", "--scheduler", address, "--timeout", "600")
+    assert result.returncode == 2, result.stderr
+    assert "usage: dckpt ls" in result.stderr and "Traceback" not in result.stderr
+    assert "argument --scheduler" in result.stderr and "tcp://127.0.0.1:8786" in result.stderr
+
+
+def test_ls_of_something_that_is_no_scheduler_fails_in_one_line():
+    """A port that accepts connections but never answers (nobody calls accept())."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        address = "tcp://127.0.0.1:%d" % listener.getsockname()[1]
+        result = dckpt("ls", "--scheduler", address, "--timeout", "1")
+    message = failed(result, "ls")  # one line: no "Exception ignored in Client.__del__"
+    assert "does not answer as one (no answer within 1 s (--timeout))" in message
+
+
+def test_a_reader_that_stops_early_ends_dckpt_quietly(tmp_path):
+    """``dckpt inspect --json | head -1``: exit 141 (128 + SIGPIPE, as a shell
+    reports for cat), nothing on stderr."""
+    for i in range(3000):  # more JSON than a pipe buffers: dckpt is still writing
+        (tmp_path / f"file-{i:05d}.txt").write_bytes(b"x")
+    process = subprocess.Popen([sys.executable, "-m", "dckpt", "inspect", str(tmp_path), "--json"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    try:
+        assert process.stdout.readline() == b"{\n"
+        process.stdout.close()
+        stderr = process.stderr.read().decode()
+        assert process.wait(timeout=60) == 141, stderr
+        assert stderr == ""
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stderr.close()
 
 
 def _write_checkpoint() -> Checkpoint:
@@ -427,5 +478,10 @@ def test_demo_tells_the_whole_story_in_one_command():
     assert all(int(row[4]) <= 1 for row in rows)  # prediction: once per node at most
 
 
-def test_demo_refuses_too_few_nodes():
-    assert "at least 3" in failed(dckpt("demo", "--nodes", "2"), "demo")
+@pytest.mark.parametrize("argv", [["demo", "--nodes", "2"], ["demo", "--batches", "0"],
+                                  ["cluster", "--nodes", "0"]])
+def test_too_few_nodes_or_batches_are_usage_errors(argv):
+    result = dckpt(*argv)
+    assert result.returncode == 2, result.stderr
+    assert f"usage: dckpt {argv[0]}" in result.stderr and "at least" in result.stderr
+    assert "Traceback" not in result.stderr
