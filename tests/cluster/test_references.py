@@ -165,12 +165,17 @@ def _cached_ids() -> list[str]:
     return [e.checkpoint_id for e in local_store()._cache.entries()]
 
 
+def _current(node_cluster: NodeCluster) -> tuple[str, str]:
+    """Node 0's and node 1's workers now (``nodes`` goes stale once a test restarts one)."""
+    return node_cluster.nodes[0].worker_address, node_cluster.nodes[1].worker_address
+
+
 def test_a_checkpoint_larger_than_this_nodes_cache_is_blamed_on_this_node(
-    node_client, nodes, tmp_path
+    node_cluster: NodeCluster, node_client: Client, nodes, tmp_path
 ):
     """No other holder or URI can fix a cache too small: CacheFullError about the
     reading node, raised at once, not CheckpointUnavailableError about the owner."""
-    owner, receiver = nodes
+    owner, receiver = _current(node_cluster)
     checkpoint = node_client.submit(
         _make_checkpoint, 7, f"file://{tmp_path}/persisted-7", workers=[owner], pure=False
     ).result()
@@ -191,7 +196,7 @@ def test_a_checkpoint_larger_than_this_nodes_cache_is_blamed_on_this_node(
 def test_a_store_that_does_not_answer_is_named_with_the_timeout(
     node_cluster: NodeCluster, node_client: Client, nodes
 ):
-    owner, receiver = nodes
+    owner, receiver = _current(node_cluster)
     checkpoint = node_client.submit(_make_checkpoint, 8, workers=[owner], pure=False).result()
     pid = node_cluster.nodes[0].pid
     os.kill(pid, signal.SIGSTOP)  # alive, listening, answering nothing
