@@ -26,6 +26,8 @@ from dckpt.formats import (
     is_packed,
     pack_directory,
     pack_directory_to_bytes,
+    pack_directory_to_file,
+    unpack_directory,
     unpack_to_directory,
 )
 from dckpt.formats._tree import copy_tree
@@ -262,6 +264,34 @@ def test_unpack_refuses_a_target_that_is_not_empty(tmp_path: Path):
     (tmp_path / "t" / "old").write_bytes(b"")
     with pytest.raises(ValueError, match="not empty"):
         unpack_to_directory(craft(record(b"F", "f", b"1")), tmp_path / "t")
+
+
+def test_files_pack_and_unpack_as_streams_atomically_at_the_target(tree: Path, tmp_path: Path):
+    packed = tmp_path / "out" / "tree.dckpt"
+    packed.parent.mkdir()
+    pack_directory_to_file(tree, packed)
+    assert packed.read_bytes() == pack_directory_to_bytes(tree)
+    (tmp_path / "expected").mkdir()
+    unpack_to_directory(packed.read_bytes(), tmp_path / "expected")
+    expected = snapshot(tmp_path / "expected")
+    target = tmp_path / "unpacked"
+    target.mkdir()
+    (target / "old").write_bytes(b"replaced as a whole")
+    with open(packed, "rb") as f:
+        unpack_directory(f, target)
+    assert snapshot(target) == expected
+    assert os.listdir(packed.parent) == ["tree.dckpt"]  # no staging left beside it
+
+    data = packed.read_bytes()
+    for damaged, match in [(data[: len(data) // 2], "truncated"),
+                           (craft(record(b"F", "../escape", b"x")), r"\.\."),
+                           (craft(record(b"F", "/abs", b"x")), "absolute")]:
+        before = sorted(os.listdir(tmp_path))
+        with pytest.raises(CheckpointFormatError, match=match):
+            unpack_directory(io.BytesIO(damaged), target)
+        assert snapshot(target) == expected  # untouched
+        assert sorted(os.listdir(tmp_path)) == before  # nothing half-written beside it
+    assert not (tmp_path / "escape").exists()
 
 
 # --- progress --------------------------------------------------------------------------

@@ -15,6 +15,8 @@ import logging
 import signal
 import sys
 
+from dckpt.cli._output import at_least
+
 NAME = "cluster"
 SUMMARY = "run a local multi-node cluster until interrupted"
 DESCRIPTION = """\
@@ -28,7 +30,7 @@ Connect with distributed.Client("<scheduler address>") or dckpt ls --scheduler A
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of ``cluster``."""
-    parser.add_argument("--nodes", type=int, default=2, help="how many nodes (default 2)")
+    parser.add_argument("--nodes", type=at_least(1), default=2, help="how many nodes (default 2)")
     parser.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                         help="a mount namespace per node; --isolate fails where that "
                              "cannot be had (default: isolate when available)")
@@ -39,8 +41,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from dckpt.cluster import NodeCluster, install  # imports distributed: only here
 
-    if args.nodes < 1:
-        raise ValueError(f"--nodes must be at least 1, not {args.nodes}")
     if not args.debug:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     # SIGTERM ends the cluster like Ctrl-C does, so it is closed either way.

@@ -1,9 +1,12 @@
 """``dckpt cp SRC DST``: copy a checkpoint between directories, URIs and bytes files.
 
-Through the :class:`~dckpt.Checkpoint` API (``from_*`` then ``to_*``), so the copy is
-what a program would get, and it is atomic at DST: a directory is built beside its
-place and renamed, a URI gets its commit marker last, a bytes file is written to a
-hidden sibling and renamed.
+The copy holds what the :class:`~dckpt.Checkpoint` API would write (a bytes file
+reads back with ``Checkpoint.from_bytes``, and one that ``to_bytes`` wrote copies to
+what ``from_bytes(...).to_directory()`` gives), and it is atomic at DST: a directory
+is built beside its place and renamed, a URI gets its commit marker last, a bytes
+file is written to a hidden sibling and renamed. Bytes files are packed and unpacked
+as streams (:func:`dckpt.formats.pack_directory_to_file`,
+:func:`dckpt.formats.unpack_directory`): memory stays bounded whatever the size.
 """
 
 from __future__ import annotations
@@ -13,12 +16,12 @@ import os
 import tempfile
 import time
 
-from dckpt import _config
+from dckpt import _config, storage
 from dckpt.checkpoint import Checkpoint
 from dckpt.cli import _output, _places
 from dckpt.cli._listing import list_place
 from dckpt.cli._progress import progress
-from dckpt.formats._layout import write_file_atomically
+from dckpt.formats import pack_directory_to_file, unpack_directory
 
 NAME = "cp"
 SUMMARY = "copy a checkpoint between directories, URIs and bytes files"
@@ -26,18 +29,20 @@ DESCRIPTION = f"""\
 Copy a checkpoint from SRC to DST: any of a local directory, a folder at a URI and a
 bytes file (Checkpoint.to_bytes()) to any other, atomically at DST.
 
-SRC is a folder at a URI when it has a scheme other than file:// (s3://..., gs://...),
-else a directory or a bytes file, whichever it is.
+SRC is a folder at a URI when it has a scheme other than file:// (s3://..., gs://...)
+or is a local folder with dckpt's upload markers, else a directory or a bytes file,
+whichever it is.
 DST is chosen by its name, unless --to says:
   a bytes file     when it ends in {_places.BYTES_SUFFIX} (or --to bytes; local paths only)
-  a folder at URI  when it has a scheme other than file://
+  a folder at URI  when it has a scheme other than file:// (or --to uri: a local
+                   folder then gets the URI layout, commit marker included)
   a directory      otherwise (a path or file:// URI)
 An existing DST is replaced only with --force.
 
 A progress bar on stderr follows transfers of at least dckpt.cli.progress-min-bytes
 (4MiB; DASK_DCKPT__CLI__PROGRESS_MIN_BYTES), when stderr is a terminal or --progress
-is given. Loading SRC unpickles what Checkpoint.from_*() does (a bytes file's dict,
-a subclass's state): copy only checkpoints you trust.
+is given. Copying may unpickle a subclass's state (as Checkpoint.from_directory()
+does): copy only checkpoints you trust.
 """
 
 _VERBS = {"directory": "write", "uri": "upload", "bytes": "pack"}
@@ -74,19 +79,33 @@ def run(args: argparse.Namespace) -> int:
     total = None if files is None else sum(files.values())
     hint = os.path.getsize(src.location) if src.kind == "bytes" else None
 
-    checkpoint = _places.load(src)
-    if src.kind == "uri" and dst.kind != "directory":
-        # Downloaded here first, with a bar of its own; Checkpoint.to_uri/to_bytes
-        # would download it inside as_directory(), silently.
+    if src.kind == "directory":
+        _write(src.location, dst, total, hint, args.progress)
+    elif src.kind == "uri" and dst.kind == "directory" and not storage.is_local_uri(src.location):
+        # Straight into DST, atomically, by the Checkpoint API.
+        with progress("download", total, show=args.progress) as callback:
+            _places.load(src).to_directory(dst.location, callback=callback)
+    elif src.kind == "bytes" and dst.kind == "directory":
+        with open(src.location, "rb") as packed, \
+                progress("unpack", total, show=args.progress, size_hint=hint) as callback:
+            unpack_directory(packed, dst.location, callback=callback)
+    else:
+        # Into a local directory first, with a bar of its own, then on to DST.
         with tempfile.TemporaryDirectory(
             prefix="dckpt-cp-", dir=_config.temporary_directory()
         ) as scratch:
-            with progress("download", total, show=args.progress) as callback:
-                local = checkpoint.to_directory(os.path.join(scratch, "checkpoint"),
-                                                callback=callback)
-            _write(Checkpoint.from_directory(local), dst, total, hint, args.progress)
-    else:
-        _write(checkpoint, dst, total, hint, args.progress)
+            local = os.path.join(scratch, "checkpoint")
+            if src.kind == "uri":
+                os.mkdir(local)
+                with progress("download", total, show=args.progress) as callback:
+                    storage.download_directory(src.location, local,
+                                               storage_options=src.storage_options,
+                                               callback=callback)
+            else:
+                with open(src.location, "rb") as packed, \
+                        progress("unpack", total, show=args.progress, size_hint=hint) as callback:
+                    unpack_directory(packed, local, callback=callback)
+            _write(local, dst, total, hint, args.progress)
 
     if files is None and dst.kind != "bytes":
         files = list_place(dst, ()).files
@@ -101,14 +120,24 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _write(
-    checkpoint: Checkpoint, dst: _places.Place, total: int | None, hint: int | None,
+    directory: str, dst: _places.Place, total: int | None, hint: int | None,
     show: bool | None,
 ) -> None:
+    """Write the checkpoint in the local ``directory`` to ``dst``.
+
+    A bytes file is packed straight from the directory's files (control files
+    included, as they are), streaming, so memory stays bounded whatever the size; it
+    holds what ``Checkpoint.from_directory(directory).to_bytes()`` would. A local
+    folder asked for as a URI (``--to uri``) gets the URI layout of
+    :func:`dckpt.storage.upload_directory`, commit marker last.
+    """
     with progress(_VERBS[dst.kind], total, show=show, size_hint=hint) as callback:
-        if dst.kind == "directory":
-            checkpoint.to_directory(dst.location, callback=callback)
+        if dst.kind == "bytes":
+            pack_directory_to_file(directory, dst.location, callback=callback)
+        elif dst.kind == "uri" and storage.is_local_uri(dst.location):
+            storage.upload_directory(directory, dst.location, callback=callback)
         elif dst.kind == "uri":
-            checkpoint.to_uri(dst.location, storage_options=dst.storage_options,
-                              callback=callback)
+            Checkpoint.from_directory(directory).to_uri(
+                dst.location, storage_options=dst.storage_options, callback=callback)
         else:
-            write_file_atomically(dst.location, checkpoint.to_bytes(callback=callback))
+            Checkpoint.from_directory(directory).to_directory(dst.location, callback=callback)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import logging
 
+from dckpt.cli._output import at_least
+
 NAME = "demo"
 SUMMARY = "train, survive a killed node, predict on every node"
 DESCRIPTION = """\
@@ -30,19 +32,16 @@ About 15 s on 2 cores; everything it starts or writes is gone at the end.
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of ``demo``."""
-    parser.add_argument("--nodes", type=int, default=3, help="how many nodes (default 3)")
-    parser.add_argument("--batches", type=int, default=300,
+    parser.add_argument("--nodes", type=at_least(3, "the demo kills one of two training "
+                                                   "nodes and predicts on all"),
+                        default=3, help="how many nodes, at least 3 (default 3)")
+    parser.add_argument("--batches", type=at_least(1), default=300,
                         help="how many batches to score (default 300)")
 
 
 def run(args: argparse.Namespace) -> int:
     from dckpt.demo import run_demo  # imports distributed: only here
 
-    if args.nodes < 3:
-        raise ValueError(f"--nodes must be at least 3 (the demo kills one of two "
-                         f"training nodes and predicts on all), not {args.nodes}")
-    if args.batches < 1:
-        raise ValueError(f"--batches must be at least 1, not {args.batches}")
     if not args.debug:
         # The trainer's restart warning is part of the story; the rest is noise here.
         logging.basicConfig(level=logging.WARNING, format="  (%(name)s) %(message)s")

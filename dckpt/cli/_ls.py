@@ -9,6 +9,7 @@ store's counters (:func:`dckpt.cluster.stats`). The registry lags the workers by
 from __future__ import annotations
 
 import argparse
+import socket
 from typing import Any
 
 from dckpt.cli import _output
@@ -26,7 +27,7 @@ scheduler preload, or `dckpt cluster`.
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The arguments of ``ls``."""
-    parser.add_argument("--scheduler", required=True, metavar="ADDR",
+    parser.add_argument("--scheduler", required=True, metavar="ADDR", type=scheduler_address,
                         help="the scheduler's address, e.g. tcp://127.0.0.1:8786")
     parser.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
                         help="how long to try to connect (default 10)")
@@ -52,6 +53,7 @@ def collect(address: str, timeout: float) -> dict[str, Any]:
 
     from dckpt.cluster import registry, stats
 
+    _probe(address, timeout)
     try:
         client = Client(address, timeout=timeout, set_as_default=False)
     except (OSError, ValueError) as e:
@@ -64,6 +66,107 @@ def collect(address: str, timeout: float) -> dict[str, Any]:
             for worker, held in holdings.items()
         }
         return {"scheduler": client.scheduler.address, "workers": workers}
+
+
+#: Schemes whose address is ``host:port``, which :func:`_probe` can try with a socket.
+_HOST_PORT_SCHEMES = ("tcp", "tls", "ws", "wss")
+
+
+def scheduler_address(text: str) -> str:
+    """argparse type of ``--scheduler``: an address Dask can connect to, else a usage error.
+
+    Checked before anything connects, so that a typo fails at once (exit status 2)
+    instead of after the connect timeout.
+    """
+    from distributed.comm import parse_address, parse_host_port
+    from distributed.comm.registry import backends
+
+    scheme, location = parse_address(text)
+    if scheme not in backends:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} has the unknown protocol {scheme!r} (known: {', '.join(sorted(backends))});"
+            " expected an address such as tcp://127.0.0.1:8786"
+        )
+    if scheme in _HOST_PORT_SCHEMES:
+        try:
+            host, port = parse_host_port(location)
+        except ValueError:
+            host, port = "", 0
+        if not host or not isinstance(port, int) or not 0 < port < 65536:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not HOST:PORT with a port from 1 to 65535; expected an "
+                "address such as tcp://127.0.0.1:8786"
+            )
+    return text
+
+
+def _probe(address: str, timeout: float) -> None:
+    """Fail fast, in one line, unless a Dask scheduler answers at ``address``.
+
+    A failed ``Client(...)`` costs more than its timeout: distributed retries a
+    refused connection until the timeout, then closes the half-made client, and its
+    ``__del__`` prints a traceback after another wait. So first a TCP connect, which
+    says "refused" at once, then distributed's handshake and an ``identity`` request,
+    bounded by ``timeout``, which tell a scheduler from anything else listening.
+    """
+    import asyncio
+
+    from distributed.comm import parse_address, parse_host_port
+
+    scheme, location = parse_address(address)
+    if scheme in _HOST_PORT_SCHEMES:
+        host, port = parse_host_port(location)
+        _connect(address, host, port, timeout)
+    try:
+        # distributed's handshake after the connect has no bound of its own.
+        identity = asyncio.run(asyncio.wait_for(_identity(address, timeout), timeout))
+    except Exception as e:  # noqa: BLE001 - whatever the peer did, it is no scheduler
+        reason = (f"no answer within {timeout:g} s (--timeout)"
+                  if isinstance(e, (TimeoutError, asyncio.TimeoutError))
+                  else f"{type(e).__name__}: {e}"[:200])
+        raise _output.CommandError(
+            f"cannot reach a Dask scheduler at {address}: something listens there but "
+            f"does not answer as one ({reason})"
+        ) from e
+    if not isinstance(identity, dict) or identity.get("type") != "Scheduler":
+        kind = identity.get("type") if isinstance(identity, dict) else type(identity).__name__
+        raise _output.CommandError(
+            f"{address} is not a Dask scheduler (it says it is a {kind}); pass the "
+            "scheduler's address"
+        )
+
+
+async def _identity(address: str, timeout: float) -> Any:
+    import asyncio
+
+    from distributed.comm import connect
+    from distributed.security import Security
+
+    comm = await connect(address, timeout=timeout,
+                         **Security().get_connection_args("client"))
+    try:
+        await comm.write({"op": "identity", "reply": True})
+        return await asyncio.wait_for(comm.read(), timeout)
+    finally:
+        comm.abort()
+
+
+def _connect(address: str, host: str, port: int, timeout: float) -> None:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except ConnectionRefusedError as e:
+        raise _output.CommandError(
+            f"cannot reach a Dask scheduler at {address}: nothing listens there "
+            f"(connection refused); is the scheduler running, and is the port right?"
+        ) from e
+    except TimeoutError as e:
+        raise _output.CommandError(
+            f"cannot reach a Dask scheduler at {address}: no answer within {timeout:g} s "
+            "(--timeout)"
+        ) from e
+    except OSError as e:
+        raise _output.CommandError(f"cannot reach a Dask scheduler at {address}: {e}") from e
 
 
 def render(report: dict[str, Any]) -> str:

@@ -6,9 +6,10 @@ Results go to stdout, diagnostics (errors, progress bars) to stderr, so that
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from dask.utils import format_bytes
@@ -16,6 +17,23 @@ from dask.utils import format_bytes
 
 class CommandError(Exception):
     """A failure the user can act on: printed as one line, exit status 1."""
+
+
+def at_least(minimum: int, why: str = "") -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``minimum``, else a usage error (exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, not {text!r}") from None
+        if value < minimum:
+            reason = f" ({why})" if why else ""
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}{reason}, not {value}")
+        return value
+
+    parse.__name__ = "integer"  # argparse's "invalid integer value" for other failures
+    return parse
 
 
 def size(n: int | None) -> str:

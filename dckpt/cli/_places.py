@@ -5,11 +5,13 @@ loads it through the :class:`~dckpt.Checkpoint` API).
 
 How a place's kind is told:
 
-- a source is a folder at a URI when it has a scheme other than ``file://``; else a
-  local directory when it is one, a bytes file when it is a file;
+- a source is a folder at a URI when it has a scheme other than ``file://`` or is a
+  local folder with dckpt's upload markers (``.dckpt_commit``, ``.dckpt_pending``);
+  else a local directory when it is one, a bytes file when it is a file;
 - a destination is a bytes file when ``--to bytes`` is given or its name ends in
   ``.dckpt`` (unless ``--to directory``); else a folder at a URI when it has a scheme
-  other than ``file://``; else a local directory. Bytes files are local.
+  other than ``file://`` or ``--to uri`` is given (a local one then gets the URI
+  layout, commit marker included); else a local directory. Bytes files are local.
 """
 
 from __future__ import annotations
@@ -50,6 +52,10 @@ def source(text: str, storage_options: dict[str, Any]) -> Place:
         return Place("uri", text, storage_options)
     path = storage.local_path_of(text)
     if os.path.isdir(path):
+        if any(os.path.lexists(os.path.join(path, m)) for m in storage.MARKERS):
+            # What `cp --to uri` or storage.upload_directory wrote to a local folder:
+            # read as the folder at a URI it is (markers are no checkpoint files).
+            return Place("uri", _file_uri(path), storage_options)
         return Place("directory", path)
     if os.path.exists(path):
         return Place("bytes", path)
@@ -65,8 +71,14 @@ def destination(text: str, to: Kind | None, storage_options: dict[str, Any]) -> 
     if to == "bytes" and not local:
         raise CommandError(f"{text}: bytes files are written to local paths only")
     if to == "uri" and local:
-        to = "directory"  # file:// URIs are directories, as in Checkpoint.to_uri
+        # Asked for: the URI layout (commit marker last) in a local folder, which
+        # Checkpoint.to_uri does not write for file:// (it writes a directory).
+        return Place("uri", _file_uri(storage.local_path_of(text)), storage_options)
     return Place(to, storage.local_path_of(text) if local else text, storage_options)
+
+
+def _file_uri(path: str) -> str:
+    return "file://" + os.path.abspath(path)
 
 
 def load(place: Place) -> Checkpoint:

@@ -13,6 +13,14 @@ fallbacks"):
 5. each URI the reference carries: downloaded into this node's cache;
 6. otherwise :class:`~dckpt.errors.CheckpointUnavailableError`, listing every step.
 
+A failure of step 4 or 5 moves on to the next source only when another source could
+do better (:func:`_fixable_elsewhere`): a lost connection, a store that is gone or
+does not answer, the holder's own disk errors, a damaged stream. What no other source
+can fix is raised at once, as it is, naming this node: this node's cache too small or
+its disk full (:class:`~dckpt.errors.CacheFullError`), an unsafe or malformed manifest
+(:class:`~dckpt.errors.UnsafePathError`, :class:`~dckpt.errors.CheckpointFormatError`),
+a programming error.
+
 Steps 3–5 go through the worker's :class:`NodeStore` (one transfer per node, however
 many tasks ask). A process with no store (the driver) keeps its copies in
 ``<dckpt.temporary-directory>/dckpt-fetched/<pid>/`` instead, which nothing evicts
@@ -22,8 +30,10 @@ This module runs in task threads, never on the event loop.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
+import errno
 import functools
 import hashlib
 import logging
@@ -38,9 +48,16 @@ from distributed.utils import sync
 from dckpt import _config, node, transfer
 from dckpt._locks import is_alive
 from dckpt.cluster import _stream
+from dckpt.cluster._cache import MAX_BYTES_SETTING, MAX_BYTES_VARIABLE
 from dckpt.cluster._core import CheckpointId, NodeRef
 from dckpt.cluster._store import STORE_KEY, NodeStore, download_into, register_directory
-from dckpt.errors import CheckpointUnavailableError
+from dckpt.errors import (
+    CacheFullError,
+    CheckpointError,
+    CheckpointFormatError,
+    CheckpointUnavailableError,
+    CorruptChunkError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -91,12 +108,15 @@ def resolve(ref: NodeRef) -> str:
     worker = _current_worker()
     try:
         return _from_owner(ref, worker)
-    except Exception as e:  # noqa: BLE001 (every failure is reported below)
+    except Exception as e:  # noqa: BLE001 (what another source may fix is reported below)
+        _raise_unless_fixable_elsewhere(
+            e, ref, here, f"the store of node {ref.node_id} at {ref.store_address}")
         tried.append(f"store of {ref.node_id} at {ref.store_address}: {_describe(e)}")
     for uri in ref.uris:
         try:
             return _from_uri(ref, uri, worker)
         except Exception as e:  # noqa: BLE001
+            _raise_unless_fixable_elsewhere(e, ref, here, uri)
             tried.append(f"uri {uri}: {_describe(e)}")
     if not ref.uris:
         tried.append("uri: the reference carries none (persist it with to_uri())")
@@ -133,7 +153,8 @@ def _from_owner(ref: NodeRef, worker: Worker | None) -> str:
         store = worker.state.actors.get(STORE_KEY)
         if isinstance(store, NodeStore):
             path: str = sync(
-                worker.loop, store.fetch, ref.store_address, ref.checkpoint_id, ref.digest
+                worker.loop, store.fetch, ref.store_address, ref.checkpoint_id, ref.digest,
+                ref.node_id,
             )
             return path
     target = _driver_copy(ref)
@@ -145,7 +166,7 @@ def _from_owner(ref: NodeRef, worker: Worker | None) -> str:
         return target
 
     client.sync(_stream.pull, client.rpc, ref.store_address, ref.checkpoint_id, ref.digest,
-                target_for)
+                target_for, node_id=ref.node_id)
     return target
 
 
@@ -206,5 +227,63 @@ def _current_worker() -> Worker | None:
     return workers[0] if len(workers) == 1 else None
 
 
+# Errors of this node's disk: the next source would need the same room.
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def _fixable_elsewhere(error: BaseException) -> bool:
+    """Whether another holder or a URI might succeed where this source failed.
+
+    Yes for what is about the source or the way there: a lost or refused connection,
+    a store that is gone or does not answer (``OSError``, ``TimeoutError``), a holder
+    that no longer has it or failed to read it (reported as a
+    :class:`~dckpt.errors.CheckpointError`), a chunk damaged on the way
+    (:class:`~dckpt.errors.CorruptChunkError`). No for what is about this node or
+    the data itself: its cache too small (:class:`~dckpt.errors.CacheFullError`) or
+    its disk full, a manifest with unsafe or malformed entries
+    (:class:`~dckpt.errors.CheckpointFormatError`, which a copy elsewhere shares),
+    and everything else (bad settings, programming errors).
+    """
+    if isinstance(error, CacheFullError):
+        return False
+    if isinstance(error, CorruptChunkError):
+        return True
+    if isinstance(error, CheckpointFormatError):
+        return False
+    if isinstance(error, OSError):
+        # A remote failure arrives as a message (no errno): an errno is this node's.
+        return error.errno not in _DISK_FULL
+    return isinstance(error, (CheckpointError, asyncio.TimeoutError))
+
+
+def _raise_unless_fixable_elsewhere(
+    error: Exception, ref: NodeRef, here: str, source: str
+) -> None:
+    """Raise ``error`` (naming this node) if no other source can fix it; else return."""
+    if _fixable_elsewhere(error):
+        return
+    doing = (f"node {here} copying checkpoint {ref.checkpoint_id} of node {ref.node_id} "
+             f"({ref.size} bytes) from {source}")
+    if isinstance(error, CacheFullError):
+        raise CacheFullError(f"{doing}: {error}") from error
+    if isinstance(error, OSError) and error.errno in _DISK_FULL:
+        raise CacheFullError(
+            f"{doing}: the disk of the node cache is full ({error}). Free space there, "
+            f"or lower `{MAX_BYTES_SETTING}` ({MAX_BYTES_VARIABLE}) on the workers to what "
+            "the disk can hold."
+        ) from error
+    if isinstance(error, CheckpointError):
+        try:
+            renamed: Exception | None = type(error)(f"{doing}: {error}")
+        except Exception:  # noqa: BLE001 - a constructor of another shape: as it is
+            renamed = None
+        if renamed is None:
+            raise error
+        raise renamed from error
+    if hasattr(error, "add_note"):  # Python 3.11+
+        error.add_note(f"while {doing}")
+    raise error
+
+
 def _describe(error: Any) -> str:
-    return f"{type(error).__name__}: {error}".splitlines()[0][:300]
+    return f"{type(error).__name__}: {error}".splitlines()[0][:500]

@@ -199,11 +199,15 @@ class NodeStore:
 
     # ------------------------------------------------------------- receiver side
 
-    async def fetch(self, owner_address: str, checkpoint_id: CheckpointId, digest: str) -> str:
+    async def fetch(
+        self, owner_address: str, checkpoint_id: CheckpointId, digest: str,
+        owner_node: str | None = None,
+    ) -> str:
         """Copy a checkpoint from the store at ``owner_address`` into this node's cache.
 
         Returns the local path. A cached copy with the same digest is used as it is;
-        concurrent calls for one checkpoint wait for a single transfer.
+        concurrent calls for one checkpoint wait for a single transfer. ``owner_node``,
+        if known, names the owner in error messages.
         """
 
         async def transfer_from_owner() -> str:
@@ -213,7 +217,7 @@ class NodeStore:
             staging: list[str] = []
             try:
                 manifest = await _stream.pull(self._pool(), owner_address, checkpoint_id,
-                                              digest, target_for)
+                                              digest, target_for, node_id=owner_node)
                 return await self._commit(checkpoint_id, digest, manifest.total_bytes,
                                           staging[0], owner_address)
             finally:

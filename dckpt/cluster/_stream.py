@@ -342,12 +342,40 @@ async def stream_over(
     await comm.write({"status": "done"})
 
 
+def store_name(address: str, node_id: str | None = None) -> str:
+    """How messages name a store: ``the store of node node-1 at tcp://...``."""
+    return f"the store of node {node_id} at {address}" if node_id else f"the store at {address}"
+
+
+async def _answered(
+    waiting: Awaitable[Any], timeout: float, peer: str, doing: str, setting: str
+) -> Any:
+    """``await waiting``, bounded by ``timeout``; a timeout says who, what and how long.
+
+    ``asyncio.wait_for`` raises a ``TimeoutError`` with no message at all.
+    """
+    try:
+        return await asyncio.wait_for(waiting, timeout)
+    except asyncio.TimeoutError:
+        variable = "DASK_" + setting.upper().replace(".", "__").replace("-", "_")
+        raise TimeoutError(
+            f"{peer} did not answer within {timeout:g} s while {doing}; is its worker "
+            f"alive and not stopped? ({setting}, {variable})"
+        ) from None
+
+
+_CONNECT_TIMEOUT = "dckpt.transfer.connect-timeout"
+_STALL_TIMEOUT = "dckpt.transfer.stall-timeout"
+
+
 async def pull(
     pool: ConnectionPool,
     address: str,
     checkpoint_id: str,
     digest: str,
     target_for: Callable[[transfer.Manifest], Awaitable[str]],
+    *,
+    node_id: str | None = None,
 ) -> transfer.Manifest:
     """Copy the checkpoint registered as ``checkpoint_id`` at the store at ``address``.
 
@@ -356,27 +384,32 @@ async def pull(
     ``target_for(manifest)`` is awaited next: it may refuse the copy by raising (the
     cache is full) and otherwise returns the directory to build. The comm goes back to
     ``pool`` after a transfer that ran to its end, and is aborted otherwise. Returns
-    the manifest.
+    the manifest. ``node_id``, the store's node if known, goes into error messages;
+    a store that does not connect or answer within ``dckpt.transfer.connect-timeout``
+    raises a ``TimeoutError`` that names it.
     """
-    timeout = parse_timedelta(dask.config.get("dckpt.transfer.connect-timeout"))
+    timeout = parse_timedelta(dask.config.get(_CONNECT_TIMEOUT))
     chunk_bytes = transfer.config_chunk_bytes()
+    peer = store_name(address, node_id)
     # A dead owner is found out here, bounded, so that resolution can go on to the
     # next source (a URI) instead of waiting for the comm's own timeout.
-    comm = await asyncio.wait_for(pool.connect(address), timeout)
+    comm = await _answered(pool.connect(address), timeout, peer,
+                           f"connecting ({PULL_OP})",
+                           _CONNECT_TIMEOUT)
     try:
         await comm.write({"op": PULL_OP, "checkpoint_id": checkpoint_id,
                           "chunk_bytes": chunk_bytes, "reply": False})
-        reply = await asyncio.wait_for(comm.read(), timeout)
-        raise_error(reply, f"the store at {address}")
+        reply = await _answered(comm.read(), timeout, peer,
+                                f"asked for a manifest ({PULL_OP})", _CONNECT_TIMEOUT)
+        raise_error(reply, peer)
         manifest = transfer.Manifest.from_dict(reply["manifest"])
         if manifest.digest != digest:
             raise CheckpointNotFoundError(
-                f"checkpoint {checkpoint_id!r} at {address} changed since it was referenced "
+                f"checkpoint {checkpoint_id!r} at {peer} changed since it was referenced "
                 f"(digest {manifest.digest[:12]}, expected {digest[:12]})"
             )
         target = await target_for(manifest)
-        await stream_over(comm, f"the store at {address}", manifest, target,
-                          chunk_bytes=chunk_bytes)
+        await stream_over(comm, peer, manifest, target, chunk_bytes=chunk_bytes)
     except BaseException:
         comm.abort()
         raise
@@ -394,16 +427,20 @@ async def push(
     digest already) and keeps them in its node's cache. Returns its reply:
     ``{"status": "OK", "node_id": ..., "path": ...}``.
     """
-    timeout = parse_timedelta(dask.config.get("dckpt.transfer.connect-timeout"))
-    stall_timeout = parse_timedelta(dask.config.get("dckpt.transfer.stall-timeout"))
-    peer = f"the store at {address}"
-    comm = await asyncio.wait_for(pool.connect(address), timeout)
+    timeout = parse_timedelta(dask.config.get(_CONNECT_TIMEOUT))
+    stall_timeout = parse_timedelta(dask.config.get(_STALL_TIMEOUT))
+    peer = store_name(address)
+    comm = await _answered(pool.connect(address), timeout, peer,
+                           f"connecting ({PUSH_OP})",
+                           _CONNECT_TIMEOUT)
     try:
         await comm.write({"op": PUSH_OP, "checkpoint_id": checkpoint_id,
                           "manifest": source.manifest.to_dict(),
                           "chunk_bytes": source.chunk_bytes})
         await serve_chunks(comm, source)
-        reply = await asyncio.wait_for(comm.read(), stall_timeout)
+        reply = await _answered(comm.read(), stall_timeout, peer,
+                                f"committing a pushed checkpoint ({PUSH_OP})",
+                                _STALL_TIMEOUT)
         raise_error(reply, peer)
     except BaseException:
         comm.abort()

@@ -16,6 +16,8 @@ from dckpt.formats._packing import (
     is_packed,
     pack_directory,
     pack_directory_to_bytes,
+    pack_directory_to_file,
+    unpack_directory,
     unpack_to_directory,
 )
 
@@ -28,5 +30,7 @@ __all__ = [
     "is_packed",
     "pack_directory",
     "pack_directory_to_bytes",
+    "pack_directory_to_file",
+    "unpack_directory",
     "unpack_to_directory",
 ]

@@ -35,6 +35,7 @@ from fsspec.callbacks import DEFAULT_CALLBACK, Callback
 
 import dckpt._config  # noqa: F401  (loads the dckpt.* defaults into dask.config)
 from dckpt.errors import CheckpointError, CheckpointFormatError
+from dckpt.formats._atomic import atomic_directory, partial_sibling
 from dckpt.formats._paths import EntryIndex, EntryKind, safe_relpath
 from dckpt.formats._tree import plan_tree
 
@@ -514,6 +515,50 @@ def pack_directory_to_bytes(
     out = io.BytesIO()
     pack_directory(root, out, exclude=exclude)
     return out.getvalue()
+
+
+def pack_directory_to_file(
+    root: str | os.PathLike[str],
+    path: str | os.PathLike[str],
+    *,
+    exclude: Callable[[str], bool] | None = None,
+    callback: Callback = DEFAULT_CALLBACK,
+) -> None:
+    """Write the tree below ``root`` to the file ``path`` in the packed format.
+
+    Streams (memory stays at a few MiB whatever the tree's size) into a hidden sibling
+    of ``path``, renamed into place once complete: ``path`` holds the old file or the
+    whole new one, never a part. An existing ``path`` is replaced. See
+    :func:`pack_directory` for ``exclude`` and ``callback``.
+    """
+    path = os.path.abspath(os.fspath(path))
+    staging = partial_sibling(path)
+    try:
+        with open(staging, "wb") as out:
+            pack_directory(root, out, exclude=exclude, callback=callback)
+        os.replace(staging, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staging)
+        raise
+
+
+def unpack_directory(
+    inp: BinaryIO,
+    target: str | os.PathLike[str],
+    *,
+    callback: Callback = DEFAULT_CALLBACK,
+) -> None:
+    """Unpack the archive read from the stream ``inp`` into the directory ``target``.
+
+    Streams, as :func:`unpack_to_directory` (with its checks: paths and link targets
+    that would leave ``target``, truncation, checksums) into a hidden sibling of
+    ``target`` that is renamed into place only once the whole archive has been read and
+    checked. On error nothing is left behind and an existing ``target`` is untouched;
+    on success an existing ``target`` is replaced as a whole.
+    """
+    with atomic_directory(target) as partial:
+        unpack_to_directory(inp, partial, callback=callback)
 
 
 def unpack_to_directory(

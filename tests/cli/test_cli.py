@@ -265,6 +265,92 @@ def test_cp_progress_bar_only_when_asked_off_a_terminal(directory, tmp_path):
     assert ok(quiet) == "" and quiet.stderr == ""
 
 
+def _entries(packed: bytes) -> dict[str, tuple[str, int, bytes | str | None]]:
+    """Every entry of a packed checkpoint: path -> (kind, mode, payload or target)."""
+    import io
+
+    from dckpt.formats import ArchiveReader
+
+    reader = ArchiveReader(io.BytesIO(packed))
+    out: dict[str, tuple[str, int, bytes | str | None]] = {}
+    for entry in reader:
+        payload = reader.read_payload() if entry.kind == "file" else entry.target
+        out[entry.path] = (entry.kind, entry.mode, payload)
+    return out
+
+
+def test_cp_bytes_files_hold_what_to_bytes_and_from_bytes_do(directory, tmp_path):
+    packed = tmp_path / "copy.dckpt"
+    ok(dckpt("cp", directory, str(packed), "--quiet"))
+    blob = Checkpoint.from_directory(directory).to_bytes()
+    assert _entries(packed.read_bytes()) == _entries(blob)
+    restored = Checkpoint.from_bytes(packed.read_bytes())
+    assert contents(restored, tmp_path) == contents(Checkpoint.from_directory(directory), tmp_path)
+
+    # And the other way: a file to_bytes() wrote unpacks to what from_bytes() gives.
+    written = tmp_path / "written.dckpt"
+    written.write_bytes(blob)
+    ok(dckpt("cp", str(written), str(tmp_path / "unpacked"), "--quiet"))
+    expected = Checkpoint.from_bytes(blob).to_directory(str(tmp_path / "expected"))
+    assert read_tree(tmp_path / "unpacked") == read_tree(expected)
+    assert Checkpoint.from_directory(str(tmp_path / "unpacked")).get_metadata() == METADATA
+
+
+def _peak_rss_bytes(*args: str) -> int:
+    """Run ``python -m dckpt ARGS``; the peak RSS of that process alone, in bytes.
+
+    ``os.wait4`` gives the child's own rusage (``RUSAGE_CHILDREN`` would be the
+    largest of every child this test process ever waited for).
+    """
+    process = subprocess.Popen([sys.executable, "-m", "dckpt", *args], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stderr = process.stderr.read()
+    process.stderr.close()
+    _, status, usage = os.wait4(process.pid, 0)  # this child's own rusage
+    process.returncode = os.waitstatus_to_exitcode(status)
+    assert process.returncode == 0, stderr
+    return usage.ru_maxrss * 1024  # KiB on Linux
+
+
+@pytest.mark.slow
+def test_cp_to_and_from_a_bytes_file_streams_in_bounded_memory(tmp_path):
+    size = 256 << 20
+    big = tmp_path / "big"
+    (big / "model").mkdir(parents=True)
+    with open(big / "model" / "weights.bin", "wb") as f:
+        for _ in range(size >> 22):
+            f.write(os.urandom(4 << 20))  # random: lz4 cannot shrink it in memory
+    small = Checkpoint.from_dict({"step": 1}).to_directory(str(tmp_path / "small"))
+
+    base = max(_peak_rss_bytes("cp", small, str(tmp_path / "small.dckpt"), "-q"),
+               _peak_rss_bytes("cp", str(tmp_path / "small.dckpt"), str(tmp_path / "s"), "-q"))
+    packing = _peak_rss_bytes("cp", str(big), str(tmp_path / "big.dckpt"), "-q")
+    unpacking = _peak_rss_bytes("cp", str(tmp_path / "big.dckpt"), str(tmp_path / "out"), "-q")
+    assert packing < base + size / 4, (packing, base)
+    assert unpacking < base + size / 4, (unpacking, base)
+    assert os.path.getsize(tmp_path / "out" / "model" / "weights.bin") == size
+
+
+def test_cp_to_uri_writes_the_uri_layout_into_a_local_folder(directory, tmp_path):
+    from dckpt import storage
+
+    expected = read_tree(directory)
+    for dst in (f"file://{tmp_path}/as-uri", str(tmp_path / "as-uri-path")):
+        ok(dckpt("cp", directory, dst, "--to", "uri", "--quiet"))
+        uri = dst if dst.startswith("file://") else f"file://{dst}"
+        folder = storage.local_path_of(uri)
+        assert os.path.isfile(os.path.join(folder, storage.COMMIT_MARKER))
+        assert storage.uri_status(uri) == "committed"
+        assert set(storage.list_files(uri)) == {k for k, v in expected.items() if v is not None}
+        report = json.loads(ok(dckpt("inspect", uri, "--json")))
+        assert report["kind"] == "uri" and report["uri_status"] == "committed"
+        assert storage.COMMIT_MARKER not in report["files"]
+        # Read back as the URI it is: the markers are no files of the checkpoint.
+        back = tmp_path / f"back-{uuid.uuid4().hex[:8]}"
+        ok(dckpt("cp", uri, str(back), "--quiet"))
+        assert read_tree(back) == expected
+
+
 # ---------------------------------------------------------------- usage and --help
 
 
@@ -290,6 +376,16 @@ def test_every_subcommand_has_help(capsys):
     assert names == ["inspect", "cp", "ls", "cluster", "demo"]
 
 
+def test_the_help_promises_only_what_the_subcommands_do(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    names = {module.NAME for module in SUBCOMMANDS}
+    # The summary once said "serve", and no subcommand serves anything.
+    for verb in ("serve", "deploy", "predict", "train"):
+        assert verb not in text.split("positional arguments")[0] or verb in names, verb
+
+
 def test_usage_error_exits_2_from_the_console_entry_point():
     result = dckpt("cp", "only-one-argument")
     assert result.returncode == 2 and "usage: dckpt cp" in result.stderr
@@ -305,8 +401,49 @@ def _free_port() -> int:
 
 
 def test_ls_of_a_wrong_address_fails_in_one_line():
-    result = dckpt("ls", "--scheduler", f"tcp://127.0.0.1:{_free_port()}", "--timeout", "1")
-    assert "cannot reach a Dask scheduler" in failed(result, "ls")
+    # A timeout longer than dckpt()'s own 60 s: a refused connection must not wait it out.
+    result = dckpt("ls", "--scheduler", f"tcp://127.0.0.1:{_free_port()}", "--timeout", "600")
+    assert "connection refused" in failed(result, "ls")
+
+
+@pytest.mark.parametrize("address", ["nonsense", "tcp://127.0.0.1:notaport",
+                                     "tcp://127.0.0.1:0", "nope://127.0.0.1:8786"])
+def test_ls_of_a_malformed_address_is_a_usage_error_at_once(address):
+    result = dckpt("ls", "--scheduler", address, "--timeout", "600")
+    assert result.returncode == 2, result.stderr
+    assert "usage: dckpt ls" in result.stderr and "Traceback" not in result.stderr
+    assert "argument --scheduler" in result.stderr and "tcp://127.0.0.1:8786" in result.stderr
+
+
+def test_ls_of_something_that_is_no_scheduler_fails_in_one_line():
+    """A port that accepts connections but never answers (nobody calls accept())."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        address = "tcp://127.0.0.1:%d" % listener.getsockname()[1]
+        result = dckpt("ls", "--scheduler", address, "--timeout", "1")
+    message = failed(result, "ls")  # one line: no "Exception ignored in Client.__del__"
+    assert "does not answer as one (no answer within 1 s (--timeout))" in message
+
+
+def test_a_reader_that_stops_early_ends_dckpt_quietly(tmp_path):
+    """``dckpt inspect --json | head -1``: exit 141 (128 + SIGPIPE, as a shell
+    reports for cat), nothing on stderr."""
+    for i in range(3000):  # more JSON than a pipe buffers: dckpt is still writing
+        (tmp_path / f"file-{i:05d}.txt").write_bytes(b"x")
+    process = subprocess.Popen([sys.executable, "-m", "dckpt", "inspect", str(tmp_path), "--json"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    try:
+        assert process.stdout.readline() == b"{\n"
+        process.stdout.close()
+        stderr = process.stderr.read().decode()
+        assert process.wait(timeout=60) == 141, stderr
+        assert stderr == ""
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stderr.close()
 
 
 def _write_checkpoint() -> Checkpoint:
@@ -384,5 +521,10 @@ def test_demo_tells_the_whole_story_in_one_command():
     assert all(int(row[4]) <= 1 for row in rows)  # prediction: once per node at most
 
 
-def test_demo_refuses_too_few_nodes():
-    assert "at least 3" in failed(dckpt("demo", "--nodes", "2"), "demo")
+@pytest.mark.parametrize("argv", [["demo", "--nodes", "2"], ["demo", "--batches", "0"],
+                                  ["cluster", "--nodes", "0"]])
+def test_too_few_nodes_or_batches_are_usage_errors(argv):
+    result = dckpt(*argv)
+    assert result.returncode == 2, result.stderr
+    assert f"usage: dckpt {argv[0]}" in result.stderr and "at least" in result.stderr
+    assert "Traceback" not in result.stderr

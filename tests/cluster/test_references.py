@@ -6,11 +6,12 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import signal
 
 import pytest
 from distributed import Client
 
-from dckpt import Checkpoint, CheckpointUnavailableError
+from dckpt import CacheFullError, Checkpoint, CheckpointUnavailableError
 from dckpt.cluster import NodeCluster, stats
 
 pytestmark = pytest.mark.slow
@@ -148,6 +149,69 @@ def test_when_the_owner_dies_a_uri_saves_the_day_and_otherwise_the_error_says_wh
             node_client.submit(_use, lost, "2s", workers=[receiver], pure=False).result()
     finally:
         node_cluster.restart_node(0)
+
+
+def _use_with_a_cache_of(checkpoint: Checkpoint, max_bytes: int) -> tuple[str, bytes, dict]:
+    """On a worker: :func:`_use` with this node's cache budget set to ``max_bytes``."""
+    import dask.config
+
+    with dask.config.set({"dckpt.cache.max-bytes": max_bytes}):
+        return _use(checkpoint)
+
+
+def _cached_ids() -> list[str]:
+    from dckpt.cluster._store import local_store
+
+    return [e.checkpoint_id for e in local_store()._cache.entries()]
+
+
+def _current(node_cluster: NodeCluster) -> tuple[str, str]:
+    """Node 0's and node 1's workers now (``nodes`` goes stale once a test restarts one)."""
+    return node_cluster.nodes[0].worker_address, node_cluster.nodes[1].worker_address
+
+
+def test_a_checkpoint_larger_than_this_nodes_cache_is_blamed_on_this_node(
+    node_cluster: NodeCluster, node_client: Client, nodes, tmp_path
+):
+    """No other holder or URI can fix a cache too small: CacheFullError about the
+    reading node, raised at once, not CheckpointUnavailableError about the owner."""
+    owner, receiver = _current(node_cluster)
+    checkpoint = node_client.submit(
+        _make_checkpoint, 7, f"file://{tmp_path}/persisted-7", workers=[owner], pure=False
+    ).result()
+    ref = checkpoint.get_internal_representation()[1]
+    before = _received(node_client, receiver)
+    with pytest.raises(CacheFullError) as info:
+        node_client.submit(_use_with_a_cache_of, checkpoint, SIZE // 2, workers=[receiver],
+                           pure=False).result()
+    assert not isinstance(info.value, CheckpointUnavailableError)
+    message = str(info.value)
+    assert message.startswith(f"node node-1 copying checkpoint {ref.checkpoint_id} of node node-0")
+    assert "larger than the whole node cache" in message and "dckpt.cache.max-bytes" in message
+    assert _received(node_client, receiver) == before  # nothing moved, not even from the URI
+    assert ref.checkpoint_id not in node_client.submit(_cached_ids, workers=[receiver],
+                                                       pure=False).result()
+
+
+def test_a_store_that_does_not_answer_is_named_with_the_timeout(
+    node_cluster: NodeCluster, node_client: Client, nodes
+):
+    owner, receiver = _current(node_cluster)
+    checkpoint = node_client.submit(_make_checkpoint, 8, workers=[owner], pure=False).result()
+    pid = node_cluster.nodes[0].pid
+    os.kill(pid, signal.SIGSTOP)  # alive, listening, answering nothing
+    try:
+        with pytest.raises(CheckpointUnavailableError) as info:
+            node_client.submit(_use, checkpoint, "1s", workers=[receiver], pure=False).result()
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    message = str(info.value)
+    assert f"TimeoutError: the store of node node-0 at {owner} did not answer within 1 s " \
+        "while " in message, message
+    assert "(dckpt.transfer.connect-timeout, DASK_DCKPT__TRANSFER__CONNECT_TIMEOUT)" in message
+    # The owner works again.
+    assert node_client.submit(_use, checkpoint, workers=[receiver],
+                              pure=False).result()[1] == random.Random(8).randbytes(SIZE)
 
 
 def test_the_drivers_copies_go_when_its_process_ends(tmp_path):

@@ -1,0 +1,63 @@
+"""Which failures of a source resolution moves on from, and which it raises at once.
+
+A table over the errors a holder or a URI can end with (the cluster tests in
+``test_references.py`` show two of them end to end).
+"""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+from distributed.comm import CommClosedError
+
+from dckpt.cluster._core import CheckpointId, NodeRef
+from dckpt.cluster._resolve import _fixable_elsewhere, _raise_unless_fixable_elsewhere
+from dckpt.errors import (
+    CacheFullError,
+    CheckpointError,
+    CheckpointFormatError,
+    CheckpointNotFoundError,
+    CorruptChunkError,
+    IncompleteCheckpointError,
+    UnsafePathError,
+)
+
+REF = NodeRef(node_id="node-0", path="/data/ckpt", checkpoint_id=CheckpointId("c" * 32),
+              size=1234, digest="d" * 64, store_address="tcp://10.0.0.1:4000", uris=())
+
+
+@pytest.mark.parametrize("error", [
+    CommClosedError("the owner went away"),
+    ConnectionRefusedError(errno.ECONNREFUSED, "refused"),
+    TimeoutError("the store of node node-0 did not answer within 1 s"),
+    PermissionError("the store at ...: not registered with this node's store"),
+    CheckpointNotFoundError("the store at ...: checkpoint was at /x, which is gone"),
+    IncompleteCheckpointError("s3://b/x: an upload that never finished"),
+    CheckpointError("the store at ...: [Errno 5] Input/output error"),  # the holder's disk
+    CorruptChunkError("chunk of weights.bin at 0 failed its checksum 3 times"),
+    OSError(errno.EIO, "Input/output error"),
+], ids=type)
+def test_another_source_may_fix(error):
+    assert _fixable_elsewhere(error)
+    _raise_unless_fixable_elsewhere(error, REF, "node-1", "the store")  # returns
+
+
+@pytest.mark.parametrize(("error", "raised"), [
+    (CacheFullError("larger than the whole node cache; raise `dckpt.cache.max-bytes`"),
+     CacheFullError),
+    (OSError(errno.ENOSPC, "No space left on device"), CacheFullError),
+    (OSError(errno.EDQUOT, "Disk quota exceeded"), CacheFullError),
+    (UnsafePathError("'../x' leads outside the target"), UnsafePathError),
+    (CheckpointFormatError("a manifest of format 9"), CheckpointFormatError),
+    (ValueError("chunk_bytes must be an integer"), ValueError),
+    (TypeError("an argument too many"), TypeError),
+], ids=lambda v: v.__name__ if isinstance(v, type) else type(v).__name__)
+def test_no_other_source_can_fix_and_the_error_names_this_node(error, raised):
+    assert not _fixable_elsewhere(error)
+    with pytest.raises(raised) as info:
+        _raise_unless_fixable_elsewhere(error, REF, "node-1", "the store")
+    shown = "\n".join([str(info.value), *getattr(info.value, "__notes__", [])])
+    assert f"node node-1 copying checkpoint {'c' * 32} of node node-0" in shown
+    if raised is CacheFullError:
+        assert "dckpt.cache.max-bytes" in shown
