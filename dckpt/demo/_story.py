@@ -51,7 +51,7 @@ class DemoReport:
     killed_node: str | None = None
     resumed_at_epoch: int | None = None
     final_loss: float = float("nan")
-    best: list[tuple[int, float]] = field(default_factory=list)  # (epoch, loss)
+    best: list[tuple[int, float]] = field(default_factory=list)  # (epoch, loss), best first
     batches: int = 0
     accuracy: float = float("nan")
     # By node id: the store's counters after training, and what prediction added.
@@ -66,7 +66,7 @@ class DemoReport:
             (f"training: 2 ranks; {self.killed_node} killed after epoch {KILL_AFTER_EPOCH}; "
             f"{self.failures} failure(s) survived; resumed at epoch {self.resumed_at_epoch}; "
             f"final loss {self.final_loss:.4f}"),
-            "best checkpoints kept: " + ", ".join(
+            "best checkpoints kept, best first: " + ", ".join(
                 f"epoch {epoch} (loss {loss:.4f})" for epoch, loss in self.best),
             (f"batch prediction: {self.batches} batches on every node with the best "
             f"checkpoint; accuracy {self.accuracy:.3f}"),
@@ -106,7 +106,7 @@ def run_demo(
                 f"{cluster.scheduler_address}")
             result = _train(cluster, client, storage, report, say)
             _summarize_training(result, report)
-            best = result.best_checkpoints[0][0]
+            best = result.best_checkpoints[-1][0]  # worst first, as in Ray
             say(f"scoring {batches} batches on every node with the checkpoint of epoch "
                 f"{report.best[0][0]}")
             report.after_training = _per_node(client)
@@ -194,7 +194,9 @@ def _summarize_training(result: Result, report: DemoReport) -> None:
     report.failures = result.failures
     report.resumed_at_epoch = resumed[0] if resumed else None
     report.final_loss = float(result.metrics["loss"]) if result.metrics else float("nan")
-    report.best = [(int(m["epoch"]), float(m["loss"])) for _, m in result.best_checkpoints]
+    # Shown best first; Result.best_checkpoints lists them worst first, as in Ray.
+    report.best = [(int(m["epoch"]), float(m["loss"]))
+                   for _, m in reversed(result.best_checkpoints)]
 
 
 def _predict(client: distributed.Client, checkpoint: Any, batches: int) -> list[Any]:

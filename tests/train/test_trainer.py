@@ -96,6 +96,23 @@ def test_reports_of_all_ranks_arrive_and_rank_0s_checkpoints_stay_on_their_node(
     assert result.best_checkpoints == manager.registered
 
 
+def _report_ray_losses():
+    # Ray 2.6's test_checkpoints_to_keep: NaN (dropped), 3, 7, 5.
+    for i, loss in enumerate([float("nan"), 3, 7, 5]):
+        report({"loss": loss}, checkpoint=Checkpoint.from_dict({"idx": i}))
+
+
+@pytest.mark.parametrize(("mode", "ranked"), [("min", [(3, 5), (1, 3)]),
+                                              ("max", [(3, 5), (2, 7)])])
+def test_best_checkpoints_are_in_rays_order_worst_first(client, mode, ranked):
+    config = CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="loss",
+                              checkpoint_score_order=mode, persist_every=0)
+    result = fit(_report_ray_losses, num_workers=2, checkpoint_config=config, client=client)
+    assert result.checkpoint.to_dict()["idx"] == 3
+    assert [(c.to_dict()["idx"], m["loss"]) for c, m in result.best_checkpoints] == ranked
+    assert result.get_best_checkpoint("loss", mode).to_dict()["idx"] == ranked[-1][0]
+
+
 def _report_resume_point():
     checkpoint = get_checkpoint()
     report({"resumed_from": None if checkpoint is None else checkpoint.to_dict()["epoch"]})
@@ -216,21 +233,21 @@ def test_with_the_real_manager_a_new_driver_continues_from_storage(client, tmp_p
     # The trainer closed the manager it made: every upload and deletion is done.
     assert sorted(os.listdir(tmp_path / "run")) == [
         "checkpoint_000001", "checkpoint_000002", "dckpt_manager_state.json"]
-    assert [m["epoch"] for _, m in first.best_checkpoints] == [2, 1]
+    assert [m["epoch"] for _, m in first.best_checkpoints] == [1, 2]  # worst first
     # Epoch 0's checkpoint fell out of the top 2: gone from the node that wrote it too.
     dropped = [e for e in first.metrics_history if e["world_rank"] == 0 and e["epoch"] == 0]
     assert dropped and dropped[0]["node_id"] == "node-0"
 
     restored = CheckpointManager.restore(uri, client=client)
     try:
-        assert [m["epoch"] for _, m in restored.best_checkpoints] == [2, 1]
+        assert [m["epoch"] for _, m in restored.best_checkpoints] == [1, 2]
         second = DataParallelTrainer(_train, train_loop_config={"epochs": 5}, num_workers=2,
                                      checkpoint_manager=restored, client=client).fit()
     finally:
         restored.close()
     assert {e["resumed_from"] for e in second.metrics_history} == {2}
     assert sorted({e["epoch"] for e in second.metrics_history}) == [3, 4]
-    assert [m["epoch"] for _, m in restored.best_checkpoints] == [4, 3]
+    assert [m["epoch"] for _, m in restored.best_checkpoints] == [3, 4]
 
 
 def test_data_parallel_example_resumes_after_the_kill():
