@@ -93,13 +93,15 @@ class CheckpointManager:
       unpinned; see :func:`dckpt.cluster._forget.forget`), and its persisted copy at
       ``storage_uri``. A directory or dict checkpoint in the driver's own process is
       the caller's and is never deleted: the manager makes no local copies of its own
-      (a node reference is uploaded from its node).
+      besides the persisted ones.
     - **Persistence** to ``{storage_uri}/checkpoint_{index:06d}`` runs in one
       background thread; :meth:`register` never waits for it. A failure is logged and
       re-raised by the next :meth:`wait` (or :meth:`close`); later checkpoints are
-      still persisted. A node reference is uploaded from its own node; once it is,
-      the manager tracks a copy of it whose reference also carries the URI (so
-      ``latest_checkpoint`` can be had from storage when its node is gone).
+      still persisted. A node reference is uploaded from its own node to remote or
+      shared storage, and fetched and written by the driver when ``storage_uri`` is
+      the driver's local disk (see ``CheckpointConfig.storage_uri``); once it is
+      persisted, the manager tracks a copy of it whose reference also carries the URI
+      (so ``latest_checkpoint`` can be had from storage when its node is gone).
     - **State** (``{storage_uri}/dckpt_manager_state.json``, JSON only) is rewritten
       after each change, unless ``persist_every=0`` (then nothing is written anywhere). Metrics are stored as JSON data: numpy scalars and arrays as
       numbers and lists, anything else JSON cannot hold as its ``repr``.

@@ -11,6 +11,7 @@ they arrive; after a failure the next attempt resumes from its latest one.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
@@ -185,11 +186,24 @@ class DataParallelTrainer:
         manager, owned = self._manager(client)
         channel = ReportChannel(client)
         try:
-            return self._run(client, manager, channel)
+            try:
+                result = self._run(client, manager, channel)
+            except TrainingFailedError as e:
+                failure: TrainingFailedError | None = e
+                result = e.result
+            else:
+                failure = None
         finally:
             channel.close()
             if owned:
                 manager.close()
+        # The manager's checkpoints as they are now: persisted ones carry their URI.
+        result = dataclasses.replace(result, checkpoint=manager.latest_checkpoint,
+                                     best_checkpoints=list(manager.best_checkpoints))
+        if failure is not None:
+            failure.result = result
+            raise failure
+        return result
 
     # ------------------------------------------------------------------ internals
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -248,6 +249,57 @@ def test_with_the_real_manager_a_new_driver_continues_from_storage(client, tmp_p
     assert {e["resumed_from"] for e in second.metrics_history} == {2}
     assert sorted({e["epoch"] for e in second.metrics_history}) == [3, 4]
     assert [m["epoch"] for _, m in restored.best_checkpoints] == [3, 4]
+
+
+def _weights(epoch: int) -> bytes:
+    return bytes(range(256)) * 40 + bytes([epoch]) * 1000
+
+
+def _save_weights(config):
+    """Rank 0 writes a directory checkpoint of its own bytes each epoch, on its node."""
+    context = get_context()
+    for epoch in range(config["epochs"]):
+        checkpoint = None
+        if context.world_rank == 0:
+            path = os.path.join(node.node_root(), "train-tests", context.run_name,
+                                f"weights-{epoch}")
+            os.makedirs(path)
+            with open(os.path.join(path, "weights.bin"), "wb") as f:
+                f.write(_weights(epoch))
+            checkpoint = Checkpoint.from_directory(path)
+        report({"epoch": epoch}, checkpoint=checkpoint)
+
+
+def test_the_default_storage_is_the_drivers_disk_and_the_driver_writes_it(
+    client, train_cluster
+):
+    # The driver's temporary directory, and so the default storage_uri, is put at the
+    # nodes' mount point: every node has that path too, but with its own disk behind
+    # it, as /tmp on the driver's machine and on a worker's are two different disks.
+    # A worker that wrote "the default storage" there would write its own disk.
+    driver_tmp = os.path.join(train_cluster.nodes[0].root, f"driver-{uuid.uuid4().hex[:8]}")
+    try:
+        with dask.config.set({"dckpt.temporary-directory": driver_tmp}):
+            result = DataParallelTrainer(
+                _save_weights, train_loop_config={"epochs": 3}, num_workers=2,
+                checkpoint_config=CheckpointConfig(num_to_keep=2), client=client,
+            ).fit()
+            folder = os.path.join(driver_tmp, "dckpt-train", result.run_name)
+            assert sorted(os.listdir(folder)) == [
+                "checkpoint_000001", "checkpoint_000002", "dckpt_manager_state.json"]
+            for epoch in (1, 2):
+                persisted = Checkpoint.from_uri(f"file://{folder}/checkpoint_{epoch:06d}")
+                with persisted.as_directory() as path, \
+                        open(os.path.join(path, "weights.bin"), "rb") as f:
+                    assert f.read() == _weights(epoch)
+            # Fetched once: the driver keeps no second copy of what it persisted.
+            fetched = os.path.join(driver_tmp, "dckpt-fetched", str(os.getpid()))
+            assert not os.path.isdir(fetched) or os.listdir(fetched) == []
+            # The Result's checkpoints fall back to the persisted copies.
+            kind, ref = result.checkpoint.get_internal_representation()
+            assert kind == "node_ref" and ref.uris == (f"{folder}/checkpoint_000002",)
+    finally:
+        shutil.rmtree(driver_tmp, ignore_errors=True)
 
 
 def test_data_parallel_example_resumes_after_the_kill():
