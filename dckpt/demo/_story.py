@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,15 +130,22 @@ def train_with_a_kill(
     epoch_seconds: float,
     num_to_keep: int,
     on_kill: Callable[[str], Any],
+    train_loop_per_worker: Callable[[dict[str, Any]], Any] = train_loop,
+    train_loop_config: Mapping[str, Any] | None = None,
+    setup_torch_distributed: bool = False,
 ) -> tuple[Result, int | None]:
     """Train :func:`~dckpt.demo.train_loop` on 2 ranks, killing rank 1's node mid-run.
 
     Rank 1 names its node after epoch :data:`KILL_AFTER_EPOCH` (through a Dask
-    Variable); a driver thread then calls ``on_kill(node_id)`` and kills that node, as
-    a crash would. The trainer restarts both ranks from the latest checkpoint. Keeps the
-    best ``num_to_keep`` by loss, persisted to ``storage_uri``. Returns the result and
-    the index of the node killed (None if it never was); the caller restarts it if it
-    wants it back. Used by ``dckpt demo`` and ``examples/train_data_parallel.py``.
+    Variable, :func:`~dckpt.demo.offer_node_for_kill`); a driver thread then calls
+    ``on_kill(node_id)`` and kills that node, as a crash would. The trainer restarts
+    both ranks from the latest checkpoint. Keeps the best ``num_to_keep`` by loss,
+    persisted to ``storage_uri``. Returns the result and the index of the node killed
+    (None if it never was); the caller restarts it if it wants it back. Used by
+    ``dckpt demo``, ``examples/train_data_parallel.py`` and, with its own
+    ``train_loop_per_worker`` (which must call ``offer_node_for_kill`` and report
+    ``loss``), ``train_loop_config`` (merged over the toy's) and
+    ``setup_torch_distributed=True``, ``examples/train_torch_ddp.py``.
     """
     victim = f"dckpt-demo-victim-{os.getpid()}-{time.monotonic_ns()}"
     killed: list[int] = []
@@ -154,11 +161,13 @@ def train_with_a_kill(
     killer.start()
     try:
         result = DataParallelTrainer(
-            train_loop,
+            train_loop_per_worker,
             train_loop_config={"epochs": epochs, "lr": 0.5, "momentum": 0.5,
+                               **(train_loop_config or {}),
                                "epoch_seconds": epoch_seconds, "victim": victim,
                                "kill_after": KILL_AFTER_EPOCH},
             num_workers=2, max_failures=2, client=client,
+            setup_torch_distributed=setup_torch_distributed,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=num_to_keep, checkpoint_score_attribute="loss",
                 checkpoint_score_order="min", storage_uri=storage_uri,
