@@ -25,7 +25,9 @@ class Result:
     checkpoint : Checkpoint or None
         The latest checkpoint registered with the run's manager (rank 0's last).
         A directory checkpoint written on a worker is a node reference: its data are
-        fetched on first use.
+        fetched on first use (or from its persisted copy once its node is gone).
+        After a run on the trainer's own local cluster (``fit()`` without a client)
+        it is a directory on this machine instead.
     best_checkpoints : list of (Checkpoint, dict)
         The best checkpoints the manager kept, with their metrics, in Ray 2.6's order:
         **worst first**, the best last (see
