@@ -321,8 +321,12 @@ def test_torch_ddp_example_resumes_after_the_kill():
         pytest.skip("the example runs an isolated NodeCluster")
     example = os.path.join(os.path.dirname(__file__), "..", "..", "examples",
                            "train_torch_ddp.py")
-    result = subprocess.run([sys.executable, example], capture_output=True, text=True,
-                            timeout=120, check=False)
+    try:  # inside the test's timeout, so that a run that hangs shows how far it got
+        result = subprocess.run([sys.executable, example], capture_output=True, text=True,
+                                timeout=100, check=False)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"the example did not finish in {e.timeout} s; it said:\n{e.stdout}\n"
+                    f"{e.stderr}")
     assert result.returncode == 0, result.stderr
     assert "-- killing node-1 (rank 1) after epoch 8 --" in result.stdout
     assert "resumed from the checkpoint of epoch 8, continuing at epoch 9" in result.stdout
