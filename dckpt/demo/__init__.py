@@ -13,6 +13,7 @@ from dckpt.demo._toy import (
     accuracy,
     all_reduce_mean,
     make_data,
+    offer_node_for_kill,
     read_state,
     train_loop,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "accuracy",
     "all_reduce_mean",
     "make_data",
+    "offer_node_for_kill",
     "read_state",
     "run_demo",
     "train_loop",

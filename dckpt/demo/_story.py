@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,7 +51,7 @@ class DemoReport:
     killed_node: str | None = None
     resumed_at_epoch: int | None = None
     final_loss: float = float("nan")
-    best: list[tuple[int, float]] = field(default_factory=list)  # (epoch, loss)
+    best: list[tuple[int, float]] = field(default_factory=list)  # (epoch, loss), best first
     batches: int = 0
     accuracy: float = float("nan")
     # By node id: the store's counters after training, and what prediction added.
@@ -66,7 +66,7 @@ class DemoReport:
             (f"training: 2 ranks; {self.killed_node} killed after epoch {KILL_AFTER_EPOCH}; "
             f"{self.failures} failure(s) survived; resumed at epoch {self.resumed_at_epoch}; "
             f"final loss {self.final_loss:.4f}"),
-            "best checkpoints kept: " + ", ".join(
+            "best checkpoints kept, best first: " + ", ".join(
                 f"epoch {epoch} (loss {loss:.4f})" for epoch, loss in self.best),
             (f"batch prediction: {self.batches} batches on every node with the best "
             f"checkpoint; accuracy {self.accuracy:.3f}"),
@@ -106,7 +106,7 @@ def run_demo(
                 f"{cluster.scheduler_address}")
             result = _train(cluster, client, storage, report, say)
             _summarize_training(result, report)
-            best = result.best_checkpoints[0][0]
+            best = result.best_checkpoints[-1][0]  # worst first, as in Ray
             say(f"scoring {batches} batches on every node with the checkpoint of epoch "
                 f"{report.best[0][0]}")
             report.after_training = _per_node(client)
@@ -130,15 +130,22 @@ def train_with_a_kill(
     epoch_seconds: float,
     num_to_keep: int,
     on_kill: Callable[[str], Any],
+    train_loop_per_worker: Callable[[dict[str, Any]], Any] = train_loop,
+    train_loop_config: Mapping[str, Any] | None = None,
+    setup_torch_distributed: bool = False,
 ) -> tuple[Result, int | None]:
     """Train :func:`~dckpt.demo.train_loop` on 2 ranks, killing rank 1's node mid-run.
 
     Rank 1 names its node after epoch :data:`KILL_AFTER_EPOCH` (through a Dask
-    Variable); a driver thread then calls ``on_kill(node_id)`` and kills that node, as
-    a crash would. The trainer restarts both ranks from the latest checkpoint. Keeps the
-    best ``num_to_keep`` by loss, persisted to ``storage_uri``. Returns the result and
-    the index of the node killed (None if it never was); the caller restarts it if it
-    wants it back. Used by ``dckpt demo`` and ``examples/train_data_parallel.py``.
+    Variable, :func:`~dckpt.demo.offer_node_for_kill`); a driver thread then calls
+    ``on_kill(node_id)`` and kills that node, as a crash would. The trainer restarts
+    both ranks from the latest checkpoint. Keeps the best ``num_to_keep`` by loss,
+    persisted to ``storage_uri``. Returns the result and the index of the node killed
+    (None if it never was); the caller restarts it if it wants it back. Used by
+    ``dckpt demo``, ``examples/train_data_parallel.py`` and, with its own
+    ``train_loop_per_worker`` (which must call ``offer_node_for_kill`` and report
+    ``loss``), ``train_loop_config`` (merged over the toy's) and
+    ``setup_torch_distributed=True``, ``examples/train_torch_ddp.py``.
     """
     victim = f"dckpt-demo-victim-{os.getpid()}-{time.monotonic_ns()}"
     killed: list[int] = []
@@ -154,11 +161,13 @@ def train_with_a_kill(
     killer.start()
     try:
         result = DataParallelTrainer(
-            train_loop,
+            train_loop_per_worker,
             train_loop_config={"epochs": epochs, "lr": 0.5, "momentum": 0.5,
+                               **(train_loop_config or {}),
                                "epoch_seconds": epoch_seconds, "victim": victim,
                                "kill_after": KILL_AFTER_EPOCH},
             num_workers=2, max_failures=2, client=client,
+            setup_torch_distributed=setup_torch_distributed,
             checkpoint_config=CheckpointConfig(
                 num_to_keep=num_to_keep, checkpoint_score_attribute="loss",
                 checkpoint_score_order="min", storage_uri=storage_uri,
@@ -194,7 +203,9 @@ def _summarize_training(result: Result, report: DemoReport) -> None:
     report.failures = result.failures
     report.resumed_at_epoch = resumed[0] if resumed else None
     report.final_loss = float(result.metrics["loss"]) if result.metrics else float("nan")
-    report.best = [(int(m["epoch"]), float(m["loss"])) for _, m in result.best_checkpoints]
+    # Shown best first; Result.best_checkpoints lists them worst first, as in Ray.
+    report.best = [(int(m["epoch"]), float(m["loss"]))
+                   for _, m in reversed(result.best_checkpoints)]
 
 
 def _predict(client: distributed.Client, checkpoint: Any, batches: int) -> list[Any]:

@@ -30,6 +30,7 @@ __all__ = [
     "accuracy",
     "all_reduce_mean",
     "make_data",
+    "offer_node_for_kill",
     "train_loop",
 ]
 
@@ -112,7 +113,7 @@ def train_loop(config: Mapping[str, Any]) -> None:
     ``config``: ``epochs``, ``lr``, ``momentum``, ``epoch_seconds`` (a pause standing
     for real work), and optionally ``victim`` and ``kill_after``: rank 1 of the first
     attempt sets the Dask Variable ``victim`` to its node id after epoch ``kill_after``
-    (the driver then kills that node, as a crash would).
+    (:func:`offer_node_for_kill`; the driver then kills that node, as a crash would).
     """
     context = get_context()
     shard = make_data()[context.world_rank::context.world_size]
@@ -137,9 +138,20 @@ def train_loop(config: Mapping[str, Any]) -> None:
                            "optimizer": {"momentum": momentum, "lr": config["lr"]}})
         report({"epoch": epoch, "loss": loss, "resumed_from": resumed_from,
                 "node_id": context.node_id}, checkpoint=saved)
-        if (context.world_rank == 1 and resumed_from is None
-                and epoch == config.get("kill_after") and config.get("victim")):
-            distributed.Variable(config["victim"]).set(context.node_id)
+        offer_node_for_kill(config, epoch, resumed_from)
+
+
+def offer_node_for_kill(config: Mapping[str, Any], epoch: int, resumed_from: int | None) -> None:
+    """Rank 1 of a fresh start names its node after epoch ``config["kill_after"]``.
+
+    It sets the Dask Variable ``config["victim"]`` to its node id, which
+    :func:`~dckpt.demo.train_with_a_kill` waits for to kill that node. Does nothing on
+    other ranks, after a resume, or without ``victim`` in ``config``.
+    """
+    context = get_context()
+    if (context.world_rank == 1 and resumed_from is None
+            and epoch == config.get("kill_after") and config.get("victim")):
+        distributed.Variable(config["victim"]).set(context.node_id)
 
 
 class ToyPredictor(Predictor):

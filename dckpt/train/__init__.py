@@ -22,7 +22,7 @@
 from __future__ import annotations
 
 from dckpt.train._config import CheckpointConfig
-from dckpt.train._errors import TrainingFailedError, WorkerLostError
+from dckpt.train._errors import NoBestCheckpointError, TrainingFailedError, WorkerLostError
 from dckpt.train._manager import CheckpointManager, TrackedCheckpoint
 from dckpt.train._result import Result
 from dckpt.train._scoring import MetricNotFoundError
@@ -34,6 +34,7 @@ __all__ = [
     "CheckpointManager",
     "DataParallelTrainer",
     "MetricNotFoundError",
+    "NoBestCheckpointError",
     "Result",
     "TrackedCheckpoint",
     "TrainContext",

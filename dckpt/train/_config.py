@@ -36,8 +36,14 @@ class CheckpointConfig:
         the manager's state is written (``{storage_uri}/dckpt_manager_state.json``):
         any fsspec URI. ``None`` is the local directory
         ``<dckpt.temporary-directory>/dckpt-train/<run name>`` (see
-        :func:`dckpt._config.temporary_directory`). On a cluster of several machines,
-        a ``file://`` URI must name a folder every machine sees, as in Ray.
+        :func:`dckpt._config.temporary_directory`) on the driver's disk. Who writes a
+        checkpoint that lives on a worker's node: for a remote URI (``s3://...``)
+        and for a local path under ``dckpt.shared-paths`` (a file system every
+        machine mounts), its own node uploads it, and its bytes never pass through
+        the driver; for any other local path (plain or ``file://``, the default
+        among them) the driver fetches it from its node and writes it, since that
+        path is the driver's disk, which the other machines do not see (as Ray 2.6
+        syncs checkpoints to the head node).
     persist_every
         Persist every ``persist_every``-th registered checkpoint (the ones with
         ``(index + 1) % persist_every == 0``); ``1`` persists each, ``0`` none (and

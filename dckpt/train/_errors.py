@@ -9,7 +9,7 @@ from dckpt.errors import CheckpointError
 if TYPE_CHECKING:
     from dckpt.train._result import Result
 
-__all__ = ["TrainingFailedError", "WorkerLostError"]
+__all__ = ["NoBestCheckpointError", "TrainingFailedError", "WorkerLostError"]
 
 
 class TrainingFailedError(CheckpointError, RuntimeError):
@@ -38,3 +38,12 @@ class TrainingFailedError(CheckpointError, RuntimeError):
 
 class WorkerLostError(CheckpointError, RuntimeError):
     """The worker that ran a rank left the cluster (it died or was retired)."""
+
+
+class NoBestCheckpointError(CheckpointError, RuntimeError):
+    """:meth:`Result.get_best_checkpoint` has nothing to choose from.
+
+    The run kept no checkpoint, or none of the kept ones reported the metric asked
+    for. A ``RuntimeError``, which is what Ray AIR's ``Result.get_best_checkpoint``
+    raises in both cases.
+    """

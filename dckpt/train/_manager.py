@@ -86,19 +86,22 @@ class CheckpointManager:
     - **Retention.** The best ``num_to_keep`` by ``checkpoint_score_attribute`` are
       kept, and so is the latest registered one until a newer one exists, even when its
       score is the worst. NaN scores rank last in both orders; of equal scores the
-      later checkpoint ranks higher (as in Ray).
+      later checkpoint ranks higher (as in Ray). :attr:`best_checkpoints` lists the
+      best ``num_to_keep`` worst first, as Ray's ``Result.best_checkpoints`` does.
     - **Deleting** a checkpoint that falls out: a node reference's directory on its
       node and every node's cached copy (cached copies pinned at that moment stay until
       unpinned; see :func:`dckpt.cluster._forget.forget`), and its persisted copy at
       ``storage_uri``. A directory or dict checkpoint in the driver's own process is
       the caller's and is never deleted: the manager makes no local copies of its own
-      (a node reference is uploaded from its node).
+      besides the persisted ones.
     - **Persistence** to ``{storage_uri}/checkpoint_{index:06d}`` runs in one
       background thread; :meth:`register` never waits for it. A failure is logged and
       re-raised by the next :meth:`wait` (or :meth:`close`); later checkpoints are
-      still persisted. A node reference is uploaded from its own node; once it is,
-      the manager tracks a copy of it whose reference also carries the URI (so
-      ``latest_checkpoint`` can be had from storage when its node is gone).
+      still persisted. A node reference is uploaded from its own node to remote or
+      shared storage, and fetched and written by the driver when ``storage_uri`` is
+      the driver's local disk (see ``CheckpointConfig.storage_uri``); once it is
+      persisted, the manager tracks a copy of it whose reference also carries the URI
+      (so ``latest_checkpoint`` can be had from storage when its node is gone).
     - **State** (``{storage_uri}/dckpt_manager_state.json``, JSON only) is rewritten
       after each change, unless ``persist_every=0`` (then nothing is written anywhere). Metrics are stored as JSON data: numpy scalars and arrays as
       numbers and lists, anything else JSON cannot hold as its ``repr``.
@@ -121,8 +124,8 @@ class CheckpointManager:
     ...     persist_every=0))
     >>> for loss in [3.0, 1.0, 2.0]:
     ...     _ = manager.register(Checkpoint.from_dict({"loss": loss}), {"loss": loss})
-    >>> [metrics["loss"] for _, metrics in manager.best_checkpoints]
-    [1.0, 2.0]
+    >>> [metrics["loss"] for _, metrics in manager.best_checkpoints]  # worst first, as in Ray
+    [2.0, 1.0]
     >>> manager.close()
     """
 
@@ -230,15 +233,27 @@ class CheckpointManager:
 
     @property
     def best_checkpoint(self) -> Checkpoint | None:
-        """The best kept checkpoint by score (the latest without a score attribute)."""
+        """The best kept checkpoint by score (the latest without a score attribute):
+        the last of :attr:`best_checkpoints`."""
         best = self.best_checkpoints
-        return best[0][0] if best else None
+        return best[-1][0] if best else None
 
     @property
     def best_checkpoints(self) -> list[tuple[Checkpoint, dict[str, Any]]]:
-        """The kept checkpoints with their metrics, best first."""
+        """The best ``num_to_keep`` checkpoints with their metrics, **worst first**.
+
+        Ray 2.6's order, which its ``Result.best_checkpoints`` has (its checkpoint
+        manager's ``best_checkpoints()``, ascending by score): the best is last, NaN
+        scores come first, of equal scores the earlier one comes first, and without a
+        score attribute the order is that of registration. As in Ray, the latest
+        checkpoint is not listed when it is not among the best (it is kept, as
+        :attr:`latest_checkpoint`, until a newer one arrives; :attr:`tracked` lists it).
+        """
         with self._lock:
-            ranked = sorted(self._entries, key=_key, reverse=True)
+            ranked = sorted(self._entries, key=_key)
+        keep = self.config.num_to_keep
+        if keep is not None:
+            ranked = ranked[-keep:]
         return [(e.checkpoint, e.metrics) for e in ranked]
 
     @property

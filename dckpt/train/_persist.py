@@ -1,9 +1,19 @@
 """Persisting one checkpoint to a URI, and deleting one wherever it lives.
 
-Both run in the checkpoint manager's background thread (never on an event loop). A
-checkpoint that is a node reference is uploaded *on its owning node*, through
-``client.run``, so that its bytes go from that node's disk straight to storage and
-never through the driver; anything else is uploaded from this process.
+Both run in the checkpoint manager's background thread (never on an event loop), in
+the driver. Where a node reference's bytes are written from depends on who can see
+the URI (:func:`uploads_from_node`):
+
+- storage every node reaches (any remote fsspec URI such as ``s3://``, or a local
+  path under ``dckpt.shared-paths``): uploaded *on its owning node*, through
+  ``client.run``, so that the bytes go from that node's disk straight to storage and
+  never through the driver;
+- a local path that is not shared (the default ``storage_uri`` among them), or
+  ``memory://``: that is the *driver's* disk (or memory), which other machines do not
+  see, so the driver fetches the reference (:meth:`Checkpoint.to_uri` resolves it
+  here, from the node that holds it) and writes it.
+
+Anything that is not a node reference is written from this process.
 """
 
 from __future__ import annotations
@@ -12,10 +22,14 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
+import shutil
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from dckpt import storage
+import fsspec.core
+
+from dckpt import _config, node, storage
 from dckpt.checkpoint import Checkpoint
 from dckpt.errors import CheckpointNotFoundError, CheckpointUnavailableError
 
@@ -36,6 +50,19 @@ def node_ref_of(checkpoint: Checkpoint) -> NodeRef | None:
     return checkpoint._resolved_from
 
 
+def uploads_from_node(uri: str) -> bool:
+    """Whether a node reference is persisted to ``uri`` from its own node.
+
+    True for storage every node reaches: a remote fsspec URI, or a local path (plain or
+    ``file://``) under ``dckpt.shared-paths`` (as configured in the driver). False for
+    a local path that is not shared and for ``memory://``: only the driver's process
+    sees those, so the driver writes them.
+    """
+    if storage.is_local_uri(uri):
+        return node.is_shared_path(storage.local_path_of(uri))
+    return fsspec.core.split_protocol(uri)[0] != "memory"
+
+
 def persist(
     checkpoint: Checkpoint,
     uri: str,
@@ -44,14 +71,16 @@ def persist(
 ) -> Checkpoint:
     """Upload ``checkpoint`` to ``uri`` (atomically: commit marker last).
 
-    Returns the checkpoint to track from now on: ``checkpoint`` itself, or for a node
-    reference a copy whose reference also carries ``uri``, so that it can still be
-    had from storage once its node is gone. A failed upload leaves nothing at ``uri``.
+    A node reference is uploaded from its own node when :func:`uploads_from_node`,
+    else fetched by this process (the driver) and written here. Returns the checkpoint
+    to track from now on: ``checkpoint`` itself, or for a node reference a copy whose
+    reference also carries ``uri``, so that it can still be had from storage once its
+    node is gone. A failed upload leaves nothing at ``uri``.
 
     Raises
     ------
     CheckpointUnavailableError
-        The worker that owns a node reference is gone.
+        The worker that owns a node reference is gone (and no other source has it).
     """
     options = dict(storage_options or {})
     ref = node_ref_of(checkpoint)
@@ -61,19 +90,56 @@ def persist(
             return checkpoint
         # A fresh object with only the reference: never the driver's copy of the data.
         remote = checkpoint._with_node_ref(ref)
-        done = _client(client).run(_upload_on_worker, remote, uri, options,
-                                   workers=[ref.store_address], on_error="return")
-        reply = done.get(ref.store_address)
-        if ref.store_address not in done or isinstance(reply, BaseException):
-            raise CheckpointUnavailableError(
-                f"cannot persist {checkpoint!r} to {uri}: the worker that holds it "
-                f"({ref.store_address}, node {ref.node_id}) did not do it: {reply!r}"
-            ) from (reply if isinstance(reply, BaseException) else None)
+        if uploads_from_node(uri):
+            _upload_on_node(remote, ref, uri, options, _client(client))
+        else:
+            _write_here(remote, ref, uri, options, _client(client))
         return checkpoint._with_node_ref(dataclasses.replace(ref, uris=(*ref.uris, uri)))
     except BaseException:
         with contextlib.suppress(Exception):  # what a failed upload left half-written
             storage.delete(uri, storage_options=options)
         raise
+
+
+def _upload_on_node(
+    remote: Checkpoint, ref: NodeRef, uri: str, options: dict[str, Any], client: Client
+) -> None:
+    done = client.run(_upload_on_worker, remote, uri, options,
+                      workers=[ref.store_address], on_error="return")
+    reply = done.get(ref.store_address)
+    if ref.store_address not in done or isinstance(reply, BaseException):
+        raise CheckpointUnavailableError(
+            f"cannot persist {remote!r} to {uri}: the worker that holds it "
+            f"({ref.store_address}, node {ref.node_id}) did not do it: {reply!r}"
+        ) from (reply if isinstance(reply, BaseException) else None)
+
+
+def _write_here(
+    remote: Checkpoint, ref: NodeRef, uri: str, options: dict[str, Any], client: Client
+) -> None:
+    """Fetch ``remote`` into this process and write it to ``uri``.
+
+    The reference is resolved here as any use of it would be (the same node's path, a
+    shared path, else a copy streamed from a holder or downloaded from a URI), with
+    ``client`` as the current client so that a client that is not the default one
+    works too (this runs in the manager's thread).
+    """
+    with client.as_current():
+        remote.to_uri(uri, storage_options=options)
+    # Resolving a reference from another node left a copy in the driver's folder of
+    # fetched copies (<dckpt.temporary-directory>/dckpt-fetched/, see
+    # dckpt.cluster._resolve), kept until the driver exits: the persisted copy is this
+    # machine's copy now, so do not keep every checkpoint of the run twice. Paths
+    # elsewhere (the origin's own directory, a shared path, a node's cache) stay.
+    kind, path = remote.get_internal_representation()
+    fetched = os.path.join(_config.temporary_directory(), "dckpt-fetched")
+    if kind == "local_path" and path != ref.path and _is_under(path, fetched):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _is_under(path: str, folder: str) -> bool:
+    path, folder = os.path.abspath(path), os.path.abspath(folder)
+    return os.path.commonpath([path, folder]) == folder and path != folder
 
 
 async def _upload_on_worker(

@@ -29,11 +29,14 @@ class MetricNotFoundError(KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-def score_of(metrics: Mapping[str, Any], attribute: str) -> float:
+def score_of(
+    metrics: Mapping[str, Any], attribute: str, what: str = "checkpoint_score_attribute"
+) -> float:
     """The value of ``attribute`` in ``metrics`` as a float (NaN allowed).
 
     A dotted attribute reaches into nested dicts (``"val.loss"``); a top-level key
-    spelled exactly like the attribute wins over the nested lookup.
+    spelled exactly like the attribute wins over the nested lookup. ``what`` names the
+    attribute in error messages.
 
     Raises
     ------
@@ -53,14 +56,14 @@ def score_of(metrics: Mapping[str, Any], attribute: str) -> float:
                     f"[{p!r}]" for p in parts[:i])
                 keys = sorted(map(str, value)) if isinstance(value, Mapping) else []
                 raise MetricNotFoundError(
-                    f"checkpoint_score_attribute {attribute!r} is not among the reported "
+                    f"{what} {attribute!r} is not among the reported "
                     f"metrics: {where} has no key {part!r} (keys present: {keys}); report "
-                    "it with every checkpoint, or change checkpoint_score_attribute"
+                    f"it with every checkpoint, or change {what}"
                 )
             value = value[part]
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise TypeError(
-            f"checkpoint_score_attribute {attribute!r} must be a number to rank "
+            f"{what} {attribute!r} must be a number to rank "
             f"checkpoints by, but it is {value!r} ({type(value).__name__})"
         )
     return float(value)

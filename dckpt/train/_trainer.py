@@ -11,6 +11,7 @@ they arrive; after a failure the next attempt resumes from its latest one.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
@@ -25,7 +26,7 @@ from dask.utils import parse_timedelta
 from dckpt import node
 from dckpt.checkpoint import Checkpoint
 from dckpt.cluster import install
-from dckpt.train import _torch
+from dckpt.train import _local, _torch
 from dckpt.train._channel import ReportChannel
 from dckpt.train._errors import TrainingFailedError
 from dckpt.train._group import RankGroup
@@ -94,7 +95,8 @@ class DataParallelTrainer:
         What :func:`~dckpt.train.get_checkpoint` returns on the first attempt, and on
         later ones until rank 0 has registered a checkpoint.
     client
-        The client of the cluster; default: the default client.
+        The client of the cluster; default: the default client, and without one a
+        local cluster of the run's own (see :meth:`fit`).
     setup_torch_distributed
         Set up ``torch.distributed`` with gloo in every rank before calling the
         function (``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``,
@@ -169,6 +171,16 @@ class DataParallelTrainer:
     def fit(self) -> Result:
         """Run the training function on the ranks until every rank has returned.
 
+        Without ``client`` and without a default Dask client, the run gets a local
+        cluster of its own, as Ray starts a local runtime: ``num_workers`` worker
+        processes on this machine (``distributed.LocalCluster``), started and closed
+        by this call, also when it raises (both logged at INFO under ``dckpt``). The
+        checkpoints of the :class:`Result` then outlive that cluster: each is a
+        directory on this machine, the persisted copy at the run's ``storage_uri``
+        when that is local (as by default), else a copy made with
+        :meth:`Checkpoint.to_directory` (see :mod:`dckpt.train._local`); an injected
+        ``checkpoint_manager`` is waited for (``wait()``) before the cluster closes.
+
         Returns
         -------
         Result
@@ -180,18 +192,40 @@ class DataParallelTrainer:
             When the ranks failed more than ``max_failures`` times, or fewer than
             ``num_workers`` workers were alive for ``dckpt.train.worker-wait-timeout``.
         """
-        client = self.client or distributed.get_client()
+        client = self.client or _default_client()
+        if client is not None:
+            return self._fit(client, own_cluster=False)
+        with _local.local_cluster(self.num_workers, self.run_name) as client:
+            return self._fit(client, own_cluster=True)
+
+    # ------------------------------------------------------------------ internals
+
+    def _fit(self, client: distributed.Client, own_cluster: bool) -> Result:
         install(client)  # idempotent; ranks need their node's store to report checkpoints
         manager, owned = self._manager(client)
         channel = ReportChannel(client)
+        failure: TrainingFailedError | None = None
         try:
-            return self._run(client, manager, channel)
+            try:
+                result = self._run(client, manager, channel)
+            except TrainingFailedError as e:
+                failure, result = e, e.result
         finally:
             channel.close()
             if owned:
                 manager.close()
-
-    # ------------------------------------------------------------------ internals
+            elif own_cluster and callable(getattr(manager, "wait", None)):
+                # The cluster goes next: its nodes must finish their uploads first.
+                manager.wait()  # type: ignore[attr-defined]
+        # The manager's checkpoints as they are now: persisted ones carry their URI.
+        result = dataclasses.replace(result, checkpoint=manager.latest_checkpoint,
+                                     best_checkpoints=list(manager.best_checkpoints))
+        if own_cluster:
+            result = _local.without_cluster(result, client)
+        if failure is not None:
+            failure.result = result
+            raise failure
+        return result
 
     def _manager(self, client: distributed.Client) -> tuple[CheckpointManagerLike, bool]:
         if self.checkpoint_manager is not None:
@@ -313,6 +347,15 @@ class DataParallelTrainer:
             metrics_history=history.entries, error=error, run_name=self.run_name,
             failures=failures,
         )
+
+
+def _default_client() -> distributed.Client | None:
+    """The client ``distributed.get_client()`` gives (the default one, or a worker's
+    inside a task), or None when there is none."""
+    try:
+        return distributed.get_client()
+    except ValueError:  # "No global client found and no address provided"
+        return None
 
 
 def _wait_for_workers(client: distributed.Client, count: int) -> dict[str, str]:

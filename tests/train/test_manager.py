@@ -85,21 +85,38 @@ def test_bad_config_is_refused_clearly(config, match):
 # ---------------------------------------------------------------------------- ranking
 
 
-@pytest.mark.parametrize(("order", "best"), [("max", [4, 2]), ("min", [1, 3, 4])])
+@pytest.mark.parametrize(("order", "kept", "ranked"), [
+    ("max", [2, 4], [2, 4]),
+    ("min", [1, 3, 4], [3, 1]),
+])
 def test_top_k_keeps_the_best_and_deletes_the_rest_at_the_uri(
-    make_manager, storage_uri, order, best
+    make_manager, storage_uri, order, kept, ranked
 ):
     manager = make_manager(num_to_keep=2, checkpoint_score_attribute="score",
                            checkpoint_score_order=order, storage_uri=storage_uri)
     _register(manager, [3.0, 1.0, 4.0, 2.0, 5.0])
     manager.wait()
     # The top 2, and the latest (index 4) even where it is the worst ("min").
-    assert sorted(_kept(manager)) == sorted(best)
-    assert [m["step"] for _, m in manager.best_checkpoints] == best
-    assert _folders(storage_uri) == {f"checkpoint_{i:06d}" for i in best}
+    assert _kept(manager) == kept
+    # The top 2 only, worst first (Ray's order): the latest is not among them in "min".
+    assert [m["step"] for _, m in manager.best_checkpoints] == ranked
+    assert _folders(storage_uri) == {f"checkpoint_{i:06d}" for i in kept}
     assert all(t.uri is not None for t in manager.tracked)
-    assert manager.best_checkpoint.to_dict() == {"i": best[0]}
+    assert manager.best_checkpoint.to_dict() == {"i": ranked[-1]}
     assert manager.latest_checkpoint.to_dict() == {"i": 4}
+
+
+@pytest.mark.parametrize(("order", "ranked"), [("min", [(3, 5), (1, 3)]),
+                                               ("max", [(3, 5), (2, 7)])])
+def test_best_checkpoints_are_in_rays_order_worst_first(make_manager, order, ranked):
+    """Ray 2.6's own trainer test (test_checkpoints_to_keep): NaN, 3, 7, 5 reported,
+    num_to_keep=2 keeps, worst first, (idx 3, loss 5) then the best."""
+    manager = make_manager(num_to_keep=2, checkpoint_score_attribute="loss",
+                           checkpoint_score_order=order, persist_every=0)
+    for i, loss in enumerate([float("nan"), 3, 7, 5]):
+        manager.register(Checkpoint.from_dict({"idx": i}), {"loss": loss})
+    assert [(c.to_dict()["idx"], m["loss"]) for c, m in manager.best_checkpoints] == ranked
+    assert manager.best_checkpoint.to_dict() == {"idx": ranked[-1][0]}
 
 
 def test_the_latest_is_kept_until_a_newer_one_comes(make_manager, memory_uri):
@@ -122,8 +139,8 @@ def test_nan_ranks_last_in_both_orders(make_manager, order):
     nan = float("nan")
     _register(manager, [nan, 1.0, 2.0, nan, 3.0])
     ranked = [m["step"] for _, m in manager.best_checkpoints]
-    numbers = [4, 2, 1] if order == "max" else [1, 2, 4]
-    assert ranked == [*numbers, 3, 0]  # NaNs last, the later NaN first
+    numbers = [1, 2, 4] if order == "max" else [4, 2, 1]
+    assert ranked == [0, 3, *numbers]  # worst first: NaNs, the earlier NaN first
 
 
 def test_nan_falls_out_of_the_top_k(make_manager):
@@ -139,6 +156,13 @@ def test_of_equal_scores_the_later_one_wins(make_manager):
     _register(manager, [1.0, 1.0, 0.0])
     assert _kept(manager) == [1, 2]
     assert manager.best_checkpoint.to_dict() == {"i": 1}
+    assert [m["step"] for _, m in manager.best_checkpoints] == [1]  # 2 is only the latest
+
+
+def test_of_equal_scores_the_earlier_one_is_listed_first(make_manager):
+    manager = make_manager(checkpoint_score_attribute="score", persist_every=0)
+    _register(manager, [1.0, 2.0, 1.0])
+    assert [m["step"] for _, m in manager.best_checkpoints] == [0, 2, 1]
 
 
 def test_without_a_score_attribute_the_latest_is_the_best(make_manager):
@@ -333,7 +357,7 @@ def test_restore_carries_on_where_the_old_driver_stopped(make_manager, storage_u
     new = CheckpointManager.restore(storage_uri)
     try:
         assert [(t.index, t.metrics, t.uri) for t in new.tracked] == kept
-        assert [m["loss"] for _, m in new.best_checkpoints] == [0.5, 0.7, 0.8]
+        assert [m["loss"] for _, m in new.best_checkpoints] == [0.7, 0.5]  # the top 2
         assert new.latest_checkpoint.to_dict() == {"i": 3}
         assert new.best_checkpoint.to_dict() == {"i": 1}
         assert new.config.num_to_keep == 2 and new.config.checkpoint_score_order == "min"

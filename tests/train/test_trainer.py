@@ -7,6 +7,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -96,6 +98,23 @@ def test_reports_of_all_ranks_arrive_and_rank_0s_checkpoints_stay_on_their_node(
     assert result.best_checkpoints == manager.registered
 
 
+def _report_ray_losses():
+    # Ray 2.6's test_checkpoints_to_keep: NaN (dropped), 3, 7, 5.
+    for i, loss in enumerate([float("nan"), 3, 7, 5]):
+        report({"loss": loss}, checkpoint=Checkpoint.from_dict({"idx": i}))
+
+
+@pytest.mark.parametrize(("mode", "ranked"), [("min", [(3, 5), (1, 3)]),
+                                              ("max", [(3, 5), (2, 7)])])
+def test_best_checkpoints_are_in_rays_order_worst_first(client, mode, ranked):
+    config = CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="loss",
+                              checkpoint_score_order=mode, persist_every=0)
+    result = fit(_report_ray_losses, num_workers=2, checkpoint_config=config, client=client)
+    assert result.checkpoint.to_dict()["idx"] == 3
+    assert [(c.to_dict()["idx"], m["loss"]) for c, m in result.best_checkpoints] == ranked
+    assert result.get_best_checkpoint("loss", mode).to_dict()["idx"] == ranked[-1][0]
+
+
 def _report_resume_point():
     checkpoint = get_checkpoint()
     report({"resumed_from": None if checkpoint is None else checkpoint.to_dict()["epoch"]})
@@ -149,7 +168,7 @@ def _all_reduce_ranks():
 
 
 def test_torch_distributed_gloo_across_ranks(client):
-    pytest.importorskip("torch")
+    # No importorskip: torch==2.13.0 is a test dependency, so CI runs this.
     result = fit(_all_reduce_ranks, num_workers=2, client=client,
                  checkpoint_manager=FakeManager(), setup_torch_distributed=True)
     assert [(e["sum"], e["world_size"]) for e in result.metrics_history] == [(1.0, 2)] * 2
@@ -216,21 +235,72 @@ def test_with_the_real_manager_a_new_driver_continues_from_storage(client, tmp_p
     # The trainer closed the manager it made: every upload and deletion is done.
     assert sorted(os.listdir(tmp_path / "run")) == [
         "checkpoint_000001", "checkpoint_000002", "dckpt_manager_state.json"]
-    assert [m["epoch"] for _, m in first.best_checkpoints] == [2, 1]
+    assert [m["epoch"] for _, m in first.best_checkpoints] == [1, 2]  # worst first
     # Epoch 0's checkpoint fell out of the top 2: gone from the node that wrote it too.
     dropped = [e for e in first.metrics_history if e["world_rank"] == 0 and e["epoch"] == 0]
     assert dropped and dropped[0]["node_id"] == "node-0"
 
     restored = CheckpointManager.restore(uri, client=client)
     try:
-        assert [m["epoch"] for _, m in restored.best_checkpoints] == [2, 1]
+        assert [m["epoch"] for _, m in restored.best_checkpoints] == [1, 2]
         second = DataParallelTrainer(_train, train_loop_config={"epochs": 5}, num_workers=2,
                                      checkpoint_manager=restored, client=client).fit()
     finally:
         restored.close()
     assert {e["resumed_from"] for e in second.metrics_history} == {2}
     assert sorted({e["epoch"] for e in second.metrics_history}) == [3, 4]
-    assert [m["epoch"] for _, m in restored.best_checkpoints] == [4, 3]
+    assert [m["epoch"] for _, m in restored.best_checkpoints] == [3, 4]
+
+
+def _weights(epoch: int) -> bytes:
+    return bytes(range(256)) * 40 + bytes([epoch]) * 1000
+
+
+def _save_weights(config):
+    """Rank 0 writes a directory checkpoint of its own bytes each epoch, on its node."""
+    context = get_context()
+    for epoch in range(config["epochs"]):
+        checkpoint = None
+        if context.world_rank == 0:
+            path = os.path.join(node.node_root(), "train-tests", context.run_name,
+                                f"weights-{epoch}")
+            os.makedirs(path)
+            with open(os.path.join(path, "weights.bin"), "wb") as f:
+                f.write(_weights(epoch))
+            checkpoint = Checkpoint.from_directory(path)
+        report({"epoch": epoch}, checkpoint=checkpoint)
+
+
+def test_the_default_storage_is_the_drivers_disk_and_the_driver_writes_it(
+    client, train_cluster
+):
+    # The driver's temporary directory, and so the default storage_uri, is put at the
+    # nodes' mount point: every node has that path too, but with its own disk behind
+    # it, as /tmp on the driver's machine and on a worker's are two different disks.
+    # A worker that wrote "the default storage" there would write its own disk.
+    driver_tmp = os.path.join(train_cluster.nodes[0].root, f"driver-{uuid.uuid4().hex[:8]}")
+    try:
+        with dask.config.set({"dckpt.temporary-directory": driver_tmp}):
+            result = DataParallelTrainer(
+                _save_weights, train_loop_config={"epochs": 3}, num_workers=2,
+                checkpoint_config=CheckpointConfig(num_to_keep=2), client=client,
+            ).fit()
+            folder = os.path.join(driver_tmp, "dckpt-train", result.run_name)
+            assert sorted(os.listdir(folder)) == [
+                "checkpoint_000001", "checkpoint_000002", "dckpt_manager_state.json"]
+            for epoch in (1, 2):
+                persisted = Checkpoint.from_uri(f"file://{folder}/checkpoint_{epoch:06d}")
+                with persisted.as_directory() as path, \
+                        open(os.path.join(path, "weights.bin"), "rb") as f:
+                    assert f.read() == _weights(epoch)
+            # Fetched once: the driver keeps no second copy of what it persisted.
+            fetched = os.path.join(driver_tmp, "dckpt-fetched", str(os.getpid()))
+            assert not os.path.isdir(fetched) or os.listdir(fetched) == []
+            # The Result's checkpoints fall back to the persisted copies.
+            kind, ref = result.checkpoint.get_internal_representation()
+            assert kind == "node_ref" and ref.uris == (f"{folder}/checkpoint_000002",)
+    finally:
+        shutil.rmtree(driver_tmp, ignore_errors=True)
 
 
 def test_data_parallel_example_resumes_after_the_kill():
@@ -244,3 +314,24 @@ def test_data_parallel_example_resumes_after_the_kill():
     assert result.returncode == 0, result.stderr
     assert "resumed from the checkpoint of epoch" in result.stdout
     assert "the curve continues" in result.stdout
+
+
+def test_torch_ddp_example_resumes_after_the_kill():
+    if not isolation_available():
+        pytest.skip("the example runs an isolated NodeCluster")
+    example = os.path.join(os.path.dirname(__file__), "..", "..", "examples",
+                           "train_torch_ddp.py")
+    try:  # inside the test's timeout, so that a run that hangs shows how far it got
+        result = subprocess.run([sys.executable, example], capture_output=True, text=True,
+                                timeout=100, check=False)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"the example did not finish in {e.timeout} s; it said:\n{e.stdout}\n"
+                    f"{e.stderr}")
+    assert result.returncode == 0, result.stderr
+    assert "-- killing node-1 (rank 1) after epoch 8 --" in result.stdout
+    assert "resumed from the checkpoint of epoch 8, continuing at epoch 9" in result.stdout
+    # The loss went on from where it was: a restart from scratch would jump back up.
+    match = re.search(r"last before the failure ([\d.]+); first after the resume ([\d.]+)",
+                      result.stdout)
+    assert match, result.stdout
+    assert float(match[2]) < float(match[1])
