@@ -24,7 +24,7 @@ from dckpt.errors import (
 )
 
 REF = NodeRef(node_id="node-0", path="/data/ckpt", checkpoint_id=CheckpointId("c" * 32),
-              size=1234, digest="d" * 64, store_address="tcp://10.0.0.1:4000", uris=())
+              size=1234, digest="d" * 64, store_address="tcp://127.0.0.1:4000", uris=())
 
 
 @pytest.mark.parametrize("error", [
