@@ -515,7 +515,7 @@ def test_demo_tells_the_whole_story_in_one_command():
     out = ok(dckpt("demo", "--batches", "40"))
     assert "killing node-1, which runs rank 1, after epoch 8" in out
     assert "1 failure(s) survived; resumed at epoch 9" in out
-    assert "best checkpoints kept: epoch" in out and "accuracy 0.9" in out
+    assert "best checkpoints kept, best first: epoch" in out and "accuracy 0.9" in out
     rows = [line.split() for line in out.splitlines() if line.startswith("node-")]
     assert [row[0] for row in rows] == ["node-0", "node-1", "node-2"]
     assert all(int(row[4]) <= 1 for row in rows)  # prediction: once per node at most
