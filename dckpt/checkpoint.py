@@ -22,6 +22,7 @@ import functools
 import importlib
 import io
 import os
+import shutil
 import uuid
 import warnings
 from collections.abc import Callable, Iterator, Mapping

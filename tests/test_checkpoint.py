@@ -11,6 +11,7 @@ import sys
 import threading
 from pathlib import Path
 
+import dask.config
 import fsspec
 import pytest
 
@@ -668,3 +669,20 @@ def test_to_directory_and_to_bytes_report_progress_per_file(tmp_path):
     for recorder in (copied, packed):
         assert sum(c.value for _, _, c in recorder.children) == sum(sizes.values())
     assert copied.value == len(sizes)
+
+
+def test_a_uri_rewritten_just_after_its_download_is_refused_and_nothing_kept(
+    tmp_path, memory_uri, monkeypatch
+):
+    """as_directory() checks the URI's committed version again once its download is
+    done: a commit that landed meanwhile is refused, and the download is removed."""
+    uri = Checkpoint.from_dict({"x": 1}).to_uri(f"{memory_uri}/c")
+    checkpoint = Checkpoint.from_uri(uri)
+    versions = iter(["v1", "v2"])
+    monkeypatch.setattr(dckpt.storage, "uri_version", lambda *a, **k: next(versions))
+    temp = tmp_path / "temp"
+    with dask.config.set({"dckpt.temporary-directory": str(temp)}), \
+            pytest.raises(dckpt.CheckpointFormatError, match="rewritten while it was being"):
+        with checkpoint.as_directory():
+            pytest.fail("a download of another version was served")
+    assert [p for p in temp.rglob("*") if p.is_file() and "dict_checkpoint" in p.name] == []

@@ -99,3 +99,14 @@ def test_no_test_sleeps_to_wait_for_something():
         if re.search(r"\btime\.sleep\(|^\s*from time import .*\bsleep\b", line)
     ]
     assert offenders == [], f"time.sleep in tests: {offenders}"
+
+
+@pytest.mark.slow
+def test_mypy_finds_nothing_in_dckpt():
+    """The package is type-checked as part of the tests (settings in pyproject.toml)."""
+    pytest.importorskip("mypy")
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy", "--cache-dir", str(ROOT / ".mypy_cache")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
