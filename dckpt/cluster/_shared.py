@@ -233,18 +233,26 @@ def _unescape(field: str) -> str:
 
 
 def _mount_of(real: str) -> _Mount | None:
-    """The mount that ``real`` lies on in this process's mount namespace."""
+    """The mount that ``real`` lies on in this process's mount namespace.
+
+    The mount with the longest mount point above ``real`` among those of the device
+    that ``stat`` shows for it, so that a mount hidden under a later one is not taken
+    for it. None when there is no mount table or no such mount (a btrfs subvolume
+    below the mounted one has a device number of its own): nothing is then found.
+    """
     try:
+        st_dev = os.stat(real).st_dev
         with open(_MOUNTINFO) as f:
             lines = f.read().splitlines()
     except OSError:
         return None
+    device = f"{os.major(st_dev)}:{os.minor(st_dev)}"
     best: _Mount | None = None
     for line in lines:
         # id parent major:minor root point options [optional...] - fstype source super
         left, sep, right = line.partition(" - ")
         fields, tail = left.split(), right.split()
-        if not sep or len(fields) < 5 or len(tail) < 2:
+        if not sep or len(fields) < 5 or len(tail) < 2 or fields[2] != device:
             continue
         point = _unescape(fields[4])
         if not (real == point or real.startswith(point.rstrip("/") + "/")):
