@@ -138,6 +138,13 @@ def test_a_reader_with_more_entries_stops_walking_early(tree):
     assert _shared._walk(tree, limit=fp.entries)[0] == fp.entries + 1
 
 
+def test_mount_points_with_escaped_characters_are_read_back():
+    from dckpt.cluster._shared import _unescape
+
+    assert _unescape(r"/mnt/with\040space\011tab\134back") == "/mnt/with space\ttab\\back"
+    assert _unescape("/mnt/caf\u00e9") == "/mnt/caf\u00e9"
+
+
 # -- two isolated nodes that share one folder -----------------------------------------
 
 SIZE = 1 << 20
@@ -270,10 +277,3 @@ def test_a_same_named_folder_on_the_readers_own_disk_is_not_mistaken_for_it(
 def _read_file(path: str) -> str:
     with open(path) as f:
         return f.read()
-
-
-def test_mount_points_with_escaped_characters_are_read_back():
-    from dckpt.cluster._shared import _unescape
-
-    assert _unescape(r"/mnt/with\040space\011tab\134back") == "/mnt/with space\ttab\\back"
-    assert _unescape("/mnt/caf\u00e9") == "/mnt/caf\u00e9"
