@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dckpt.cluster._cache import CheckpointId
+from dckpt.cluster._shared import Fingerprint
 
 __all__ = ["CheckpointId", "NodeRef"]
 
@@ -16,7 +17,8 @@ class NodeRef:
     A few hundred bytes pickled, whatever the checkpoint's size. Resolved on first use
     (:func:`dckpt.cluster._resolve.resolve`): the same node uses ``path``; another node
     copies it through the store at ``store_address`` into its cache, or downloads it from
-    one of ``uris``.
+    one of ``uris``. ``fingerprint`` lets a node that sees ``path`` on a disk it shares
+    with the origin use it in place (:mod:`dckpt.cluster._shared`); None: never.
     """
 
     node_id: str
@@ -26,6 +28,7 @@ class NodeRef:
     digest: str
     store_address: str
     uris: tuple[str, ...] = ()
+    fingerprint: Fingerprint | None = None
 
     def __repr__(self) -> str:
         return (

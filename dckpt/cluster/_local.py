@@ -17,7 +17,11 @@ How isolation is done. Every node sees its storage at the *same* path, the mount
 ``BACKING`` is the node's own folder ``<cluster root>/backing/node-<i>`` (on disk, so a
 restarted worker of the same node finds its data again), and the tmpfs over
 ``<cluster root>/backing`` hides every node's backing folder from every worker, so the
-mount point is the only way a node reaches its data. "Private" propagation keeps the
+mount point is the only way a node reaches its data. A *shared folder* (``shared_folders``)
+is one more bind mount before the tmpfs: the one folder ``<cluster root>/backing/shared/<name>``
+at ``MOUNTPOINT/<name>`` in every node, the same files at the same path on every node, as an
+NFS export that every machine mounts at one place — while the rest of each node's root stays
+its own. Folders of the machine outside the cluster root are not hidden from any node. "Private" propagation keeps the
 mounts out of the driver's namespace: in the driver, ``<cluster root>/node`` stays an
 empty folder. The namespace, and its mounts, disappear with the worker process. Not
 root? The same works inside a user namespace (``unshare --user --map-root-user``)
@@ -48,7 +52,7 @@ import tempfile
 import time
 import warnings
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
@@ -98,14 +102,18 @@ class NodeInfo:
     isolated: bool
 
 
-# Mount the node's backing folder ($1) at the shared mount point ($2), hide the folder
-# of all backing folders ($3), then become the worker ($4...). `exec` keeps one process,
+# Mount the node's backing folder ($1) at the shared mount point ($2), bind each pair of
+# (shared folder, mount point) that follows up to a "--", hide the folder of all backing
+# folders ($3), then become the worker (what follows the "--"). `exec` keeps one process,
 # so the pid that Popen knows is the worker's pid.
 _ISOLATE_SCRIPT = (
-    'mount --bind "$1" "$2" && '
-    'mount -t tmpfs -o size=1m,mode=0755 dckpt-hidden "$3" && '
-    'shift 3 && exec "$@"'
+    'mount --bind "$1" "$2" && hidden="$3" && shift 3 && '
+    'while [ "$1" != "--" ]; do mount --bind "$1" "$2" || exit 1; shift 2; done && shift && '
+    'mount -t tmpfs -o size=1m,mode=0755 dckpt-hidden "$hidden" && '
+    'exec "$@"'
 )
+# Names a shared folder may not take: what dckpt and the worker keep in a node's root.
+_RESERVED_NAMES = frozenset({"cache", "tmp", "dask-worker-space"})
 _ROOT_PREFIX = ("unshare", "--mount", "--propagation", "private")
 _USER_PREFIX = ("unshare", "--user", "--map-root-user", "--mount", "--propagation", "private")
 # How long a worker or the scheduler may take to shut down after SIGTERM before SIGKILL.
@@ -138,7 +146,7 @@ def _probe_isolation() -> tuple[tuple[str, ...] | None, str]:
         open(os.path.join(backing, "marker"), "w").close()
         for prefix in candidates:
             command = [*prefix, "--", "sh", "-c", _ISOLATE_SCRIPT, "sh", backing,
-                       mount_point, hidden, "test", "-f", marker]
+                       mount_point, hidden, "--", "test", "-f", marker]
             try:
                 result = subprocess.run(
                     command, stdin=subprocess.DEVNULL, capture_output=True, timeout=10
@@ -266,6 +274,14 @@ class NodeCluster:
         ``dask.config.set``: pass settings as ``DASK_DCKPT__...`` variables here.
     startup_timeout
         Seconds the scheduler, and then the workers, may take to come up.
+    shared_folders
+        Names of folders that every node sees with the same files, at
+        ``<node root>/<name>`` (the same path on every node): one folder of this machine,
+        bind-mounted into every node's namespace, like an NFS export every machine
+        mounts. The driver reaches it at :meth:`shared_folder`. Needs isolation
+        (``ValueError`` without it: non-isolated nodes have roots at different paths).
+        Each name is one path component, and not one of ``cache``, ``tmp``,
+        ``dask-worker-space``.
 
     Attributes
     ----------
@@ -301,6 +317,7 @@ class NodeCluster:
     _worker_options: list[str]
     _env: dict[str, str]
     _startup_timeout: float
+    _shared_folders: tuple[str, ...]
     _state: _Processes
     _admin: distributed.Client
     _finalizer: weakref.finalize[[_Processes], NodeCluster]
@@ -315,9 +332,18 @@ class NodeCluster:
         memory_limit: str | int = "2GiB",
         env: Mapping[str, str] | None = None,
         startup_timeout: float = 60,
+        shared_folders: Sequence[str] = (),
     ) -> None:
         if n_nodes < 1:
             raise ValueError(f"NodeCluster needs at least one node, got n_nodes={n_nodes}")
+        self._shared_folders = tuple(dict.fromkeys(shared_folders))
+        for name in self._shared_folders:
+            if not name or name in (".", "..") or "/" in name or name in _RESERVED_NAMES:
+                raise ValueError(
+                    f"NodeCluster(shared_folders=...) got {name!r}; each name is one folder "
+                    "name such as 'shared', and not one of "
+                    f"{', '.join(sorted(_RESERVED_NAMES))} (which the nodes use themselves)"
+                )
         self._prefix = None
         if isolate is not False:
             self._prefix, reason = _probe_isolation()
@@ -336,6 +362,13 @@ class NodeCluster:
                     stacklevel=2,
                 )
         self.isolated = self._prefix is not None
+        if self._shared_folders and not self.isolated:
+            raise ValueError(
+                f"NodeCluster(shared_folders={list(self._shared_folders)}) needs isolated "
+                "nodes, whose roots are at one path; "
+                + ("isolate=False was given" if isolate is False
+                   else "isolation is not available here")
+            )
         self._worker_options = [
             "--nthreads", str(threads_per_worker),
             "--nworkers", "1",
@@ -371,6 +404,10 @@ class NodeCluster:
             os.makedirs(self._backing(index), exist_ok=True)
         if self.isolated:
             os.makedirs(self._mount_point(), exist_ok=True)
+        for name in self._shared_folders:
+            os.makedirs(self.shared_folder(name), exist_ok=True)
+            for index in range(n_nodes):  # where each node mounts it
+                os.makedirs(os.path.join(self._backing(index), name), exist_ok=True)
         self.scheduler_address = self._start_scheduler()
         self._admin = distributed.Client(
             self.scheduler_address, set_as_default=False, timeout=self._startup_timeout
@@ -447,9 +484,11 @@ class NodeCluster:
             "--local-directory", os.path.join(node_root, "dask-worker-space"),
         ]
         if self._prefix is not None:
+            binds = [path for name in self._shared_folders
+                     for path in (self.shared_folder(name), os.path.join(node_root, name))]
             command = [*self._prefix, "--", "sh", "-c", _ISOLATE_SCRIPT, "sh",
                        self._backing(index), node_root, os.path.join(self.root, "backing"),
-                       *command]
+                       *binds, "--", *command]
         env = {
             "DASK_DCKPT__NODE_ID": node_id,
             "DASK_DCKPT__NODE_ROOT": node_root,
@@ -518,6 +557,20 @@ class NodeCluster:
         client = distributed.Client(self.scheduler_address, **kwargs)
         self._state.clients.append(client)
         return client
+
+    def shared_folder(self, name: str) -> str:
+        """Where the driver reaches shared folder ``name``: the folder of this machine
+        that every node sees at ``<node root>/<name>``.
+
+        Raises
+        ------
+        KeyError
+            If the cluster has no shared folder of that name.
+        """
+        if name not in self._shared_folders:
+            raise KeyError(f"{self!r} has no shared folder {name!r} (it has "
+                           f"{list(self._shared_folders) or 'none'}); see shared_folders=")
+        return os.path.join(self.root, "backing", "shared", name)
 
     def kill_node(self, index: int) -> None:
         """SIGKILL the worker of node ``index``, as a crash would, and wait until the

@@ -7,7 +7,9 @@ needs the data, and tries, in this order (DESIGN.md, "References, resolution and
 fallbacks"):
 
 1. the same node, where the path still exists: used as it is, no copy;
-2. a path under ``dckpt.shared-paths`` that exists here: used as it is;
+2. a path under ``dckpt.shared-paths`` that exists here, or a path that shows here the
+   very files the origin fingerprinted (a shared disk found, not configured:
+   :mod:`dckpt.cluster._shared`): used as it is;
 3. this node's cache, holding that checkpoint id with that digest;
 4. the owner's store: streamed into this node's cache;
 5. each URI the reference carries: downloaded into this node's cache;
@@ -47,7 +49,7 @@ from distributed.utils import sync
 
 from dckpt import _config, node, transfer
 from dckpt._locks import is_alive
-from dckpt.cluster import _stream
+from dckpt.cluster import _shared, _stream
 from dckpt.cluster._cache import MAX_BYTES_SETTING, MAX_BYTES_VARIABLE
 from dckpt.cluster._core import CheckpointId, NodeRef
 from dckpt.cluster._store import STORE_KEY, NodeStore, download_into, register_directory
@@ -85,6 +87,7 @@ def make_ref(path: str, uris: tuple[str, ...] = ()) -> NodeRef | None:
         digest=registration.manifest.digest,
         store_address=worker.address,
         uris=tuple(uris),
+        fingerprint=_shared.fingerprint(real),
     )
 
 
@@ -103,7 +106,10 @@ def resolve(ref: NodeRef) -> str:
             return ref.path
         tried.append(f"shared path: {ref.path} does not exist here")
     else:
-        tried.append(f"shared path: {ref.path} is not under dckpt.shared-paths")
+        same, why_not = _shared.same_files(ref.path, ref.fingerprint, ref.node_id)
+        if same:
+            return ref.path
+        tried.append(f"shared path: {ref.path} is not under dckpt.shared-paths, and {why_not}")
 
     worker = _current_worker()
     try:

@@ -192,3 +192,23 @@ def test_a_failed_start_leaves_nothing_behind(tmp_path):
 def test_invalid_node_count():
     with pytest.raises(ValueError, match="at least one node"):
         NodeCluster(0)
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "cache", "tmp", "dask-worker-space"])
+def test_invalid_shared_folder_names(name):
+    before = child_pids()
+    with pytest.raises(ValueError, match=r"shared_folders=\.\.\.\) got .*one folder name"):
+        NodeCluster(1, isolate=False, shared_folders=[name])
+    assert child_pids() == before
+
+
+def test_shared_folders_need_isolation(monkeypatch):
+    before = child_pids()
+    with pytest.raises(ValueError, match=r"shared_folders=\['shared'\]\) needs isolated.*"
+                                         r"isolate=False was given"):
+        NodeCluster(1, isolate=False, shared_folders=["shared"])
+    _force_unavailable(monkeypatch)
+    with pytest.warns(IsolationUnavailableWarning), \
+            pytest.raises(ValueError, match="isolation is not available here"):
+        NodeCluster(1, shared_folders=["shared"])
+    assert child_pids() == before
