@@ -1,7 +1,7 @@
 """Locality-aware batch prediction: a model trained on node 0 scores 300 partitions on
 three nodes, and its checkpoint moves to each other node once.
 
-Run it with ``python examples/batch_predict.py`` (about 15 s; it needs the ``predict``
+Run it with ``python examples/batch_predict.py`` (about 20 s; it needs the ``predict``
 extra: ``pip install -e '.[predict]'``). It starts an isolated three-node
 ``NodeCluster`` (each worker a node that cannot see the others' files), fits a small
 least-squares model in a task on node 0 and writes it there as a directory checkpoint

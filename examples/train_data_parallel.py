@@ -1,6 +1,6 @@
 """Data-parallel training that survives the loss of a node, on a local 3-node cluster.
 
-Run it with ``python examples/train_data_parallel.py`` (about 20 s on 2 cores).
+Run it with ``python examples/train_data_parallel.py`` (about 15 s on 2 cores).
 
 A logistic regression (pure Python: dckpt needs no numpy; the training function is
 ``dckpt.demo.train_loop`` and the run ``dckpt.demo.train_with_a_kill``, shared with

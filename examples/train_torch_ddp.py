@@ -1,7 +1,7 @@
 """PyTorch DistributedDataParallel that survives the loss of a node, on a local 3-node cluster.
 
 Run it with ``python examples/train_torch_ddp.py`` where PyTorch is installed
-(``pip install torch==2.13.0``, the CPU build is enough; about 15 s on 2 cores);
+(``pip install torch==2.13.0``, the CPU build is enough; about 25 s on 2 cores);
 without it, the script says so and exits.
 
 The story of ``examples/train_data_parallel.py``, told with PyTorch. Two ranks fit a
