@@ -13,7 +13,8 @@ a copy is (``Checkpoint.__getstate__``) keeps the original id, origin and URIs.
 
 1. the same node, where the path still exists: used as it is, no copy;
 2. a path under ``dckpt.shared-paths`` that exists here: used as it is;
-3. this node's cache, holding that checkpoint id;
+3. a directory this node serves with the same content (the same id), used as it is;
+   else this node's cache, holding that checkpoint id;
 4. every holder the scheduler's registry names (``dckpt_holders``): nodes with a
    cached copy that are not serving many transfers already first, then the origin
    node at the worker it has *now* (a restarted worker has a new address; the one in
@@ -120,6 +121,11 @@ def resolve(ref: NodeRef) -> str:
         tried.append(f"shared path: {ref.path} is not under dckpt.shared-paths")
 
     worker = _current_worker()
+    store = worker.state.actors.get(STORE_KEY) if worker is not None else None
+    if worker is not None and isinstance(store, NodeStore):
+        served: str | None = sync(worker.loop, store.served, ref.checkpoint_id)
+        if served is not None:
+            return served
     cached = _cached_here(ref, worker)
     if cached is not None:
         return cached

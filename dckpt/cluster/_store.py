@@ -187,6 +187,22 @@ class NodeStore:
 
     # ------------------------------------------------------------- receiver side
 
+    async def served(self, checkpoint_id: CheckpointId) -> str | None:
+        """The directory registered here under ``checkpoint_id`` if it still has that
+        content (checked from ``stat`` calls, hashing only files written since), or None.
+        """
+        registration = self._registry.find(checkpoint_id)
+        if registration is None:
+            return None
+
+        def unchanged() -> bool:
+            try:
+                return transfer.build_manifest(registration.path).content_id == checkpoint_id
+            except OSError:
+                return False
+
+        return registration.path if await asyncio.to_thread(unchanged) else None
+
     async def cached(self, checkpoint_id: CheckpointId, digest: str) -> str | None:
         """The path of this node's cached copy of the checkpoint, or None (a miss)."""
         path = await asyncio.to_thread(self._cache.lookup, checkpoint_id, digest)
