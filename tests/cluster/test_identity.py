@@ -201,3 +201,31 @@ def test_a_restarted_worker_serves_what_its_node_still_holds(
     assert _counters(client, b)[1] - before[1] == SIZE
     entry = checkpoints(client)[checkpoint_id]
     assert entry["size"] == SIZE and entry["uris"] == []
+
+
+def _make_persisted(data: bytes) -> tuple[Checkpoint, str]:
+    """On a worker: :func:`_make`, persisted to a URI on this node's disk."""
+    from dckpt import node
+
+    checkpoint = _make(data)
+    uri = f"file://{node.node_root()}/persisted-{uuid.uuid4().hex[:8]}"
+    checkpoint.to_uri(uri)
+    return checkpoint, uri
+
+
+def test_the_registry_shows_size_holders_and_uris_per_checkpoint(client, workers):
+    a, b, _ = workers
+    checkpoint, uri = _on(client, a, _make_persisted, _content(6))
+    ref = _ref(checkpoint)
+    assert ref.uris == (uri,)
+    _on(client, b, _read, checkpoint)
+    entry = eventually(
+        lambda: checkpoints(client).get(ref.checkpoint_id),
+        lambda e: e is not None and len(e["holders"]) == 2,
+        what="both holders in the registry",
+    )
+    assert entry["size"] == SIZE and entry["uris"] == [uri]
+    assert sorted(entry["holders"], key=lambda h: h["node_id"]) == [
+        {"node_id": "node-0", "address": a, "kind": "origin"},
+        {"node_id": "node-1", "address": b, "kind": "cached"},
+    ]
