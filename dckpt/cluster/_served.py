@@ -109,7 +109,8 @@ class ServedDirectories:
             for cid in stale:
                 del self._by_id[cid]
             self._by_id[checkpoint_id] = registration
-        self._update_index(put=registration, drop=stale)
+        if registration != old or stale:  # pickling the same directory again writes nothing
+            self._update_index(put=registration, drop=stale)
         return registration
 
     def get(self, checkpoint_id: CheckpointId) -> Registration:
