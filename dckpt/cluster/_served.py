@@ -118,11 +118,19 @@ class ServedDirectories:
 
         Raises
         ------
+        CheckpointNotFoundError
+            If it was registered but its directory is gone (removed by its owner, or a
+            pushed copy the cache evicted); the registration goes too.
         PermissionError
             If it is not registered here: a store serves nothing else.
         """
         with self._lock:
             registration = self._by_id.get(checkpoint_id)
+        if registration is not None and not os.path.isdir(registration.path):
+            self._forget_gone(registration)
+            raise CheckpointNotFoundError(
+                f"checkpoint {checkpoint_id!r} was at {registration.path}, which is gone"
+            )
         if registration is None:
             raise PermissionError(
                 f"checkpoint {checkpoint_id!r} is not registered with this node's store; "
@@ -131,9 +139,19 @@ class ServedDirectories:
         return registration
 
     def find(self, checkpoint_id: CheckpointId) -> Registration | None:
-        """The registration of ``checkpoint_id``, or None."""
+        """The registration of ``checkpoint_id`` if its directory is there, else None."""
         with self._lock:
-            return self._by_id.get(checkpoint_id)
+            registration = self._by_id.get(checkpoint_id)
+        if registration is not None and not os.path.isdir(registration.path):
+            self._forget_gone(registration)
+            return None
+        return registration
+
+    def _forget_gone(self, registration: Registration) -> None:
+        with self._lock:
+            if self._by_id.get(registration.checkpoint_id) is registration:
+                del self._by_id[registration.checkpoint_id]
+        self._update_index(drop=[registration.checkpoint_id])
 
     def remove(self, checkpoint_id: CheckpointId) -> Registration | None:
         """Stop serving ``checkpoint_id`` (here and in the index); its registration, if any.

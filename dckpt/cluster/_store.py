@@ -126,16 +126,8 @@ class NodeStore:
         self._serving += 1
         try:
             try:
-                registration = self._registry.find(checkpoint_id)
-                if registration is not None:
-                    path, manifest = registration.path, registration.manifest
-                else:
-                    found = await asyncio.to_thread(self._open_cached, checkpoint_id)
-                    if found is None:
-                        self._registry.get(checkpoint_id)  # raises the refusal
-                    assert found is not None
-                    pinned = True
-                    path, manifest = found
+                # Directory checks, maybe an index write or a manifest: not on the loop.
+                path, manifest, pinned = await asyncio.to_thread(self._source_of, checkpoint_id)
                 source = transfer.ChunkSource(path, manifest, chunk_bytes)
             except Exception as e:  # noqa: BLE001 - every refusal goes to the receiver
                 await comm.write(_stream.error_reply(e))
@@ -148,6 +140,18 @@ class NodeStore:
             self._serving -= 1
             if pinned:
                 await asyncio.to_thread(self._cache.unpin, checkpoint_id)
+
+    def _source_of(self, checkpoint_id: CheckpointId) -> tuple[str, transfer.Manifest, bool]:
+        """What to send for ``checkpoint_id``: path, manifest, whether it is a pinned
+        cache entry; raises the refusal if this node has nothing of it (thread)."""
+        registration = self._registry.find(checkpoint_id)
+        if registration is not None:
+            return registration.path, registration.manifest, False
+        found = self._open_cached(checkpoint_id)
+        if found is None:
+            registration = self._registry.get(checkpoint_id)  # raises why not (or was just added)
+            return registration.path, registration.manifest, False
+        return found[0], found[1], True
 
     def _open_cached(self, checkpoint_id: CheckpointId) -> tuple[str, transfer.Manifest] | None:
         """The cached copy of ``checkpoint_id``, pinned, and its manifest; or None (thread).

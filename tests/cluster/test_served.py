@@ -72,3 +72,15 @@ def test_an_unusable_index_starts_afresh_and_a_missing_directory_is_refused(tmp_
     assert served.restore() == []
     with pytest.raises(CheckpointNotFoundError, match="not a directory"):
         served.add(str(tmp_path / "nowhere"))
+
+
+def test_a_registered_directory_that_is_gone_is_not_served(tmp_path: Path):
+    served = ServedDirectories(str(tmp_path / "served"))
+    path = _directory(tmp_path / "a", b"weights")
+    registration = served.add(path)
+    (Path(path) / "weights.bin").unlink()
+    os.rmdir(path)
+    with pytest.raises(CheckpointNotFoundError, match="which is gone"):
+        served.get(registration.checkpoint_id)
+    assert served.find(registration.checkpoint_id) is None and served.ids() == []
+    assert ServedDirectories(str(tmp_path / "served")).restore() == []
