@@ -218,7 +218,8 @@ def test_the_registry_shows_size_holders_and_uris_per_checkpoint(client, workers
     checkpoint, uri = _on(client, a, _make_persisted, _content(6))
     ref = _ref(checkpoint)
     assert ref.uris == (uri,)
-    _on(client, b, _read, checkpoint)
+    forwarded = _ref(_on(client, b, _read_and_forward, checkpoint))
+    assert forwarded == ref  # id, origin, path, store address and URIs
     entry = eventually(
         lambda: checkpoints(client).get(ref.checkpoint_id),
         lambda e: e is not None and len(e["holders"]) == 2,
