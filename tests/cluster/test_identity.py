@@ -230,3 +230,15 @@ def test_the_registry_shows_size_holders_and_uris_per_checkpoint(client, workers
         {"node_id": "node-0", "address": a, "kind": "origin"},
         {"node_id": "node-1", "address": b, "kind": "cached"},
     ]
+
+
+def test_forgetting_one_of_two_identical_directories_keeps_the_other_served(client, workers):
+    from dckpt.cluster._forget import forget
+
+    a, b, _ = workers
+    data = _content(7)
+    first = _on(client, a, _make, data)
+    second = _on(client, a, _make, data)  # the same bytes elsewhere on node 0: one id
+    assert _ref(first).checkpoint_id == _ref(second).checkpoint_id
+    forget(_ref(first), client)
+    assert _on(client, b, _read, second)[1] == data
