@@ -18,6 +18,7 @@ The file layout and what travels beside a dict are described in
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import importlib
 import io
@@ -604,7 +605,9 @@ class Checkpoint:
 
         On a Dask worker with a node store, it becomes a node reference (a few hundred
         bytes, whatever its size): the store registers the directory and serves it to
-        the nodes that use it. Elsewhere (the driver) it travels as its data, as in Ray,
+        the nodes that use it. A checkpoint that was itself a reference, read here,
+        travels as that reference (same id, origin and URIs, plus URIs it was
+        persisted to since), wherever it is pickled. Elsewhere (the driver) it travels as its data, as in Ray,
         up to ``dckpt.inline-max-bytes``. Above that, with a (synchronous) default Dask
         client, it is pushed to one worker's store and travels as a reference to that
         copy (:func:`dckpt.cluster._put.push_for_pickling`); else it is uploaded to
@@ -619,6 +622,14 @@ class Checkpoint:
         if self._local_path is None:
             return state
         state.update(_local_path=None, _metadata=self.get_metadata())
+        if self._resolved_from is not None:
+            # A copy of a reference (in a node's cache, or the driver's): forwarding
+            # never mints a new checkpoint. The original id, origin and URIs travel,
+            # with the URIs it was persisted to since.
+            original = self._resolved_from
+            uris = tuple(dict.fromkeys((*original.uris, *self._known_uris)))
+            state.update(_node_ref=dataclasses.replace(original, uris=uris))
+            return state
         from dckpt.cluster._resolve import make_ref  # imports distributed: only now
 
         ref = make_ref(self._local_path, uris=self._known_uris)

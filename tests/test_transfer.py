@@ -13,6 +13,7 @@ import hashlib
 import logging
 import os
 import random
+import shutil
 import stat
 import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -33,6 +34,7 @@ from dckpt.transfer import (
     FileEntry,
     Manifest,
     build_manifest,
+    content_digest,
     decode_chunk,
     encode_chunk,
     receive_directory,
@@ -482,15 +484,41 @@ def test_manifest_round_trips_through_msgpack(tmp_path: Path):
     assert [f.mode for f in manifest.files if f.path == "run.sh"] == [0o755]
 
 
-def test_digest_follows_size_mtime_and_mode_not_content_reads(tmp_path: Path):
+def test_the_digest_is_of_the_content_wherever_it_is(tmp_path: Path):
     src = make_tree(tmp_path / "src")
     first = build_manifest(src)
-    assert build_manifest(src).digest == first.digest
-    os.utime(src / "run.sh", ns=(1, 1))
+    copy = tmp_path / "elsewhere" / "copy"
+    shutil.copytree(src, copy, symlinks=True)  # new inodes, new mtimes, same bytes
+    os.utime(copy / "run.sh", ns=(1, 1))
+    assert build_manifest(copy).digest == first.digest
+    assert len(first.content_id) == 32 and first.digest.startswith(first.content_id)
+    weights = copy / "model" / "weights.bin"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 1  # one bit, same size
+    weights.write_bytes(bytes(data))
+    assert build_manifest(copy).digest != first.digest
+    os.chmod(src / "run.sh", 0o700)
     assert build_manifest(src).digest != first.digest
     second = build_manifest(src)
     (src / "empty_dir" / "sub").mkdir()
     assert build_manifest(src).digest != second.digest
+
+
+def test_a_file_is_hashed_once_per_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from dckpt.transfer import _hashes
+
+    src = make_tree(tmp_path / "src")
+    build_manifest(src)
+    read: list[str] = []
+    real = _hashes.hash_file
+    monkeypatch.setattr(_hashes, "hash_file", lambda path: read.append(path) or real(path))
+    again = build_manifest(src)
+    assert read == []  # nothing read again
+    with open(src / "run.sh", "ab") as f:
+        f.write(b"#")
+    changed = build_manifest(src)
+    assert [os.path.basename(p) for p in read] == ["run.sh"]
+    assert changed.digest != again.digest
 
 
 def test_build_manifest_excludes_and_refuses_non_directories(tmp_path: Path):
@@ -503,13 +531,17 @@ def test_build_manifest_excludes_and_refuses_non_directories(tmp_path: Path):
         build_manifest(tmp_path / "nowhere")
 
 
+H = "0" * 32  # a file hash
+
+
 def _good() -> dict[str, Any]:
+    files = (FileEntry("a/b.bin", 10, 0o644, H),)
     return {
-        "format_version": 2,
-        "files": [["a/b.bin", 10, 0o644]],
+        "format_version": 3,
+        "files": [["a/b.bin", 10, 0o644, H]],
         "directories": ["a"],
         "symlinks": [["a/link", "b.bin"]],
-        "digest": "0" * 64,
+        "digest": content_digest(files, ("a",), (("a/link", "b.bin"),)),
     }
 
 
@@ -520,29 +552,34 @@ def _with(**changes: Any) -> dict[str, Any]:
 @pytest.mark.parametrize(
     "manifest, error, match",
     [
-        (_with(files=[["../x", 1, 0o644]]), UnsafePathError, "'..'"),
-        (_with(files=[["/etc/passwd", 1, 0o644]]), UnsafePathError, "absolute"),
+        (_with(files=[["../x", 1, 0o644, H]]), UnsafePathError, "'..'"),
+        (_with(files=[["/etc/passwd", 1, 0o644, H]]), UnsafePathError, "absolute"),
         (_with(directories=["a/../../up"]), UnsafePathError, "'..'"),
         (_with(symlinks=[["a/link", "../../etc"]]), UnsafePathError, "leads outside"),
         (_with(symlinks=[["a/link", "/etc"]]), UnsafePathError, "leads outside"),
         (_with(symlinks=[["p", "."], ["p/q", ".."]]), UnsafePathError, "below the symlink"),
-        (_with(files=[["a/link/x", 1, 0o644]]), UnsafePathError, "symlink .a/link.*below it"),
-        (_with(files=[["a/b.bin", -1, 0o644]]), CheckpointFormatError, "size -1"),
-        (_with(files=[["a/b.bin", "10", 0o644]]), CheckpointFormatError, "size '10'"),
-        (_with(files=[["a/b.bin", 1.5, 0o644]]), CheckpointFormatError, "size 1.5"),
-        (_with(files=[["a/b.bin", True, 0o644]]), CheckpointFormatError, "size True"),
-        (_with(files=[["a/b.bin", 1, -1]]), CheckpointFormatError, "mode -1"),
-        (_with(files=[["a/b.bin", 1, 0o10000]]), CheckpointFormatError, "mode 4096"),
-        (_with(files=[["a/b.bin", 1]]), CheckpointFormatError, "not a list of 3"),
+        (_with(files=[["a/link/x", 1, 0o644, H]]), UnsafePathError, "symlink .a/link.*below it"),
+        (_with(files=[["a/b.bin", -1, 0o644, H]]), CheckpointFormatError, "size -1"),
+        (_with(files=[["a/b.bin", "10", 0o644, H]]), CheckpointFormatError, "size '10'"),
+        (_with(files=[["a/b.bin", 1.5, 0o644, H]]), CheckpointFormatError, "size 1.5"),
+        (_with(files=[["a/b.bin", True, 0o644, H]]), CheckpointFormatError, "size True"),
+        (_with(files=[["a/b.bin", 1, -1, H]]), CheckpointFormatError, "mode -1"),
+        (_with(files=[["a/b.bin", 1, 0o10000, H]]), CheckpointFormatError, "mode 4096"),
+        (_with(files=[["a/b.bin", 1]]), CheckpointFormatError, "not a list of 4"),
         (_with(files="a/b.bin"), CheckpointFormatError, "files is a str"),
-        (_with(files=[["a/b.bin", 1, 0o644], ["a/b.bin", 1, 0o644]]),
+        (_with(files=[["a/b.bin", 1, 0o644, H], ["a/b.bin", 1, 0o644, H]]),
          CheckpointFormatError, "duplicate"),
-        (_with(files=[["a/b.bin", 1, 0o644], ["a/b.bin/c", 1, 0o644]]),
+        (_with(files=[["a/b.bin", 1, 0o644, H], ["a/b.bin/c", 1, 0o644, H]]),
          CheckpointFormatError, "below the file"),
-        (_with(files=[[7, 1, 0o644]]), UnsafePathError, "not a plain relative path"),
+        (_with(files=[[7, 1, 0o644, H]]), UnsafePathError, "not a plain relative path"),
         (_with(symlinks=[["a/link", 5]]), CheckpointFormatError, "target 5"),
         (_with(digest="abc"), CheckpointFormatError, "digest 'abc'"),
-        (_with(format_version=1), CheckpointFormatError, "format_version 1 is not 2"),
+        (_with(digest="0" * 64), CheckpointFormatError, "not the digest of its entries"),
+        (_with(files=[["a/b.bin", 10, 0o644, "1" * 32]]), CheckpointFormatError,
+         "not the digest of its entries"),
+        (_with(files=[["a/b.bin", 10, 0o644, "xyz"]]), CheckpointFormatError,
+         "file hash 'xyz' is not 32 hex digits"),
+        (_with(format_version=2), CheckpointFormatError, "format_version 2 is not 3"),
         ({k: v for k, v in _good().items() if k != "digest"}, CheckpointFormatError,
          "expected the keys"),
         (_with(extra=1), CheckpointFormatError, "expected the keys"),
@@ -556,12 +593,12 @@ def test_hostile_manifests_are_refused(manifest: Any, error: type[Exception], ma
 
 def test_the_good_manifest_of_the_hostile_test_is_accepted():
     manifest = Manifest.from_dict(_good())
-    assert manifest.files == (FileEntry("a/b.bin", 10, 0o644),)
+    assert manifest.files == (FileEntry("a/b.bin", 10, 0o644, H),)
     assert manifest.total_bytes == 10
 
 
 def test_receive_checks_a_manifest_built_by_hand(tmp_path: Path):
-    manifest = Manifest((FileEntry("../escape", 1, 0o644),), (), (), "0" * 64)
+    manifest = Manifest((FileEntry("../escape", 1, 0o644, "0" * 32),), (), (), "0" * 64)
 
     async def fetch(spec: ChunkSpec) -> bytes:
         raise AssertionError("nothing may be fetched for an unsafe manifest")
@@ -590,6 +627,23 @@ def test_a_file_truncated_after_the_manifest_is_refused(tmp_path: Path):
         CheckpointFormatError, match=r"has 2097162 bytes, not 5242880.*register it again"
     ):
         asyncio.run(receive_directory(manifest, stream_of(inline_fetch(source)), out / "dst", chunk_bytes=MiB))
+    assert os.listdir(out) == []
+
+
+def test_a_file_rewritten_after_the_manifest_is_caught_by_its_hash(tmp_path: Path):
+    """Same size, other bytes: every chunk checks out, the file's hash does not."""
+    src = make_tree(tmp_path / "src")
+    manifest = build_manifest(src)
+    weights = src / "model" / "weights.bin"
+    data = bytearray(weights.read_bytes())
+    data[7] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    out = tmp_path / "out"
+    with ChunkSource(str(src), manifest, MiB) as source, pytest.raises(
+        CorruptChunkError, match=r"'model/weights.bin': its bytes hash to [0-9a-f]{32}, not to"
+    ):
+        asyncio.run(receive_directory(manifest, stream_of(inline_fetch(source)), out / "dst",
+                                      chunk_bytes=MiB))
     assert os.listdir(out) == []
 
 

@@ -1,9 +1,10 @@
 """``dckpt ls --scheduler ADDR``: what each node of a running cluster holds.
 
 From the scheduler's registry (:func:`dckpt.cluster.registry`: the checkpoints each
-worker serves, ``origin``, and the copies in its node cache, ``cached``) and every
-store's counters (:func:`dckpt.cluster.stats`). The registry lags the workers by about
-``dckpt.registry.interval``.
+worker serves, ``origin``, and the copies in its node cache, ``cached``;
+:func:`dckpt.cluster.checkpoints`: per checkpoint its id, size, holders and URIs) and
+every store's counters (:func:`dckpt.cluster.stats`). The registry lags the workers by
+about ``dckpt.registry.interval``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ DESCRIPTION = """\
 Show what each node of a running Dask cluster holds: the checkpoints it serves
 (origin) and the copies in its cache (cached), with their sizes, the pinned cache
 entries, and each node store's counters (bytes sent and received, transfers, cache
-hits and misses). The cluster needs dckpt set up: dckpt.cluster.install(client), the
+hits and misses); then every checkpoint with its id (of its content), size, holders
+(origin, cached, or restarted: served again by a restarted worker) and URIs. The cluster needs dckpt set up: dckpt.cluster.install(client), the
 scheduler preload, or `dckpt cluster`.
 """
 
@@ -44,14 +46,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def collect(address: str, timeout: float) -> dict[str, Any]:
-    """``{"scheduler": address, "workers": {worker address: {...}}}``.
+    """``{"scheduler": address, "workers": {worker address: {...}}, "checkpoints": {...}}``.
 
     Per worker: ``node_id``, ``age`` (seconds since its last snapshot), ``origin``
     and ``cached`` (``{checkpoint id: bytes}``) and ``stats`` (its store's counters).
+    Per checkpoint id: ``size``, ``holders`` (``[{"node_id", "address", "kind"}]``,
+    kind ``origin``, ``cached`` or ``restarted``) and ``uris``
+    (:func:`dckpt.cluster.checkpoints`).
     """
     from distributed import Client  # the other subcommands do without distributed
 
-    from dckpt.cluster import registry, stats
+    from dckpt.cluster import checkpoints, registry, stats
 
     _probe(address, timeout)
     try:
@@ -61,11 +66,15 @@ def collect(address: str, timeout: float) -> dict[str, Any]:
     with client:
         holdings = registry(client)
         counters = stats(client)
+        by_checkpoint = checkpoints(client)
         workers = {
-            worker: {**held, "stats": counters.get(worker)}
+            worker: {"node_id": held["node_id"], "origin": held["origin"],
+                     "cached": held["cached"], "age": held["age"],
+                     "stats": counters.get(worker)}
             for worker, held in holdings.items()
         }
-        return {"scheduler": client.scheduler.address, "workers": workers}
+        return {"scheduler": client.scheduler.address, "workers": workers,
+                "checkpoints": by_checkpoint}
 
 
 #: Schemes whose address is ``host:port``, which :func:`_probe` can try with a socket.
@@ -170,10 +179,10 @@ def _connect(address: str, host: str, port: int, timeout: float) -> None:
 
 
 def render(report: dict[str, Any]) -> str:
-    """Two tables: the workers with their counters, then the checkpoints by node."""
+    """Two tables: the workers with their counters, then the checkpoints with their
+    holders and URIs."""
     workers = report["workers"]
     rows = []
-    held = []
     for address, worker in sorted(workers.items(),
                                   key=lambda item: (item[1]["node_id"] or "", item[0])):
         st = worker["stats"] or {}
@@ -185,9 +194,13 @@ def render(report: dict[str, Any]) -> str:
             _output.size(st.get("bytes_sent")), _output.size(st.get("bytes_received")),
             st.get("transfers", "?"), st.get("cache_hits", "?"), st.get("cache_misses", "?"),
         ])
-        for kind in ("origin", "cached"):
-            for checkpoint_id, size in worker[kind].items():
-                held.append([checkpoint_id, node, kind, _output.size(size)])
+    held = [
+        [checkpoint_id, _output.size(entry["size"]),
+         ", ".join(f"{h['node_id']} ({h['kind']})"
+                   for h in sorted(entry["holders"], key=lambda h: (h["node_id"], h["address"]))),
+         " ".join(entry["uris"]) or "-"]
+        for checkpoint_id, entry in sorted(report.get("checkpoints", {}).items())
+    ]
     lines = [
         f"scheduler {report['scheduler']}: {len(workers)} workers",
         "",
@@ -196,7 +209,7 @@ def render(report: dict[str, Any]) -> str:
         "",
     ]
     if held:
-        lines.append(_output.table(["CHECKPOINT", "NODE", "HELD AS", "BYTES"], sorted(held)))
+        lines.append(_output.table(["CHECKPOINT", "BYTES", "HOLDERS", "URIS"], held))
     else:
         lines.append("no checkpoints held")
     return "\n".join(lines)

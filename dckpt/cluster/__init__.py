@@ -5,7 +5,8 @@
   caches checkpoints copied from other nodes; :func:`store_of` is a proxy to one,
   :func:`stats` reads every store's counters. It also sets up the scheduler's
   registry of who holds which checkpoint (:class:`DckptSchedulerPlugin`), read with
-  :func:`who_has` and :func:`registry`.
+  :func:`who_has`, :func:`registry` and :func:`checkpoints` (per checkpoint: its
+  size, holders and URIs).
 - :class:`NodeCluster` is a local Dask cluster whose workers are simulated nodes,
   isolated in mount namespaces where possible.
 """
@@ -20,6 +21,7 @@ from dckpt.cluster._local import (
 )
 from dckpt.cluster._scheduler_plugin import (
     DckptSchedulerPlugin,
+    checkpoints,
     install,
     registry,
     who_has,
@@ -29,6 +31,7 @@ from dckpt.cluster._worker_plugin import NodeStorePlugin
 
 __all__ = [
     "DckptSchedulerPlugin",
+    "checkpoints",
     "IsolationUnavailableWarning",
     "NodeCluster",
     "NodeInfo",

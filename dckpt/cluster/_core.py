@@ -16,9 +16,18 @@ class NodeRef:
 
     A few hundred bytes pickled, whatever the checkpoint's size. Resolved on first use
     (:func:`dckpt.cluster._resolve.resolve`): the same node uses ``path``; another node
-    copies it through the store at ``store_address`` into its cache, or downloads it from
-    one of ``uris``. ``fingerprint`` lets a node that sees ``path`` on a disk it shares
-    with the origin use it in place (:mod:`dckpt.cluster._shared`); None: never.
+    copies it into its cache from any holder the scheduler's registry names (the origin
+    ``node_id`` at its current worker; ``store_address`` is the one it had when the
+    reference was made), or downloads it from one of ``uris``.
+
+    ``checkpoint_id`` is of the content (the first 32 hex digits of ``digest``, the
+    sha256 of a manifest with every file's hash), so every copy has it; ``digest`` is
+    what a receiver checks the holder's manifest against. ``node_id``, ``path`` and
+    ``store_address`` name the origin, also when the reference is pickled again where
+    only a copy is.
+
+    ``fingerprint`` lets a node that sees ``path`` on a disk it shares with the origin
+    use it in place (:mod:`dckpt.cluster._shared`); None: never.
     """
 
     node_id: str

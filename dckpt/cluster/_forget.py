@@ -30,7 +30,8 @@ def forget(ref: NodeRef, client: Client) -> dict[str, dict[str, bool]]:
 
     On every worker with a store: the worker that has ``ref.checkpoint_id`` registered
     stops serving it and deletes its directory, but only when the registered path is
-    ``ref.path`` (a registration of another directory under that id is left alone);
+    ``ref.path`` (a registration of another directory under that id, one with the same
+    content, stays served and is left alone);
     every worker evicts the id from its node's cache. A copy pinned by a user at that
     moment stays (the cache never evicts what is in use); it goes as the least recently
     used once unpinned. Workers that cannot be reached are skipped (logged).
@@ -62,14 +63,17 @@ async def _forget_here(ref: NodeRef, dask_worker: Worker) -> dict[str, Any] | No
 
 def _forget_in_store(store: NodeStore, ref: NodeRef) -> dict[str, Any]:
     removed = False
-    registration = store._registry.remove(ref.checkpoint_id)
+    registration = store._registry.find(ref.checkpoint_id)
     if registration is not None:
         if store.node_id == ref.node_id and registration.path == os.path.realpath(ref.path):
+            store._registry.remove(ref.checkpoint_id)
             shutil.rmtree(registration.path, ignore_errors=True)
             removed = not os.path.exists(registration.path)
         else:
-            # The same id registered for another directory (a pushed copy in the
-            # cache): not ours to delete; the eviction below deals with cached copies.
+            # The same content registered from another directory (ids are of content:
+            # another checkpoint with the same bytes, or a pushed copy in the cache):
+            # it stays served, and is not ours to delete. The eviction below deals with
+            # cached copies.
             logger.debug("not deleting %s: %r names %s", registration.path, ref, ref.path)
     evicted = store._cache.evict(ref.checkpoint_id)
     return {"removed": removed, "evicted": evicted}

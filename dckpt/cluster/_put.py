@@ -9,7 +9,6 @@ worker's store and travels as a reference to that copy.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import shutil
@@ -137,7 +136,7 @@ def _push_directory(
     client: Client, path: str, manifest: transfer.Manifest, address: str,
     uris: tuple[str, ...],
 ) -> NodeRef:
-    checkpoint_id = CheckpointId(hashlib.sha256(f"pushed\0{manifest.digest}".encode()).hexdigest()[:32])
+    checkpoint_id = CheckpointId(manifest.content_id)  # the same content is the same checkpoint
     with transfer.ChunkSource(path, manifest) as source:
         reply = client.sync(_stream.push, client.rpc, address, checkpoint_id, source)
     logger.info("pushed %s (%d bytes) to the store of %s", path, manifest.total_bytes, address)

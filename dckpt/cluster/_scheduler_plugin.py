@@ -5,8 +5,16 @@
 worker, so that one call (:func:`install`) or one ``--preload`` sets up a cluster, and
 it keeps, per worker, the last *snapshot* of what that worker's store holds:
 
-- ``origin``: checkpoints registered on that worker (directories it serves);
-- ``cached``: copies in that node's cache of checkpoints from elsewhere.
+- ``origin``: checkpoints registered on that worker (directories it serves), with the
+  URIs they are known at and whether a restarted worker ``restored`` them;
+- ``cached``: complete copies in that node's cache, which it serves on too;
+- ``serving``: how many transfers it is sending now.
+
+Checkpoint ids are ids of content (:mod:`dckpt.transfer._manifest`), so every holder
+of an id holds the same bytes. From the snapshots the registry answers, per checkpoint
+id, which nodes hold a complete copy and at which worker address each node is now
+(``dckpt_holders``: what resolution asks, :mod:`dckpt.cluster._resolve`), and per
+checkpoint its size, holders and URIs (``dckpt_checkpoints``, :func:`checkpoints`).
 
 How snapshots flow: each worker's plugin polls its store every
 ``dckpt.registry.interval`` and sends the whole snapshot to the ``dckpt_holdings``
@@ -26,7 +34,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import dask.config
@@ -42,8 +50,10 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: What a worker holds, by kind: ``{"origin": {id: bytes}, "cached": {id: bytes}}``.
-Holdings = dict[str, dict[CheckpointId, int]]
+#: What a worker holds (:meth:`dckpt.cluster.NodeStore.holdings`):
+#: ``{"origin": {id: bytes}, "cached": {id: bytes}, "uris": {id: [uri]},
+#: "restored": [id], "serving": n}``.
+Holdings = dict[str, Any]
 KINDS = ("origin", "cached")
 
 
@@ -55,6 +65,9 @@ class _Snapshot:
     origin: dict[CheckpointId, int]
     cached: dict[CheckpointId, int]
     received: float  # time.monotonic() on the scheduler
+    uris: dict[CheckpointId, tuple[str, ...]] = field(default_factory=dict)
+    restored: frozenset[CheckpointId] = frozenset()
+    serving: int = 0
 
     def held(self) -> set[CheckpointId]:
         return set(self.origin) | set(self.cached)
@@ -95,6 +108,8 @@ class DckptSchedulerPlugin(SchedulerPlugin):
             "dckpt_holdings": self.dckpt_holdings,
             "dckpt_who_has": self.dckpt_who_has,
             "dckpt_registry": self.dckpt_registry,
+            "dckpt_holders": self.dckpt_holders,
+            "dckpt_checkpoints": self.dckpt_checkpoints,
         })
         responses = await scheduler.register_worker_plugin(
             None, dumps(NodeStorePlugin()), name=PLUGIN_NAME, idempotent=True
@@ -119,8 +134,62 @@ class DckptSchedulerPlugin(SchedulerPlugin):
             origin=dict(holdings.get("origin", {})),
             cached=dict(holdings.get("cached", {})),
             received=time.monotonic(),
+            uris={cid: tuple(uris) for cid, uris in dict(holdings.get("uris", {})).items()},
+            restored=frozenset(holdings.get("restored", ())),
+            serving=int(holdings.get("serving", 0)),
         )
         return {"status": "OK"}
+
+    def dckpt_holders(
+        self, checkpoint_id: CheckpointId, node_id: str | None = None,
+        address: str | None = None,
+    ) -> dict[str, Any]:
+        """Who can send ``checkpoint_id`` now, for a reference made on ``node_id`` at
+        the worker ``address``.
+
+        ``{"holders": [{"address", "node_id", "kind", "serving"}, ...],
+        "node_addresses": [current workers of node_id], "address_alive": bool}``:
+        every worker whose last snapshot holds the id (``kind`` ``origin`` or
+        ``cached``), the workers that node has now (a restarted worker has a new
+        address), and whether ``address`` is still a worker of the cluster (the
+        scheduler's own list, which does not lag like the snapshots).
+        """
+        assert self._scheduler is not None
+        holders = []
+        for worker in sorted(self._snapshots):
+            snapshot = self._snapshots[worker]
+            for kind in KINDS:
+                if checkpoint_id in getattr(snapshot, kind):
+                    holders.append({"address": worker, "node_id": snapshot.node_id,
+                                    "kind": kind, "serving": snapshot.serving})
+                    break
+        return {
+            "holders": holders,
+            "node_addresses": sorted(w for w, s in self._snapshots.items()
+                                     if node_id is not None and s.node_id == node_id),
+            "address_alive": address is not None and address in self._scheduler.workers,
+        }
+
+    def dckpt_checkpoints(self) -> dict[str, dict[str, Any]]:
+        """Per checkpoint id any worker holds: ``size``, ``holders`` and ``uris``.
+
+        ``holders``: ``[{"node_id", "address", "kind"}]``, where ``kind`` is
+        ``origin``, ``cached`` or ``restarted`` (an origin a restarted worker serves
+        again); ``uris``: every URI a holder knows it at.
+        """
+        answer: dict[str, dict[str, Any]] = {}
+        for worker in sorted(self._snapshots):
+            snapshot = self._snapshots[worker]
+            for kind in KINDS:
+                for cid, size in getattr(snapshot, kind).items():
+                    entry = answer.setdefault(cid, {"size": size, "holders": [], "uris": []})
+                    shown = "restarted" if kind == "origin" and cid in snapshot.restored else kind
+                    entry["holders"].append({"node_id": snapshot.node_id, "address": worker,
+                                             "kind": shown})
+                    for uri in snapshot.uris.get(cid, ()):
+                        if uri not in entry["uris"]:
+                            entry["uris"].append(uri)
+        return answer
 
     def dckpt_who_has(self, checkpoint_ids: list[CheckpointId]) -> dict[str, dict[str, list[str]]]:
         """``{checkpoint_id: {"origin": [addresses], "cached": [addresses]}}``.
@@ -265,6 +334,29 @@ def registry(client: Client) -> dict[str, dict[str, Any]]:
 async def _registry(client: Client) -> dict[str, dict[str, Any]]:
     answer: dict[str, dict[str, Any]] = _checked(await client.scheduler.dckpt_registry(), "registry")
     return answer
+
+
+def checkpoints(client: Client) -> dict[str, dict[str, Any]]:
+    """Every checkpoint the scheduler's registry knows of, by checkpoint id.
+
+    Returns
+    -------
+    dict
+        ``{checkpoint_id: {"size": bytes, "holders": [{"node_id", "address",
+        "kind"}], "uris": [uri, ...]}}``. ``kind`` is ``origin`` (the worker serves
+        the directory it was made from), ``restarted`` (an origin that a restarted
+        worker serves again from its node's index) or ``cached`` (a copy in that
+        node's cache, served on as well). ``uris`` are those the origins know.
+        With an asynchronous client, an awaitable of that.
+    """
+    result: dict[str, dict[str, Any]] = client.sync(_checkpoints, client)
+    return result
+
+
+async def _checkpoints(client: Client) -> dict[str, dict[str, Any]]:
+    answer = _checked(await client.scheduler.dckpt_checkpoints(), "checkpoints")
+    return {cid: {"size": entry["size"], "holders": [dict(h) for h in entry["holders"]],
+                  "uris": list(entry["uris"])} for cid, entry in answer.items()}
 
 
 def _checked(answer: Any, what: str) -> Any:

@@ -13,6 +13,12 @@ Bytes move over the worker's own server, not through actor calls
 (handler ``dckpt_push``) takes a checkpoint that the driver sends. Everything runs on
 the event loop; file reads, decoding and writes go to threads.
 
+It serves what it holds: the directories registered with it (kept in an index on the
+node's disk, :mod:`dckpt.cluster._served`, so a restarted worker serves them again)
+and the complete copies in its node's cache, so that a node that received a checkpoint
+serves it on. Checkpoint ids are ids of content: whoever serves an id serves the same
+bytes, and the receiver checks every file against its hash.
+
 Registration is deliberately not an actor method: anything reachable through the proxy
 can be called from any process, and letting a remote caller register ``/etc`` would make
 "serves only registered directories" meaningless. Code on the worker registers through
@@ -28,7 +34,6 @@ import os
 import shutil
 import threading
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Any
 
 from distributed import Client, get_worker
@@ -40,7 +45,7 @@ from distributed.worker import Worker
 from dckpt import node, storage, transfer
 from dckpt.cluster import _stream
 from dckpt.cluster._cache import CheckpointId, NodeCache
-from dckpt.errors import CheckpointNotFoundError
+from dckpt.cluster._served import Registration, ServedDirectories
 from dckpt.formats._atomic import atomic_directory
 
 logger = logging.getLogger(__name__)
@@ -49,88 +54,22 @@ logger = logging.getLogger(__name__)
 STORE_KEY = "dckpt-node-store"
 
 
-@dataclass(frozen=True)
-class Registration:
-    """A directory this node serves."""
-
-    checkpoint_id: CheckpointId
-    path: str
-    manifest: transfer.Manifest
-
-
-class _Registry:
-    """The directories a store may serve; reachable only from code on its worker."""
-
-    _by_id: dict[CheckpointId, Registration]
-    _lock: threading.Lock
-
-    def __init__(self) -> None:
-        self._by_id = {}
-        self._lock = threading.Lock()
-
-    def add(
-        self, path: str, checkpoint_id: CheckpointId, manifest: transfer.Manifest | None = None
-    ) -> Registration:
-        """Serve ``path``; ``manifest`` is what it was received as, if it is a copy.
-
-        A received copy keeps the manifest (and so the digest) it was sent with: its
-        files are new, and a manifest built from them would name another version.
-        """
-        path = os.path.realpath(path)
-        if not os.path.isdir(path):
-            raise CheckpointNotFoundError(f"cannot serve {path}: not a directory")
-        registration = Registration(
-            checkpoint_id, path, manifest if manifest is not None else transfer.build_manifest(path)
-        )
-        with self._lock:
-            self._by_id[checkpoint_id] = registration
-        return registration
-
-    def get(self, checkpoint_id: CheckpointId) -> Registration:
-        with self._lock:
-            registration = self._by_id.get(checkpoint_id)
-        if registration is not None and not os.path.isdir(registration.path):
-            # Removed by its owner, or a pushed copy the cache evicted.
-            with self._lock:
-                self._by_id.pop(checkpoint_id, None)
-            raise CheckpointNotFoundError(
-                f"checkpoint {checkpoint_id!r} was at {registration.path}, which is gone"
-            )
-        if registration is None:
-            raise PermissionError(
-                f"checkpoint {checkpoint_id!r} is not registered with this node's store; "
-                "a store serves only directories registered on its own node"
-            )
-        return registration
-
-    def remove(self, checkpoint_id: CheckpointId) -> Registration | None:
-        """Stop serving ``checkpoint_id``; its registration, or None if it had none.
-
-        The directory itself is left alone: whoever removes the registration decides.
-        """
-        with self._lock:
-            return self._by_id.pop(checkpoint_id, None)
-
-    def ids(self) -> list[CheckpointId]:
-        with self._lock:
-            return list(self._by_id)
-
-    def sizes(self) -> dict[CheckpointId, int]:
-        with self._lock:
-            return {cid: r.manifest.total_bytes for cid, r in self._by_id.items()}
-
-
 class NodeStore:
     """Serves registered directories and keeps this node's cache of others' checkpoints.
 
     Counters (:meth:`stats`): ``bytes_sent``, ``bytes_received``, ``transfers``
     (checkpoints received), ``chunks_sent``, ``cache_hits``, ``cache_misses`` and the
     cache's own figures.
+
+    ``served_root`` is the folder of the index of registered directories (default
+    ``<node root>/served``); call :meth:`restore` once at start to serve again what a
+    previous worker of the node registered.
     """
 
     node_id: str
     address: str
-    _registry: _Registry
+    _registry: ServedDirectories
+    _serving: int  # pulls being served now (event loop only)
     _cache: NodeCache
     _counters: collections.Counter[str]
     _counter_lock: threading.Lock
@@ -138,10 +77,15 @@ class NodeStore:
     _corrupt_next_chunks: int
     _rpc: ConnectionPool | None
 
-    def __init__(self, address: str, cache_root: str | None = None) -> None:
+    def __init__(
+        self, address: str, cache_root: str | None = None, served_root: str | None = None
+    ) -> None:
         self.node_id = node.node_id()
         self.address = address
-        self._registry = _Registry()
+        self._registry = ServedDirectories(
+            served_root if served_root is not None else os.path.join(node.node_root(), "served")
+        )
+        self._serving = 0
         self._cache = NodeCache(cache_root)
         self._counters = collections.Counter()
         self._counter_lock = threading.Lock()
@@ -155,6 +99,14 @@ class NodeStore:
         worker.handlers[_stream.PUSH_OP] = self.accept_push
         self._rpc = worker.rpc
 
+    async def restore(self) -> int:
+        """Serve again the directories of the node's index that are still there.
+
+        Hashes their files (a restarted process remembers no hash), in a thread.
+        Returns how many.
+        """
+        return len(await asyncio.to_thread(self._registry.restore))
+
     # ---------------------------------------------------------------- owner side
 
     def manifest(self, checkpoint_id: CheckpointId) -> dict[str, Any]:
@@ -164,21 +116,61 @@ class NodeStore:
     async def serve_pull(
         self, comm: Comm, checkpoint_id: CheckpointId, chunk_bytes: int
     ) -> Status:
-        """Handler ``dckpt_pull``: send a registered checkpoint to whoever asks.
+        """Handler ``dckpt_pull``: send a checkpoint this node holds to whoever asks.
 
-        Anything not registered here is refused (``kind: refused``), whatever path or
-        id is asked for.
+        A directory registered here, else a complete copy in this node's cache (pinned
+        while it is sent). Anything else is refused (``kind: refused``), whatever path
+        or id is asked for.
         """
+        pinned = False
+        self._serving += 1
         try:
-            registration = self._registry.get(checkpoint_id)
-            source = transfer.ChunkSource(registration.path, registration.manifest, chunk_bytes)
-        except Exception as e:  # noqa: BLE001 - every refusal goes to the receiver
-            await comm.write(_stream.error_reply(e))
+            try:
+                # Directory checks, maybe an index write or a manifest: not on the loop.
+                path, manifest, pinned = await asyncio.to_thread(self._source_of, checkpoint_id)
+                source = transfer.ChunkSource(path, manifest, chunk_bytes)
+            except Exception as e:  # noqa: BLE001 - every refusal goes to the receiver
+                await comm.write(_stream.error_reply(e))
+                return Status.dont_reply
+            with source:
+                await comm.write({"status": "OK", "manifest": manifest.to_dict()})
+                await _stream.serve_chunks(comm, source, on_chunk=self._sent)
             return Status.dont_reply
-        with source:
-            await comm.write({"status": "OK", "manifest": registration.manifest.to_dict()})
-            await _stream.serve_chunks(comm, source, on_chunk=self._sent)
-        return Status.dont_reply
+        finally:
+            self._serving -= 1
+            if pinned:
+                await asyncio.to_thread(self._cache.unpin, checkpoint_id)
+
+    def _source_of(self, checkpoint_id: CheckpointId) -> tuple[str, transfer.Manifest, bool]:
+        """What to send for ``checkpoint_id``: path, manifest, whether it is a pinned
+        cache entry; raises the refusal if this node has nothing of it (thread)."""
+        registration = self._registry.find(checkpoint_id)
+        if registration is not None:
+            return registration.path, registration.manifest, False
+        found = self._open_cached(checkpoint_id)
+        if found is None:
+            registration = self._registry.get(checkpoint_id)  # raises why not (or was just added)
+            return registration.path, registration.manifest, False
+        return found[0], found[1], True
+
+    def _open_cached(self, checkpoint_id: CheckpointId) -> tuple[str, transfer.Manifest] | None:
+        """The cached copy of ``checkpoint_id``, pinned, and its manifest; or None (thread).
+
+        Its files' hashes were remembered as they were received: building the
+        manifest reads nothing, unless this process restarted since.
+        """
+        self._cache.pin(checkpoint_id)
+        try:
+            for entry in self._cache.entries():
+                if entry.checkpoint_id == checkpoint_id and os.path.isdir(entry.path):
+                    manifest = transfer.build_manifest(entry.path)
+                    if manifest.content_id == checkpoint_id:
+                        return entry.path, manifest
+        except BaseException:
+            self._cache.unpin(checkpoint_id)
+            raise
+        self._cache.unpin(checkpoint_id)
+        return None
 
     def _sent(self, length: int) -> bool:
         """Count a chunk sent; True when the test hook wants it damaged."""
@@ -199,15 +191,40 @@ class NodeStore:
 
     # ------------------------------------------------------------- receiver side
 
+    async def served(self, checkpoint_id: CheckpointId) -> str | None:
+        """The directory registered here under ``checkpoint_id`` if it still has that
+        content (checked from ``stat`` calls, hashing only files written since), or None.
+        """
+        registration = self._registry.find(checkpoint_id)
+        if registration is None:
+            return None
+
+        def unchanged() -> bool:
+            try:
+                return transfer.build_manifest(registration.path).content_id == checkpoint_id
+            except OSError:
+                return False
+
+        return registration.path if await asyncio.to_thread(unchanged) else None
+
+    async def cached(self, checkpoint_id: CheckpointId, digest: str) -> str | None:
+        """The path of this node's cached copy of the checkpoint, or None (a miss)."""
+        path = await asyncio.to_thread(self._cache.lookup, checkpoint_id, digest)
+        self._count(**({"cache_hits": 1} if path is not None else {}))
+        return path
+
     async def fetch(
         self, owner_address: str, checkpoint_id: CheckpointId, digest: str,
         owner_node: str | None = None,
     ) -> str:
         """Copy a checkpoint from the store at ``owner_address`` into this node's cache.
 
-        Returns the local path. A cached copy with the same digest is used as it is;
-        concurrent calls for one checkpoint wait for a single transfer. ``owner_node``,
-        if known, names the owner in error messages.
+        ``owner_address`` is any store that holds it (its origin, or a node that has
+        it cached); ``digest`` is the content digest its manifest must have, and the
+        copy's files are checked against their hashes as they are written. Returns the
+        local path. A cached copy is used as it is; concurrent calls for one checkpoint
+        wait for a single transfer. ``owner_node``, if known, names the holder in error
+        messages.
         """
 
         async def transfer_from_owner() -> str:
@@ -241,6 +258,9 @@ class NodeStore:
         try:
             streamed = False  # whether this call asked for the chunks (and said "done")
             checked = transfer.Manifest.from_dict(manifest)
+            if checked.content_id != checkpoint_id:
+                raise ValueError(f"checkpoint id {checkpoint_id!r} is not the id of the "
+                                 f"content pushed ({checked.content_id})")
             chunk_bytes = transfer.check_chunk_bytes(chunk_bytes)
 
             async def receive() -> str:
@@ -258,7 +278,7 @@ class NodeStore:
             path = await self._single_flight(checkpoint_id, checked.digest, receive)
             if not streamed:  # cached already, or by a concurrent push: nothing to ask for
                 await comm.write({"status": "done"})
-            await asyncio.to_thread(self._registry.add, path, checkpoint_id, checked)
+            await asyncio.to_thread(self._registry.add, path, (), checked)
         except Exception as e:  # noqa: BLE001 - every failure goes to the pusher
             if not comm.closed():
                 await comm.write(_stream.error_reply(e))
@@ -364,15 +384,23 @@ class NodeStore:
 
     # ------------------------------------------------------------------ both
 
-    def holdings(self) -> dict[str, dict[CheckpointId, int]]:
-        """A snapshot of what this node holds: ``{"origin": {id: bytes}, "cached": {id: bytes}}``.
+    def holdings(self) -> dict[str, Any]:
+        """A snapshot of what this node holds.
 
-        ``origin`` are the directories registered here, ``cached`` the copies in this
-        node's cache. Sent whole (not as changes), so a lost message costs nothing.
+        ``{"origin": {id: bytes}, "cached": {id: bytes}, "uris": {id: [uri, ...]},
+        "restored": [id, ...], "serving": n}``: ``origin`` are the directories
+        registered here, ``cached`` the copies in this node's cache, ``uris`` where
+        registered ones are known to be persisted, ``restored`` those served again
+        after a restart, ``serving`` the pulls being served now. Sent whole (not as
+        changes), so a lost message costs nothing.
         """
+        registrations = self._registry.all()
         return {
-            "origin": self._registry.sizes(),
+            "origin": {r.checkpoint_id: r.manifest.total_bytes for r in registrations},
             "cached": {e.checkpoint_id: e.size for e in self._cache.entries()},
+            "uris": {r.checkpoint_id: list(r.uris) for r in registrations if r.uris},
+            "restored": sorted(r.checkpoint_id for r in registrations if r.restored),
+            "serving": self._serving,
         }
 
     def stats(self) -> dict[str, Any]:
@@ -431,9 +459,15 @@ def local_store(worker: Worker | None = None) -> NodeStore:
     return store
 
 
-def register_directory(path: str, checkpoint_id: CheckpointId, worker: Worker | None = None) -> Registration:
-    """Let this worker's store serve ``path`` as ``checkpoint_id`` (local code only)."""
-    return local_store(worker)._registry.add(path, checkpoint_id)
+def register_directory(
+    path: str, worker: Worker | None = None, uris: tuple[str, ...] = ()
+) -> Registration:
+    """Let this worker's store serve ``path`` under the id of its content (local code only).
+
+    ``uris`` are where it is known to be persisted (shown by the registry). Hashes
+    the files not hashed before (:func:`dckpt.transfer.build_manifest`).
+    """
+    return local_store(worker)._registry.add(path, tuple(uris))
 
 
 def stats(client: Client) -> dict[str, dict[str, Any]]:

@@ -52,6 +52,10 @@ class NodeStorePlugin(WorkerPlugin):
     "No handler dckpt_holdings found"): the plugin then stops reporting, once, and
     starts again when the scheduler side installs it anew.
 
+    Before its first report it restores the store's registrations from the node's
+    index (:meth:`NodeStore.restore`), so a restarted worker serves, and the registry
+    lists, what its node still holds.
+
     Teardown (worker closing, or the plugin re-registered) stops the reporting but
     keeps the store: a plugin re-added by the scheduler side after a worker preload
     must not lose the directories registered in the meantime.
@@ -85,7 +89,12 @@ class NodeStorePlugin(WorkerPlugin):
 
 
 async def _report_holdings(worker: Worker, store: NodeStore) -> None:
-    """Send the store's holdings to the scheduler whenever they change (event loop)."""
+    """Serve again what the node's index lists, then send the store's holdings to the
+    scheduler whenever they change (event loop)."""
+    try:
+        await store.restore()
+    except Exception as e:  # noqa: BLE001 - a worker must start even if its disk is odd
+        logger.warning("could not serve the checkpoints of the node's index again: %r", e)
     interval = parse_timedelta(dask.config.get("dckpt.registry.interval"), default="s")
     refresh = parse_timedelta(dask.config.get("dckpt.registry.refresh"), default="s")
     sent: dict[str, Any] | None = None

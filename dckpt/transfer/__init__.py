@@ -28,7 +28,7 @@ from dckpt.transfer._frames import (
     encode_chunk,
     encode_parts,
 )
-from dckpt.transfer._manifest import ChunkSpec, FileEntry, Manifest, build_manifest
+from dckpt.transfer._manifest import ChunkSpec, FileEntry, Manifest, build_manifest, content_digest
 from dckpt.transfer._receive import ChunkStream, receive_directory
 from dckpt.transfer._settings import check_chunk_bytes, config_chunk_bytes
 from dckpt.transfer._source import ChunkSource
@@ -43,6 +43,7 @@ __all__ = [
     "Frame",
     "Manifest",
     "build_manifest",
+    "content_digest",
     "check_chunk_bytes",
     "config_chunk_bytes",
     "decode_chunk",

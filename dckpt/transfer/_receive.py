@@ -22,6 +22,7 @@ from fsspec.callbacks import DEFAULT_CALLBACK, Callback
 from dckpt.errors import CorruptChunkError
 from dckpt.formats._atomic import atomic_directory
 from dckpt.transfer._frames import Frame, decode_chunk
+from dckpt.transfer._hashes import hash_file, remember
 from dckpt.transfer._manifest import ChunkSpec, Manifest
 from dckpt.transfer._settings import (
     check_chunk_bytes,
@@ -91,7 +92,8 @@ async def receive_directory(
     ------
     CorruptChunkError
         A chunk still failed its checks after ``retries`` fetches again; or the
-        stream sent a chunk that was not asked for, or ended without one that was.
+        stream sent a chunk that was not asked for, or ended without one that was;
+        or a file's bytes, once written, do not have the hash the manifest gives.
     UnsafePathError, CheckpointFormatError
         The manifest is unsafe or malformed.
     """
@@ -238,10 +240,26 @@ def _write_chunk(frame: Frame, spec: ChunkSpec, path: str) -> None:
 
 
 def _finish_tree(staging: str, manifest: Manifest, paths: list[str]) -> None:
-    """Symlinks (only now that every file is written), then file modes (thread)."""
+    """Symlinks (only now that every file is written), file modes, then each file's
+    content checked against its hash (thread).
+
+    The chunk checksums catch damage on the way; the file hashes catch a sender whose
+    bytes are not those its manifest names (a file rewritten while it was sent). The
+    check reads what was just written (from the page cache, mostly) and leaves the
+    hash remembered (:func:`~dckpt.transfer._hashes.remember`), so building the
+    manifest of the copy later reads nothing.
+    """
     for name, link_target in manifest.symlinks:
         path = os.path.join(staging, *name.split("/"))
         os.makedirs(os.path.dirname(path), exist_ok=True)
         os.symlink(link_target, path)
     for entry, path in zip(manifest.files, paths):
         os.chmod(path, entry.mode & 0o777)
+        actual = hash_file(path)
+        if actual != entry.hash:
+            raise CorruptChunkError(
+                f"{entry.path!r}: its bytes hash to {actual}, not to {entry.hash} as the "
+                "manifest says; the sender's file changed while it was sent, or its disk "
+                "returned other bytes"
+            )
+        remember(path, actual)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -490,8 +491,11 @@ def test_cluster_runs_until_ctrl_c_and_ls_lists_its_checkpoints(tmp_path):
         assert listed[owner]["origin"] == {ref.checkpoint_id: ref.size}
         assert listed[owner]["stats"]["registered"] == 1
         assert all(not w["origin"] for a, w in listed.items() if a != owner)
+        assert report["checkpoints"] == {ref.checkpoint_id: {
+            "size": ref.size, "uris": [],
+            "holders": [{"node_id": "node-1", "address": owner, "kind": "origin"}]}}
         table = ok(dckpt("ls", "--scheduler", address))
-        assert f"{ref.checkpoint_id}  node-1  origin" in table
+        assert re.search(rf"(?m)^{ref.checkpoint_id}\s+\d+ B\s+node-1 \(origin\)\s+-$", table), table
 
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=30) == 0, stderr.read_text()

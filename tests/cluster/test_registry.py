@@ -112,7 +112,8 @@ def test_install_is_idempotent_and_keeps_the_stores(node_client: Client, nodes):
     assert node_client.run(_store_identity) == before  # the same store objects
     plugins, worker_plugins, handlers = node_client.run_on_scheduler(_plugins)
     assert plugins.count("dckpt") == 1 and worker_plugins.count("dckpt") == 1
-    assert handlers == ["dckpt_holdings", "dckpt_registry", "dckpt_who_has"]
+    assert handlers == ["dckpt_checkpoints", "dckpt_holders", "dckpt_holdings", "dckpt_registry",
+                        "dckpt_who_has"]
     # What was registered before is still served, and still in the registry.
     assert store_of(owner, node_client).manifest(checkpoint_id).result()["digest"] == digest
     assert eventually(lambda: holders(node_client, checkpoint_id)["origin"], bool,
@@ -154,7 +155,7 @@ def test_the_scheduler_preload_sets_up_the_whole_cluster(preloaded: NodeCluster,
         n.worker_address: n.node_id for n in preloaded.nodes
     }
     plugins, worker_plugins, handlers = client.run_on_scheduler(_plugins)
-    assert "dckpt" in plugins and "dckpt" in worker_plugins and len(handlers) == 3
+    assert "dckpt" in plugins and "dckpt" in worker_plugins and len(handlers) == 5
     # Every worker reports, even with nothing to hold.
     everything = eventually(lambda: registry(client),
                             lambda r: all(w["node_id"] for w in r.values()), "reports")

@@ -12,7 +12,12 @@ import pytest
 from distributed.comm import CommClosedError
 
 from dckpt.cluster._core import CheckpointId, NodeRef
-from dckpt.cluster._resolve import _fixable_elsewhere, _raise_unless_fixable_elsewhere
+from dckpt.cluster._resolve import (
+    BUSY_SERVING,
+    _fixable_elsewhere,
+    _raise_unless_fixable_elsewhere,
+    order_holders,
+)
 from dckpt.errors import (
     CacheFullError,
     CheckpointError,
@@ -61,3 +66,57 @@ def test_no_other_source_can_fix_and_the_error_names_this_node(error, raised):
     assert f"node node-1 copying checkpoint {'c' * 32} of node node-0" in shown
     if raised is CacheFullError:
         assert "dckpt.cache.max-bytes" in shown
+
+
+# --- which holders step 4 asks, in which order ------------------------------------------
+
+
+def _holder(address: str, node_id: str, kind: str, serving: int = 0) -> dict:
+    return {"address": address, "node_id": node_id, "kind": kind, "serving": serving}
+
+
+def test_idle_holders_come_first_then_the_origin_then_busy_ones():
+    answer = {
+        "holders": [
+            _holder("tcp://busy:1", "node-3", "cached", serving=BUSY_SERVING),
+            _holder(REF.store_address, "node-0", "origin"),
+            _holder("tcp://idle:1", "node-2", "cached", serving=1),
+            _holder("tcp://idler:1", "node-4", "cached", serving=0),
+            _holder("tcp://here:1", "node-1", "cached"),  # this node: its cache was looked at
+        ],
+        "node_addresses": [REF.store_address],
+        "address_alive": True,
+    }
+    holders, notes = order_holders(answer, REF, "node-1")
+    assert [h.address for h in holders] == [
+        "tcp://idler:1", "tcp://idle:1", REF.store_address, "tcp://busy:1"]
+    assert notes == []
+
+
+def test_a_dead_origin_address_is_replaced_by_the_nodes_current_worker():
+    restarted = "tcp://10.0.0.1:5000"
+    answer = {"holders": [_holder(restarted, "node-0", "origin")],
+              "node_addresses": [restarted], "address_alive": False}
+    holders, notes = order_holders(answer, REF, "node-1")
+    assert [(h.address, h.kind) for h in holders] == [(restarted, "origin")] and notes == []
+
+
+def test_a_gone_origin_is_noted_and_not_tried():
+    answer = {"holders": [_holder("tcp://n2:1", "node-2", "cached")],
+              "node_addresses": [], "address_alive": False}
+    holders, notes = order_holders(answer, REF, "node-1")
+    assert [h.address for h in holders] == ["tcp://n2:1"]
+    assert notes == [f"store of node-0 at {REF.store_address}: that worker is gone, and no "
+                     "worker of node-0 is in the registry"]
+
+
+def test_a_reference_younger_than_the_registry_still_reaches_its_live_origin():
+    answer = {"holders": [], "node_addresses": [], "address_alive": True}
+    holders, _ = order_holders(answer, REF, "node-1")
+    assert [(h.address, h.node_id, h.kind) for h in holders] == [
+        (REF.store_address, "node-0", "origin")]
+
+
+def test_without_a_registry_the_references_own_store_is_asked():
+    holders, notes = order_holders(None, REF, "node-1")
+    assert [h.address for h in holders] == [REF.store_address] and notes == []

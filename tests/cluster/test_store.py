@@ -35,15 +35,15 @@ def _write_checkpoint(size_mib: int, seed: int) -> tuple[str, dict[str, str], st
     os.makedirs(os.path.join(path, "empty"))
     files = {
         "weights.bin": rng.randbytes(size_mib << 20),
-        "sub/config.json": b'{"layers": 3}' * 1000,
+        # 13,000 bytes, unique: ids are of content, and each call is a new checkpoint.
+        "sub/config.json": (uuid.uuid4().hex.encode() + b'{"layers": 3}' * 1000)[:13_000],
         "empty.txt": b"",
     }
     for name, data in files.items():
         with open(os.path.join(path, name), "wb") as f:
             f.write(data)
-    checkpoint_id = uuid.uuid4().hex
-    registration = register_directory(path, checkpoint_id)
-    return path, _hashes(path), checkpoint_id, registration.manifest.digest
+    registration = register_directory(path)
+    return path, _hashes(path), registration.checkpoint_id, registration.manifest.digest
 
 
 def _hashes(path: str) -> dict[str, str]:
@@ -108,7 +108,7 @@ def test_a_chunk_damaged_in_transit_is_detected_and_fetched_again(node_client: C
         _write_checkpoint, 1, 5, workers=[owner], pure=False
     ).result()
     manifest = store_of(owner, node_client).manifest(checkpoint_id).result()
-    n_chunks = sum(1 for _, size, _ in manifest["files"] if size)  # all under one chunk
+    n_chunks = sum(1 for _, size, _, _ in manifest["files"] if size)  # all under one chunk
     sent_before = node_client.submit(_stats, workers=[owner], pure=False).result()["chunks_sent"]
     store_of(owner, node_client).corrupt_next_chunks(2).result()
     cached = store_of(receiver, node_client).fetch(owner, checkpoint_id, digest).result()

@@ -77,6 +77,10 @@ def _write_model(name: str) -> Checkpoint:
     os.makedirs(path)
     with open(os.path.join(path, "model.pkl"), "wb") as f:
         cloudpickle.dump(Linear([1.0, 10.0], b=0.5), f)
+    # Ids are of content: without this, every test's model would be one checkpoint,
+    # cached already by the tests before.
+    with open(os.path.join(path, "written-by"), "w") as f:
+        f.write(f"{name} {uuid.uuid4().hex}")
     return Checkpoint.from_directory(path)
 
 

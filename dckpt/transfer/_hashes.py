@@ -1,0 +1,100 @@
+"""Content hashes of files, computed once per file version and remembered in memory.
+
+A checkpoint's identity is built from the hash of each of its files
+(:func:`~dckpt.transfer.build_manifest`). :func:`file_hash` reads a file once and
+remembers the hash by ``(device, inode, size, ctime)``: every write to a file, a
+``chmod``, a ``truncate``, even a rename, sets its ctime, and nothing a process can do
+sets it back, so an unchanged key means unchanged bytes. Pickling the same directory
+again, serving it again, or building the manifest of a copy just received (whose hashes
+were checked as it was written) then reads nothing.
+
+The memo lives in the process (a dict bounded at :data:`MEMO_ENTRIES` files, least
+recently used dropped first), not on disk: a memo on disk would have to be trusted across
+processes and restarts, where a restored file or a clock set back could fake a key; a
+restarted worker rehashes what it serves, once (what it costs, below).
+
+Cost, measured on this project's machine (2 shared cores; 1 GiB of random bytes)::
+
+    python -c "import os,time,xxhash; b=os.urandom(1<<30); t=time.perf_counter();
+               xxhash.xxh3_128(b).hexdigest(); print(time.perf_counter()-t)"
+
+xxh3-128 takes 0.057 s per GiB in memory; :func:`hash_file` of a 1 GiB file in the
+page cache, reads included, 0.12 s per GiB. A file read from disk costs what the disk
+takes to read it. The first pickling of a 10 GiB checkpoint on a worker thus spends
+about a second hashing it (plus the reads); every later one, none.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import stat
+import threading
+
+import xxhash
+
+__all__ = ["HASH_HEX_LENGTH", "MEMO_ENTRIES", "file_hash", "hash_file", "remember"]
+
+#: Files remembered; an entry is ~200 bytes, so the memo stays below ~20 MB.
+MEMO_ENTRIES = 100_000
+#: Hex digits of an xxh3-128 hash.
+HASH_HEX_LENGTH = 32
+
+_BLOCK = 4 << 20  # read size: large enough that a call per block costs nothing
+
+_Key = tuple[int, int, int, int]  # st_dev, st_ino, st_size, st_ctime_ns
+
+_memo: collections.OrderedDict[_Key, str] = collections.OrderedDict()
+_lock = threading.Lock()
+
+
+def _key(st: os.stat_result) -> _Key:
+    return st.st_dev, st.st_ino, st.st_size, st.st_ctime_ns
+
+
+def hash_file(path: str) -> str:
+    """The xxh3-128 hash (hex) of the bytes of ``path``, read now, never remembered."""
+    hasher = xxhash.xxh3_128()
+    buffer = bytearray(_BLOCK)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            read = f.readinto(buffer)
+            if not read:
+                break
+            hasher.update(view[:read])
+    return hasher.hexdigest()
+
+
+def file_hash(path: str, st: os.stat_result | None = None) -> str:
+    """The xxh3-128 hash (hex) of the regular file ``path``, remembered by version.
+
+    ``st`` is the file's ``os.stat`` if the caller has it. A file that changes while
+    it is read (its key differs after the read) is hashed, but not remembered.
+    """
+    st = os.stat(path) if st is None else st
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{path!r} is not a regular file")
+    key = _key(st)
+    with _lock:
+        known = _memo.get(key)
+        if known is not None:
+            _memo.move_to_end(key)
+            return known
+    digest = hash_file(path)
+    if _key(os.stat(path)) == key:
+        _remember_key(key, digest)
+    return digest
+
+
+def remember(path: str, digest: str) -> None:
+    """Record that ``path``, as it is now, hashes to ``digest`` (checked by the caller)."""
+    _remember_key(_key(os.stat(path)), digest)
+
+
+def _remember_key(key: _Key, digest: str) -> None:
+    with _lock:
+        _memo[key] = digest
+        _memo.move_to_end(key)
+        while len(_memo) > MEMO_ENTRIES:
+            _memo.popitem(last=False)
