@@ -607,8 +607,8 @@ class Checkpoint:
         bytes, whatever its size): the store registers the directory and serves it to
         the nodes that use it. A checkpoint that was itself a reference, read here,
         travels as that reference (same id, origin and URIs, plus URIs it was
-        persisted to since), wherever it is pickled. Elsewhere (the driver) it travels as its data, as in Ray,
-        up to ``dckpt.inline-max-bytes``. Above that, with a (synchronous) default Dask
+        persisted to since), wherever it is pickled. Elsewhere (the driver) it travels
+        as its data, as in Ray, up to ``dckpt.inline-max-bytes``. Above that, with a (synchronous) default Dask
         client, it is pushed to one worker's store and travels as a reference to that
         copy (:func:`dckpt.cluster._put.push_for_pickling`); else it is uploaded to
         ``dckpt.staging-uri`` when one is set and travels as that URI; else it travels
