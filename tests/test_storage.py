@@ -9,6 +9,7 @@ instance that dckpt uses; the calls still go through to the real store.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -732,6 +733,24 @@ class StorageContract:
         with pytest.raises(StorageError, match=r"cannot download the checkpoint at "
                                                r".*ckpt: RuntimeError: back-end exploded"):
             storage.download_directory(uri, out, storage_options=storage_options)
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
+def test_a_full_local_disk_is_not_a_storage_error(tmp_path, memory_uri, monkeypatch, code):
+    """The node cache maps a full disk to CacheFullError: it must arrive as it is."""
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    (tree / "a.bin").write_bytes(os.urandom(1000))
+    storage.upload_directory(tree, memory_uri)
+    fs = fsspec.filesystem("memory")
+
+    def full(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(fs, "get_file", full)
+    with pytest.raises(OSError) as info:
+        storage.download_directory(memory_uri, tmp_path / "out")
+    assert info.value.errno == code and not isinstance(info.value, StorageError)
 
 
 def _old_and_new_trees(tmp_path: Path) -> tuple[Path, Path]:

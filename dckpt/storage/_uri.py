@@ -27,6 +27,7 @@ and is translated the same way (it is the ``__cause__``).
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import inspect
 import os
@@ -49,6 +50,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 # Programming errors: translating them would hide the bug behind a storage message.
 _BUGS = (TypeError, AttributeError, NameError, AssertionError)
+_LOCAL_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 # What to install when fsspec knows a protocol but its backend is not installed;
 # fsspec's own hint ("Install s3fs to access S3") for the others.
@@ -144,6 +146,12 @@ def storage_errors(uri: str, operation: str, *, reading: bool) -> Iterator[None]
             raise CheckpointNotFoundError(f"no checkpoint at {uri}: {e}") from e
         raise _storage_error(uri, operation, e, " (dckpt creates no buckets: create it "
                              "first, or check the URI)") from e
+    except OSError as e:
+        if e.errno in _LOCAL_DISK_FULL:
+            # This machine's disk, not the back-end: kept as it is, so that callers
+            # (the node cache) can tell it from a storage failure another source fixes.
+            raise
+        raise _storage_error(uri, operation, e, "") from e
     except Exception as e:
         raise _storage_error(uri, operation, e, "") from e
 
