@@ -23,7 +23,7 @@ import shutil
 import tempfile
 
 from dckpt.cluster import NodeCluster
-from dckpt.demo import KILL_AFTER_EPOCH, train_with_a_kill
+from dckpt.demo import KILL_AFTER_EPOCH, print_loss_curve, train_with_a_kill
 from dckpt.train import Result
 
 EPOCHS = 30
@@ -57,24 +57,8 @@ def run(storage: str) -> Result:
 
 
 def show(result: Result) -> None:
-    """Print rank 0's loss curve, attempt by attempt."""
-    rank0 = [m for m in result.metrics_history if m["world_rank"] == 0]
-    for attempt in sorted({m["attempt"] for m in rank0}):
-        rows = [m for m in rank0 if m["attempt"] == attempt]
-        nodes = sorted({m["node_id"] for m in result.metrics_history if m["attempt"] == attempt})
-        start = rows[0]["resumed_from"]
-        print(f"attempt {attempt} on {', '.join(nodes)}: "
-              + ("fresh start" if start is None else f"resumed from the checkpoint of "
-                 f"epoch {start - 1}, continuing at epoch {start}"))
-        for m in rows:
-            print(f"  epoch {m['epoch']:2d}  loss {m['loss']:.4f}")
-    first_loss = rank0[0]["loss"]
-    resumed = [m for m in rank0 if m["attempt"] > 0]
-    if resumed:
-        before = [m for m in rank0 if m["attempt"] == 0 and m["epoch"] < resumed[0]["epoch"]]
-        print(f"loss at the start {first_loss:.4f}; last before the failure "
-              f"{before[-1]['loss']:.4f}; first after the resume {resumed[0]['loss']:.4f}: "
-              "the curve continues, it did not restart")
+    """Print rank 0's loss curve, attempt by attempt, then the outcome."""
+    print_loss_curve(result)
     print(f"failures survived: {result.failures}; final loss {result.metrics['loss']:.4f}; "
           f"best checkpoints kept: {len(result.best_checkpoints)}")
 

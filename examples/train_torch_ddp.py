@@ -31,7 +31,7 @@ from typing import Any
 
 from dckpt import Checkpoint, node
 from dckpt.cluster import NodeCluster
-from dckpt.demo import KILL_AFTER_EPOCH, offer_node_for_kill, train_with_a_kill
+from dckpt.demo import KILL_AFTER_EPOCH, offer_node_for_kill, print_loss_curve, train_with_a_kill
 from dckpt.train import Result, get_checkpoint, get_context, report
 
 EPOCHS = 16
@@ -107,23 +107,8 @@ def main() -> None:
 
 
 def show(result: Result) -> None:
-    """Print rank 0's loss curve, attempt by attempt."""
-    rank0 = [m for m in result.metrics_history if m["world_rank"] == 0]
-    for attempt in sorted({m["attempt"] for m in rank0}):
-        rows = [m for m in rank0 if m["attempt"] == attempt]
-        nodes = sorted({m["node_id"] for m in result.metrics_history if m["attempt"] == attempt})
-        start = rows[0]["resumed_from"]
-        print(f"attempt {attempt} on {', '.join(nodes)}: "
-              + ("fresh start" if start is None else f"resumed from the checkpoint of "
-                 f"epoch {start - 1}, continuing at epoch {start}"))
-        for m in rows:
-            print(f"  epoch {m['epoch']:2d}  loss {m['loss']:.4f}")
-    resumed = [m for m in rank0 if m["attempt"] > 0]
-    if resumed:
-        before = [m for m in rank0 if m["attempt"] == 0 and m["epoch"] < resumed[0]["epoch"]]
-        print(f"loss at the start {rank0[0]['loss']:.4f}; last before the failure "
-              f"{before[-1]['loss']:.4f}; first after the resume {resumed[0]['loss']:.4f}: "
-              "the curve continues, it did not restart")
+    """Print rank 0's loss curve, attempt by attempt, then the outcome."""
+    print_loss_curve(result)
     print(f"failures survived: {result.failures}; final loss {result.metrics['loss']:.4f}")
 
 

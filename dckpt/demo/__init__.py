@@ -7,7 +7,13 @@ batch-predicts on every node with locality, and reports what moved where.
 
 from __future__ import annotations
 
-from dckpt.demo._story import KILL_AFTER_EPOCH, DemoReport, run_demo, train_with_a_kill
+from dckpt.demo._story import (
+    KILL_AFTER_EPOCH,
+    DemoReport,
+    print_loss_curve,
+    run_demo,
+    train_with_a_kill,
+)
 from dckpt.demo._toy import (
     ToyPredictor,
     accuracy,
@@ -26,6 +32,7 @@ __all__ = [
     "all_reduce_mean",
     "make_data",
     "offer_node_for_kill",
+    "print_loss_curve",
     "read_state",
     "run_demo",
     "train_loop",

@@ -179,6 +179,30 @@ def train_with_a_kill(
     return result, killed[0] if killed else None
 
 
+def print_loss_curve(result: Result) -> None:
+    """Print rank 0's loss curve attempt by attempt, and whether a resume continued it.
+
+    For the training examples, whose loop reports ``epoch``, ``loss``, ``node_id`` and
+    ``resumed_from`` (the epoch an attempt started at, None for a fresh start).
+    """
+    rank0 = [m for m in result.metrics_history if m["world_rank"] == 0]
+    for attempt in sorted({m["attempt"] for m in rank0}):
+        rows = [m for m in rank0 if m["attempt"] == attempt]
+        nodes = sorted({m["node_id"] for m in result.metrics_history if m["attempt"] == attempt})
+        start = rows[0]["resumed_from"]
+        print(f"attempt {attempt} on {', '.join(nodes)}: "
+              + ("fresh start" if start is None else f"resumed from the checkpoint of "
+                 f"epoch {start - 1}, continuing at epoch {start}"))
+        for m in rows:
+            print(f"  epoch {m['epoch']:2d}  loss {m['loss']:.4f}")
+    resumed = [m for m in rank0 if m["attempt"] > 0]
+    if resumed:
+        before = [m for m in rank0 if m["attempt"] == 0 and m["epoch"] < resumed[0]["epoch"]]
+        print(f"loss at the start {rank0[0]['loss']:.4f}; last before the failure "
+              f"{before[-1]['loss']:.4f}; first after the resume {resumed[0]['loss']:.4f}: "
+              "the curve continues, it did not restart")
+
+
 def _train(
     cluster: NodeCluster, client: distributed.Client, storage: str, report: DemoReport,
     say: Callable[[str], Any],
