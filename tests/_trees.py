@@ -27,10 +27,16 @@ def make_tree(root: str | os.PathLike[str], seed: int = 0) -> str:
     return str(root)
 
 
-def read_tree(root: str | os.PathLike[str]) -> dict[str, bytes | None]:
-    """``relpath -> contents`` for files and ``relpath/ -> None`` for folders."""
+def read_tree(
+    root: str | os.PathLike[str], *, follow_links: bool = False
+) -> dict[str, bytes | None]:
+    """``relpath -> contents`` for files and ``relpath/ -> None`` for folders.
+
+    ``follow_links``: descend into links to folders too (what a reader of the tree
+    sees); links to files are read through either way.
+    """
     tree: dict[str, bytes | None] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=follow_links):
         rel = os.path.relpath(dirpath, root)
         for name in dirnames:
             tree[os.path.normpath(os.path.join(rel, name)) + "/"] = None

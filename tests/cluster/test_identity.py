@@ -9,13 +9,13 @@ import os
 import random
 import signal
 import uuid
-from collections.abc import Iterator
 
 import pytest
 from distributed import Client
 
 from dckpt import Checkpoint, CheckpointUnavailableError
-from dckpt.cluster import NodeCluster, checkpoints, install, isolation_available, stats, who_has
+from dckpt.cluster import NodeCluster, checkpoints, stats, who_has
+from tests._three_nodes import client, cluster, workers  # noqa: F401 (fixtures)
 from tests._waiting import eventually
 
 pytestmark = pytest.mark.slow
@@ -23,26 +23,7 @@ pytestmark = pytest.mark.slow
 SIZE = 1 << 20
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[NodeCluster]:
-    """An isolated NodeCluster of three nodes for this module."""
-    if not isolation_available():
-        pytest.skip("node isolation (mount namespaces) is not available here")
-    with NodeCluster(3, isolate=True) as cluster:
-        yield cluster
-
-
-@pytest.fixture(scope="module")
-def client(cluster: NodeCluster) -> Client:
-    client = cluster.client(set_as_default=False)
-    install(client)
-    return client
-
-
-@pytest.fixture
-def workers(cluster: NodeCluster, client: Client) -> list[str]:
-    """The workers' addresses, read for each test: a restarted node has a new one."""
-    return [n.worker_address for n in cluster.nodes]
+# cluster, client, workers: an isolated three-node NodeCluster of this module.
 
 
 def _content(seed: int) -> bytes:

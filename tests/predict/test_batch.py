@@ -12,7 +12,6 @@ import collections
 import functools
 import os
 import uuid
-from collections.abc import Iterator
 
 import cloudpickle
 import dask.config
@@ -20,7 +19,7 @@ import pytest
 from distributed import Client, Event, LocalCluster
 
 from dckpt import Checkpoint, put
-from dckpt.cluster import NodeCluster, install, isolation_available, stats, who_has
+from dckpt.cluster import stats, who_has
 from dckpt.predict import (
     BatchFormatError,
     BatchPredictor,
@@ -30,6 +29,7 @@ from dckpt.predict import (
 )
 from dckpt.predict._batches import concat, keep_columns, split
 from dckpt.predict._placement import choose_scoring_workers
+from tests._three_nodes import client, cluster, workers  # noqa: F401 (fixtures)
 from tests._waiting import eventually
 
 np = pytest.importorskip("numpy")
@@ -164,26 +164,7 @@ def test_an_empty_cluster_is_a_scoring_workers_error():
 # ------------------------------------------------------------ on three nodes
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[NodeCluster]:
-    """An isolated NodeCluster of three nodes for this module."""
-    if not isolation_available():
-        pytest.skip("node isolation (mount namespaces) is not available here")
-    with NodeCluster(3, isolate=True) as cluster:
-        yield cluster
-
-
-@pytest.fixture(scope="module")
-def client(cluster: NodeCluster) -> Client:
-    client = cluster.client(set_as_default=False)
-    install(client)
-    return client
-
-
-@pytest.fixture
-def workers(cluster: NodeCluster) -> list[str]:
-    """The workers' addresses, read for each test: a restarted node has a new one."""
-    return [n.worker_address for n in cluster.nodes]
+# cluster, client, workers: an isolated three-node NodeCluster of this module.
 
 
 def assert_close(got, expected) -> None:

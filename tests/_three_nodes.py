@@ -1,0 +1,37 @@
+"""Fixtures of an isolated three-node NodeCluster, one per test module that imports them.
+
+``from tests._three_nodes import cluster, client, workers`` in a test module gives it
+its own cluster (module scope), so that kills and restarts stay within the module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from distributed import Client
+
+from dckpt.cluster import NodeCluster, install, isolation_available
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[NodeCluster]:
+    """An isolated NodeCluster of three nodes for this module."""
+    if not isolation_available():
+        pytest.skip("node isolation (mount namespaces) is not available here")
+    with NodeCluster(3, isolate=True) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def client(cluster: NodeCluster) -> Client:
+    """The cluster's client (not the default one), with dckpt installed."""
+    client = cluster.client(set_as_default=False)
+    install(client)
+    return client
+
+
+@pytest.fixture
+def workers(cluster: NodeCluster, client: Client) -> list[str]:
+    """The workers' addresses, read for each test: a restarted node has a new one."""
+    return [n.worker_address for n in cluster.nodes]
