@@ -102,12 +102,14 @@ def make_source(kind: str, size: int, n_files: int) -> dict[str, Any]:
 
 
 def register(path: str) -> tuple[str, str]:
-    """Let this node's store serve ``path`` under a fresh id (task, node 0)."""
-    from dckpt.cluster._cache import CheckpointId
+    """Let this node's store serve ``path`` under the id of its content (task, node 0).
+
+    The id is the same at every repeat: the receiver evicts its copy after each one.
+    """
     from dckpt.cluster._store import register_directory
 
-    checkpoint_id = CheckpointId(f"bench-{uuid.uuid4().hex}")
-    return checkpoint_id, register_directory(path, checkpoint_id).manifest.digest
+    registration = register_directory(path)
+    return registration.checkpoint_id, registration.manifest.digest
 
 
 def make_reference(path: str) -> Any:
