@@ -101,6 +101,27 @@ def test_no_test_sleeps_to_wait_for_something():
     assert offenders == [], f"time.sleep in tests: {offenders}"
 
 
+# What of distributed is not its public API: dckpt/_compat.py says why dckpt needs each.
+_DISTRIBUTED_INTERNALS = re.compile(
+    r"\.state\.actors[.\[]|\bWorker\._instances\b|\._future\b|distributed\.comm\.tcp\b"
+    r"|\bcomm\.stream\b"
+)
+
+
+def test_distributed_internals_are_touched_in_one_module():
+    """``Actor._future``, ``TCP.stream``, ``Worker._instances`` and ``worker.state.actors``
+    are used only by dckpt/_compat.py, so a distributed release that changes one breaks
+    one documented function."""
+    offenders = [
+        f"{path.relative_to(ROOT)}:{number}: {line.strip()}"
+        for path in sorted((ROOT / "dckpt").rglob("*.py"))
+        if path.name != "_compat.py"
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if _DISTRIBUTED_INTERNALS.search(line)
+    ]
+    assert offenders == [], offenders
+
+
 @pytest.mark.slow
 def test_mypy_finds_nothing_in_dckpt():
     """The package is type-checked as part of the tests (settings in pyproject.toml)."""

@@ -208,6 +208,21 @@ def test_receive_replaces_an_existing_target(tmp_path: Path):
     assert sorted(os.listdir(tmp_path)) == ["dst", "src"]
 
 
+def test_in_place_fills_the_given_directory_and_stages_nothing_beside_it(tmp_path: Path):
+    """A node cache stages a transfer once: in place, the directory the caller staged
+    is filled as it is (no sibling, no rename), and one that is not empty is refused."""
+    src = make_tree(tmp_path / "src")
+    staged = tmp_path / "staged"
+    staged.mkdir()
+    inode = staged.stat().st_ino
+    copy(src, staged, chunk_bytes=MiB, in_place=True)
+    assert snapshot(staged) == snapshot(src)
+    assert staged.stat().st_ino == inode  # the very directory, not one renamed over it
+    assert sorted(os.listdir(tmp_path)) == ["src", "staged"]
+    with pytest.raises(ValueError, match="not empty"):
+        copy(src, staged, chunk_bytes=MiB, in_place=True)
+
+
 def test_settings_are_read_when_not_passed(tmp_path: Path):
     src = tmp_path / "src"
     src.mkdir()

@@ -90,8 +90,10 @@ class NodeCache:
 
     Any number of ``NodeCache`` objects, in one process or in several, may use one
     folder: they share its entries, budget, least-recently-used order and pins (see the
-    module docstring). Only the counters of :meth:`stats` (hits, misses, evictions) and
-    the pin counts of :meth:`entries` are this object's own.
+    module docstring). Only the eviction count of :meth:`stats` and the pin counts of
+    :meth:`entries` are this object's own. Hits and misses are the store's to count
+    (:class:`~dckpt.cluster._store.NodeStore`, once per request): a lookup here is
+    often a second look within one request.
 
     Parameters
     ----------
@@ -130,8 +132,6 @@ class NodeCache:
     _entries: collections.OrderedDict[_Key, CacheEntry]  # as on disk; least recently used first
     _pins: CachePins  # this object's, and a view of every process's
     _dirty: bool  # the index on disk is behind _entries
-    _hits: int
-    _misses: int
     _evictions: int
 
     def __init__(
@@ -150,7 +150,7 @@ class NodeCache:
         self._lock = threading.Lock()
         self._entries = collections.OrderedDict()
         self._dirty = False
-        self._hits = self._misses = self._evictions = 0
+        self._evictions = 0
         os.makedirs(self.root, exist_ok=True)
         _refuse_foreign(self.root)  # before writing anything into it
         with self._lock, flocked(self._lock_path) as lock_fd:
@@ -231,10 +231,7 @@ class NodeCache:
                 self._dirty = True
                 entry = None
             trash = self._evict_stale_locked(checkpoint_id, digest)
-            if entry is None:
-                self._misses += 1
-            else:
-                self._hits += 1
+            if entry is not None:
                 self._touch_locked(key)
                 path = entry.path
         _remove_all(trash)
@@ -441,16 +438,14 @@ class NodeCache:
         dict
             Of the folder, shared by its processes: ``bytes_cached``, ``entries`` and
             ``pinned`` (entries pinned by any live process). Of this object only:
-            ``hits`` and ``misses`` (of its :meth:`lookup`), ``evictions``
-            (checkpoints it removed for room, as stale or by :meth:`evict`).
+            ``evictions`` (checkpoints it removed for room, as stale or by
+            :meth:`evict`).
         """
         with self._shared():
             pinned = self._pins.live_keys()
             return {
                 "bytes_cached": self._used_locked(),
                 "entries": len(self._entries),
-                "hits": self._hits,
-                "misses": self._misses,
                 "evictions": self._evictions,
                 "pinned": sum(1 for key in self._entries if checkpoint_key(key[0]) in pinned),
             }

@@ -15,7 +15,7 @@ class NodeRef:
     """A directory checkpoint on one node: where it is and how to get it.
 
     A few hundred bytes pickled, whatever the checkpoint's size. Resolved on first use
-    (:func:`dckpt.cluster._resolve.resolve`): the same node uses ``path``; another node
+    (:meth:`dckpt.cluster._store.NodeStore.materialize`): the same node uses ``path``; another node
     copies it into its cache from any holder the scheduler's registry names (the origin
     ``node_id`` at its current worker; ``store_address`` is the one it had when the
     reference was made), or downloads it from one of ``uris``.

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import shutil
 from typing import Any
 
 from distributed import Client
 from distributed.worker import Worker
 
+from dckpt import _compat
 from dckpt.cluster._core import NodeRef
-from dckpt.cluster._store import STORE_KEY, NodeStore
+from dckpt.cluster._store import STORE_KEY, NodeStore, forget_here
 
 logger = logging.getLogger(__name__)
 
@@ -54,26 +53,8 @@ def forget(ref: NodeRef, client: Client) -> dict[str, dict[str, bool]]:
 
 async def _forget_here(ref: NodeRef, dask_worker: Worker) -> dict[str, Any] | None:
     """On a worker (event loop): unregister and delete if this is the owner; evict."""
-    store = dask_worker.state.actors.get(STORE_KEY)
+    store = _compat.actor_instance(dask_worker, STORE_KEY)
     if not isinstance(store, NodeStore):
         return None  # a worker without dckpt holds nothing of it
     # Removing a directory and the cache's index writes are file work: not on the loop.
-    return await asyncio.to_thread(_forget_in_store, store, ref)
-
-
-def _forget_in_store(store: NodeStore, ref: NodeRef) -> dict[str, Any]:
-    removed = False
-    registration = store._registry.find(ref.checkpoint_id)
-    if registration is not None:
-        if store.node_id == ref.node_id and registration.path == os.path.realpath(ref.path):
-            store._registry.remove(ref.checkpoint_id)
-            shutil.rmtree(registration.path, ignore_errors=True)
-            removed = not os.path.exists(registration.path)
-        else:
-            # The same content registered from another directory (ids are of content:
-            # another checkpoint with the same bytes, or a pushed copy in the cache):
-            # it stays served, and is not ours to delete. The eviction below deals with
-            # cached copies.
-            logger.debug("not deleting %s: %r names %s", registration.path, ref, ref.path)
-    evicted = store._cache.evict(ref.checkpoint_id)
-    return {"removed": removed, "evicted": evicted}
+    return await asyncio.to_thread(forget_here, store, ref)

@@ -78,8 +78,9 @@ def put(
     ref = checkpoint._node_ref or checkpoint._resolved_from
     if ref is None:
         ref = _push(client, checkpoint, targets[0][1])
+    # Each node's store materializes it as a task there would: from any holder.
     fetches = [
-        store_of(address, client).fetch(ref.store_address, ref.checkpoint_id, ref.digest)
+        store_of(address, client).materialize(ref)
         for node_id, address in targets
         if node_id != ref.node_id
     ]

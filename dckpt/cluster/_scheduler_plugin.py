@@ -13,7 +13,7 @@ it keeps, per worker, the last *snapshot* of what that worker's store holds:
 Checkpoint ids are ids of content (:mod:`dckpt.transfer._manifest`), so every holder
 of an id holds the same bytes. From the snapshots the registry answers, per checkpoint
 id, which nodes hold a complete copy and at which worker address each node is now
-(``dckpt_holders``: what resolution asks, :mod:`dckpt.cluster._resolve`), and per
+(``dckpt_holders``: what resolution asks, :meth:`dckpt.cluster._store.NodeStore.materialize`), and per
 checkpoint its size, holders and URIs (``dckpt_checkpoints``, :func:`checkpoints`).
 
 How snapshots flow: each worker's plugin polls its store every

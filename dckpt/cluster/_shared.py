@@ -1,9 +1,10 @@
 """Shared filesystems found, not only configured: is the path of a reference the very
 directory its origin registered, seen through a disk both nodes share?
 
-Step 2 of resolution (:mod:`dckpt.cluster._resolve`) used a reference's path in place
-only under ``dckpt.shared-paths``. Now a reader also uses it in place when it sees, at
-that path, the *same files* the origin saw — the same NFS export mounted on both nodes,
+Step 2 of resolution (:meth:`dckpt.cluster._store.NodeStore.materialize`) used a
+reference's path in place only under ``dckpt.shared-paths``. Now a reader also uses it
+in place when it sees, at that path, the *same files* the origin saw — the same NFS
+export mounted on both nodes,
 a host folder bind-mounted into two containers, any folder of the one machine a
 non-isolated :class:`~dckpt.cluster.NodeCluster` runs on — and never when a folder of the
 same name holds something else.

@@ -1,84 +1,125 @@
-"""``NodeStore``: the actor on every worker that serves and caches checkpoints.
+"""``NodeStore``: the actor on every worker that serves checkpoints and materializes them.
 
 One store per Dask worker, created by :class:`~dckpt.cluster._worker_plugin.NodeStorePlugin`
-and reachable by anyone as an actor proxy (:func:`store_of`). It serves the
-directories registered with it on its own node (never any other path), and copies
-checkpoints of other nodes into this node's cache, one transfer per checkpoint however
-many tasks ask at once.
+and reachable by anyone as an actor proxy (:func:`store_of`); and one *server-less*
+store in every other process that uses node references (the driver: :func:`driver_store`),
+which runs the same code with its own cache folder and no server.
 
-Bytes move over the worker's own server, not through actor calls
-(:mod:`dckpt.cluster._stream`): :meth:`NodeStore.serve_pull` is the handler
-``dckpt_pull`` on the *owner's* worker, :meth:`NodeStore.fetch` runs on the
-*receiver's* event loop and drives the transfer, and :meth:`NodeStore.accept_push`
-(handler ``dckpt_push``) takes a checkpoint that the driver sends. Everything runs on
-the event loop; file reads, decoding and writes go to threads.
+A store does two jobs:
 
-It serves what it holds: the directories registered with it (kept in an index on the
-node's disk, :mod:`dckpt.cluster._served`, so a restarted worker serves them again)
-and the complete copies in its node's cache, so that a node that received a checkpoint
-serves it on. Checkpoint ids are ids of content: whoever serves an id serves the same
-bytes, and the receiver checks every file against its hash.
+- **Serve** what its node holds: the directories registered with it (kept in an index
+  on the node's disk, :mod:`dckpt.cluster._served`, so a restarted worker serves them
+  again) and the complete copies in its node's cache, so that a node that received a
+  checkpoint serves it on. Bytes move over the worker's own server, not through actor
+  calls (:mod:`dckpt.cluster._stream`): :meth:`NodeStore.serve_pull` is the handler
+  ``dckpt_pull``, :meth:`NodeStore.accept_push` (handler ``dckpt_push``) takes a
+  checkpoint that the driver sends.
+- **Materialize** a node reference on this node, end to end, in one call
+  (:meth:`NodeStore.open`): pin the checkpoint in this node's cache, find it in place
+  or in the cache, else copy it in once per node (single flight within the process,
+  the cache's transfer lock across the node's processes) from the first source that
+  works — every holder the registry names, then each URI — into one staging directory
+  of the cache, commit it there by a rename, and unpin when the caller is done. The
+  order is in :meth:`NodeStore.materialize`.
+
+Checkpoint ids are ids of content: whoever serves an id serves the same bytes, and the
+receiver checks every file against its hash.
 
 Registration is deliberately not an actor method: anything reachable through the proxy
 can be called from any process, and letting a remote caller register ``/etc`` would make
 "serves only registered directories" meaningless. Code on the worker registers through
 :func:`register_directory`.
+
+Everything async runs on the event loop of the store's worker (or of the driver's
+client); file reads, decoding and writes go to threads.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import collections
+import concurrent.futures
+import contextlib
+import dataclasses
+import functools
 import logging
 import os
 import shutil
 import threading
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from typing import Any, Protocol
 
+import dask.config
+from dask.utils import parse_timedelta
 from distributed import Client, get_worker
 from distributed.actor import Actor
 from distributed.comm import Comm
 from distributed.core import ConnectionPool, Status
+from distributed.utils import sync
 from distributed.worker import Worker
 
-from dckpt import node, storage, transfer
-from dckpt.cluster import _stream
+from dckpt import _compat, _config, node, storage, transfer
+from dckpt._locks import is_alive
+from dckpt.cluster import _shared, _stream
 from dckpt.cluster._cache import CheckpointId, NodeCache
+from dckpt.cluster._core import NodeRef
+from dckpt.cluster._failures import describe, raise_unless_fixable_elsewhere
+from dckpt.cluster._holders import Holder, order_holders
 from dckpt.cluster._served import Registration, ServedDirectories
-from dckpt.formats._atomic import atomic_directory
+from dckpt.errors import CheckpointUnavailableError
 
 logger = logging.getLogger(__name__)
 
-#: The key of every worker's store in ``worker.state.actors``.
+#: The key of every worker's store among the worker's actors.
 STORE_KEY = "dckpt-node-store"
 
 
+@dataclasses.dataclass(frozen=True)
+class Comms:
+    """How a store reaches the others: a pool of comms to stores, an rpc to the scheduler.
+
+    A worker's own (``worker.rpc``, ``worker.scheduler``) for its store; the client's for
+    the driver's. ``scheduler`` is None where there is no registry to ask.
+    """
+
+    pool: ConnectionPool
+    scheduler: Any = None
+
+
 class NodeStore:
-    """Serves registered directories and keeps this node's cache of others' checkpoints.
+    """Serves what this node holds and materializes node references on it.
 
-    Counters (:meth:`stats`): ``bytes_sent``, ``bytes_received``, ``transfers``
-    (checkpoints received), ``chunks_sent``, ``cache_hits``, ``cache_misses`` and the
-    cache's own figures.
+    Counters (:meth:`stats`), one set per store: ``bytes_sent``, ``chunks_sent``,
+    ``bytes_received``, ``transfers`` (checkpoints copied in), ``cache_hits`` and
+    ``cache_misses``. Every request to materialize a checkpoint that is not usable in
+    place counts once: a *hit* when this node's cache had it (also when the request
+    waited for another request's transfer, or another process of the node copied it),
+    a *miss* when the request copied it in. The cache keeps only its own figures
+    (size, entries, pins, evictions).
 
-    ``served_root`` is the folder of the index of registered directories (default
-    ``<node root>/served``); call :meth:`restore` once at start to serve again what a
+    ``address`` is the worker's, or None for a server-less store (the driver's).
+    ``cache_root`` and ``served_root`` default to the node's cache folder and
+    ``<node root>/served``; call :meth:`restore` once at start to serve again what a
     previous worker of the node registered.
     """
 
     node_id: str
-    address: str
+    address: str | None
     _registry: ServedDirectories
     _serving: int  # pulls being served now (event loop only)
     _cache: NodeCache
     _counters: collections.Counter[str]
     _counter_lock: threading.Lock
-    _in_flight: dict[tuple[CheckpointId, str], asyncio.Future[str]]
+    # Single flight, per event loop: futures belong to one loop (a driver may use several).
+    _in_flight: dict[tuple[int, CheckpointId], asyncio.Future[str]]
     _corrupt_next_chunks: int
-    _rpc: ConnectionPool | None
+    _comms: Comms | None
+    _loop: Any  # the worker's IOLoop once attached
 
     def __init__(
-        self, address: str, cache_root: str | None = None, served_root: str | None = None
+        self, address: str | None, cache_root: str | None = None,
+        served_root: str | None = None,
     ) -> None:
         self.node_id = node.node_id()
         self.address = address
@@ -91,13 +132,15 @@ class NodeStore:
         self._counter_lock = threading.Lock()
         self._in_flight = {}
         self._corrupt_next_chunks = 0
-        self._rpc = None
+        self._comms = None
+        self._loop = None
 
     def attach(self, worker: Worker) -> None:
         """Serve ``dckpt_pull`` and ``dckpt_push`` on ``worker``'s server; use its comms."""
         worker.handlers[_stream.PULL_OP] = self.serve_pull
         worker.handlers[_stream.PUSH_OP] = self.accept_push
-        self._rpc = worker.rpc
+        self._comms = Comms(worker.rpc, worker.scheduler)
+        self._loop = worker.loop
 
     async def restore(self) -> int:
         """Serve again the directories of the node's index that are still there.
@@ -189,7 +232,78 @@ class NodeStore:
         with self._counter_lock:
             self._corrupt_next_chunks = int(count)
 
-    # ------------------------------------------------------------- receiver side
+    # ------------------------------------------------------------- materializing
+
+    @contextlib.contextmanager
+    def open(self, ref: NodeRef, found: str | None = None) -> Iterator[str]:
+        """A local directory with the data of ``ref``, kept from eviction for the block.
+
+        Call it from a task thread (or any thread but the store's event loop). The
+        checkpoint is pinned in this node's cache first, so that nothing evicts it
+        between finding it and leaving the block; then ``found`` (where this process
+        found it before) is used while it exists, else :meth:`materialize` runs on the
+        store's event loop — a worker's, or for a server-less store the current
+        synchronous client's (none: a loop of its own, and no holder can be reached).
+        """
+        run, comms = self._runner()
+        with self._cache.pinned(ref.checkpoint_id):
+            if found is None or not os.path.isdir(found):
+                found = run(self.materialize, ref, comms)
+            yield found
+
+    async def materialize(self, ref: NodeRef, comms: Comms | None = None) -> str:
+        """A local directory with the data of ``ref``, found in this order (event loop).
+
+        1. the same node, where the path still exists: used as it is, no copy;
+        2. a path under ``dckpt.shared-paths`` that exists here, or a path that shows
+           here the very files the origin fingerprinted (a shared disk found, not
+           configured: :mod:`dckpt.cluster._shared`): used as it is;
+        3. a directory this store serves with the same content (the same id), used as
+           it is; else this node's cache, holding that checkpoint id;
+        4. every holder the scheduler's registry names (``dckpt_holders``, ordered by
+           :func:`~dckpt.cluster._holders.order_holders`): nodes with a cached copy
+           that are not serving many transfers already, then the origin node at the
+           worker it has *now*, then busy holders; without a registry, the store at
+           the reference's address;
+        5. each URI the reference carries;
+        6. otherwise :class:`~dckpt.errors.CheckpointUnavailableError`, listing every
+           step and every holder tried, and why each failed.
+
+        Steps 4 and 5 copy into this node's cache, once per node however many ask.
+        A failure there moves on to the next source only when another source could do
+        better (:func:`~dckpt.cluster._failures.fixable_elsewhere`); what no other
+        source can fix (this node's cache too small or its disk full, an unsafe
+        manifest, a programming error) is raised at once, naming this node.
+        ``comms``: the store's own when None.
+        """
+        tried: list[str] = []
+        path = await asyncio.to_thread(_in_place, ref, self.node_id, tried)
+        if path is None:
+            path = await self.served(ref.checkpoint_id)
+        if path is None:
+            path = await self._obtain(_Request.of(ref, tried), comms or self._comms)
+        return path
+
+    async def fetch(
+        self, holder_address: str, checkpoint_id: CheckpointId, digest: str,
+        holder_node: str | None = None,
+    ) -> str:
+        """Copy a checkpoint from the store at ``holder_address`` into this node's cache.
+
+        ``holder_address`` is any store that holds it (its origin, or a node that has
+        it cached); ``digest`` is the content digest its manifest must have, and the
+        copy's files are checked against their hashes as they are written. Returns the
+        local path. It is :meth:`materialize` with that one source: a cached copy is
+        used as it is, concurrent calls wait for a single transfer, and the holder's
+        error is raised as it is. ``holder_node``, if known, names it in messages.
+        """
+        holder = Holder(holder_address, holder_node or "a node not named", "given")
+        request = _Request(checkpoint_id, digest, f"from {holder.describe()}", holders=(holder,))
+        return await self._obtain(request, self._comms)
+
+    def evict(self, checkpoint_id: CheckpointId) -> bool:
+        """Remove this node's cached copy of ``checkpoint_id`` unless it is in use."""
+        return self._cache.evict(checkpoint_id)
 
     async def served(self, checkpoint_id: CheckpointId) -> str | None:
         """The directory registered here under ``checkpoint_id`` if it still has that
@@ -207,40 +321,126 @@ class NodeStore:
 
         return registration.path if await asyncio.to_thread(unchanged) else None
 
-    async def cached(self, checkpoint_id: CheckpointId, digest: str) -> str | None:
-        """The path of this node's cached copy of the checkpoint, or None (a miss)."""
-        path = await asyncio.to_thread(self._cache.lookup, checkpoint_id, digest)
-        self._count(**({"cache_hits": 1} if path is not None else {}))
+    async def _obtain(self, request: _Request, comms: Comms | None) -> str:
+        """Step 3 (the cache) and, on a miss, steps 4-6, once per node."""
+        loop = asyncio.get_running_loop()
+        key = (id(loop), request.checkpoint_id)
+        waiting = self._in_flight.get(key)
+        if waiting is not None:
+            path = await asyncio.shield(waiting)
+            self._count(cache_hits=1)
+            return path
+        done: asyncio.Future[str] = loop.create_future()
+        self._in_flight[key] = done
+        try:
+            path = await self._obtain_once_per_node(request, comms)
+        except BaseException as e:
+            done.set_exception(e)
+            done.exception()  # mark retrieved: waiters, if any, re-raise it themselves
+            raise
+        else:
+            done.set_result(path)
+            return path
+        finally:
+            del self._in_flight[key]
+
+    async def _obtain_once_per_node(self, request: _Request, comms: Comms | None) -> str:
+        """The cached copy, else a copy in, unless another process of the node makes it.
+
+        Several workers of one node (``dask worker --nworkers N``) share its cache: the
+        cache's transfer lock lets one of them copy while the others wait, then find it.
+        """
+        cache = self._cache
+        path = await asyncio.to_thread(cache.lookup, request.checkpoint_id, request.digest)
+        if path is None:
+            lock = cache.transfer_lock(request.checkpoint_id)
+            await asyncio.to_thread(lock.__enter__)  # blocks while another process copies
+            try:
+                path = await asyncio.to_thread(cache.lookup, request.checkpoint_id,
+                                               request.digest)
+                if path is None:
+                    self._count(cache_misses=1)
+                    return await self._copy_in(request, await self._sources(request, comms))
+            finally:
+                await asyncio.to_thread(lock.__exit__, None, None, None)
+        self._count(cache_hits=1)
         return path
 
-    async def fetch(
-        self, owner_address: str, checkpoint_id: CheckpointId, digest: str,
-        owner_node: str | None = None,
-    ) -> str:
-        """Copy a checkpoint from the store at ``owner_address`` into this node's cache.
+    async def _sources(self, request: _Request, comms: Comms | None) -> list[_Source]:
+        """Steps 4 and 5: the holders to pull from, then the URIs to download."""
+        if request.pushed is not None:
+            return [request.pushed]
+        holders = request.holders
+        ref = request.ref
+        if holders is None:
+            assert ref is not None
+            request.tried.append(f"this node's cache: no copy of {ref.checkpoint_id}")
+            if comms is None:
+                request.tried.append("holders: no Dask client in this process to reach them")
+                holders = ()
+            else:
+                answer = await _ask_registry(ref, comms)
+                ordered, notes = order_holders(answer, ref, self.node_id)
+                request.tried.extend(notes)
+                holders = tuple(ordered)
+        sources: list[_Source] = []
+        if holders and comms is not None:
+            sources += [_FromHolder(comms.pool, h, request.checkpoint_id, request.digest)
+                        for h in holders]
+        if ref is not None:
+            sources += [_FromUri(uri, ref.size) for uri in ref.uris]
+            if not ref.uris:
+                request.tried.append("uri: the reference carries none (persist it with to_uri())")
+        return sources
 
-        ``owner_address`` is any store that holds it (its origin, or a node that has
-        it cached); ``digest`` is the content digest its manifest must have, and the
-        copy's files are checked against their hashes as they are written. Returns the
-        local path. A cached copy is used as it is; concurrent calls for one checkpoint
-        wait for a single transfer. ``owner_node``, if known, names the holder in error
-        messages.
+    async def _copy_in(self, request: _Request, sources: Sequence[_Source]) -> str:
+        """Copy the checkpoint from the first source that works into one staging
+        directory of the cache, and commit it there.
+
+        A request for one given source (:meth:`fetch`, a push) raises its error as it
+        is; a reference's request moves on as :meth:`materialize` says.
         """
+        staging: str | None = None
+        try:
+            for source in sources:
+                try:
+                    async with source.open() as incoming:
+                        await asyncio.to_thread(self._cache.reserve, incoming.size)
+                        staging = await asyncio.to_thread(self._empty_staging, staging,
+                                                          request.checkpoint_id)
+                        await incoming.receive_into(staging)
+                    path = await asyncio.to_thread(self._cache.add, request.checkpoint_id,
+                                                   request.digest, staging, incoming.size)
+                except Exception as e:
+                    if request.ref is None:
+                        raise
+                    raise_unless_fixable_elsewhere(e, request.ref, self.node_id,
+                                                   source.describe())
+                    request.tried.append(f"{source.describe()}: {describe(e)}")
+                    continue
+                self._count(bytes_received=incoming.size, transfers=1)
+                logger.debug("received %s (%d bytes) from %s", request.checkpoint_id,
+                             incoming.size, source.describe())
+                return path
+        finally:
+            if staging is not None:  # renamed into the cache unless a source failed
+                await asyncio.to_thread(shutil.rmtree, staging, True)
+        raise CheckpointUnavailableError(request.unavailable(self.node_id))
 
-        async def transfer_from_owner() -> str:
-            async def target_for(manifest: transfer.Manifest) -> str:
-                return await self._prepare(checkpoint_id, manifest.total_bytes, staging)
+    def _empty_staging(self, staging: str | None, checkpoint_id: CheckpointId) -> str:
+        """The request's one staging directory, emptied of a failed source's files (thread)."""
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        return self._cache.staging_directory(checkpoint_id)
 
-            staging: list[str] = []
-            try:
-                manifest = await _stream.pull(self._pool(), owner_address, checkpoint_id,
-                                              digest, target_for, node_id=owner_node)
-                return await self._commit(checkpoint_id, digest, manifest.total_bytes,
-                                          staging[0], owner_address)
-            finally:
-                await self._discard(staging)
-
-        return await self._single_flight(checkpoint_id, digest, transfer_from_owner)
+    def _runner(self) -> tuple[Callable[..., Any], Comms | None]:
+        """How :meth:`open` runs a coroutine function here, and the comms it has."""
+        if self._loop is not None:
+            return functools.partial(sync, self._loop), self._comms
+        client = _current_sync_client()
+        if client is not None:
+            return client.sync, Comms(client.rpc, client.scheduler)
+        return _run_in_a_loop_of_its_own, None
 
     async def accept_push(
         self,
@@ -256,27 +456,15 @@ class NodeStore:
         """
         peer = f"the pusher at {comm.peer_address}"
         try:
-            streamed = False  # whether this call asked for the chunks (and said "done")
             checked = transfer.Manifest.from_dict(manifest)
             if checked.content_id != checkpoint_id:
                 raise ValueError(f"checkpoint id {checkpoint_id!r} is not the id of the "
                                  f"content pushed ({checked.content_id})")
-            chunk_bytes = transfer.check_chunk_bytes(chunk_bytes)
-
-            async def receive() -> str:
-                nonlocal streamed
-                streamed = True
-                staging: list[str] = []
-                try:
-                    target = await self._prepare(checkpoint_id, checked.total_bytes, staging)
-                    await _stream.stream_over(comm, peer, checked, target, chunk_bytes=chunk_bytes)
-                    return await self._commit(checkpoint_id, checked.digest,
-                                              checked.total_bytes, staging[0], peer)
-                finally:
-                    await self._discard(staging)
-
-            path = await self._single_flight(checkpoint_id, checked.digest, receive)
-            if not streamed:  # cached already, or by a concurrent push: nothing to ask for
+            pusher = _FromPusher(comm, peer, checked, transfer.check_chunk_bytes(chunk_bytes))
+            request = _Request(checkpoint_id, checked.digest, f"from {peer}", holders=())
+            request.pushed = pusher
+            path = await self._obtain(request, self._comms)
+            if not pusher.streamed:  # cached already, or by a concurrent push
                 await comm.write({"status": "done"})
             await asyncio.to_thread(self._registry.add, path, (), checked)
         except Exception as e:  # noqa: BLE001 - every failure goes to the pusher
@@ -285,102 +473,6 @@ class NodeStore:
             logger.info("push of %s from %s failed: %r", checkpoint_id, comm.peer_address, e)
             return Status.dont_reply
         return {"status": "OK", "node_id": self.node_id, "path": path}
-
-    async def _single_flight(
-        self, checkpoint_id: CheckpointId, digest: str, copy: Callable[[], Awaitable[str]]
-    ) -> str:
-        """The cached copy, else the result of ``copy()``, run once for concurrent callers."""
-        # The cache writes its index and may delete directories: not on the event loop.
-        cached = await asyncio.to_thread(self._cache.lookup, checkpoint_id, digest)
-        if cached is not None:
-            self._count(cache_hits=1)
-            return cached
-        key = (checkpoint_id, digest)
-        waiting = self._in_flight.get(key)
-        if waiting is not None:
-            return await asyncio.shield(waiting)
-        done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
-        self._in_flight[key] = done
-        try:
-            path = await self._copy_once_per_node(checkpoint_id, digest, copy)
-        except BaseException as e:
-            done.set_exception(e)
-            done.exception()  # mark retrieved: waiters, if any, re-raise it themselves
-            raise
-        else:
-            done.set_result(path)
-            return path
-        finally:
-            del self._in_flight[key]
-
-    async def _copy_once_per_node(
-        self, checkpoint_id: CheckpointId, digest: str, copy: Callable[[], Awaitable[str]]
-    ) -> str:
-        """``copy()``, unless another worker process of this node cached it meanwhile.
-
-        Several workers of one node (``dask worker --nworkers N``) share its cache: the
-        cache's transfer lock lets one of them copy while the others wait, then find it.
-        """
-        lock = self._cache.transfer_lock(checkpoint_id)
-        await asyncio.to_thread(lock.__enter__)  # blocks while another process copies
-        try:
-            cached = await asyncio.to_thread(self._cache.lookup, checkpoint_id, digest)
-            if cached is not None:
-                self._count(cache_hits=1)
-                return cached
-            self._count(cache_misses=1)
-            return await copy()
-        finally:
-            await asyncio.to_thread(lock.__exit__, None, None, None)
-
-    async def fetch_uri(
-        self, uri: str, checkpoint_id: CheckpointId, digest: str, size: int
-    ) -> str:
-        """Download the checkpoint persisted at ``uri`` into this node's cache.
-
-        Like :meth:`fetch`: a cached copy is used as it is, and one download serves
-        every concurrent caller on the node. ``size`` is what the reference says, for
-        making room; the download is counted in ``bytes_received``.
-        """
-
-        async def download() -> str:
-            staging: list[str] = []
-            try:
-                target = await self._prepare(checkpoint_id, size, staging)
-                await asyncio.to_thread(download_into, uri, target)
-                return await self._commit(checkpoint_id, digest, size, staging[0], uri)
-            finally:
-                await self._discard(staging)
-
-        return await self._single_flight(checkpoint_id, digest, download)
-
-    async def _prepare(self, checkpoint_id: CheckpointId, size: int, staging: list[str]) -> str:
-        """Room in the cache and a staging directory (appended to ``staging``); the target."""
-        await asyncio.to_thread(self._cache.reserve, size)
-        # The received directory is renamed into ``target``, and the cache renames that
-        # into place: both stay inside the cache's filesystem.
-        staging.append(await asyncio.to_thread(self._cache.staging_directory, checkpoint_id))
-        return os.path.join(staging[0], "data")
-
-    async def _commit(
-        self, checkpoint_id: CheckpointId, digest: str, size: int, staging: str, peer: str
-    ) -> str:
-        path = await asyncio.to_thread(
-            self._cache.add, checkpoint_id, digest, os.path.join(staging, "data"), size
-        )
-        self._count(bytes_received=size, transfers=1)
-        logger.debug("received %s (%d bytes) from %s", checkpoint_id, size, peer)
-        return path
-
-    def _pool(self) -> ConnectionPool:
-        if self._rpc is None:
-            raise RuntimeError("this NodeStore is not attached to a worker (NodeStore.attach)")
-        return self._rpc
-
-    @staticmethod
-    async def _discard(staging: list[str]) -> None:
-        for path in staging:
-            await asyncio.to_thread(shutil.rmtree, path, True)
 
     # ------------------------------------------------------------------ both
 
@@ -412,7 +504,7 @@ class NodeStore:
             "address": self.address,
             "registered": len(self._registry.ids()),
             **{name: counters.get(name, 0) for name in _COUNTERS},
-            "cache": self._cache.stats(),
+            "cache": {"root": self._cache.root, **self._cache.stats()},
         }
 
     def _count(self, **amounts: int) -> None:
@@ -424,39 +516,68 @@ _COUNTERS = ("bytes_sent", "bytes_received", "transfers", "chunks_sent",
              "cache_hits", "cache_misses")
 
 
-def download_into(uri: str, target: str) -> None:
-    """``uri``'s checkpoint into ``target``, which appears only once complete (thread)."""
-    with atomic_directory(target) as partial:
-        storage.download_directory(uri, partial)
-
-
 def store_of(worker_address: str, client: Client | None = None) -> Actor:
     """An actor proxy for the store of the worker at ``worker_address``.
 
     On a worker the proxy uses that worker's connections; elsewhere it uses
     ``client``, or the default client when none is given.
     """
-    if client is None:
-        proxy = Actor(NodeStore, worker_address, STORE_KEY)
-    else:
-        with client.as_current():  # the proxy binds to the current client when created
-            proxy = Actor(NodeStore, worker_address, STORE_KEY)
-    # The store is no task: there is no future to wait for when its worker is
-    # unreachable, and distributed's proxy would wait on this one forever.
-    proxy._future = None
-    return proxy
+    return _compat.actor_proxy(NodeStore, worker_address, STORE_KEY, client)
 
 
 def local_store(worker: Worker | None = None) -> NodeStore:
     """The store of this worker (the object itself, not a proxy)."""
     worker = worker or get_worker()
-    store = worker.state.actors.get(STORE_KEY)
+    store = _compat.actor_instance(worker, STORE_KEY)
     if not isinstance(store, NodeStore):
-        raise RuntimeError(
+        raise RuntimeError(  # noqa: TRY004 - no store installed, not a wrong argument
             f"worker {worker.address} has no dckpt NodeStore; install it with "
             "dckpt.cluster.install(client) or the scheduler preload"
         )
     return store
+
+
+def this_process_store() -> NodeStore:
+    """The store that materializes references in this process.
+
+    The worker's store on a worker that has one; otherwise (the driver, a worker
+    without dckpt) the process's server-less store (:func:`driver_store`).
+    """
+    worker = _compat.process_worker()
+    store = _compat.actor_instance(worker, STORE_KEY) if worker is not None else None
+    return store if isinstance(store, NodeStore) else driver_store()
+
+
+def driver_store() -> NodeStore:
+    """This process's server-less store: the same code as a worker's, serving no one.
+
+    Its cache is a folder of its own, ``<dckpt.temporary-directory>/dckpt-fetched/<pid>/``,
+    within ``dckpt.cache.max-bytes`` like a node's (a copy in use is pinned; one
+    evicted since is fetched again at its next use). The folder goes when the process
+    exits, and folders that dead processes left go when the next process makes its
+    own. Keyed by pid as well, so a forked child neither shares nor removes its
+    parent's folder.
+    """
+    base = os.path.join(_config.temporary_directory(), "dckpt-fetched")
+    return _driver_store(base, os.getpid())
+
+
+@functools.cache
+def _driver_store(base: str, pid: int) -> NodeStore:
+    os.makedirs(base, exist_ok=True)
+    for name in os.listdir(base):
+        if name.isdigit() and int(name) != pid and not is_alive(int(name)):
+            shutil.rmtree(os.path.join(base, name), ignore_errors=True)
+    root = os.path.join(base, str(pid))
+    os.makedirs(root, exist_ok=True)
+    atexit.register(_remove_if_mine, root, pid)
+    return NodeStore(None, cache_root=os.path.join(root, "cache"),
+                     served_root=os.path.join(root, "served"))
+
+
+def _remove_if_mine(root: str, pid: int) -> None:
+    if os.getpid() == pid:  # not in a forked child, which inherits the atexit hook
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def register_directory(
@@ -470,6 +591,25 @@ def register_directory(
     return local_store(worker)._registry.add(path, tuple(uris))
 
 
+def forget_here(store: NodeStore, ref: NodeRef) -> dict[str, bool]:
+    """Stop serving ``ref`` and delete its directory if this is its origin; evict copies.
+
+    Only a registration of ``ref.path`` on ``ref``'s own node is deleted: a registration
+    of another directory under that id (the same content elsewhere, a pushed copy) stays
+    served and is not ours to delete. Blocking file work: call it in a thread.
+    """
+    removed = False
+    registration = store._registry.find(ref.checkpoint_id)
+    if registration is not None:
+        if store.node_id == ref.node_id and registration.path == os.path.realpath(ref.path):
+            store._registry.remove(ref.checkpoint_id)
+            shutil.rmtree(registration.path, ignore_errors=True)
+            removed = not os.path.exists(registration.path)
+        else:
+            logger.debug("not deleting %s: %r names %s", registration.path, ref, ref.path)
+    return {"removed": removed, "evicted": store._cache.evict(ref.checkpoint_id)}
+
+
 def stats(client: Client) -> dict[str, dict[str, Any]]:
     """The counters of every worker's store, by worker address."""
     result: dict[str, dict[str, Any]] = client.run(_local_stats)
@@ -478,3 +618,163 @@ def stats(client: Client) -> dict[str, dict[str, Any]]:
 
 def _local_stats(dask_worker: Worker) -> dict[str, Any]:
     return local_store(dask_worker).stats()
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def _in_place(ref: NodeRef, here: str, tried: list[str]) -> str | None:
+    """Steps 1 and 2: the reference's own path, if this node sees it (thread)."""
+    if ref.node_id == here:
+        if os.path.isdir(ref.path):
+            return ref.path
+        tried.append(f"same node {here}: {ref.path} no longer exists")
+    else:
+        tried.append(f"same node: this is {here}, not {ref.node_id}")
+    if node.is_shared_path(ref.path):
+        if os.path.isdir(ref.path):
+            return ref.path
+        tried.append(f"shared path: {ref.path} does not exist here")
+        return None
+    same, why_not = _shared.same_files(ref.path, ref.fingerprint, ref.node_id)
+    if same:
+        return ref.path
+    tried.append(f"shared path: {ref.path} is not under dckpt.shared-paths, and {why_not}")
+    return None
+
+
+@dataclasses.dataclass
+class _Request:
+    """One checkpoint to materialize, what was tried so far, and where to ask."""
+
+    checkpoint_id: CheckpointId
+    digest: str
+    what: str  # for the error message
+    holders: tuple[Holder, ...] | None = None  # None: ask the registry about ``ref``
+    ref: NodeRef | None = None
+    tried: list[str] = dataclasses.field(default_factory=list)
+    pushed: _FromPusher | None = None
+
+    @classmethod
+    def of(cls, ref: NodeRef, tried: list[str]) -> _Request:
+        return cls(ref.checkpoint_id, ref.digest, f"of node {ref.node_id}", ref=ref, tried=tried)
+
+    def unavailable(self, here: str) -> str:
+        steps = "\n".join(f"  {i}. {step}" for i, step in enumerate(self.tried, 1))
+        if self.ref is not None:
+            what = (f"checkpoint {self.checkpoint_id} of node {self.ref.node_id} "
+                    f"({self.ref.path}, {self.ref.size} bytes)")
+        else:
+            what = f"checkpoint {self.checkpoint_id} {self.what}"
+        return f"{what} cannot be had here (node {here}). Tried:\n{steps}"
+
+
+class _Incoming(Protocol):
+    """A source opened: how many bytes will come, and a way to write them."""
+
+    size: int
+
+    async def receive_into(self, directory: str) -> None: ...
+
+
+class _Source(Protocol):
+    """Somewhere a checkpoint's bytes can come from (a holder, a URI, a pusher)."""
+
+    def describe(self) -> str: ...
+
+    def open(self) -> contextlib.AbstractAsyncContextManager[_Incoming]: ...
+
+
+class _FromHolder:
+    """Step 4: a pull from a holder's store."""
+
+    def __init__(self, pool: ConnectionPool, holder: Holder, checkpoint_id: CheckpointId,
+                 digest: str) -> None:
+        self._pool, self._holder = pool, holder
+        self._checkpoint_id, self._digest = checkpoint_id, digest
+
+    def describe(self) -> str:
+        return self._holder.describe()
+
+    def open(self) -> contextlib.AbstractAsyncContextManager[_Incoming]:
+        return _stream.pulling(self._pool, self._holder.address, self._checkpoint_id,
+                               self._digest, node_id=self._holder.node_id)
+
+
+class _FromUri:
+    """Step 5: a download of the checkpoint persisted at a URI."""
+
+    def __init__(self, uri: str, size: int) -> None:
+        self.uri, self.size = uri, size
+
+    def describe(self) -> str:
+        return f"uri {self.uri}"
+
+    @contextlib.asynccontextmanager
+    async def open(self) -> AsyncIterator[_Incoming]:
+        yield self
+
+    async def receive_into(self, directory: str) -> None:
+        await asyncio.to_thread(storage.download_directory, self.uri, directory)
+
+
+class _FromPusher:
+    """A push from the driver (``dckpt_push``): the chunks come when asked for."""
+
+    def __init__(self, comm: Comm, peer: str, manifest: transfer.Manifest,
+                 chunk_bytes: int) -> None:
+        self._comm, self._peer = comm, peer
+        self.manifest, self.size, self.chunk_bytes = manifest, manifest.total_bytes, chunk_bytes
+        self.streamed = False  # whether the pusher was asked for chunks (and told "done")
+
+    def describe(self) -> str:
+        return self._peer
+
+    @contextlib.asynccontextmanager
+    async def open(self) -> AsyncIterator[_Incoming]:
+        yield self
+
+    async def receive_into(self, directory: str) -> None:
+        self.streamed = True
+        await _stream.stream_over(self._comm, self._peer, self.manifest, directory,
+                                  chunk_bytes=self.chunk_bytes, in_place=True)
+
+
+async def _ask_registry(ref: NodeRef, comms: Comms) -> Mapping[str, Any] | None:
+    """The registry's ``dckpt_holders`` answer, or None if there is no registry."""
+    if comms.scheduler is None:
+        return None
+    timeout = parse_timedelta(dask.config.get("dckpt.transfer.connect-timeout"))
+    try:
+        answer = await asyncio.wait_for(
+            comms.scheduler.dckpt_holders(checkpoint_id=ref.checkpoint_id,
+                                          node_id=ref.node_id, address=ref.store_address),
+            timeout,
+        )
+    except Exception as e:  # noqa: BLE001 - no registry to ask: the reference's store
+        logger.info("could not ask the scheduler who holds %s (%r); trying %s",
+                    ref.checkpoint_id, e, ref.store_address)
+        return None
+    return answer if isinstance(answer, Mapping) else None
+
+
+def _current_sync_client() -> Client | None:
+    """The current client if this thread may wait on it (synchronous, not its loop)."""
+    try:
+        client = Client.current(allow_global=True)
+    except ValueError:
+        return None
+    if client.asynchronous:
+        return None
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return client
+    return None  # on an event loop: client.sync cannot wait here
+
+
+def _run_in_a_loop_of_its_own(function: Callable[..., Any], *args: Any) -> Any:
+    """``function(*args)`` awaited on a fresh event loop, in a thread of its own (so
+    also from code that runs on a loop)."""
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="dckpt-resolve") as pool:
+        return pool.submit(asyncio.run, function(*args)).result()

@@ -32,21 +32,28 @@ transfer; the receiver raises it as the matching dckpt error (:func:`raise_error
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
-from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Mapping,
+    Sequence,
+)
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import dask.config
 from dask.utils import parse_timedelta
 from distributed.comm import Comm, CommClosedError
-from distributed.comm.tcp import TCP
 from distributed.core import ConnectionPool
 from distributed.protocol import to_serialize
 from tornado.iostream import IOStream, StreamClosedError
 
-from dckpt import transfer
+from dckpt import _compat, transfer
 from dckpt.errors import (
     CheckpointError,
     CheckpointFormatError,
@@ -55,7 +62,7 @@ from dckpt.errors import (
 )
 
 __all__ = [
-    "PULL_OP", "PUSH_OP", "error_reply", "pull", "push", "raise_error", "serve_chunks", "stream_over",
+    "PULL_OP", "PUSH_OP", "Pull", "error_reply", "pulling", "push", "raise_error", "serve_chunks", "stream_over",
 ]
 
 logger = logging.getLogger(__name__)
@@ -150,7 +157,7 @@ def _raw_stream(comm: Comm) -> IOStream | None:
     0.34x the socket baseline with a buffer per chunk, 0.62x reusing them (README,
     "Measured").
     """
-    return comm.stream if isinstance(comm, TCP) and comm.stream is not None else None
+    return _compat.tcp_stream(comm)
 
 
 async def _write_raw(stream: IOStream, payload: transfer.Buffer) -> None:
@@ -330,15 +337,19 @@ async def stream_over(
     target: str,
     *,
     chunk_bytes: int,
+    in_place: bool = False,
 ) -> None:
     """Receive ``manifest`` into ``target`` over ``comm``, then say ``done``.
+
+    ``in_place``: ``target`` is an empty directory the caller staged (see
+    :func:`dckpt.transfer.receive_directory`).
 
     Raises what :func:`dckpt.transfer.receive_directory` raises, or the sender's
     error. ``comm`` is left usable only when this returns; after an error, abort it.
     """
     channel = _Channel(comm, peer, chunk_bytes)
     await transfer.receive_directory(manifest, channel.stream, target, chunk_bytes=chunk_bytes,
-                                     max_in_flight=channel.window)
+                                     max_in_flight=channel.window, in_place=in_place)
     await comm.write({"status": "done"})
 
 
@@ -368,25 +379,47 @@ _CONNECT_TIMEOUT = "dckpt.transfer.connect-timeout"
 _STALL_TIMEOUT = "dckpt.transfer.stall-timeout"
 
 
-async def pull(
+class Pull:
+    """A pull whose manifest has come: :meth:`receive_into` takes the chunks.
+
+    ``manifest`` and ``size`` are known before any chunk moves, so the receiver can make
+    room (or refuse) and stage a directory first.
+    """
+
+    def __init__(self, comm: Comm, peer: str, manifest: transfer.Manifest,
+                 chunk_bytes: int) -> None:
+        self.manifest = manifest
+        self.size = manifest.total_bytes
+        self.received = False
+        self._comm = comm
+        self._peer = peer
+        self._chunk_bytes = chunk_bytes
+
+    async def receive_into(self, directory: str) -> None:
+        """Fill the empty ``directory`` with the checkpoint (once)."""
+        await stream_over(self._comm, self._peer, self.manifest, directory,
+                          chunk_bytes=self._chunk_bytes, in_place=True)
+        self.received = True
+
+
+@contextlib.asynccontextmanager
+async def pulling(
     pool: ConnectionPool,
     address: str,
     checkpoint_id: str,
     digest: str,
-    target_for: Callable[[transfer.Manifest], Awaitable[str]],
     *,
     node_id: str | None = None,
-) -> transfer.Manifest:
-    """Copy the checkpoint registered as ``checkpoint_id`` at the store at ``address``.
+) -> AsyncIterator[Pull]:
+    """Ask the store at ``address`` for checkpoint ``checkpoint_id``; yield the :class:`Pull`.
 
     The store's manifest must have ``digest``: a checkpoint that changed since it was
-    referenced raises :class:`~dckpt.errors.CheckpointNotFoundError`.
-    ``target_for(manifest)`` is awaited next: it may refuse the copy by raising (the
-    cache is full) and otherwise returns the directory to build. The comm goes back to
-    ``pool`` after a transfer that ran to its end, and is aborted otherwise. Returns
-    the manifest. ``node_id``, the store's node if known, goes into error messages;
-    a store that does not connect or answer within ``dckpt.transfer.connect-timeout``
-    raises a ``TimeoutError`` that names it.
+    referenced raises :class:`~dckpt.errors.CheckpointNotFoundError`. The comm goes
+    back to ``pool`` after a pull received to its end, and is aborted otherwise (an
+    error, or a block left without :meth:`Pull.receive_into`). ``node_id``, the
+    store's node if known, goes into error messages; a store that does not connect or
+    answer within ``dckpt.transfer.connect-timeout`` raises a ``TimeoutError`` that
+    names it.
     """
     timeout = parse_timedelta(dask.config.get(_CONNECT_TIMEOUT))
     chunk_bytes = transfer.config_chunk_bytes()
@@ -396,6 +429,7 @@ async def pull(
     comm = await _answered(pool.connect(address), timeout, peer,
                            f"connecting ({PULL_OP})",
                            _CONNECT_TIMEOUT)
+    pull: Pull | None = None
     try:
         await comm.write({"op": PULL_OP, "checkpoint_id": checkpoint_id,
                           "chunk_bytes": chunk_bytes, "reply": False})
@@ -408,14 +442,12 @@ async def pull(
                 f"checkpoint {checkpoint_id!r} at {peer} changed since it was referenced "
                 f"(digest {manifest.digest[:12]}, expected {digest[:12]})"
             )
-        target = await target_for(manifest)
-        await stream_over(comm, peer, manifest, target, chunk_bytes=chunk_bytes)
-    except BaseException:
-        comm.abort()
-        raise
+        pull = Pull(comm, peer, manifest, chunk_bytes)
+        yield pull
     finally:
+        if pull is None or not pull.received:
+            comm.abort()  # answers may be on the way: never reuse it
         pool.reuse(address, comm)  # an aborted comm is dropped, a clean one kept
-    return manifest
 
 
 async def push(

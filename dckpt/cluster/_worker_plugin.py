@@ -23,6 +23,7 @@ from dask.utils import parse_timedelta
 from distributed import Client, Worker
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from dckpt import _compat
 from dckpt.cluster._store import STORE_KEY, NodeStore
 
 logger = logging.getLogger(__name__)
@@ -67,10 +68,10 @@ class NodeStorePlugin(WorkerPlugin):
     _reporter: asyncio.Task[None] | None = None
 
     def setup(self, worker: Worker) -> None:
-        store = worker.state.actors.get(STORE_KEY)
+        store = _compat.actor_instance(worker, STORE_KEY)
         if not isinstance(store, NodeStore):
             store = NodeStore(worker.address)
-            worker.state.actors[STORE_KEY] = store
+            _compat.set_actor_instance(worker, STORE_KEY, store)
             logger.info("dckpt store ready on %s", worker.address)
         store.attach(worker)
         # setup runs in Worker.plugin_add, on the worker's event loop.

@@ -5,7 +5,7 @@ that use it.
 creates one on each scoring worker, and its constructor loads the predictor there from
 the checkpoint. The checkpoint arrives as a node reference; loading it resolves the
 reference through this node's store, so the bytes come to each node at most once
-(:mod:`dckpt.cluster._resolve`).
+(:meth:`dckpt.cluster._store.NodeStore.open`).
 
 The scoring tasks (:func:`score`, :func:`score_records`, :func:`probe`) take every
 scorer of the prediction as dependencies, which is what lets the scheduler plugin
@@ -27,7 +27,7 @@ from typing import Any
 from distributed import get_worker
 from distributed.actor import Actor
 
-from dckpt import node
+from dckpt import _compat, node
 from dckpt.checkpoint import Checkpoint
 from dckpt.predict._batch_errors import ScoringWorkersError
 from dckpt.predict._batches import (
@@ -133,7 +133,7 @@ def _local_scorer(scorers: Iterable[Actor]) -> PredictorScorer:
     keys = []
     for proxy in scorers:
         keys.append(proxy.key)
-        scorer = worker.state.actors.get(proxy.key)
+        scorer = _compat.actor_instance(worker, proxy.key)
         if isinstance(scorer, PredictorScorer):
             return scorer
     raise ScoringWorkersError(

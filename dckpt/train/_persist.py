@@ -22,14 +22,12 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import os
-import shutil
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import fsspec.core
 
-from dckpt import _config, node, storage
+from dckpt import node, storage
 from dckpt.checkpoint import Checkpoint
 from dckpt.errors import CheckpointNotFoundError, CheckpointUnavailableError
 
@@ -126,20 +124,13 @@ def _write_here(
     """
     with client.as_current():
         remote.to_uri(uri, storage_options=options)
-    # Resolving a reference from another node left a copy in the driver's folder of
-    # fetched copies (<dckpt.temporary-directory>/dckpt-fetched/, see
-    # dckpt.cluster._resolve), kept until the driver exits: the persisted copy is this
-    # machine's copy now, so do not keep every checkpoint of the run twice. Paths
-    # elsewhere (the origin's own directory, a shared path, a node's cache) stay.
-    kind, path = remote.get_internal_representation()
-    fetched = os.path.join(_config.temporary_directory(), "dckpt-fetched")
-    if kind == "local_path" and path != ref.path and _is_under(path, fetched):
-        shutil.rmtree(path, ignore_errors=True)
+    # Resolving a reference from another node left a copy in the driver's cache
+    # (dckpt.cluster._store.driver_store): the persisted copy is this machine's copy
+    # now, so do not keep every checkpoint of the run twice. Paths used in place (the
+    # origin's own directory, a shared path) are not in that cache and stay.
+    from dckpt.cluster._store import driver_store
 
-
-def _is_under(path: str, folder: str) -> bool:
-    path, folder = os.path.abspath(path), os.path.abspath(folder)
-    return os.path.commonpath([path, folder]) == folder and path != folder
+    driver_store().evict(ref.checkpoint_id)
 
 
 async def _upload_on_worker(

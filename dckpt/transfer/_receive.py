@@ -52,6 +52,7 @@ async def receive_directory(
     max_in_flight: int | None = None,
     retries: int | None = None,
     callback: Callback = DEFAULT_CALLBACK,
+    in_place: bool = False,
 ) -> None:
     """Build the directory that ``manifest`` describes at ``target``, chunk by chunk.
 
@@ -59,7 +60,10 @@ async def receive_directory(
     creating the tree, decoding and writing each chunk, the final rename. The tree is
     built in a hidden sibling of ``target`` (``.{name}.{host}.{pid}.{token}.partial``),
     which replaces ``target`` (if it exists) by a rename once every chunk is written; on any
-    failure, or cancellation, it is removed and the error raised.
+    failure, or cancellation, it is removed and the error raised. With ``in_place``,
+    ``target`` is an empty directory that the caller staged and commits (a node cache's
+    staging directory): the tree is built in it directly, and on failure the caller
+    removes it.
 
     Each file is created at its full size (``os.ftruncate``), so chunks land in any
     order with ``os.pwrite``. At most ``max_in_flight`` frames are held at once (being
@@ -104,7 +108,7 @@ async def receive_directory(
     retries = positive_setting("retries", retries, 0)
     callback.set_size(manifest.total_bytes)
     started = time.perf_counter()
-    async with _building(target) as staging:
+    async with _building(target, in_place) as staging:
         paths = [os.path.join(staging, *entry.path.split("/")) for entry in manifest.files]
         await asyncio.to_thread(_create_tree, staging, manifest, paths)
         wanted = manifest.chunks(chunk_bytes)
@@ -195,12 +199,19 @@ def _order(spec: ChunkSpec) -> tuple[int, int]:
 
 
 @contextlib.asynccontextmanager
-async def _building(target: str | os.PathLike[str]) -> AsyncIterator[str]:
+async def _building(target: str | os.PathLike[str], in_place: bool) -> AsyncIterator[str]:
     """:func:`~dckpt.formats._atomic.atomic_directory`, with its disk work in threads.
 
     Removing a large partial directory, or an old ``target``, can take a while; the
-    event loop must not wait for it.
+    event loop must not wait for it. ``in_place``: ``target`` itself, which must be an
+    empty directory.
     """
+    if in_place:
+        if await asyncio.to_thread(os.listdir, target):
+            raise ValueError(f"cannot receive a checkpoint in place into {target}: "
+                             "it is not empty")
+        yield os.fspath(target)
+        return
     manager = atomic_directory(target)
     staging = await asyncio.to_thread(manager.__enter__)
     try:

@@ -227,17 +227,12 @@ def test_the_drivers_copies_go_when_its_process_ends(tmp_path):
     live = base / str(os.getppid())  # pytest's parent: alive for as long as this runs
     live.mkdir()
     script = (
-        "import os\n"
-        "from dckpt.cluster._resolve import _driver_copy\n"
-        "from dckpt.cluster._core import NodeRef\n"
-        "ref = NodeRef('node-x', '/x', 'id', 1, 'f' * 64, 'tcp://127.0.0.1:1')\n"
-        "path = _driver_copy(ref)\n"
-        "os.makedirs(path)\n"
-        "print(path)\n"
+        "from dckpt.cluster._store import driver_store\n"
+        "print(driver_store().stats()['cache']['root'])\n"
     )
     env = {**os.environ, "DASK_DCKPT__TEMPORARY_DIRECTORY": str(tmp_path)}
     made = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           check=True, env=env).stdout.strip()
-    assert os.path.dirname(os.path.dirname(made)) == str(base)
+    assert os.path.dirname(os.path.dirname(made)) == str(base)  # <base>/<pid>/cache
     assert not os.path.exists(made)  # removed when that process exited
     assert sorted(os.listdir(base)) == [live.name]  # the dead one's folder went too

@@ -12,12 +12,8 @@ import pytest
 from distributed.comm import CommClosedError
 
 from dckpt.cluster._core import CheckpointId, NodeRef
-from dckpt.cluster._resolve import (
-    BUSY_SERVING,
-    _fixable_elsewhere,
-    _raise_unless_fixable_elsewhere,
-    order_holders,
-)
+from dckpt.cluster._failures import fixable_elsewhere, raise_unless_fixable_elsewhere
+from dckpt.cluster._holders import BUSY_SERVING, order_holders
 from dckpt.errors import (
     CacheFullError,
     CheckpointError,
@@ -44,8 +40,8 @@ REF = NodeRef(node_id="node-0", path="/data/ckpt", checkpoint_id=CheckpointId("c
     OSError(errno.EIO, "Input/output error"),
 ], ids=type)
 def test_another_source_may_fix(error):
-    assert _fixable_elsewhere(error)
-    _raise_unless_fixable_elsewhere(error, REF, "node-1", "the store")  # returns
+    assert fixable_elsewhere(error)
+    raise_unless_fixable_elsewhere(error, REF, "node-1", "the store")  # returns
 
 
 @pytest.mark.parametrize(("error", "raised"), [
@@ -59,9 +55,9 @@ def test_another_source_may_fix(error):
     (TypeError("an argument too many"), TypeError),
 ], ids=lambda v: v.__name__ if isinstance(v, type) else type(v).__name__)
 def test_no_other_source_can_fix_and_the_error_names_this_node(error, raised):
-    assert not _fixable_elsewhere(error)
+    assert not fixable_elsewhere(error)
     with pytest.raises(raised) as info:
-        _raise_unless_fixable_elsewhere(error, REF, "node-1", "the store")
+        raise_unless_fixable_elsewhere(error, REF, "node-1", "the store")
     shown = "\n".join([str(info.value), *getattr(info.value, "__notes__", [])])
     assert f"node node-1 copying checkpoint {'c' * 32} of node node-0" in shown
     if raised is CacheFullError:

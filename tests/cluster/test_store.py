@@ -128,10 +128,8 @@ def test_a_store_serves_only_registered_checkpoints(node_client: Client, nodes):
 
 async def _pull_into(client: Client, address: str, checkpoint_id: str, digest: str,
                      target: str) -> None:
-    async def target_for(manifest: object) -> str:
-        return target
-
-    await _stream.pull(client.rpc, address, checkpoint_id, digest, target_for)
+    async with _stream.pulling(client.rpc, address, checkpoint_id, digest) as pull:
+        await pull.receive_into(target)
 
 
 def test_stats_are_read_per_worker_from_the_client(node_cluster: NodeCluster,

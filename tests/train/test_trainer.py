@@ -20,6 +20,7 @@ import pytest
 
 from dckpt import Checkpoint, node
 from dckpt.cluster import isolation_available
+from dckpt.cluster._store import driver_store
 from dckpt.train import (
     CheckpointConfig,
     CheckpointManager,
@@ -293,9 +294,9 @@ def test_the_default_storage_is_the_drivers_disk_and_the_driver_writes_it(
                 with persisted.as_directory() as path, \
                         open(os.path.join(path, "weights.bin"), "rb") as f:
                     assert f.read() == _weights(epoch)
-            # Fetched once: the driver keeps no second copy of what it persisted.
-            fetched = os.path.join(driver_tmp, "dckpt-fetched", str(os.getpid()))
-            assert not os.path.isdir(fetched) or os.listdir(fetched) == []
+            # Fetched by the driver's store, which keeps no second copy of what it persisted.
+            driver = driver_store().stats()
+            assert driver["transfers"] >= 2 and driver["cache"]["entries"] == 0, driver
             # The Result's checkpoints fall back to the persisted copies.
             kind, ref = result.checkpoint.get_internal_representation()
             assert kind == "node_ref" and ref.uris == (f"{folder}/checkpoint_000002",)
