@@ -23,6 +23,7 @@ from dckpt import (
     CheckpointURIError,
     IncompatibleCheckpointError,
 )
+from dckpt.checkpoint import with_node_ref
 from dckpt.cluster._core import CheckpointId, NodeRef
 from dckpt.formats._layout import HEADER_FILE, RESERVED_KEY
 from tests._trees import make_tree, read_tree
@@ -226,7 +227,7 @@ class TestSubclassConstructor:
             "directory": lambda: Checkpoint.from_directory(make_tree(tmp_path / "t")),
             "uri": lambda: Checkpoint.from_uri(
                 Checkpoint.from_dict({"x": 1}).to_uri(f"{memory_uri}/c")),
-            "node_ref": lambda: Checkpoint.from_dict({})._with_node_ref(_fake_node_ref()),
+            "node_ref": lambda: with_node_ref(Checkpoint.from_dict({}), _fake_node_ref()),
         }[kind]()
         other.set_metadata({"m": 1})
         stub = _StubCheckpoint.from_checkpoint(other)
