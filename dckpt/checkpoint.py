@@ -9,6 +9,11 @@ The file layout and what travels beside a dict are described in
 :mod:`dckpt.formats._layout`; the byte format of :meth:`Checkpoint.to_bytes` in
 :mod:`dckpt.formats._packing`; storage at URIs in :mod:`dckpt.storage`.
 
+Which representation a checkpoint holds (or a node reference, on a cluster) is one
+value of :mod:`dckpt._sources`. dckpt's other layers read it through the developer API
+at the end of this module (:func:`source_of`, :func:`node_ref_of`,
+:func:`with_node_ref`), never through a checkpoint's private attributes.
+
 .. warning::
    Dict checkpoints, preprocessors and subclass state are pickles. Load only
    checkpoints you trust. Metadata (:meth:`Checkpoint.get_metadata`) is JSON and can be
@@ -36,6 +41,14 @@ from fsspec.callbacks import DEFAULT_CALLBACK
 
 from dckpt import _config, storage
 from dckpt._shared_dir import shared_directory, shared_name
+from dckpt._sources import (
+    DictData,
+    LocalDirectory,
+    NodeReference,
+    Source,
+    UriFolder,
+    with_uri,
+)
 from dckpt.errors import (
     CheckpointFormatError,
     CheckpointNotFoundError,
@@ -70,7 +83,7 @@ from dckpt.formats._layout import (
 if TYPE_CHECKING:
     from dckpt.cluster._core import NodeRef
 
-__all__ = ["Checkpoint"]
+__all__ = ["Checkpoint", "node_ref_of", "source_of", "with_node_ref"]
 
 C = TypeVar("C", bound="Checkpoint")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -144,23 +157,13 @@ class Checkpoint:
 
     # The checkpoint's own state, all of which travels when it is pickled (besides
     # the _SERIALIZED_ATTRS); a field added below must be added here to travel.
-    # _resolved_from does not: a path of this node means nothing elsewhere.
-    _PICKLED_FIELDS = (
-        "_local_path", "_data_dict", "_files", "_uri", "_storage_options", "_metadata",
-        "_preprocessor", "_uuid", "_node_ref", "_known_uris",
-    )
+    # A NodeReference's path does not (see dckpt._sources): it is of this node only.
+    _PICKLED_FIELDS = ("_source", "_metadata", "_preprocessor", "_uuid")
 
-    _local_path: str | None
-    _data_dict: dict[Any, Any] | None
-    _files: bytes | None
-    _uri: str | None
-    _storage_options: dict[str, Any]
-    _metadata: dict[str, Any] | None
+    _source: Source  # where the data is: exactly one of dckpt._sources' kinds
+    _metadata: dict[str, Any] | None  # None: not read from the source yet
     _preprocessor: Any
     _uuid: uuid.UUID
-    _node_ref: NodeRef | None
-    _resolved_from: NodeRef | None  # the reference _local_path was resolved from
-    _known_uris: tuple[str, ...]
 
     def __init__(
         self,
@@ -187,34 +190,26 @@ class Checkpoint:
         if uri is not None and storage.is_local_uri(uri):
             local_path, uri = storage.local_path_of(uri), None
 
-        self._local_path = None
-        self._data_dict = None
-        self._files = None
-        self._uri = None
-        self._storage_options = dict(storage_options or {})
         self._metadata = None
         self._preprocessor = _UNSET
         self._uuid = uuid.uuid4()
-        self._node_ref = None
-        self._resolved_from = None
-        self._known_uris = ()
 
         if local_path is not None:
-            self._local_path = _existing_directory(local_path)
+            self._source = LocalDirectory(_existing_directory(local_path))
         elif data_dict is not None:
             if not isinstance(data_dict, Mapping):
                 raise TypeError(
                     f"data_dict must be a dict, not {type(data_dict).__name__}"
                 )
             user, reserved = split_reserved(data_dict)
-            self._data_dict = user
-            self._files = _checked_files(reserved.get("files"))
+            self._source = DictData(user, _checked_files(reserved.get("files")))
             self._metadata = check_metadata(reserved.get("metadata", {}))
             self.__dict__.update(reserved.get("state", {}))
         else:
             assert uri is not None
-            storage.resolve_uri(uri, self._storage_options)  # fail early on bad protocols
-            self._uri = uri
+            options = dict(storage_options or {})
+            storage.resolve_uri(uri, options)  # fail early on bad protocols
+            self._source = UriFolder(uri, options)
 
     # ------------------------------------------------------------------ constructors
 
@@ -298,7 +293,11 @@ class Checkpoint:
         checkpoint_cls = cls._class_for(header.checkpoint_class if header else None)
         user = _user_dict(control, "the packed data")
         checkpoint = checkpoint_cls(data_dict=user)
-        checkpoint._files = files.getvalue() if has_files else None
+        source = checkpoint._source
+        assert isinstance(source, DictData)
+        checkpoint._source = dataclasses.replace(
+            source, files=files.getvalue() if has_files else None
+        )
         checkpoint._metadata = header.metadata if header else {}
         if STATE_FILE in control:
             checkpoint.__dict__.update(load_pickle(control[STATE_FILE], STATE_FILE))
@@ -313,21 +312,21 @@ class Checkpoint:
         (``cls(local_path=..., data_dict=..., uri=...)``: what a subclass sets in
         ``__init__`` is there), shares ``other``'s data and copies its metadata,
         preprocessor and the attributes named by this class's ``_SERIALIZED_ATTRS``.
-        A node reference not yet used here has no path, dict or URI to give the
-        constructor: it is built as an empty dict checkpoint, then given the reference.
+        A node reference has no path, dict or URI to give the constructor: it is built
+        as an empty dict checkpoint, then given the reference.
         """
         if type(other) is cls:
             return other
-        fields = {
-            name: getattr(other, name)
-            for name in ("_local_path", "_files", "_uri", "_preprocessor", "_node_ref",
-                         "_resolved_from", "_known_uris")
+        source = other._source
+        if isinstance(source, DictData):
+            source = dataclasses.replace(source, data=dict(source.data))
+        elif isinstance(source, UriFolder):
+            source = dataclasses.replace(source, storage_options=dict(source.storage_options))
+        fields: dict[str, Any] = {
+            "_source": source,
+            "_preprocessor": other._preprocessor,
+            "_metadata": None if other._metadata is None else dict(other._metadata),
         }
-        fields.update(
-            _data_dict=None if other._data_dict is None else dict(other._data_dict),
-            _storage_options=dict(other._storage_options),
-            _metadata=None if other._metadata is None else dict(other._metadata),
-        )
         fields.update(
             (attr, getattr(other, attr))
             for attr in cls._SERIALIZED_ATTRS
@@ -345,9 +344,9 @@ class Checkpoint:
         to carry). A directory's files are packed into ``result["_dckpt"]["files"]``;
         a ``dict_checkpoint.pkl`` in it gives the dict's keys.
         """
-        if self._data_dict is not None:
-            user = dict(self._data_dict)
-            files = self._files
+        source = self._source
+        if isinstance(source, DictData):
+            user, files = dict(source.data), source.files
         else:
             with self.as_directory() as directory:
                 user, files = _read_directory_as_dict(directory)
@@ -396,12 +395,13 @@ class Checkpoint:
                 _config.temporary_directory(), f"checkpoint_tmp_{uuid.uuid4().hex}"
             )
         target = os.path.abspath(os.fspath(path))
-        if self._local_path is not None and _same_path(self._local_path, target):
+        directory = self._directory()
+        if directory is not None and _same_path(directory, target):
             self._write_control_files(target, source=target, write=write_file_atomically)
             return target
-        if self._local_path is not None and _nested(self._local_path, target):
+        if directory is not None and _nested(directory, target):
             raise ValueError(
-                f"cannot write checkpoint {self._local_path} into {target}: "
+                f"cannot write checkpoint {directory} into {target}: "
                 "one lies inside the other"
             )
         with atomic_directory(target) as staging:
@@ -422,17 +422,19 @@ class Checkpoint:
         metadata, subclass state), so every object of it shares one download, as in
         Ray. Treat the directory as read-only.
         """
-        if self._node_ref is not None or self._resolved_from is not None:
-            with self._data_here():
-                yield self._local_path  # type: ignore[misc]  # set by _data_here
+        source = self._source
+        if isinstance(source, NodeReference):
+            with self._data_here() as found:
+                assert found is not None
+                yield found
             return
-        if self._local_path is not None:
-            yield self._local_path
+        if isinstance(source, LocalDirectory):
+            yield source.path
             return
         name = self._uuid.hex
         materialize: Callable[[str], object] = self.to_directory
-        if self._uri is not None:
-            uri, options = self._uri, self._storage_options
+        if isinstance(source, UriFolder):
+            uri, options = source.uri, source.storage_options
             version = storage.uri_version(uri, storage_options=options)
             name = shared_name(uri, version, options, self._control_files(None))
 
@@ -470,10 +472,11 @@ class Checkpoint:
             self.to_directory(storage.local_path_of(uri), callback=callback)
         else:
             options = dict(storage_options or {})
-            if self._local_path is not None:
-                overlay = self._control_files(self._local_path)
+            own = self._directory()
+            if own is not None:
+                overlay = self._control_files(own)
                 storage.upload_directory(
-                    self._local_path, uri, storage_options=options, callback=callback,
+                    own, uri, storage_options=options, callback=callback,
                     overlay=overlay,
                 )
             else:
@@ -482,7 +485,7 @@ class Checkpoint:
                         directory, uri, storage_options=options, callback=callback
                     )
         # Recorded so that a node reference made from this object can fall back to it.
-        self._known_uris = (*self._known_uris, uri)
+        self._source = with_uri(self._source, uri)
         return uri
 
     @_uses_data
@@ -498,10 +501,11 @@ class Checkpoint:
         a dict checkpoint's data is in memory already and reports nothing.
         """
         out = io.BytesIO()
+        source = self._source
         with ArchiveWriter(out) as writer:
-            if self._data_dict is not None:
-                if self._files is not None:
-                    _copy_archive(self._files, writer)
+            if isinstance(source, DictData):
+                if source.files is not None:
+                    _copy_archive(source.files, writer)
                 overlay = self._control_files(None)
             else:
                 with self.as_directory() as directory:
@@ -516,23 +520,31 @@ class Checkpoint:
 
     def get_internal_representation(self) -> tuple[str, Any]:
         """Developer API: ``("local_path", path)``, ``("data_dict", dict)``, ``("uri", uri)``
-        or, for a directory on another node not yet used here, ``("node_ref", ref)``."""
-        if self._node_ref is not None:
-            return "node_ref", self._node_ref
-        if self._local_path is not None:
-            return "local_path", self._local_path
-        if self._data_dict is not None:
-            return "data_dict", self.to_dict()
-        return "uri", self._uri
+        or, for a directory on another node not yet used here, ``("node_ref", ref)``.
+
+        A node reference used here reports the directory it was found in, as a
+        ``"local_path"``; :func:`source_of` tells the two apart.
+        """
+        match self._source:
+            case NodeReference(ref=ref, path=None):
+                return "node_ref", ref
+            case LocalDirectory(path=path) | NodeReference(path=str(path)):
+                return "local_path", path
+            case DictData():
+                return "data_dict", self.to_dict()
+            case UriFolder(uri=uri):
+                return "uri", uri
+        raise AssertionError(f"unknown source {self._source!r}")
 
     @property
     def uri(self) -> str | None:
         """``file://<path>`` for a directory checkpoint, the URI for a URI checkpoint,
         ``None`` for a dict checkpoint."""
-        if self._uri is not None:
-            return self._uri
-        if self._local_path is not None and os.path.exists(self._local_path):
-            return f"file://{self._local_path}"
+        if isinstance(self._source, UriFolder):
+            return self._source.uri
+        directory = self._directory()
+        if directory is not None and os.path.exists(directory):
+            return f"file://{directory}"
         return None
 
     # --------------------------------------------------------- preprocessor, metadata
@@ -541,17 +553,19 @@ class Checkpoint:
         """Return the preprocessor stored with the checkpoint, or ``None``."""
         if self._preprocessor is not _UNSET:
             return self._preprocessor
-        if self._data_dict is not None:
-            return self._data_dict.get(PREPROCESSOR_KEY)
-        if self._local_path is not None or self._node_ref is not None:
-            with self.as_directory() as directory:
-                path = os.path.join(directory, PREPROCESSOR_FILE)
-                return read_pickle_file(path) if os.path.exists(path) else None
-        assert self._uri is not None
-        raw = storage.read_file(
-            self._uri, PREPROCESSOR_FILE, storage_options=self._storage_options
-        )
-        return None if raw is None else load_pickle(raw, f"{self._uri}/{PREPROCESSOR_FILE}")
+        source = self._source
+        if isinstance(source, DictData):
+            return source.data.get(PREPROCESSOR_KEY)
+        if isinstance(source, UriFolder):
+            raw = storage.read_file(
+                source.uri, PREPROCESSOR_FILE, storage_options=source.storage_options
+            )
+            return None if raw is None else load_pickle(
+                raw, f"{source.uri}/{PREPROCESSOR_FILE}"
+            )
+        with self.as_directory() as directory:
+            path = os.path.join(directory, PREPROCESSOR_FILE)
+            return read_pickle_file(path) if os.path.exists(path) else None
 
     def set_preprocessor(self, preprocessor: Any) -> None:
         """Attach a preprocessor (any picklable object) to this checkpoint object.
@@ -584,14 +598,15 @@ class Checkpoint:
     # ------------------------------------------------------------------ dunder
 
     def __repr__(self) -> str:
-        if self._node_ref is not None:
-            argument = f"node_ref={self._node_ref!r}"
-        elif self._local_path is not None:
-            argument = f"local_path={_shorten(self._local_path)}"
-        elif self._data_dict is not None:
-            argument = f"data_dict={{...{len(self._data_dict)} keys}}"
-        else:
-            argument = f"uri={_shorten(str(self._uri))}"
+        match self._source:
+            case NodeReference(ref=ref, path=None):
+                argument = f"node_ref={ref!r}"
+            case LocalDirectory(path=path) | NodeReference(path=str(path)):
+                argument = f"local_path={_shorten(path)}"
+            case DictData(data=data):
+                argument = f"data_dict={{...{len(data)} keys}}"
+            case UriFolder(uri=uri):
+                argument = f"uri={_shorten(uri)}"
         return f"{type(self).__name__}({argument})"
 
     def __fspath__(self) -> str:
@@ -601,53 +616,58 @@ class Checkpoint:
         )
 
     def __getstate__(self) -> dict[str, Any]:
-        """How a directory checkpoint travels depends on where it is pickled.
+        """How a checkpoint travels depends on its source and where it is pickled.
 
-        On a Dask worker with a node store, it becomes a node reference (a few hundred
-        bytes, whatever its size): the store registers the directory and serves it to
-        the nodes that use it. A checkpoint that was itself a reference, read here,
-        travels as that reference (same id, origin and URIs, plus URIs it was
-        persisted to since), wherever it is pickled. Elsewhere (the driver) it travels
-        as its data, as in Ray, up to ``dckpt.inline-max-bytes``. Above that, with a (synchronous) default Dask
-        client, it is pushed to one worker's store and travels as a reference to that
-        copy (:func:`dckpt.cluster._put.push_for_pickling`); else it is uploaded to
-        ``dckpt.staging-uri`` when one is set and travels as that URI; else it travels
-        inline with a :class:`LargeInlineCheckpointWarning`.
+        - A dict or URI checkpoint keeps its representation, as in Ray.
+        - A node reference travels as that reference (same id, origin and URIs, with
+          the URIs it was persisted to since), wherever it is pickled, used here or
+          not: forwarding never mints a new checkpoint, and the path where this
+          process found its data does not travel.
+        - A directory pickled on a Dask worker with a node store becomes a node
+          reference (a few hundred bytes, whatever its size): the store registers the
+          directory and serves it to the nodes that use it
+          (:func:`dckpt.cluster._resolve.make_ref`).
+        - Elsewhere (the driver) a directory travels as its data (a dict checkpoint),
+          as in Ray, up to ``dckpt.inline-max-bytes``. Above that, with a
+          (synchronous) default Dask client, it is pushed to one worker's store and
+          travels as a reference to that copy
+          (:func:`dckpt.cluster._put.push_for_pickling`); else it is uploaded to
+          ``dckpt.staging-uri`` when one is set and travels as that URI; else it
+          travels inline with a :class:`LargeInlineCheckpointWarning`.
 
-        What travels is the checkpoint's own state and the attributes named in
+        What travels is the checkpoint's own state (:attr:`_PICKLED_FIELDS`: the
+        source, metadata, preprocessor, uuid) and the attributes named in
         ``_SERIALIZED_ATTRS``, as in Ray; no other instance attribute does (a subclass
         may cache a loaded model or hold a lock on itself). See :meth:`__setstate__`.
         """
         state = self._pickled_state()
-        if self._local_path is None:
+        source = self._source
+        if isinstance(source, (DictData, UriFolder)):
             return state
-        state.update(_local_path=None, _metadata=self.get_metadata())
-        if self._resolved_from is not None:
-            # A copy of a reference (in a node's cache, or the driver's): forwarding
-            # never mints a new checkpoint. The original id, origin and URIs travel,
-            # with the URIs it was persisted to since.
-            original = self._resolved_from
-            uris = tuple(dict.fromkeys((*original.uris, *self._known_uris)))
-            state.update(_node_ref=dataclasses.replace(original, uris=uris))
+        if isinstance(source, NodeReference):
+            if source.path is not None:  # read here: the header is on this node
+                state["_metadata"] = self.get_metadata()
+            state["_source"] = NodeReference(source.ref)
             return state
+        state["_metadata"] = self.get_metadata()
         from dckpt.cluster._resolve import make_ref  # imports distributed: only now
 
-        ref = make_ref(self._local_path, uris=self._known_uris)
+        ref = make_ref(source.path, uris=source.uris)
         if ref is not None:
-            state.update(_node_ref=ref)
+            state["_source"] = NodeReference(ref)
             return state
-        size = _directory_size(self._local_path)
+        size = _directory_size(source.path)
         if size > parse_bytes(dask.config.get("dckpt.inline-max-bytes")):
             from dckpt.cluster._put import push_for_pickling
 
-            ref = push_for_pickling(self._local_path, self._known_uris)
+            ref = push_for_pickling(source.path, source.uris)
             if ref is not None:
-                state.update(_node_ref=ref)
+                state["_source"] = NodeReference(ref)
                 return state
             staging = dask.config.get("dckpt.staging-uri", None)
             if staging:
                 uri = self.to_uri(f"{staging.rstrip('/')}/{uuid.uuid4().hex}")
-                state.update(_uri=uri)
+                state["_source"] = UriFolder(uri, uris=source.uris)
                 return state
             warnings.warn(
                 f"pickling {self!r} inline: {size} bytes is above dckpt.inline-max-bytes "
@@ -655,8 +675,8 @@ class Checkpoint:
                 LargeInlineCheckpointWarning,
                 stacklevel=2,
             )
-        user, files = _read_directory_as_dict(self._local_path)
-        state.update(_data_dict=user, _files=files)
+        user, files = _read_directory_as_dict(source.path)
+        state["_source"] = DictData(user, files, uris=source.uris)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -666,19 +686,10 @@ class Checkpoint:
         lock, a loaded model) are what its ``__init__`` sets, as after Ray's
         ``from_bytes``; those it sets later are absent.
         """
-        state = {"_node_ref": None, "_resolved_from": None, "_known_uris": (), **state}
         type(self).__init__(self, **_constructor_arguments(state))
         self.__dict__.update(state)
 
     # ------------------------------------------------------------------ internals
-
-    def _with_node_ref(self, ref: NodeRef) -> Checkpoint:
-        """A checkpoint like this one (class, metadata, preprocessor) whose data is ``ref``."""
-        state = self._pickled_state()
-        state.update(_local_path=None, _data_dict=None, _files=None, _uri=None,
-                     _node_ref=ref, _metadata=self.get_metadata())
-        del state["_uuid"]  # a new object: a new one
-        return type(self)._built(state)
 
     def _pickled_state(self) -> dict[str, Any]:
         """The checkpoint's own fields (:attr:`_PICKLED_FIELDS`) and its subclass state."""
@@ -694,24 +705,36 @@ class Checkpoint:
         new.__dict__.update(state)
         return new
 
+    def _directory(self) -> str | None:
+        """The local directory the data is in, if it is in one here.
+
+        A directory checkpoint's own, or where a node reference was found here
+        (``None`` before its first use: see :meth:`_data_here`).
+        """
+        source = self._source
+        if isinstance(source, (LocalDirectory, NodeReference)):
+            return source.path
+        return None
+
     @contextlib.contextmanager
-    def _data_here(self) -> Iterator[None]:
+    def _data_here(self) -> Iterator[str | None]:
         """Within the block the data of a node reference is on this node, and stays.
 
         The reference is resolved (:mod:`dckpt.cluster._resolve`) on first use, and
         its copy in this node's cache is pinned for the block, so the cache cannot
         evict it while it is read; a copy evicted since an earlier use is fetched
-        again. Checkpoints that never were a reference pass through.
+        again. Yields the directory it is in (:meth:`_directory`). Checkpoints that
+        are no reference pass through.
         """
-        ref = self._node_ref or self._resolved_from
-        if ref is None:
-            yield
+        source = self._source
+        if not isinstance(source, NodeReference):
+            yield self._directory()
             return
         from dckpt.cluster._resolve import pinned_copy
 
-        with pinned_copy(ref, self._local_path) as path:
-            self._local_path, self._node_ref, self._resolved_from = path, None, ref
-            yield
+        with pinned_copy(source.ref, source.path) as path:
+            self._source = dataclasses.replace(source, path=path)
+            yield path
 
     @classmethod
     def _class_for(cls: type[C], saved_class_path: str | None) -> type[C]:
@@ -736,11 +759,12 @@ class Checkpoint:
         }
 
     def _read_source_metadata(self) -> dict[str, Any]:
-        if self._local_path is not None:
-            header = read_header(self._local_path)
-        elif self._uri is not None:
-            header = _read_uri_header(self._uri, self._storage_options)
-        else:
+        source, directory = self._source, self._directory()
+        if directory is not None:
+            header = read_header(directory)
+        elif isinstance(source, UriFolder):
+            header = _read_uri_header(source.uri, source.storage_options)
+        else:  # a dict's metadata is set when it is made; a reference's travels with it
             header = None
         return header.metadata if header else {}
 
@@ -754,8 +778,8 @@ class Checkpoint:
         class has any.
         """
         files: dict[str, bytes | None] = {}
-        if self._data_dict is not None:
-            user = dict(self._data_dict)
+        if isinstance(self._source, DictData):
+            user = dict(self._source.data)
             if PREPROCESSOR_KEY in user:
                 files[PREPROCESSOR_FILE] = dump_pickle(user.pop(PREPROCESSOR_KEY))
             if user:
@@ -780,26 +804,75 @@ class Checkpoint:
         _write_overlay(directory, self._control_files(source), write)
 
     def _materialize(self, staging: str, callback: fsspec.callbacks.Callback) -> None:
-        """Write the whole checkpoint into the empty directory ``staging``."""
-        if self._data_dict is not None:
-            if self._files is not None:
-                unpack_to_directory(self._files, staging, callback=callback)
+        """Write the whole checkpoint into the empty directory ``staging``.
+
+        A node reference must have been found here first (:meth:`_data_here`).
+        """
+        source, directory = self._source, self._directory()
+        if isinstance(source, DictData):
+            if source.files is not None:
+                unpack_to_directory(source.files, staging, callback=callback)
             overlay = self._control_files(None)
-        elif self._local_path is not None:
+        elif directory is not None:
             # Symlinks as in to_bytes (dckpt.formats._tree): links inside the tree stay
             # links, others are followed as Ray's copytree does. Control files this
             # object rewrites are not copied, so none is written through a link.
-            overlay = self._control_files(self._local_path)
-            copy_tree(self._local_path, staging, exclude=overlay.__contains__,
-                      callback=callback)
+            overlay = self._control_files(directory)
+            copy_tree(directory, staging, exclude=overlay.__contains__, callback=callback)
         else:
-            assert self._uri is not None
+            assert isinstance(source, UriFolder), f"{source!r} is not on this node"
             storage.download_directory(
-                self._uri, staging, storage_options=self._storage_options,
+                source.uri, staging, storage_options=source.storage_options,
                 callback=callback,
             )
             overlay = self._control_files(staging)
         _write_overlay(staging, overlay, write=_write_plain)
+
+
+# ------------------------------------------------ developer API for dckpt's layers
+#
+# What dckpt's other packages (dckpt.cluster, dckpt.train, ...) may know of a
+# checkpoint beyond its public methods; none of them touches its private attributes.
+
+
+def source_of(checkpoint: Checkpoint) -> Source:
+    """Developer API for dckpt's own layers: where ``checkpoint``'s data is now.
+
+    One of :class:`~dckpt._sources.DictData`, :class:`~dckpt._sources.LocalDirectory`,
+    :class:`~dckpt._sources.UriFolder` and :class:`~dckpt._sources.NodeReference`: a
+    frozen value, so changing it changes nothing in ``checkpoint``. Unlike
+    :meth:`Checkpoint.get_internal_representation` it tells a node reference used here
+    (its ``path`` set) from a directory of this machine, and reads nothing.
+    """
+    return checkpoint._source
+
+
+def node_ref_of(checkpoint: Checkpoint) -> NodeRef | None:
+    """Developer API for dckpt's own layers: the node reference ``checkpoint`` is.
+
+    Also when it was already used in this process (its data was found or copied here):
+    it is still that reference, whose origin and holders others can fetch from. Its
+    ``uris`` include those ``checkpoint`` was persisted to since (with
+    :meth:`Checkpoint.to_uri`). ``None`` for a dict, a local directory or a URI.
+    """
+    source = checkpoint._source
+    return source.ref if isinstance(source, NodeReference) else None
+
+
+def with_node_ref(checkpoint: C, ref: NodeRef) -> C:
+    """Developer API for dckpt's own layers: a checkpoint like ``checkpoint`` whose data
+    is ``ref``.
+
+    The same class, metadata, preprocessor and ``_SERIALIZED_ATTRS``, built through the
+    class's ``__init__`` (as :meth:`Checkpoint.from_checkpoint` builds one); a new
+    object with a uuid of its own, not yet used here (no path), and with ``ref``'s
+    URIs only (the caller merges any it wants kept, e.g. from :func:`node_ref_of`).
+    ``checkpoint`` is not changed.
+    """
+    state = checkpoint._pickled_state()
+    state.update(_source=NodeReference(ref), _metadata=checkpoint.get_metadata())
+    del state["_uuid"]  # a new object: a new one
+    return type(checkpoint)._built(state)
 
 
 # ---------------------------------------------------------------------- helpers
@@ -810,23 +883,24 @@ class LargeInlineCheckpointWarning(UserWarning):
 
 
 def _constructor_arguments(state: Mapping[str, Any]) -> dict[str, Any]:
-    """The arguments Ray would build a checkpoint with, for the fields in ``state``.
+    """The arguments Ray would build a checkpoint with, for the source in ``state``.
 
     ``local_path``, ``data_dict`` and ``uri`` (one set, as Ray passes them), plus
-    ``storage_options`` when there are any. A node reference (used here or not) has
-    nothing to pass: it gets an empty ``data_dict``, and its fields are set after.
+    ``storage_options`` for a URI that has some. A node reference (used here or not)
+    has nothing to pass: it gets an empty ``data_dict``, and its source is set after.
     """
     arguments: dict[str, Any] = {"local_path": None, "data_dict": None, "uri": None}
-    if state.get("_node_ref") is None and state.get("_resolved_from") is None:
-        for field, argument in (("_data_dict", "data_dict"), ("_uri", "uri"),
-                                ("_local_path", "local_path")):
-            if state.get(field) is not None:
-                arguments[argument] = state[field]
-                break
-    if all(value is None for value in arguments.values()):
+    source: Source = state["_source"]
+    if isinstance(source, DictData):
+        arguments["data_dict"] = source.data
+    elif isinstance(source, LocalDirectory):
+        arguments["local_path"] = source.path
+    elif isinstance(source, UriFolder):
+        arguments["uri"] = source.uri
+        if source.storage_options:
+            arguments["storage_options"] = dict(source.storage_options)
+    else:
         arguments["data_dict"] = {}
-    if state.get("_storage_options"):
-        arguments["storage_options"] = dict(state["_storage_options"])
     return arguments
 
 

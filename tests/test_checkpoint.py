@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import pickle
@@ -22,7 +23,10 @@ from dckpt import (
     CheckpointNotFoundError,
     CheckpointURIError,
     IncompatibleCheckpointError,
+    node,
 )
+from dckpt._sources import DictData, LocalDirectory, NodeReference, UriFolder
+from dckpt.checkpoint import node_ref_of, source_of, with_node_ref
 from dckpt.cluster._core import CheckpointId, NodeRef
 from dckpt.formats._layout import HEADER_FILE, RESERVED_KEY
 from tests._trees import make_tree, read_tree
@@ -226,7 +230,7 @@ class TestSubclassConstructor:
             "directory": lambda: Checkpoint.from_directory(make_tree(tmp_path / "t")),
             "uri": lambda: Checkpoint.from_uri(
                 Checkpoint.from_dict({"x": 1}).to_uri(f"{memory_uri}/c")),
-            "node_ref": lambda: Checkpoint.from_dict({})._with_node_ref(_fake_node_ref()),
+            "node_ref": lambda: with_node_ref(Checkpoint.from_dict({}), _fake_node_ref()),
         }[kind]()
         other.set_metadata({"m": 1})
         stub = _StubCheckpoint.from_checkpoint(other)
@@ -273,6 +277,90 @@ class TestSubclassConstructor:
             for again in (Checkpoint.from_bytes(stub.to_bytes()),
                           Checkpoint.from_directory(stub.to_directory(tmp_path / "again"))):
                 assert again.epoch == 7 and again.model is None
+
+
+def _ref_to_here(path: str) -> NodeRef:
+    """A reference to ``path`` made on this node, as a worker here would make it."""
+    return NodeRef(node_id=node.node_id(), path=path,
+                   checkpoint_id=CheckpointId("e" * 16), size=1, digest="f" * 16,
+                   store_address="tcp://127.0.0.1:1")
+
+
+class TestSources:
+    """One source per checkpoint (dckpt._sources), read through the developer API."""
+
+    def test_source_of_reports_each_representation(self, tmp_path, memory_uri):
+        assert source_of(Checkpoint.from_dict({"x": 1})) == DictData({"x": 1}, None)
+        tree = make_tree(tmp_path / "t")
+        assert source_of(Checkpoint.from_directory(tree)) == LocalDirectory(tree)
+        # Files added to the directory of a dict checkpoint: packed beside the dict.
+        with_files = source_of(Checkpoint.from_dict(Checkpoint.from_directory(tree).to_dict()))
+        assert isinstance(with_files, DictData) and with_files.files
+        assert RESERVED_KEY not in with_files.data
+        uri = Checkpoint.from_dict({"x": 1}).to_uri(f"{memory_uri}/c")
+        assert source_of(Checkpoint.from_uri(uri)) == UriFolder(uri, {})
+        ref = _fake_node_ref()
+        moved = with_node_ref(Checkpoint.from_dict({}), ref)
+        assert source_of(moved) == NodeReference(ref)
+        assert node_ref_of(moved) is ref
+        assert node_ref_of(Checkpoint.from_directory(tree)) is None
+
+    def test_to_uri_records_where_each_source_was_persisted(self, tmp_path, memory_uri):
+        first, second = f"{memory_uri}/first", f"{memory_uri}/second"
+        for checkpoint in (Checkpoint.from_dict({"x": 1}),
+                           Checkpoint.from_directory(make_tree(tmp_path / "t"))):
+            checkpoint.to_uri(first)
+            checkpoint.to_uri(second)
+            checkpoint.to_uri(first)  # again: recorded once
+            assert source_of(checkpoint).uris == (first, second)
+
+    def test_with_node_ref_keeps_class_metadata_preprocessor_and_state(self):
+        stub = _StubCheckpoint.from_dict({"x": 1})
+        stub.epoch = 3
+        stub.model = "a loaded model"  # not serialized: __init__'s value in the copy
+        stub.set_metadata({"m": 1})
+        stub.set_preprocessor(Preprocessor(2.0))
+        ref = _fake_node_ref()
+        moved = with_node_ref(stub, ref)
+        assert type(moved) is _StubCheckpoint and moved is not stub
+        assert moved.epoch == 3 and moved.model is None and moved.foo == "set by __init__"
+        assert moved.get_metadata() == {"m": 1}
+        assert moved.get_preprocessor() == Preprocessor(2.0)  # read without the data
+        assert moved.get_internal_representation() == ("node_ref", ref)
+        assert source_of(stub) == DictData({"x": 1}, None)  # the original is unchanged
+
+    def test_a_node_reference_used_here_pickles_as_the_reference_alone(
+        self, tmp_path, memory_uri
+    ):
+        tree = make_tree(tmp_path / "t")
+        ref = _ref_to_here(tree)
+        checkpoint = with_node_ref(Checkpoint.from_dict({}), ref)
+        assert checkpoint.get_internal_representation() == ("node_ref", ref)
+        with checkpoint.as_directory() as directory:  # same node: found where it is
+            assert directory == tree
+        assert source_of(checkpoint) == NodeReference(ref, path=tree)
+        assert checkpoint.get_internal_representation() == ("local_path", tree)
+        uri = checkpoint.to_uri(f"{memory_uri}/persisted")
+        persisted = dataclasses.replace(ref, uris=(uri,))
+        assert node_ref_of(checkpoint) == persisted  # merged into the reference
+
+        state = checkpoint.__getstate__()
+        assert state["_source"] == NodeReference(persisted)
+        assert state["_source"].path is None  # a path of this node means nothing elsewhere
+        back = pickle.loads(pickle.dumps(checkpoint))
+        assert source_of(back) == NodeReference(persisted)
+        assert read_tree(back.to_directory(tmp_path / "back")) == read_tree(tree)
+
+    def test_a_pickled_node_reference_never_carries_its_path(self):
+        ref = _fake_node_ref()
+        found = NodeReference(ref, path="/only/on/this/node")
+        blob = pickle.dumps(found)
+        assert b"/only/on/this/node" not in blob
+        assert pickle.loads(blob) == NodeReference(ref)
+
+    def test_repr_of_a_dict_source_is_bounded(self):
+        source = source_of(Checkpoint.from_dict({i: "x" * 1000 for i in range(1000)}))
+        assert len(repr(source)) < 100
 
 
 class TestAsDirectory:

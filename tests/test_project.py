@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 import sys
@@ -131,3 +132,71 @@ def test_mypy_finds_nothing_in_dckpt():
         cwd=ROOT, capture_output=True, text=True, timeout=600, check=False,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+
+
+# Checkpoint's private names, now and in the past (its seven source fields and their
+# helper, issue 15): reintroducing one outside checkpoint.py fails below too.
+_CHECKPOINT_PRIVATES_OF_OLD = {
+    "_local_path", "_data_dict", "_files", "_uri", "_storage_options", "_node_ref",
+    "_resolved_from", "_known_uris", "_with_node_ref",
+}
+# Where Checkpoint's private state may be touched: its own module and its sources'.
+_CHECKPOINT_HOMES = {"dckpt/checkpoint.py", "dckpt/_sources.py"}
+
+
+def _checkpoint_privates() -> set[str]:
+    from dckpt import Checkpoint
+
+    names = set(vars(Checkpoint)) | set(vars(Checkpoint.from_dict({})))
+    # _SERIALIZED_ATTRS is Ray's contract with subclasses, theirs to set.
+    return {name for name in names if name.startswith("_") and not name.startswith("__")
+            and name != "_SERIALIZED_ATTRS"} | _CHECKPOINT_PRIVATES_OF_OLD
+
+
+def _private_uses(tree: ast.AST, privates: set[str]) -> list[tuple[int, str]]:
+    """``x._name`` for a Checkpoint private ``_name``, except a class's own
+    ``self._name`` in a class that is no Checkpoint (a stream's own ``self._files``)."""
+    found: list[tuple[int, str]] = []
+
+    def visit(node: ast.AST, own_self: bool) -> None:
+        if isinstance(node, ast.ClassDef):
+            own_self = not any(ast.unparse(base).endswith("Checkpoint") for base in node.bases)
+        if (isinstance(node, ast.Attribute) and node.attr in privates
+                and not (own_self and isinstance(node.value, ast.Name)
+                         and node.value.id in ("self", "cls"))):
+            found.append((node.lineno, ast.unparse(node)))
+        for child in ast.iter_child_nodes(node):
+            visit(child, own_self)
+
+    visit(tree, own_self=False)
+    return found
+
+
+def test_no_module_touches_a_checkpoint_private():
+    """dckpt's other packages read a Checkpoint through its public and developer API
+    (source_of, node_ref_of, with_node_ref), never its private attributes."""
+    privates = _checkpoint_privates()
+    offenders = [
+        f"{path.relative_to(ROOT)}:{line}: {text}"
+        for path in sorted((ROOT / "dckpt").rglob("*.py"))
+        if path.relative_to(ROOT).as_posix() not in _CHECKPOINT_HOMES
+        for line, text in _private_uses(ast.parse(path.read_text()), privates)
+    ]
+    assert offenders == [], f"Checkpoint privates touched outside checkpoint.py: {offenders}"
+    assert {"_source", "_metadata", "_pickled_state"} <= privates  # the guard sees them
+
+
+def test_the_private_guard_sees_what_it_must():
+    privates = _checkpoint_privates()
+    caught = _private_uses(ast.parse(
+        "def put(checkpoint):\n"
+        "    return checkpoint._local_path or checkpoint._source\n"
+        "class TorchCheckpoint(Checkpoint):\n"
+        "    def f(self):\n"
+        "        return self._with_node_ref(None)\n"
+        "class ChunkSource:\n"
+        "    def f(self):\n"
+        "        return self._files\n"
+    ), privates)
+    assert [text for _, text in caught] == [
+        "checkpoint._local_path", "checkpoint._source", "self._with_node_ref"]

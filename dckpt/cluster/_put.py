@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from distributed import Client, get_client
 
 from dckpt import _config, node, transfer
+from dckpt._sources import LocalDirectory
 from dckpt.cluster import _stream
 from dckpt.cluster._core import CheckpointId, NodeRef
 from dckpt.cluster._store import store_of
@@ -72,10 +73,15 @@ def put(
     CheckpointUnavailableError, CheckpointError, OSError
         The data could not be had or sent.
     """
+    # put() is dckpt.put, an entry of the API layer beside the push it drives: it reads
+    # the checkpoint through checkpoint.py's developer API, imported at call time so
+    # that importing dckpt.cluster does not import the layer above it.
+    from dckpt.checkpoint import node_ref_of, with_node_ref
+
     client = client or get_client()
     targets = _workers_of(client, nodes)
     # A worker's checkpoint the driver has read already still comes from its owner.
-    ref = checkpoint._node_ref or checkpoint._resolved_from
+    ref = node_ref_of(checkpoint)
     if ref is None:
         ref = _push(client, checkpoint, targets[0][1])
     # Each node's store materializes it as a task there would: from any holder.
@@ -86,7 +92,7 @@ def put(
     ]
     for fetch in fetches:
         fetch.result()
-    return checkpoint._with_node_ref(ref)
+    return with_node_ref(checkpoint, ref)
 
 
 def push_for_pickling(path: str, uris: tuple[str, ...]) -> NodeRef | None:
@@ -119,16 +125,22 @@ def push_for_pickling(path: str, uris: tuple[str, ...]) -> NodeRef | None:
 
 
 def _push(client: Client, checkpoint: Checkpoint, address: str) -> NodeRef:
-    """Push the driver-side ``checkpoint`` to the store at ``address``."""
-    local_path = checkpoint._local_path
-    if local_path is not None:
-        return _push_directory(client, local_path, transfer.build_manifest(local_path),
-                               address, checkpoint._known_uris)
+    """Push the driver-side ``checkpoint`` to the store at ``address``.
+
+    A directory is pushed as it is; a dict or URI checkpoint is written to a scratch
+    directory first. The reference carries the URIs the checkpoint is persisted at.
+    """
+    from dckpt.checkpoint import source_of  # see put()
+
+    source = source_of(checkpoint)
+    if isinstance(source, LocalDirectory):
+        return _push_directory(client, source.path, transfer.build_manifest(source.path),
+                               address, source.uris)
     scratch = tempfile.mkdtemp(prefix="dckpt-put-", dir=_config.temporary_directory())
     try:
         directory = checkpoint.to_directory(os.path.join(scratch, "data"))
         return _push_directory(client, directory, transfer.build_manifest(directory),
-                               address, checkpoint._known_uris)
+                               address, source.uris)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -25,8 +25,7 @@ from collections.abc import Iterator
 import distributed
 
 from dckpt import storage
-from dckpt.checkpoint import Checkpoint
-from dckpt.train._persist import node_ref_of
+from dckpt.checkpoint import Checkpoint, node_ref_of
 from dckpt.train._result import Result
 
 logger = logging.getLogger(__name__)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from dckpt import _config, storage
-from dckpt.checkpoint import Checkpoint
+from dckpt.checkpoint import Checkpoint, node_ref_of
 from dckpt.errors import CheckpointFormatError, CheckpointNotFoundError
 from dckpt.train import _persist
 from dckpt.train._config import CheckpointConfig
@@ -186,7 +186,7 @@ class CheckpointManager:
         attribute = self.config.checkpoint_score_attribute
         score = score_of(metrics, attribute) if attribute is not None else None
         kept_metrics, stored = dict(metrics), jsonable_metrics(metrics)
-        ref = _persist.node_ref_of(checkpoint)
+        ref = node_ref_of(checkpoint)
         with self._lock:
             if self._closed:
                 raise RuntimeError(f"checkpoint manager {self.run_name} is closed")

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import fsspec.core
 
 from dckpt import node, storage
-from dckpt.checkpoint import Checkpoint
+from dckpt.checkpoint import Checkpoint, node_ref_of, with_node_ref
 from dckpt.errors import CheckpointNotFoundError, CheckpointUnavailableError
 
 if TYPE_CHECKING:
@@ -37,15 +37,6 @@ if TYPE_CHECKING:
     from dckpt.cluster._core import NodeRef
 
 logger = logging.getLogger(__name__)
-
-
-def node_ref_of(checkpoint: Checkpoint) -> NodeRef | None:
-    """The node reference ``checkpoint`` is, or was before it was used in this process."""
-    kind, value = checkpoint.get_internal_representation()
-    if kind == "node_ref":
-        ref: NodeRef = value
-        return ref
-    return checkpoint._resolved_from
 
 
 def uploads_from_node(uri: str) -> bool:
@@ -87,12 +78,13 @@ def persist(
             checkpoint.to_uri(uri, storage_options=options)
             return checkpoint
         # A fresh object with only the reference: never the driver's copy of the data.
-        remote = checkpoint._with_node_ref(ref)
+        remote = with_node_ref(checkpoint, ref)
         if uploads_from_node(uri):
             _upload_on_node(remote, ref, uri, options, _client(client))
         else:
             _write_here(remote, ref, uri, options, _client(client))
-        return checkpoint._with_node_ref(dataclasses.replace(ref, uris=(*ref.uris, uri)))
+        uris = tuple(dict.fromkeys((*ref.uris, uri)))  # persisted there again: once
+        return with_node_ref(checkpoint, dataclasses.replace(ref, uris=uris))
     except BaseException:
         with contextlib.suppress(Exception):  # what a failed upload left half-written
             storage.delete(uri, storage_options=options)
