@@ -27,7 +27,7 @@ class Holder:
 
     address: str
     node_id: str
-    kind: str  # "origin" or "cached"
+    kind: str  # "origin", "cached", or "fetching" (receiving it now: a broadcast's link)
     serving: int = 0
 
     def describe(self) -> str:
@@ -41,9 +41,11 @@ def order_holders(
 
     ``answer`` is the registry's (``dckpt_holders``), or None without a registry: then
     the reference's own store address is all there is. Holders on this node are left
-    out (its cache was looked at, its origin path too); holders on other nodes that
-    serve fewer than :data:`BUSY_SERVING` transfers come first, fewest first, then the
-    origin node's workers, then the busy ones. The reference's address is tried while
+    out (its cache was looked at, its origin path too). A holder the registry names as
+    *fetching* comes first: it is receiving the checkpoint now and serves it on as it
+    arrives, which makes simultaneous readers a chain (:mod:`dckpt.cluster._broadcast`).
+    Then holders on other nodes that serve fewer than :data:`BUSY_SERVING` transfers,
+    fewest first, then the origin node's workers, then the busy ones. The reference's address is tried while
     the scheduler knows that worker (the registry's snapshots may lag behind a
     reference made a moment ago); once it is gone, the origin node is reached through
     the workers the registry lists for it now.
@@ -51,12 +53,16 @@ def order_holders(
     origin = Holder(ref.store_address, ref.node_id, "origin")
     if answer is None:
         return ([origin] if ref.node_id != here else []), []
+    relays: list[Holder] = []
     others: list[Holder] = []
     origins: list[Holder] = []
     for item in answer.get("holders", ()):
         holder = Holder(str(item["address"]), str(item["node_id"]), str(item["kind"]),
                         int(item.get("serving", 0)))
-        if holder.node_id == here:
+        if holder.node_id == here or any(h.address == holder.address for h in relays):
+            continue
+        if holder.kind == "fetching":
+            relays.append(holder)
             continue
         (origins if holder.node_id == ref.node_id else others).append(holder)
     notes: list[str] = []
@@ -74,4 +80,4 @@ def order_holders(
     others.sort(key=lambda h: (h.serving, h.kind != "cached", h.address))
     idle = [h for h in others if h.serving < BUSY_SERVING]
     busy = [h for h in others if h.serving >= BUSY_SERVING]
-    return idle + origins + busy, notes
+    return relays + idle + origins + busy, notes

@@ -38,10 +38,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import dask.config
+from dask.utils import parse_timedelta
 from distributed import Client
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.pickle import dumps
 
+from dckpt.cluster._broadcast import Fetchers
 from dckpt.cluster._cache import CheckpointId
 from dckpt.cluster._worker_plugin import PLUGIN_NAME, NodeStorePlugin
 
@@ -96,10 +98,12 @@ class DckptSchedulerPlugin(SchedulerPlugin):
 
     _scheduler: Scheduler | None
     _snapshots: dict[str, _Snapshot]
+    _fetchers: Fetchers
 
     def __init__(self) -> None:
         self._scheduler = None
         self._snapshots = {}
+        self._fetchers = Fetchers()
 
     async def start(self, scheduler: Scheduler) -> None:
         self._scheduler = scheduler
@@ -138,14 +142,21 @@ class DckptSchedulerPlugin(SchedulerPlugin):
             restored=frozenset(holdings.get("restored", ())),
             serving=int(holdings.get("serving", 0)),
         )
+        interval = parse_timedelta(dask.config.get("dckpt.registry.interval"), default="s")
+        self._fetchers.reported(address, self._snapshots[address].held(),
+                                set(holdings.get("fetching", ())), grace=2 * interval)
         return {"status": "OK"}
 
     def dckpt_holders(
         self, checkpoint_id: CheckpointId, node_id: str | None = None,
-        address: str | None = None,
+        address: str | None = None, asker: str | None = None, asker_node: str | None = None,
     ) -> dict[str, Any]:
         """Who can send ``checkpoint_id`` now, for a reference made on ``node_id`` at
         the worker ``address``.
+
+        ``asker`` (a worker's store about to copy it in, on ``asker_node``) is recorded
+        as fetching it; the answer starts with the fetcher it should pull from, if
+        another reader is receiving it now (:class:`~dckpt.cluster._broadcast.Fetchers`).
 
         ``{"holders": [{"address", "node_id", "kind", "serving"}, ...],
         "node_addresses": [current workers of node_id], "address_alive": bool}``:
@@ -155,7 +166,7 @@ class DckptSchedulerPlugin(SchedulerPlugin):
         scheduler's own list, which does not lag like the snapshots).
         """
         assert self._scheduler is not None
-        holders = []
+        holders = self._fetchers.ask(checkpoint_id, asker, asker_node)
         for worker in sorted(self._snapshots):
             snapshot = self._snapshots[worker]
             for kind in KINDS:
@@ -237,6 +248,7 @@ class DckptSchedulerPlugin(SchedulerPlugin):
     def remove_worker(
         self, scheduler: Scheduler, worker: str, *, stimulus_id: str, **kwargs: Any
     ) -> None:
+        self._fetchers.forget_worker(worker)
         if self._snapshots.pop(worker, None) is not None:
             logger.debug("dropped the dckpt holdings of %s (%s)", worker, stimulus_id)
 

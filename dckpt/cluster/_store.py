@@ -66,6 +66,7 @@ from dckpt.cluster._cache import CheckpointId, NodeCache
 from dckpt.cluster._core import NodeRef
 from dckpt.cluster._failures import describe, raise_unless_fixable_elsewhere
 from dckpt.cluster._holders import Holder, order_holders
+from dckpt.cluster._relay import Relay, RelaySource
 from dckpt.cluster._served import Registration, ServedDirectories
 from dckpt.errors import CheckpointUnavailableError
 
@@ -114,6 +115,12 @@ class NodeStore:
     # Single flight, per event loop: futures belong to one loop (a driver may use several).
     _in_flight: dict[tuple[int, CheckpointId], asyncio.Future[str]]
     _corrupt_next_chunks: int
+    # Broadcast (:mod:`dckpt.cluster._relay`): transfers in progress that readers
+    # downstream may pull from, and checkpoints this store is about to copy in (set
+    # once a relay exists or the copy ended), so that a reader the registry sent here
+    # a moment early waits instead of being refused.
+    _relays: dict[CheckpointId, Relay]
+    _obtaining: dict[CheckpointId, asyncio.Event]
     _comms: Comms | None
     _loop: Any  # the worker's IOLoop once attached
 
@@ -132,6 +139,8 @@ class NodeStore:
         self._counter_lock = threading.Lock()
         self._in_flight = {}
         self._corrupt_next_chunks = 0
+        self._relays = {}
+        self._obtaining = {}
         self._comms = None
         self._loop = None
 
@@ -162,16 +171,28 @@ class NodeStore:
         """Handler ``dckpt_pull``: send a checkpoint this node holds to whoever asks.
 
         A directory registered here, else a complete copy in this node's cache (pinned
-        while it is sent). Anything else is refused (``kind: refused``), whatever path
-        or id is asked for.
+        while it is sent), else a copy this store is receiving now, served on chunk by
+        chunk as it arrives (a link of a broadcast, :mod:`dckpt.cluster._relay`).
+        Anything else is refused (``kind: refused``), whatever path or id is asked for.
         """
         pinned = False
         self._serving += 1
         try:
             try:
-                # Directory checks, maybe an index write or a manifest: not on the loop.
-                path, manifest, pinned = await asyncio.to_thread(self._source_of, checkpoint_id)
-                source = transfer.ChunkSource(path, manifest, chunk_bytes)
+                source: transfer.ChunkSource | RelaySource
+                try:
+                    # Directory checks, maybe an index write or a manifest: not on the loop.
+                    path, manifest, pinned = await asyncio.to_thread(self._source_of,
+                                                                     checkpoint_id)
+                    source = transfer.ChunkSource(path, manifest, chunk_bytes)
+                except PermissionError:
+                    relay = await self._relay_for(checkpoint_id)
+                    if relay is None:
+                        raise
+                    # Pinned: once committed, the copy is a cache entry being read.
+                    await asyncio.to_thread(self._cache.pin, checkpoint_id)
+                    pinned = True
+                    manifest, source = relay.manifest, RelaySource(relay, chunk_bytes)
             except Exception as e:  # noqa: BLE001 - every refusal goes to the receiver
                 await comm.write(_stream.error_reply(e))
                 return Status.dont_reply
@@ -360,7 +381,11 @@ class NodeStore:
                                                request.digest)
                 if path is None:
                     self._count(cache_misses=1)
-                    return await self._copy_in(request, await self._sources(request, comms))
+                    self._obtaining[request.checkpoint_id] = asyncio.Event()
+                    try:
+                        return await self._copy_in(request, await self._sources(request, comms))
+                    finally:
+                        self._obtaining.pop(request.checkpoint_id).set()
             finally:
                 await asyncio.to_thread(lock.__exit__, None, None, None)
         self._count(cache_hits=1)
@@ -379,7 +404,9 @@ class NodeStore:
                 request.tried.append("holders: no Dask client in this process to reach them")
                 holders = ()
             else:
-                answer = await _ask_registry(ref, comms)
+                # Broadcast: say who asks, so that later readers pull from this store.
+                asker = self.address if dask.config.get("dckpt.transfer.broadcast") else None
+                answer = await _ask_registry(ref, comms, asker, self.node_id)
                 ordered, notes = order_holders(answer, ref, self.node_id)
                 request.tried.extend(notes)
                 holders = tuple(ordered)
@@ -403,15 +430,23 @@ class NodeStore:
         staging: str | None = None
         try:
             for source in sources:
+                relay: Relay | None = None
                 try:
                     async with source.open() as incoming:
                         await asyncio.to_thread(self._cache.reserve, incoming.size)
                         staging = await asyncio.to_thread(self._empty_staging, staging,
                                                           request.checkpoint_id)
-                        await incoming.receive_into(staging)
+                        relay = self._start_relay(request.checkpoint_id, incoming, staging)
+                        await incoming.receive_into(
+                            staging, on_written=None if relay is None else relay.written)
                     path = await asyncio.to_thread(self._cache.add, request.checkpoint_id,
                                                    request.digest, staging, incoming.size)
+                    if relay is not None:
+                        relay.moved(path)
                 except Exception as e:
+                    if relay is not None:
+                        relay.fail(e)  # its readers go on to their next holder
+                        self._relays.pop(request.checkpoint_id, None)
                     if request.ref is None:
                         raise
                     raise_unless_fixable_elsewhere(e, request.ref, self.node_id,
@@ -423,9 +458,34 @@ class NodeStore:
                              incoming.size, source.describe())
                 return path
         finally:
+            self._relays.pop(request.checkpoint_id, None)
             if staging is not None:  # renamed into the cache unless a source failed
                 await asyncio.to_thread(shutil.rmtree, staging, True)
         raise CheckpointUnavailableError(request.unavailable(self.node_id))
+
+    def _start_relay(
+        self, checkpoint_id: CheckpointId, incoming: _Incoming, staging: str
+    ) -> Relay | None:
+        """Let readers downstream pull this transfer as it arrives (event loop)."""
+        manifest = getattr(incoming, "manifest", None)
+        if manifest is None or self.address is None:  # a URI download; a driver
+            return None
+        relay = Relay(manifest, staging)
+        self._relays[checkpoint_id] = relay
+        waiting = self._obtaining.get(checkpoint_id)
+        if waiting is not None:
+            waiting.set()
+        return relay
+
+    async def _relay_for(self, checkpoint_id: CheckpointId) -> Relay | None:
+        """The transfer of ``checkpoint_id`` in progress here, if any; waits a little
+        for one that this store is about to start."""
+        waiting = self._obtaining.get(checkpoint_id)
+        if checkpoint_id not in self._relays and waiting is not None:
+            timeout = parse_timedelta(dask.config.get("dckpt.transfer.connect-timeout"))
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(waiting.wait(), timeout)
+        return self._relays.get(checkpoint_id)
 
     def _empty_staging(self, staging: str | None, checkpoint_id: CheckpointId) -> str:
         """The request's one staging directory, emptied of a failed source's files (thread)."""
@@ -493,6 +553,7 @@ class NodeStore:
             "uris": {r.checkpoint_id: list(r.uris) for r in registrations if r.uris},
             "restored": sorted(r.checkpoint_id for r in registrations if r.restored),
             "serving": self._serving,
+            "fetching": sorted(self._obtaining),
         }
 
     def stats(self) -> dict[str, Any]:
@@ -674,7 +735,9 @@ class _Incoming(Protocol):
 
     size: int
 
-    async def receive_into(self, directory: str) -> None: ...
+    async def receive_into(
+        self, directory: str, on_written: Callable[[transfer.ChunkSpec], None] | None = None
+    ) -> None: ...
 
 
 class _Source(Protocol):
@@ -714,7 +777,9 @@ class _FromUri:
     async def open(self) -> AsyncIterator[_Incoming]:
         yield self
 
-    async def receive_into(self, directory: str) -> None:
+    async def receive_into(
+        self, directory: str, on_written: Callable[[transfer.ChunkSpec], None] | None = None
+    ) -> None:
         await asyncio.to_thread(storage.download_directory, self.uri, directory)
 
 
@@ -734,21 +799,31 @@ class _FromPusher:
     async def open(self) -> AsyncIterator[_Incoming]:
         yield self
 
-    async def receive_into(self, directory: str) -> None:
+    async def receive_into(
+        self, directory: str, on_written: Callable[[transfer.ChunkSpec], None] | None = None
+    ) -> None:
         self.streamed = True
         await _stream.stream_over(self._comm, self._peer, self.manifest, directory,
-                                  chunk_bytes=self.chunk_bytes, in_place=True)
+                                  chunk_bytes=self.chunk_bytes, in_place=True,
+                                  on_written=on_written)
 
 
-async def _ask_registry(ref: NodeRef, comms: Comms) -> Mapping[str, Any] | None:
-    """The registry's ``dckpt_holders`` answer, or None if there is no registry."""
+async def _ask_registry(
+    ref: NodeRef, comms: Comms, asker: str | None, asker_node: str
+) -> Mapping[str, Any] | None:
+    """The registry's ``dckpt_holders`` answer, or None if there is no registry.
+
+    ``asker``, the address of a store that will serve what it receives on (None for
+    the driver's), is recorded as fetching, so that readers after it pull from it.
+    """
     if comms.scheduler is None:
         return None
     timeout = parse_timedelta(dask.config.get("dckpt.transfer.connect-timeout"))
     try:
         answer = await asyncio.wait_for(
             comms.scheduler.dckpt_holders(checkpoint_id=ref.checkpoint_id,
-                                          node_id=ref.node_id, address=ref.store_address),
+                                          node_id=ref.node_id, address=ref.store_address,
+                                          asker=asker, asker_node=asker_node),
             timeout,
         )
     except Exception as e:  # noqa: BLE001 - no registry to ask: the reference's store

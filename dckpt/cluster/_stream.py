@@ -44,7 +44,7 @@ from collections.abc import (
     Sequence,
 )
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Protocol
 
 import dask.config
 from dask.utils import parse_timedelta
@@ -98,9 +98,21 @@ def raise_error(reply: object, peer: str) -> None:
         raise cls(f"{peer}: {reply.get('message')}")
 
 
+class Chunks(Protocol):
+    """What a sender serves chunks from: a :class:`~dckpt.transfer.ChunkSource`, or a
+    relay's (:class:`~dckpt.cluster._relay.RelaySource`)."""
+
+    manifest: transfer.Manifest
+    chunk_bytes: int
+
+    def read_parts(
+        self, spec: transfer.ChunkSpec, buffer: bytearray | None = None
+    ) -> tuple[bytes, transfer.Buffer]: ...
+
+
 async def serve_chunks(
     comm: Comm,
-    source: transfer.ChunkSource,
+    source: Chunks,
     *,
     on_chunk: Callable[[int], bool] | None = None,
 ) -> None:
@@ -178,7 +190,7 @@ class _ReadAhead:
     what was freed in it.
     """
 
-    def __init__(self, source: transfer.ChunkSource) -> None:
+    def __init__(self, source: Chunks) -> None:
         self._source = source
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="dckpt-send")
         self._ahead: tuple[transfer.ChunkSpec, asyncio.Future[Any]] | None = None
@@ -228,7 +240,7 @@ class _ReadAhead:
         return future
 
 
-def _following(source: transfer.ChunkSource, spec: transfer.ChunkSpec) -> transfer.ChunkSpec | None:
+def _following(source: Chunks, spec: transfer.ChunkSpec) -> transfer.ChunkSpec | None:
     """The chunk after ``spec`` in manifest order (:meth:`Manifest.chunks`), if any."""
     files = source.manifest.files
     index, offset = spec.file_index, spec.offset + spec.length
@@ -338,6 +350,7 @@ async def stream_over(
     *,
     chunk_bytes: int,
     in_place: bool = False,
+    on_written: Callable[[transfer.ChunkSpec], None] | None = None,
 ) -> None:
     """Receive ``manifest`` into ``target`` over ``comm``, then say ``done``.
 
@@ -349,7 +362,8 @@ async def stream_over(
     """
     channel = _Channel(comm, peer, chunk_bytes)
     await transfer.receive_directory(manifest, channel.stream, target, chunk_bytes=chunk_bytes,
-                                     max_in_flight=channel.window, in_place=in_place)
+                                     max_in_flight=channel.window, in_place=in_place,
+                                     on_written=on_written)
     await comm.write({"status": "done"})
 
 
@@ -395,10 +409,13 @@ class Pull:
         self._peer = peer
         self._chunk_bytes = chunk_bytes
 
-    async def receive_into(self, directory: str) -> None:
-        """Fill the empty ``directory`` with the checkpoint (once)."""
+    async def receive_into(
+        self, directory: str, on_written: Callable[[transfer.ChunkSpec], None] | None = None
+    ) -> None:
+        """Fill the empty ``directory`` with the checkpoint (once); ``on_written`` as in
+        :func:`dckpt.transfer.receive_directory`."""
         await stream_over(self._comm, self._peer, self.manifest, directory,
-                          chunk_bytes=self._chunk_bytes, in_place=True)
+                          chunk_bytes=self._chunk_bytes, in_place=True, on_written=on_written)
         self.received = True
 
 

@@ -53,6 +53,7 @@ async def receive_directory(
     retries: int | None = None,
     callback: Callback = DEFAULT_CALLBACK,
     in_place: bool = False,
+    on_written: Callable[[ChunkSpec], None] | None = None,
 ) -> None:
     """Build the directory that ``manifest`` describes at ``target``, chunk by chunk.
 
@@ -91,6 +92,10 @@ async def receive_directory(
         ``dckpt.transfer.retries`` when ``None``.
     callback
         ``set_size(total bytes)``, then ``relative_update(length)`` per chunk written.
+    on_written
+        Called on the event loop with each chunk once it passed its checks and is
+        written (a relaying store serves it on from there); only while ``in_place``
+        means anything, since otherwise the tree is renamed at the end.
 
     Raises
     ------
@@ -119,7 +124,7 @@ async def receive_directory(
         try:
             for attempt in range(retries + 1):
                 failed = await _receive_round(stream, wanted, paths, writers, max_in_flight,
-                                              callback)
+                                              callback, on_written)
                 if not failed:
                     break
                 for spec, error in failed:
@@ -146,6 +151,7 @@ async def _receive_round(
     writers: Executor,
     max_in_flight: int,
     callback: Callback,
+    on_written: Callable[[ChunkSpec], None] | None = None,
 ) -> list[tuple[ChunkSpec, CorruptChunkError]]:
     """Ask ``stream`` for ``wanted`` and write what it yields; the chunks that failed."""
     missing = set(wanted)
@@ -161,6 +167,8 @@ async def _receive_round(
             failed.append((spec, e))
         else:
             callback.relative_update(spec.length)
+            if on_written is not None:
+                on_written(spec)
 
     async def settle(limit: int) -> None:
         # Waits until fewer than ``limit`` writes run; re-raises what a write raised.
