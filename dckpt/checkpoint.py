@@ -90,11 +90,12 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _uses_data(method: F) -> F:
-    """Run a method within :meth:`Checkpoint._data_here` (resolve and pin a reference)."""
+    """Run a method within :meth:`Checkpoint._data_here` (resolve and pin a reference);
+    the method's ``callback`` also follows a fetch from another node."""
 
     @functools.wraps(method)
     def wrapper(self: Checkpoint, *args: Any, **kwargs: Any) -> Any:
-        with self._data_here():
+        with self._data_here(kwargs.get("callback", DEFAULT_CALLBACK)):
             return method(self, *args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
@@ -382,6 +383,9 @@ class Checkpoint:
         renamed into it, so it is never seen half-written; an existing directory at
         ``path`` is replaced as a whole. ``callback`` (an fsspec ``Callback``) follows
         the copy: one update per file, and a branched child per file for its bytes.
+        A node reference fetched from another node first reports that fetch too: a
+        child branched as ``(the reference, this node's cache)`` gets its total size
+        and every chunk received (``to_uri`` and ``to_bytes`` likewise).
 
         Symlinks are treated as by :meth:`to_bytes` and the dict form, whatever the
         working directory: a relative link whose target stays inside the checkpoint
@@ -717,14 +721,17 @@ class Checkpoint:
         return None
 
     @contextlib.contextmanager
-    def _data_here(self) -> Iterator[str | None]:
+    def _data_here(
+        self, callback: fsspec.callbacks.Callback = DEFAULT_CALLBACK
+    ) -> Iterator[str | None]:
         """Within the block the data of a node reference is on this node, and stays.
 
         The reference is resolved (:mod:`dckpt.cluster._resolve`) on first use, and
         its copy in this node's cache is pinned for the block, so the cache cannot
         evict it while it is read; a copy evicted since an earlier use is fetched
         again. Yields the directory it is in (:meth:`_directory`). Checkpoints that
-        are no reference pass through.
+        are no reference pass through. A fetch from another node is followed by a
+        child of ``callback`` (see :func:`dckpt.cluster._resolve.pinned_copy`).
         """
         source = self._source
         if not isinstance(source, NodeReference):
@@ -732,7 +739,7 @@ class Checkpoint:
             return
         from dckpt.cluster._resolve import pinned_copy
 
-        with pinned_copy(source.ref, source.path) as path:
+        with pinned_copy(source.ref, source.path, callback) as path:
             self._source = dataclasses.replace(source, path=path)
             yield path
 

@@ -21,6 +21,8 @@ import contextlib
 import os
 from collections.abc import Iterator
 
+from fsspec.callbacks import DEFAULT_CALLBACK, Callback
+
 from dckpt import _compat, node
 from dckpt.cluster import _shared
 from dckpt.cluster._core import NodeRef
@@ -66,11 +68,15 @@ def make_ref(path: str, uris: tuple[str, ...] = ()) -> NodeRef | None:
 
 
 @contextlib.contextmanager
-def pinned_copy(ref: NodeRef, path: str | None) -> Iterator[str]:
+def pinned_copy(
+    ref: NodeRef, path: str | None, callback: Callback = DEFAULT_CALLBACK
+) -> Iterator[str]:
     """A local directory with the data of ``ref``, kept from eviction for the block.
 
     ``path`` is where ``ref`` was found before, if anywhere: used again while it
     exists, materialized anew otherwise (:meth:`~dckpt.cluster._store.NodeStore.open`).
+    A copy this call makes from another node is reported to ``callback.branched(ref,
+    cache)``: ``set_size`` of the whole, then every chunk received.
     """
-    with this_process_store().open(ref, path) as found:
+    with this_process_store().open(ref, path, callback) as found:
         yield found

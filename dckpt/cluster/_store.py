@@ -59,6 +59,8 @@ from distributed.core import ConnectionPool, Status
 from distributed.utils import sync
 from distributed.worker import Worker
 
+from fsspec.callbacks import DEFAULT_CALLBACK, Callback
+
 from dckpt import _compat, _config, node, storage, transfer
 from dckpt._locks import is_alive
 from dckpt.cluster import _shared, _stream
@@ -256,7 +258,9 @@ class NodeStore:
     # ------------------------------------------------------------- materializing
 
     @contextlib.contextmanager
-    def open(self, ref: NodeRef, found: str | None = None) -> Iterator[str]:
+    def open(
+        self, ref: NodeRef, found: str | None = None, callback: Callback = DEFAULT_CALLBACK
+    ) -> Iterator[str]:
         """A local directory with the data of ``ref``, kept from eviction for the block.
 
         Call it from a task thread (or any thread but the store's event loop). The
@@ -265,14 +269,18 @@ class NodeStore:
         found it before) is used while it exists, else :meth:`materialize` runs on the
         store's event loop — a worker's, or for a server-less store the current
         synchronous client's (none: a loop of its own, and no holder can be reached).
+        A copy this call makes (not one it waits for) is reported to a child of
+        ``callback`` branched as ``(repr(ref), cache folder)``.
         """
         run, comms = self._runner()
         with self._cache.pinned(ref.checkpoint_id):
             if found is None or not os.path.isdir(found):
-                found = run(self.materialize, ref, comms)
+                found = run(self.materialize, ref, comms, callback)
             yield found
 
-    async def materialize(self, ref: NodeRef, comms: Comms | None = None) -> str:
+    async def materialize(
+        self, ref: NodeRef, comms: Comms | None = None, callback: Callback = DEFAULT_CALLBACK
+    ) -> str:
         """A local directory with the data of ``ref``, found in this order (event loop).
 
         1. the same node, where the path still exists: used as it is, no copy;
@@ -295,14 +303,16 @@ class NodeStore:
         better (:func:`~dckpt.cluster._failures.fixable_elsewhere`); what no other
         source can fix (this node's cache too small or its disk full, an unsafe
         manifest, a programming error) is raised at once, naming this node.
-        ``comms``: the store's own when None.
+        ``comms``: the store's own when None. ``callback`` as in :meth:`open`.
         """
         tried: list[str] = []
         path = await asyncio.to_thread(_in_place, ref, self.node_id, tried)
         if path is None:
             path = await self.served(ref.checkpoint_id)
         if path is None:
-            path = await self._obtain(_Request.of(ref, tried), comms or self._comms)
+            request = _Request.of(ref, tried)
+            request.callback = callback
+            path = await self._obtain(request, comms or self._comms)
         return path
 
     async def fetch(
@@ -437,8 +447,11 @@ class NodeStore:
                         staging = await asyncio.to_thread(self._empty_staging, staging,
                                                           request.checkpoint_id)
                         relay = self._start_relay(request.checkpoint_id, incoming, staging)
-                        await incoming.receive_into(
-                            staging, on_written=None if relay is None else relay.written)
+                        with request.callback.branched(
+                                request.what_repr, self._cache.root) as progress:
+                            await incoming.receive_into(
+                                staging, on_written=None if relay is None else relay.written,
+                                callback=progress)
                     path = await asyncio.to_thread(self._cache.add, request.checkpoint_id,
                                                    request.digest, staging, incoming.size)
                     if relay is not None:
@@ -715,6 +728,11 @@ class _Request:
     ref: NodeRef | None = None
     tried: list[str] = dataclasses.field(default_factory=list)
     pushed: _FromPusher | None = None
+    callback: Callback = DEFAULT_CALLBACK  # follows the copy in (fsspec Callback)
+
+    @property
+    def what_repr(self) -> str:
+        return repr(self.ref) if self.ref is not None else f"checkpoint {self.checkpoint_id}"
 
     @classmethod
     def of(cls, ref: NodeRef, tried: list[str]) -> _Request:
@@ -736,7 +754,8 @@ class _Incoming(Protocol):
     size: int
 
     async def receive_into(
-        self, directory: str, on_written: Callable[[transfer.ChunkSpec], None] | None = None
+        self, directory: str, on_written: Callable[[transfer.ChunkSpec], None] | None = None,
+        callback: Callback = DEFAULT_CALLBACK,
     ) -> None: ...
 
 
@@ -778,9 +797,12 @@ class _FromUri:
         yield self
 
     async def receive_into(
-        self, directory: str, on_written: Callable[[transfer.ChunkSpec], None] | None = None
+        self, directory: str, on_written: Callable[[transfer.ChunkSpec], None] | None = None,
+        callback: Callback = DEFAULT_CALLBACK,
     ) -> None:
-        await asyncio.to_thread(storage.download_directory, self.uri, directory)
+        # The download's own callback counts files (children bytes), as to_uri's does.
+        await asyncio.to_thread(storage.download_directory, self.uri, directory,
+                                callback=callback)
 
 
 class _FromPusher:
@@ -800,12 +822,13 @@ class _FromPusher:
         yield self
 
     async def receive_into(
-        self, directory: str, on_written: Callable[[transfer.ChunkSpec], None] | None = None
+        self, directory: str, on_written: Callable[[transfer.ChunkSpec], None] | None = None,
+        callback: Callback = DEFAULT_CALLBACK,
     ) -> None:
         self.streamed = True
         await _stream.stream_over(self._comm, self._peer, self.manifest, directory,
                                   chunk_bytes=self.chunk_bytes, in_place=True,
-                                  on_written=on_written)
+                                  on_written=on_written, callback=callback)
 
 
 async def _ask_registry(

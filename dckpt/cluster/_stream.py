@@ -49,6 +49,7 @@ from typing import Any, Protocol
 import dask.config
 from dask.utils import parse_timedelta
 from distributed.comm import Comm, CommClosedError
+from fsspec.callbacks import DEFAULT_CALLBACK, Callback
 from distributed.core import ConnectionPool
 from distributed.protocol import to_serialize
 from tornado.iostream import IOStream, StreamClosedError
@@ -351,6 +352,7 @@ async def stream_over(
     chunk_bytes: int,
     in_place: bool = False,
     on_written: Callable[[transfer.ChunkSpec], None] | None = None,
+    callback: Callback = DEFAULT_CALLBACK,
 ) -> None:
     """Receive ``manifest`` into ``target`` over ``comm``, then say ``done``.
 
@@ -363,7 +365,7 @@ async def stream_over(
     channel = _Channel(comm, peer, chunk_bytes)
     await transfer.receive_directory(manifest, channel.stream, target, chunk_bytes=chunk_bytes,
                                      max_in_flight=channel.window, in_place=in_place,
-                                     on_written=on_written)
+                                     on_written=on_written, callback=callback)
     await comm.write({"status": "done"})
 
 
@@ -410,12 +412,14 @@ class Pull:
         self._chunk_bytes = chunk_bytes
 
     async def receive_into(
-        self, directory: str, on_written: Callable[[transfer.ChunkSpec], None] | None = None
+        self, directory: str, on_written: Callable[[transfer.ChunkSpec], None] | None = None,
+        callback: Callback = DEFAULT_CALLBACK,
     ) -> None:
-        """Fill the empty ``directory`` with the checkpoint (once); ``on_written`` as in
-        :func:`dckpt.transfer.receive_directory`."""
+        """Fill the empty ``directory`` with the checkpoint (once); ``on_written`` and
+        ``callback`` as in :func:`dckpt.transfer.receive_directory`."""
         await stream_over(self._comm, self._peer, self.manifest, directory,
-                          chunk_bytes=self._chunk_bytes, in_place=True, on_written=on_written)
+                          chunk_bytes=self._chunk_bytes, in_place=True, on_written=on_written,
+                          callback=callback)
         self.received = True
 
 

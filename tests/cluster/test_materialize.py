@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from distributed import Client
+from fsspec.callbacks import Callback
 
 from dckpt import Checkpoint
 from dckpt.cluster import stats, store_of
@@ -91,3 +92,42 @@ def test_the_driver_materializes_through_a_store_of_its_own(node_client: Client,
     assert store.evict(ref.checkpoint_id)
     assert read(copies[0])[1] == expected
     assert store.stats()["transfers"] - after["transfers"] == 1
+
+
+class _Recording(Callback):  # type: ignore[misc]
+    """An fsspec callback that keeps what it and its branched children are told."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.children: list[tuple[str, str, _Recording]] = []
+        self.sizes: list[int] = []
+        self.received = 0
+
+    def set_size(self, size: int) -> None:
+        self.sizes.append(size)
+
+    def relative_update(self, inc: int = 1) -> None:
+        self.received += inc
+
+    def branched(self, path_1: str, path_2: str, **kwargs: object) -> _Recording:
+        child = _Recording()
+        self.children.append((path_1, path_2, child))
+        return child
+
+
+def test_a_fetch_from_another_node_reports_its_bytes_to_the_callback(
+    node_client: Client, nodes, tmp_path
+):
+    owner, _ = nodes
+    checkpoint = node_client.submit(_make_checkpoint, 3, workers=[owner], pure=False).result()
+    _, ref = checkpoint.get_internal_representation()
+    progress = _Recording()
+    with node_client.as_current():
+        out = checkpoint.to_directory(str(tmp_path / "out"), callback=progress)
+    with open(os.path.join(out, "weights.bin"), "rb") as f:
+        assert f.read() == random.Random(3).randbytes(SIZE)
+    fetches = [child for source, _, child in progress.children if source == repr(ref)]
+    assert len(fetches) == 1
+    assert fetches[0].sizes == [ref.size] and fetches[0].received == ref.size
+    # Then the local copy, one update per file, as without a fetch.
+    assert progress.sizes == [1] and progress.received == 1
