@@ -364,7 +364,7 @@ class NodeCluster:
         second; None (default): no limit (a veth moves data at memory speed). Burst
         and queue are set as :mod:`dckpt.cluster._netns` explains (8 ms of the rate,
         20 ms of queue). ``ValueError`` for a malformed rate or one given with
-        ``network=False``; where ``tbf`` is refused, ``network=True`` raises and
+        ``network=False``, ``TypeError`` for one neither text nor int; where ``tbf`` is refused, ``network=True`` raises and
         ``network=None`` warns and runs unlimited.
 
     Attributes
@@ -657,7 +657,7 @@ class NodeCluster:
         if self._prefix is not None:
             binds = [path for name in self._shared_folders
                      for path in (self.shared_folder(name), os.path.join(node_root, name))]
-            if link is not None:
+            if link is not None and os.path.isfile("/etc/hosts"):  # a bind needs a target
                 binds += [self._hosts_file(), "/etc/hosts"]
             command = ["sh", "-c", _ISOLATE_SCRIPT, "sh",
                        self._backing(index), node_root, os.path.join(self.root, "backing"),

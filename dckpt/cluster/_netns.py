@@ -62,8 +62,8 @@ __all__ = [
     "MAX_NODES",
     "SUBNETS",
     "ClusterNetwork",
-    "NodeLink",
     "NetworkSetupError",
+    "NodeLink",
     "create",
     "hosts_file",
     "parse_rate",
@@ -170,12 +170,14 @@ def parse_rate(rate: str | int) -> int:
 
     Raises
     ------
+    TypeError
+        If ``rate`` is neither text nor an int.
     ValueError
-        If ``rate`` is not such a value or not positive.
+        If ``rate`` is text that is no such rate, or below 8 kbit/s.
     """
     bits: float
     if isinstance(rate, bool) or not isinstance(rate, (int, str)):
-        raise ValueError(f"link_rate={rate!r}: expected text such as '1gbit' or an int of bits/s")
+        raise TypeError(f"link_rate={rate!r}: expected text such as '1gbit' or an int of bits/s")
     if isinstance(rate, int):
         bits = rate
     else:
@@ -195,7 +197,7 @@ def _run(command: Sequence[str]) -> str:
     """Run one ``ip``/``tc`` command; its stdout, or NetworkSetupError with its stderr."""
     try:
         result = subprocess.run(
-            list(command), stdin=subprocess.DEVNULL, capture_output=True, text=True,
+            list(command), check=False, stdin=subprocess.DEVNULL, capture_output=True, text=True,
             timeout=_COMMAND_TIMEOUT,
         )
     except (OSError, subprocess.TimeoutExpired) as e:

@@ -65,6 +65,6 @@ def test_launcher_puts_nodes_on_a_network_of_their_own():
         process.stderr.close()
     assert child_pids() == before
     tag = bridge[1].removesuffix("br")
-    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
-    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    links = subprocess.run(["ip", "-o", "link", "show"], check=True, capture_output=True, text=True).stdout
+    netns = subprocess.run(["ip", "netns", "list"], check=True, capture_output=True, text=True).stdout
     assert tag not in links and tag not in netns
