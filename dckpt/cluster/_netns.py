@@ -307,12 +307,30 @@ def _remove_stale() -> list[str]:
     _, links = _names()
     for name in filter(_dead, links):
         logger.info("Removing interface %s, left by a process that is gone", name)
-        try:
-            _run(["ip", "link", "del", name])
+        if _delete_link(name, "leftover"):
             removed.append(name)
-        except NetworkSetupError as e:
-            logger.warning("Could not remove the leftover interface %s: %s", name, e)
     return removed
+
+
+def _delete_link(name: str, whose: str) -> bool:
+    """Delete interface ``name``; True if it is gone. Logs, never raises."""
+    try:
+        _run(["ip", "link", "del", name])
+    except NetworkSetupError as e:
+        # The kernel tears a deleted namespace's veth pairs down in the background:
+        # a veth listed a moment ago may be gone by now, which is what we wanted.
+        if _link_exists(name):
+            logger.warning("Could not remove the %s interface %s: %s", whose, name, e)
+            return False
+    return True
+
+
+def _link_exists(name: str) -> bool:
+    try:
+        _run(["ip", "link", "show", "dev", name])
+    except NetworkSetupError:
+        return False
+    return True
 
 
 def _free_subnet() -> ipaddress.IPv4Network:
@@ -428,11 +446,7 @@ def remove(network: ClusterNetwork) -> None:
             _run(["ip", "netns", "del", name])
     _, links = _names_or_empty()
     for name in [n for n in links if n.startswith(network.tag) and _NAME.match(n)]:
-        try:
-            _run(["ip", "link", "del", name])
-        except NetworkSetupError as e:
-            logger.warning("Could not remove interface %s of cluster network %s: %s",
-                           name, network.tag, e)
+        _delete_link(name, f"cluster network {network.tag}'s")
 
 
 def _names_or_empty() -> tuple[list[str], list[str]]:
