@@ -323,9 +323,9 @@ class NodeCluster:
     isolate
         True: run each worker in a mount namespace of its own, or raise
         :class:`~dckpt.errors.IsolationUnavailableError` (a ``RuntimeError``) if that
-        cannot be had. False: never. None (default): isolate
-        when available, else warn once with :class:`IsolationUnavailableWarning` and
-        give each node a distinct root instead.
+        cannot be had. False: never. None (default): isolate when available, else
+        warn once with :class:`IsolationUnavailableWarning` and give each node a
+        distinct root instead.
     root
         The folder that holds the cluster's files: node storage, logs, the scheduler
         file. Default: a fresh temporary folder, removed by :meth:`close`. A folder
@@ -364,8 +364,9 @@ class NodeCluster:
         second; None (default): no limit (a veth moves data at memory speed). Burst
         and queue are set as :mod:`dckpt.cluster._netns` explains (8 ms of the rate,
         20 ms of queue). ``ValueError`` for a malformed rate or one given with
-        ``network=False``, ``TypeError`` for one neither text nor int; where ``tbf`` is refused, ``network=True`` raises and
-        ``network=None`` warns and runs unlimited.
+        ``network=False``, ``TypeError`` for one neither text nor int. Where ``tbf``
+        is refused, ``network=True`` raises and ``network=None`` warns and runs
+        unlimited.
 
     Attributes
     ----------
@@ -387,7 +388,8 @@ class NodeCluster:
     Notes
     -----
     Each worker gets ``DASK_DCKPT__NODE_ID=node-<i>`` (not with a network: there its
-    host name is ``node-<i>``), ``DASK_DCKPT__NODE_ROOT`` (its storage root) and ``DASK_DCKPT__TEMPORARY_DIRECTORY=<node root>/tmp``, so that what
+    host name is ``node-<i>``), ``DASK_DCKPT__NODE_ROOT`` (its storage root) and
+    ``DASK_DCKPT__TEMPORARY_DIRECTORY=<node root>/tmp``, so that what
     dckpt writes on a node without being told where stays on that node, as on a real
     machine. Logs of the scheduler and the workers are in ``<root>/logs``.
 

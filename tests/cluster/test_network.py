@@ -136,6 +136,11 @@ def test_each_node_has_its_own_address_in_the_cluster_range(net_cluster, net_cli
     assert set(net_client.scheduler_info()["workers"]) == {
         n.worker_address for n in net_cluster.nodes
     }
+    # nsenter, unshare and sh exec: the process the cluster started is the worker.
+    assert net_client.run(os.getpid) == {n.worker_address: n.pid for n in net_cluster.nodes}
+    assert [net_cluster._state.workers[i].pid for i in range(2)] == [
+        n.pid for n in net_cluster.nodes
+    ]
     # A node's routes lead into its /24 only: nothing it sends can leave the bridge.
     for link in network.links:
         routes = _ip("-n", link.namespace, "-4", "route", "show")
