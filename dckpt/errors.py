@@ -19,6 +19,7 @@ __all__ = [
     "IncompatibleCheckpointError",
     "CacheFullError",
     "CheckpointUnavailableError",
+    "IsolationUnavailableError",
 ]
 
 
@@ -94,4 +95,13 @@ class CheckpointUnavailableError(CheckpointNotFoundError):
     The owning node is gone (or unreachable), the path is not shared, this node's cache
     does not hold it, and no URI the reference carries answered. The message lists each
     step tried and why it failed.
+    """
+
+
+class IsolationUnavailableError(CheckpointError, RuntimeError):
+    """A :class:`~dckpt.cluster.NodeCluster` was asked for an isolation this machine
+    refuses: mount namespaces (``isolate=True``), or network namespaces and ``tc``
+    (``network=True``, ``link_rate=``): not Linux, not root, no ``ip``/``tc``, or a
+    container without ``CAP_NET_ADMIN``. The message says which and why; pass ``None``
+    instead of ``True`` to fall back with a warning.
     """

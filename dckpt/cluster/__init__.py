@@ -8,16 +8,19 @@
   :func:`who_has`, :func:`registry` and :func:`checkpoints` (per checkpoint: its
   size, holders and URIs).
 - :class:`NodeCluster` is a local Dask cluster whose workers are simulated nodes,
-  isolated in mount namespaces where possible.
+  isolated in mount namespaces where possible, and on request in network namespaces
+  of their own (``network=True``, ``link_rate="1gbit"``).
 """
 
 from __future__ import annotations
 
 from dckpt.cluster._local import (
     IsolationUnavailableWarning,
+    NetworkIsolationUnavailableWarning,
     NodeCluster,
     NodeInfo,
     isolation_available,
+    network_isolation_available,
 )
 from dckpt.cluster._scheduler_plugin import (
     DckptSchedulerPlugin,
@@ -33,12 +36,14 @@ __all__ = [
     "DckptSchedulerPlugin",
     "checkpoints",
     "IsolationUnavailableWarning",
+    "NetworkIsolationUnavailableWarning",
     "NodeCluster",
     "NodeInfo",
     "NodeStore",
     "NodeStorePlugin",
     "install",
     "isolation_available",
+    "network_isolation_available",
     "registry",
     "stats",
     "store_of",

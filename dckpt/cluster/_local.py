@@ -30,6 +30,26 @@ where the kernel allows those.
 Without isolation (unavailable, or ``isolate=False``) each node gets a distinct root,
 ``<cluster root>/node-<i>``, and nothing stops one node from reading another's files.
 
+Network isolation (``network=True``). The nodes then also stop sharing the loopback:
+:mod:`dckpt.cluster._netns` makes a bridge on this machine with an address of its own
+(``host_address``, ``.1`` of a free ``/24`` in 10.220.0.0/16) and per node a network
+namespace whose ``eth0`` (one end of a veth pair, the other a port of the bridge) has the
+node's address, optionally rate-limited with ``tc tbf``. Each worker starts as::
+
+    nsenter --net=/run/netns/NS -- unshare --uts --mount --propagation private -- sh -c '
+        printf node-<i> > /proc/sys/kernel/hostname && exec sh -c "<mounts as above>" ...'
+
+so it has its own host name (a UTS namespace) and binds ``--host <its address>``: what
+it advertises is its own address. The scheduler runs on this machine, bound to the
+bridge's address, which every node reaches over its link and the driver reaches
+directly; nothing listens on, or is sent to, any address outside the cluster's
+``/24``. The workers get no ``DASK_DCKPT__NODE_ID``: their node id is their host name,
+the default of :func:`dckpt.node.node_id`, as on a real machine. With mount isolation,
+``/etc/hosts`` in each node names every node (and the host as ``dckpt-host``), so a
+node's host name resolves. The namespaces outlive a worker: a restarted node keeps its
+namespace, address and link. :meth:`NodeCluster.close` removes them with the bridge;
+what a killed driver left behind is removed by the next network cluster on the machine.
+
 Process model: one scheduler and one worker process per node, each started in a session
 of its own (``start_new_session``) so that Ctrl-C in a terminal reaches only the driver,
 which then shuts them down in order. Workers run without a nanny: a nanny would restart
@@ -60,10 +80,19 @@ from typing import Any
 import distributed
 
 from dckpt import _config
+from dckpt.cluster import _netns
+from dckpt.errors import IsolationUnavailableError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["IsolationUnavailableWarning", "NodeCluster", "NodeInfo", "isolation_available"]
+__all__ = [
+    "IsolationUnavailableWarning",
+    "NetworkIsolationUnavailableWarning",
+    "NodeCluster",
+    "NodeInfo",
+    "isolation_available",
+    "network_isolation_available",
+]
 
 
 class IsolationUnavailableWarning(UserWarning):
@@ -73,6 +102,16 @@ class IsolationUnavailableWarning(UserWarning):
     Linux, not root and no user namespaces, or a container that forbids ``unshare``).
     Each node still has a root of its own, but a test that should prove "no shared
     filesystem" may pass by reading another node's files.
+    """
+
+
+class NetworkIsolationUnavailableWarning(IsolationUnavailableWarning):
+    """Nodes of a :class:`NodeCluster` share this machine's network (its loopback).
+
+    Raised as a warning when ``network=None`` and network namespaces (or, for
+    ``link_rate``, ``tc tbf``) cannot be had: not Linux, not root, no ``ip`` or ``tc``
+    on the PATH, or a container without ``CAP_NET_ADMIN``. The cluster then runs as with
+    ``network=False``: mount isolation only, every node on 127.0.0.1, no link limit.
     """
 
 
@@ -112,6 +151,9 @@ _ISOLATE_SCRIPT = (
     'mount -t tmpfs -o size=1m,mode=0755 dckpt-hidden "$hidden" && '
     'exec "$@"'
 )
+# Set the host name of a fresh UTS namespace ($1), then become what follows. /proc
+# rather than hostname(1), which not every image has.
+_HOST_NAME_SCRIPT = 'printf "%s" "$1" > /proc/sys/kernel/hostname && shift && exec "$@"'
 # Names a shared folder may not take: what dckpt and the worker keep in a node's root.
 _RESERVED_NAMES = frozenset({"cache", "tmp", "dask-worker-space"})
 _ROOT_PREFIX = ("unshare", "--mount", "--propagation", "private")
@@ -178,12 +220,32 @@ def isolation_available() -> bool:
     return _probe_isolation()[0] is not None
 
 
+def network_isolation_available(link_rate: bool = False) -> bool:
+    """Whether :class:`NodeCluster` can give its nodes network namespaces here.
+
+    Parameters
+    ----------
+    link_rate
+        Also require ``tc tbf``, which ``link_rate=`` needs.
+
+    Returns
+    -------
+    bool
+        True on Linux when this process may create network namespaces, bridges and
+        veth pairs (root, ``ip`` and ``nsenter`` on the PATH), and with ``link_rate``
+        a ``tbf`` qdisc. Probed once per process in a throwaway namespace.
+    """
+    no_netns, no_tbf = _netns.probe()
+    return not no_netns and not (link_rate and no_tbf)
+
+
 @dataclass
 class _Processes:
     """What a cluster must release; kept apart from it so a finalizer can hold it."""
 
     root: str
     owns_root: bool
+    network: _netns.ClusterNetwork | None = None
     scheduler: subprocess.Popen[bytes] | None = None
     workers: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
     clients: list[distributed.Client] = field(default_factory=list)
@@ -229,6 +291,10 @@ def _release(state: _Processes) -> None:
     if state.scheduler is not None:
         _stop([state.scheduler], _TERMINATE_GRACE)
         state.scheduler = None
+    if state.network is not None:
+        # After the processes: a namespace deleted under a running worker lives on.
+        _netns.remove(state.network)
+        state.network = None
     if state.owns_root:
         # The bind mounts lived in the workers' namespaces, gone with them: from here
         # the backing folders are ordinary folders.
@@ -256,9 +322,10 @@ class NodeCluster:
         How many nodes (worker processes) to start; node ``i`` is named ``node-<i>``.
     isolate
         True: run each worker in a mount namespace of its own, or raise
-        ``RuntimeError`` if that cannot be had. False: never. None (default): isolate
-        when available, else warn once with :class:`IsolationUnavailableWarning` and
-        give each node a distinct root instead.
+        :class:`~dckpt.errors.IsolationUnavailableError` (a ``RuntimeError``) if that
+        cannot be had. False: never. None (default): isolate when available, else
+        warn once with :class:`IsolationUnavailableWarning` and give each node a
+        distinct root instead.
     root
         The folder that holds the cluster's files: node storage, logs, the scheduler
         file. Default: a fresh temporary folder, removed by :meth:`close`. A folder
@@ -282,6 +349,24 @@ class NodeCluster:
         (``ValueError`` without it: non-isolated nodes have roots at different paths).
         Each name is one path component, and not one of ``cache``, ``tmp``,
         ``dask-worker-space``.
+    network
+        True: put each node in a network namespace of its own as well (its own
+        address on a veth to a bridge the cluster makes, its own host name
+        ``node-<i>``, see the module docstring), or raise
+        :class:`~dckpt.errors.IsolationUnavailableError` if that cannot be had (needs
+        root, ``ip``, ``nsenter``). False (default): every node on 127.0.0.1. None: on
+        when available, else warn with :class:`NetworkIsolationUnavailableWarning`
+        and run as with False. Independent of ``isolate``; without mount isolation the
+        nodes have no ``/etc/hosts`` naming each other.
+    link_rate
+        With a network: limit each node's link, both ways, to this rate with ``tc
+        tbf`` on its veth, e.g. ``"1gbit"``, ``"100mbit"`` or an int of bits per
+        second; None (default): no limit (a veth moves data at memory speed). Burst
+        and queue are set as :mod:`dckpt.cluster._netns` explains (8 ms of the rate,
+        20 ms of queue). ``ValueError`` for a malformed rate or one given with
+        ``network=False``, ``TypeError`` for one neither text nor int. Where ``tbf``
+        is refused, ``network=True`` raises and ``network=None`` warns and runs
+        unlimited.
 
     Attributes
     ----------
@@ -292,13 +377,19 @@ class NodeCluster:
         describing the dead worker until :meth:`restart_node` replaces it.
     isolated : bool
         Whether the nodes run in mount namespaces of their own.
+    network : ClusterNetwork or None
+        With network isolation, the cluster's network: ``subnet``, ``bridge``,
+        ``host_address`` (the scheduler's, and where the nodes reach this machine;
+        they cannot reach its 127.0.0.1), ``rate_bits`` and per node a link
+        (``namespace``, ``veth``, ``address``, ``host_name``). None without.
     root : str
         The cluster's folder.
 
     Notes
     -----
-    Each worker gets ``DASK_DCKPT__NODE_ID=node-<i>``, ``DASK_DCKPT__NODE_ROOT`` (its
-    storage root) and ``DASK_DCKPT__TEMPORARY_DIRECTORY=<node root>/tmp``, so that what
+    Each worker gets ``DASK_DCKPT__NODE_ID=node-<i>`` (not with a network: there its
+    host name is ``node-<i>``), ``DASK_DCKPT__NODE_ROOT`` (its storage root) and
+    ``DASK_DCKPT__TEMPORARY_DIRECTORY=<node root>/tmp``, so that what
     dckpt writes on a node without being told where stays on that node, as on a real
     machine. Logs of the scheduler and the workers are in ``<root>/logs``.
 
@@ -312,8 +403,11 @@ class NodeCluster:
     scheduler_address: str
     nodes: list[NodeInfo]
     isolated: bool
+    network: _netns.ClusterNetwork | None
     root: str
     _prefix: tuple[str, ...] | None
+    _network_wanted: bool
+    _rate_bits: int | None
     _worker_options: list[str]
     _env: dict[str, str]
     _startup_timeout: float
@@ -333,9 +427,14 @@ class NodeCluster:
         env: Mapping[str, str] | None = None,
         startup_timeout: float = 60,
         shared_folders: Sequence[str] = (),
+        network: bool | None = False,
+        link_rate: str | int | None = None,
     ) -> None:
         if n_nodes < 1:
             raise ValueError(f"NodeCluster needs at least one node, got n_nodes={n_nodes}")
+        self._network_wanted, self._rate_bits = self._check_network(
+            n_nodes, network, link_rate)
+        self.network = None
         self._shared_folders = tuple(dict.fromkeys(shared_folders))
         for name in self._shared_folders:
             if not name or name in (".", "..") or "/" in name or name in _RESERVED_NAMES:
@@ -348,7 +447,7 @@ class NodeCluster:
         if isolate is not False:
             self._prefix, reason = _probe_isolation()
             if self._prefix is None and isolate:
-                raise RuntimeError(
+                raise IsolationUnavailableError(
                     "NodeCluster(isolate=True) needs mount namespaces, which are not "
                     f"available here ({reason}). Run as root or allow user namespaces "
                     "(sysctl kernel.unprivileged_userns_clone=1), or pass isolate=None "
@@ -375,7 +474,6 @@ class NodeCluster:
             "--no-nanny",
             "--memory-limit", str(memory_limit),
             "--no-dashboard",
-            "--host", "127.0.0.1",
         ]
         self._env = dict(env or {})
         self._startup_timeout = startup_timeout
@@ -398,8 +496,76 @@ class NodeCluster:
 
     # -- start-up -------------------------------------------------------------------
 
+    @staticmethod
+    def _check_network(
+        n_nodes: int, network: bool | None, link_rate: str | int | None
+    ) -> tuple[bool, int | None]:
+        """Whether to make a network, and its rate in bit/s; raise or warn as documented."""
+        rate_bits = None if link_rate is None else _netns.parse_rate(link_rate)
+        if network is False:
+            if rate_bits is not None:
+                raise ValueError(
+                    f"NodeCluster(link_rate={link_rate!r}) limits each node's own link, "
+                    "which needs network=True (or None); with network=False the nodes "
+                    "share the loopback"
+                )
+            return False, None
+        if n_nodes > _netns.MAX_NODES:
+            raise ValueError(
+                f"NodeCluster(network={network}) makes at most {_netns.MAX_NODES} node "
+                f"namespaces, got n_nodes={n_nodes}"
+            )
+        no_netns, no_tbf = _netns.probe()
+        fallback = "; pass network=None to fall back to nodes on the loopback with a warning"
+        if no_netns:
+            if network:
+                raise IsolationUnavailableError(
+                    "NodeCluster(network=True) needs network namespaces, which are not "
+                    f"available here ({no_netns}). Run as root with iproute2 (ip, tc) "
+                    "and util-linux (nsenter, unshare) installed" + fallback
+                )
+            warnings.warn(
+                f"NodeCluster cannot give its nodes network namespaces ({no_netns}); "
+                "every node runs on 127.0.0.1"
+                + (f" and link_rate={link_rate!r} is not applied" if rate_bits else ""),
+                NetworkIsolationUnavailableWarning,
+                stacklevel=3,
+            )
+            return False, None
+        if rate_bits is not None and no_tbf:
+            if network:
+                raise IsolationUnavailableError(
+                    f"NodeCluster(link_rate={link_rate!r}) needs `tc ... tbf`, which is "
+                    f"not available here ({no_tbf}); install iproute2's tc, or pass "
+                    "link_rate=None for unlimited links"
+                )
+            warnings.warn(
+                f"NodeCluster cannot limit its nodes' links ({no_tbf}); link_rate="
+                f"{link_rate!r} is not applied",
+                NetworkIsolationUnavailableWarning,
+                stacklevel=3,
+            )
+            rate_bits = None
+        return True, rate_bits
+
+    def _start_network(self, n_nodes: int) -> None:
+        try:
+            self.network = _netns.create(n_nodes, self._rate_bits)
+        except _netns.NetworkSetupError as e:
+            raise IsolationUnavailableError(
+                f"NodeCluster(network=...) could not set up its network: {e}"
+            ) from e
+        self._state.network = self.network
+        with open(self._hosts_file(), "w") as f:
+            f.write(_netns.hosts_file(self.network))
+
+    def _hosts_file(self) -> str:
+        return os.path.join(self.root, "hosts")
+
     def _start(self, n_nodes: int) -> None:
         os.makedirs(os.path.join(self.root, "logs"), exist_ok=True)
+        if self._network_wanted:
+            self._start_network(n_nodes)
         for index in range(n_nodes):
             os.makedirs(self._backing(index), exist_ok=True)
         if self.isolated:
@@ -418,8 +584,10 @@ class NodeCluster:
         deadline = time.monotonic() + self._startup_timeout
         self.nodes = [self._wait_for_node(index, deadline) for index in range(n_nodes)]
         logger.info(
-            "NodeCluster at %s: %d nodes%s, root %s",
-            self.scheduler_address, n_nodes, " (isolated)" if self.isolated else "", self.root,
+            "NodeCluster at %s: %d nodes%s%s, root %s",
+            self.scheduler_address, n_nodes, " (isolated)" if self.isolated else "",
+            f" on {self.network.subnet} ({self.network.bridge})" if self.network else "",
+            self.root,
         )
 
     def _log(self, name: str) -> str:
@@ -437,18 +605,20 @@ class NodeCluster:
         return self._mount_point() if self.isolated else self._backing(index)
 
     def _spawn(
-        self, command: list[str], log_name: str, env: Mapping[str, str]
+        self, command: list[str], log_name: str, env: Mapping[str, str],
+        unset: Sequence[str] = (),
     ) -> subprocess.Popen[bytes]:
         logger.debug("Starting %s: %s", log_name, " ".join(command))
         with open(self._log(log_name), "ab") as log:
             log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n".encode())
             log.flush()
+            inherited = {k: v for k, v in os.environ.items() if k not in unset}
             return subprocess.Popen(
                 command,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, **env, **self._env},
+                env={**inherited, **env, **self._env},
                 start_new_session=True,
             )
 
@@ -456,8 +626,9 @@ class NodeCluster:
         scheduler_file = os.path.join(self.root, "scheduler.json")
         with contextlib.suppress(FileNotFoundError):
             os.remove(scheduler_file)  # left by an earlier cluster on the same root
+        host = self.network.host_address if self.network is not None else "127.0.0.1"
         process = self._spawn(
-            [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+            [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", host,
              "--port", "0", "--no-dashboard", "--scheduler-file", scheduler_file],
             "scheduler",
             {},
@@ -477,24 +648,42 @@ class NodeCluster:
     def _start_worker(self, index: int) -> None:
         node_id = f"node-{index}"
         node_root = self._node_root(index)
+        link = self.network.links[index] if self.network is not None else None
         command = [
             sys.executable, "-m", "distributed.cli.dask_worker", self.scheduler_address,
             *self._worker_options,
+            "--host", link.address if link is not None else "127.0.0.1",
             "--name", node_id,
             "--local-directory", os.path.join(node_root, "dask-worker-space"),
         ]
         if self._prefix is not None:
             binds = [path for name in self._shared_folders
                      for path in (self.shared_folder(name), os.path.join(node_root, name))]
-            command = [*self._prefix, "--", "sh", "-c", _ISOLATE_SCRIPT, "sh",
+            if link is not None and os.path.isfile("/etc/hosts"):  # a bind needs a target
+                binds += [self._hosts_file(), "/etc/hosts"]
+            command = ["sh", "-c", _ISOLATE_SCRIPT, "sh",
                        self._backing(index), node_root, os.path.join(self.root, "backing"),
                        *binds, "--", *command]
         env = {
-            "DASK_DCKPT__NODE_ID": node_id,
             "DASK_DCKPT__NODE_ROOT": node_root,
             "DASK_DCKPT__TEMPORARY_DIRECTORY": os.path.join(node_root, "tmp"),
         }
-        self._state.workers[index] = self._spawn(command, node_id, env)
+        if link is None:
+            if self._prefix is not None:
+                command = [*self._prefix, "--", *command]
+            env["DASK_DCKPT__NODE_ID"] = node_id
+            self._state.workers[index] = self._spawn(command, node_id, env)
+            return
+        # A UTS namespace for the host name; the mount namespace as without a network
+        # (root is needed for the network anyway, so never the user-namespace prefix).
+        mounts = ("--mount", "--propagation", "private") if self._prefix is not None else ()
+        command = ["nsenter", f"--net={link.namespace_path}", "--",
+                   "unshare", "--uts", *mounts, "--",
+                   "sh", "-c", _HOST_NAME_SCRIPT, "sh", link.host_name, *command]
+        # No node id: the default, the host name, is the node's (an inherited
+        # DASK_DCKPT__NODE_ID would override it; env= still may).
+        self._state.workers[index] = self._spawn(
+            command, node_id, env, unset=("DASK_DCKPT__NODE_ID",))
 
     def _check_starting(
         self, process: subprocess.Popen[bytes], log: str, who: str, step: str,
@@ -633,7 +822,8 @@ class NodeCluster:
 
     def __repr__(self) -> str:
         state = "" if self._finalizer.alive else ", closed"
+        network = f", network={self.network.subnet}" if self.network is not None else ""
         return (
             f"NodeCluster({self.scheduler_address!r}, nodes={len(self.nodes)}, "
-            f"isolated={self.isolated}{state})"
+            f"isolated={self.isolated}{network}{state})"
         )

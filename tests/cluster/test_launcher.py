@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import subprocess
 import sys
@@ -34,3 +35,36 @@ def test_launcher_prints_the_cluster_and_stops_on_ctrl_c():
         process.stdout.close()
         process.stderr.close()
     assert child_pids() == before
+
+
+@pytest.mark.slow
+def test_launcher_puts_nodes_on_a_network_of_their_own():
+    from dckpt.cluster import network_isolation_available
+
+    if not network_isolation_available(link_rate=True):
+        pytest.skip("network namespaces or tc tbf are not available here")
+    before = child_pids()
+    process = subprocess.Popen(
+        [sys.executable, str(LAUNCHER), "--nodes", "1", "--network", "--link-rate", "1gbit"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        output = "".join(lines_until_ready(process))
+        assert "scheduler: tcp://10.220." in output, output + process.stderr.read()
+        bridge = re.search(r"network: 10\.220\.\d+\.0/24 on bridge (\S+), 1000000000 bit/s",
+                           output)
+        assert bridge, output
+        assert re.search(r"node-0: tcp://10\.220\.\d+\.10:", output), output
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 0, process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stdout.close()
+        process.stderr.close()
+    assert child_pids() == before
+    tag = bridge[1].removesuffix("br")
+    links = subprocess.run(["ip", "-o", "link", "show"], check=True, capture_output=True, text=True).stdout
+    netns = subprocess.run(["ip", "netns", "list"], check=True, capture_output=True, text=True).stdout
+    assert tag not in links and tag not in netns
