@@ -129,18 +129,19 @@ class RelaySource:
         self.close()
 
     def read_parts(
-        self, spec: transfer.ChunkSpec, buffer: bytearray | None = None
+        self, spec: transfer.ChunkSpec, buffer: bytearray | None = None, *,
+        max_ratio: float | None = None,
     ) -> tuple[bytes, transfer.Buffer]:
         """Like :meth:`ChunkSource.read_parts`, once the chunk has arrived."""
         root = self._relay.wait_for(spec, self._timeout)
         try:
-            return self._source_at(root).read_parts(spec, buffer)
+            return self._source_at(root).read_parts(spec, buffer, max_ratio=max_ratio)
         except CheckpointError:
             # Renamed into the cache between the wait and the open: read it there.
             moved = self._relay.wait_for(spec, self._timeout)
             if moved == root:
                 raise
-            return self._source_at(moved).read_parts(spec, buffer)
+            return self._source_at(moved).read_parts(spec, buffer, max_ratio=max_ratio)
 
     def close(self) -> None:
         with self._lock:

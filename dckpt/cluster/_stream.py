@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import logging
 import ssl
+import time
 from collections.abc import (
     AsyncGenerator,
     AsyncIterator,
@@ -107,7 +108,8 @@ class Chunks(Protocol):
     chunk_bytes: int
 
     def read_parts(
-        self, spec: transfer.ChunkSpec, buffer: bytearray | None = None
+        self, spec: transfer.ChunkSpec, buffer: bytearray | None = None, *,
+        max_ratio: float | None = None,
     ) -> tuple[bytes, transfer.Buffer]: ...
 
 
@@ -137,7 +139,7 @@ async def serve_chunks(
                 return
             try:
                 spec = _chunk_spec(request.get("chunk"))
-                header, payload, buffer = await reader.read(spec)
+                header, payload, buffer = await reader.read(spec, _max_ratio(request, raw))
             except Exception as e:
                 await comm.write(error_reply(e))
                 raise
@@ -199,20 +201,24 @@ class _ReadAhead:
         self._free: list[bytearray] = []
 
     async def read(
-        self, spec: transfer.ChunkSpec
+        self, spec: transfer.ChunkSpec, max_ratio: float | None = None
     ) -> tuple[bytes, transfer.Buffer, bytearray]:
-        """``(header, payload, buffer)``: hand ``buffer`` back once the payload is sent."""
+        """``(header, payload, buffer)``: hand ``buffer`` back once the payload is sent.
+
+        ``max_ratio`` (when compression pays, :func:`_max_ratio`) applies to this chunk
+        if it is not read ahead already, and to the one read ahead next.
+        """
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead[0] == spec:
             future = ahead[1]
         else:
             if ahead is not None:
                 ahead[1].cancel()
-            future = self._start(spec)
+            future = self._start(spec, max_ratio)
         parts: tuple[bytes, transfer.Buffer, bytearray] = await future
         following = _following(self._source, spec)
         if following is not None:
-            self._ahead = (following, self._start(following))
+            self._ahead = (following, self._start(following, max_ratio))
         return parts
 
     def give_back(self, buffer: bytearray) -> None:
@@ -226,19 +232,36 @@ class _ReadAhead:
         self._thread.shutdown(wait=False)
         self._free.clear()
 
-    def _start(self, spec: transfer.ChunkSpec) -> asyncio.Future[Any]:
+    def _start(self, spec: transfer.ChunkSpec, max_ratio: float | None) -> asyncio.Future[Any]:
         # A chunk shorter than chunk_bytes (a small file's) gets a buffer of its size:
         # a fresh bytearray is zeroed, which costs as much as the read for small files.
         buffer = self._free.pop() if self._free else bytearray(spec.length)
 
         def read() -> tuple[bytes, transfer.Buffer, bytearray]:
-            header, payload = self._source.read_parts(spec, buffer)
+            header, payload = self._source.read_parts(spec, buffer, max_ratio=max_ratio)
             return header, payload, buffer
 
         future = asyncio.get_running_loop().run_in_executor(self._thread, read)
         # A read ahead that nobody asks for may fail unseen (the receiver stopped).
         future.add_done_callback(lambda f: f.cancelled() or f.exception())
         return future
+
+
+def _max_ratio(request: Mapping[str, Any], raw: IOStream | None) -> float | None:
+    """When compressing a chunk pays, from the link rate the receiver measured.
+
+    On TCP (raw chunks) the receiver times each chunk's bytes and reports the rate in
+    its requests (``"link"``, bytes/s): a chunk compresses only below
+    :func:`dckpt.transfer.max_ratio_for_link` of it; before the first measurement,
+    not at all (a cluster's links are mostly fast). Other comms measure nothing: the
+    fixed rule of :func:`dckpt.transfer.encode_parts` (None).
+    """
+    if raw is None or not request.get("raw"):
+        return None
+    link = request.get("link")
+    if isinstance(link, (int, float)) and not isinstance(link, bool) and link > 0:
+        return transfer.max_ratio_for_link(float(link))
+    return 0.0
 
 
 def _following(source: Chunks, spec: transfer.ChunkSpec) -> transfer.ChunkSpec | None:
@@ -279,6 +302,7 @@ class _Channel:
         # ring one longer than that never overwrites a frame still being written.
         self._ring: list[bytearray] = []
         self._next = 0
+        self._link: float | None = None  # bytes/s of raw chunks, a running average
 
     async def stream(
         self, specs: Sequence[transfer.ChunkSpec]
@@ -310,8 +334,11 @@ class _Channel:
             del frame  # held by the receiver now, and only as long as it needs it
 
     async def _ask(self, spec: transfer.ChunkSpec, asked: list[transfer.ChunkSpec]) -> None:
-        await self.comm.write({"chunk": [spec.file_index, spec.offset, spec.length],
-                               "raw": self._raw is not None})
+        request: dict[str, Any] = {"chunk": [spec.file_index, spec.offset, spec.length],
+                                   "raw": self._raw is not None}
+        if self._link is not None:
+            request["link"] = self._link  # the sender compresses only where it pays
+        await self.comm.write(request)
         asked.append(spec)
 
     async def _read_raw(self, length: object, spec: transfer.ChunkSpec) -> memoryview:
@@ -326,11 +353,18 @@ class _Channel:
             self._next = (self._next + 1) % len(self._ring)
         view = memoryview(buffer)[:length]
         assert self._raw is not None
+        started = time.perf_counter()
         try:
             # A memoryview works (distributed's own TCP.read passes them too).
             await self._read(self._raw.read_into(view))  # type: ignore[arg-type]
         except (StreamClosedError, ssl.SSLError) as e:
             raise CommClosedError(f"{self.peer} went away while sending a chunk: {e}") from e
+        elapsed = time.perf_counter() - started
+        # The sender has the whole payload ready before its header goes out, so this is
+        # the link's time for these bytes; short reads say more about latency.
+        if length >= _LINK_SAMPLE_BYTES and elapsed > 0:
+            rate = length / elapsed
+            self._link = rate if self._link is None else 0.5 * self._link + 0.5 * rate
         return view
 
     async def _read(self, reading: Awaitable[Any]) -> Any:
@@ -391,6 +425,7 @@ async def _answered(
         ) from None
 
 
+_LINK_SAMPLE_BYTES = 256 * 1024
 _CONNECT_TIMEOUT = "dckpt.transfer.connect-timeout"
 _STALL_TIMEOUT = "dckpt.transfer.stall-timeout"
 

@@ -27,6 +27,7 @@ from dckpt.transfer._frames import (
     decode_chunk,
     encode_chunk,
     encode_parts,
+    max_ratio_for_link,
 )
 from dckpt.transfer._manifest import ChunkSpec, FileEntry, Manifest, build_manifest, content_digest
 from dckpt.transfer._receive import ChunkStream, receive_directory
@@ -49,5 +50,6 @@ __all__ = [
     "decode_chunk",
     "encode_chunk",
     "encode_parts",
+    "max_ratio_for_link",
     "receive_directory",
 ]

@@ -10,7 +10,11 @@ It may travel as one buffer or as the pair ``(header, payload)``
 (:func:`encode_parts`), which spares copying an uncompressed chunk behind its header.
 
 Compression is decided per chunk: lz4 costs ~1.4 s per GiB and gains nothing on model
-weights, so only chunks whose 64 KiB sample shrinks are compressed. The checksum
+weights, so only chunks whose 64 KiB sample shrinks are compressed — below 90% of its
+size, or below the ratio at which it pays on the link the chunk crosses
+(:func:`max_ratio_for_link`: on a fast link nothing pays, on 1 Gbit/s halving the bytes
+does). :func:`compress_speed` is lz4's speed here, measured on the chunks it
+compressed. The checksum
 covers the raw bytes, so it checks decompression too. It is xxh3_64 (the ``xxhash``
 package) rather than zlib's crc32: 29 GB/s against 2.2 here, and both ends of a
 transfer pass every byte through it, on machines where sender and receiver share
@@ -20,6 +24,7 @@ the CPU with the copy itself.
 from __future__ import annotations
 
 import struct
+import time
 from typing import TypeAlias
 
 import lz4.block
@@ -29,7 +34,10 @@ from dckpt.errors import CorruptChunkError
 from dckpt.transfer._manifest import ChunkSpec
 from dckpt.transfer._settings import compression
 
-__all__ = ["CHUNK_HEADER", "Frame", "decode_chunk", "encode_chunk", "encode_parts"]
+__all__ = [
+    "CHUNK_HEADER", "Frame", "compress_speed", "decode_chunk", "encode_chunk", "encode_parts",
+    "max_ratio_for_link",
+]
 
 CHUNK_HEADER = struct.Struct(">BQQ")
 """Header of every chunk frame: flags, raw length, xxh3_64 of the raw bytes."""
@@ -48,6 +56,30 @@ _SAMPLE_BYTES = 64 * 1024
 # ~1.6 GB/s link. tests/test_transfer.py::test_half_compressible_chunk_goes_by_its_sample
 # pins where the sample is taken.
 _MIN_RATIO = 0.9
+# lz4's speed before any chunk was timed (bytes/s, from the costs above); decompression
+# is taken as twice as fast as compression.
+_COMPRESS_PRIOR = 0.77e9
+_TIMED_MIN_BYTES = 1 << 20  # smaller compressions say more about overheads than speed
+_compress_speed = _COMPRESS_PRIOR
+
+
+def compress_speed() -> float:
+    """lz4's compression speed in this process, in bytes per second: a running average
+    over the chunks of at least 1 MiB it compressed (a prior until the first)."""
+    return _compress_speed
+
+
+def max_ratio_for_link(link_bytes_per_second: float) -> float:
+    """The largest compression ratio at which compressing pays on this link.
+
+    A chunk of ``L`` bytes that compresses to ``r·L`` costs ``L/c + r·L/link + L/d``
+    compressed (``c``, ``d``: lz4's compression and decompression speeds) against
+    ``L/link`` raw, so compressing pays when ``r < 1 - link·(1/c + 1/d)``. Capped at
+    90% (below which a sample must shrink at all); 0 (never) when the link outruns lz4.
+    """
+    speed = compress_speed()
+    limit = 1.0 - link_bytes_per_second * (1.0 / speed + 1.0 / (2.0 * speed))
+    return max(0.0, min(_MIN_RATIO, limit))
 
 
 def encode_chunk(raw: Buffer, *, compress: bool | None = None) -> bytes:
@@ -55,7 +87,9 @@ def encode_chunk(raw: Buffer, *, compress: bool | None = None) -> bytes:
     return b"".join(encode_parts(raw, compress=compress))
 
 
-def encode_parts(raw: Buffer, *, compress: bool | None = None) -> tuple[bytes, Buffer]:
+def encode_parts(
+    raw: Buffer, *, compress: bool | None = None, max_ratio: float | None = None
+) -> tuple[bytes, Buffer]:
     """One chunk frame as ``(header, payload)``.
 
     An uncompressed payload is a view of ``raw``, not a copy: it must stay unchanged
@@ -68,29 +102,46 @@ def encode_parts(raw: Buffer, *, compress: bool | None = None) -> tuple[bytes, B
     compress
         ``True`` or ``False`` forces lz4 on or off. ``None`` follows
         ``dckpt.transfer.compression``: ``"lz4"``, ``"none"``, or ``"auto"``, which
-        compresses when a 64 KiB sample from the middle of the chunk shrinks below 90%
-        and the whole chunk then shrinks at all.
+        compresses when a 64 KiB sample from the middle of the chunk shrinks below
+        ``max_ratio`` (default 90%; a sender that knows the link passes
+        :func:`max_ratio_for_link`) and the whole chunk then shrinks at all.
+    max_ratio
+        For ``"auto"``: the sample ratio below which to compress; 0 never does.
     """
     view = _bytes_view(raw)
     checksum = xxhash.xxh3_64_intdigest(view)
     payload: Buffer = view
     if compress is None:
         mode = compression()
-        compress = mode == "lz4" or (mode == "auto" and _sample_compresses(view))
+        limit = _MIN_RATIO if max_ratio is None else max_ratio
+        compress = mode == "lz4" or (mode == "auto" and limit > 0
+                                     and _sample_compresses(view, limit))
         if compress:
-            payload = lz4.block.compress(view, store_size=False)
+            payload = _compressed(view)
             if len(payload) >= len(view):  # the sample misled us: send it raw
                 payload, compress = view, False
     elif compress:
-        payload = lz4.block.compress(view, store_size=False)
+        payload = _compressed(view)
     flags = _FLAG_LZ4 if compress else 0
     return CHUNK_HEADER.pack(flags, len(view), checksum), payload
 
 
-def _sample_compresses(view: memoryview) -> bool:
+def _sample_compresses(view: memoryview, limit: float) -> bool:
     start = max(0, (len(view) - _SAMPLE_BYTES) // 2)
     sample = view[start : start + _SAMPLE_BYTES]
-    return len(lz4.block.compress(sample, store_size=False)) < _MIN_RATIO * len(sample)
+    return len(lz4.block.compress(sample, store_size=False)) < limit * len(sample)
+
+
+def _compressed(view: memoryview) -> bytes:
+    """lz4 of ``view``, timed into :func:`compress_speed`."""
+    global _compress_speed
+    started = time.perf_counter()
+    payload: bytes = lz4.block.compress(view, store_size=False)
+    elapsed = time.perf_counter() - started
+    if len(view) >= _TIMED_MIN_BYTES and elapsed > 0:
+        # A running average; races between sender threads only blur it.
+        _compress_speed = 0.7 * _compress_speed + 0.3 * (len(view) / elapsed)
+    return payload
 
 
 def decode_chunk(

@@ -101,14 +101,16 @@ class ChunkSource:
         return b"".join(self.read_parts(spec))
 
     def read_parts(
-        self, spec: ChunkSpec, buffer: bytearray | None = None
+        self, spec: ChunkSpec, buffer: bytearray | None = None, *,
+        max_ratio: float | None = None,
     ) -> tuple[bytes, Buffer]:
         """One chunk as ``(header, payload)`` (:func:`~dckpt.transfer.encode_parts`).
 
         The chunk is read into ``buffer`` (at least ``spec.length`` long), or into a new
         one: an uncompressed payload is a view of it, nothing is copied, and it must
-        stay untouched until the payload is sent. Raises as :meth:`read_chunk`, and
-        ValueError for a ``buffer`` too short.
+        stay untouched until the payload is sent. ``max_ratio`` goes to
+        :func:`~dckpt.transfer.encode_parts` (when compression pays). Raises as
+        :meth:`read_chunk`, and ValueError for a ``buffer`` too short.
         """
         entry = self._check(spec)  # before allocating what a request asks for
         if buffer is None:
@@ -117,7 +119,7 @@ class ChunkSource:
             raise ValueError(f"a buffer of {len(buffer)} bytes cannot hold {spec.length}")
         view = memoryview(buffer)[: spec.length]
         self._read(spec, entry, view)
-        return encode_parts(view)
+        return encode_parts(view, max_ratio=max_ratio)
 
     def close(self) -> None:
         """Close the files; reads in progress finish first, later ones raise."""

@@ -13,6 +13,7 @@ import pytest
 from distributed.comm import Comm, connect, listen
 from distributed.security import Security
 
+import dckpt.cluster._stream as stream_module
 from dckpt.cluster._stream import _following, _raw_stream, serve_chunks, stream_over
 from dckpt.transfer import ChunkSource, build_manifest
 
@@ -82,3 +83,76 @@ def _security_for(scheme: str) -> tuple[dict[str, Any], dict[str, Any]]:
     pytest.importorskip("cryptography")  # Security.temporary() makes the certificate
     security = Security.temporary()
     return security.get_listen_args("worker"), security.get_connection_args("worker")
+
+
+class _Recording:
+    """A comm that keeps what passes through it (the sender's side of a test)."""
+
+    def __init__(self, comm: Comm) -> None:
+        self._comm = comm
+        self.requests: list[dict[str, Any]] = []
+        self.flags: list[int] = []
+        self.stream = comm.stream  # type: ignore[attr-defined]
+
+    async def read(self) -> Any:
+        message = await self._comm.read()
+        self.requests.append(dict(message))
+        return message
+
+    async def write(self, message: Any) -> Any:
+        if isinstance(message, dict) and "header" in message:
+            self.flags.append(message["header"][0])
+        return await self._comm.write(message)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._comm, name)
+
+
+def test_the_receiver_reports_its_link_and_a_fast_one_gets_no_compression(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Zeros compress 100-fold, yet over loopback (faster than lz4) sending them raw is
+    quicker: the sender compresses only where the link the receiver measures makes it pay."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    (src / "zeros.bin").write_bytes(bytes(4 << 20))
+    manifest = build_manifest(src)
+    chunk_bytes = 512 * 1024
+    seen: list[_Recording] = []
+
+    async def main() -> None:
+        async def serve(comm: Comm) -> None:
+            recording = _Recording(comm)
+            seen.append(recording)
+            with ChunkSource(str(src), manifest, chunk_bytes) as source:
+                await serve_chunks(recording, source)  # type: ignore[arg-type]
+            await comm.close()
+
+        listener = await listen("tcp://127.0.0.1", serve)
+        try:
+            comm = await connect(listener.contact_address)
+            await stream_over(comm, "the test sender", manifest, str(dst), chunk_bytes=chunk_bytes)
+            await comm.close()
+        finally:
+            listener.stop()
+
+    # The recording wrapper is no TCP comm: let the sender see the stream beneath it.
+    real = stream_module._raw_stream
+    monkeypatch.setattr(stream_module, "_raw_stream",
+                        lambda c: real(c._comm if isinstance(c, _Recording) else c))
+    with dask.config.set({"dckpt.transfer.compression": "auto"}):
+        asyncio.run(main())
+    assert (dst / "zeros.bin").read_bytes() == bytes(4 << 20)
+    [recording] = seen
+    links = [r["link"] for r in recording.requests if "link" in r]
+    assert links and all(rate > 0 for rate in links)
+    assert recording.flags and set(recording.flags) == {0}
+
+
+def test_compression_pays_on_a_slow_link_only():
+    from dckpt.transfer import max_ratio_for_link
+
+    assert max_ratio_for_link(125e6) > 0.5  # 1 Gbit/s: halving the bytes pays
+    assert max_ratio_for_link(100e9) == 0  # faster than lz4: never
+    assert max_ratio_for_link(1e3) == pytest.approx(0.9, abs=1e-3)  # capped
+    assert max_ratio_for_link(125e6) > max_ratio_for_link(400e6)
