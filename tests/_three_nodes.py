@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 from distributed import Client
 
-from dckpt.cluster import NodeCluster, install, isolation_available
+from dckpt.cluster import NodeCluster, install, isolation_available, network_isolation_available
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,7 @@ def cluster() -> Iterator[NodeCluster]:
     """An isolated NodeCluster of three nodes for this module."""
     if not isolation_available():
         pytest.skip("node isolation (mount namespaces) is not available here")
-    with NodeCluster(3, isolate=True) as cluster:
+    with NodeCluster(3, isolate=True, network=network_isolation_available()) as cluster:
         yield cluster
 
 

@@ -23,7 +23,7 @@ import fsspec
 import pytest
 from distributed import Client
 
-from dckpt.cluster import NodeCluster, install, isolation_available
+from dckpt.cluster import NodeCluster, install, isolation_available, network_isolation_available
 from tests._nodes import N_NODES, alive, cluster_pids
 from tests._waiting import eventually
 
@@ -147,12 +147,14 @@ def memory_uri() -> Iterator[str]:
 def node_cluster() -> Iterator[NodeCluster]:
     """An isolated NodeCluster of two nodes, shared by the whole session.
 
-    Tests that kill or restart a node leave every node running again. Skips where
-    mount namespaces cannot be had: what these tests prove needs isolation.
+    Each node has its own disk (mount namespace) and, where the machine allows it (as
+    root), its own network: what crosses between nodes crosses a link, not the
+    loopback. Tests that kill or restart a node leave every node running again. Skips
+    where mount namespaces cannot be had: what these tests prove needs isolation.
     """
     if not isolation_available():
         pytest.skip("node isolation (mount namespaces) is not available here")
-    cluster = NodeCluster(N_NODES, isolate=True)
+    cluster = NodeCluster(N_NODES, isolate=True, network=network_isolation_available())
     try:
         yield cluster
     finally:

@@ -19,7 +19,14 @@ from distributed import Client
 
 import dckpt
 from dckpt import Checkpoint
-from dckpt.cluster import NodeCluster, install, isolation_available, stats, store_of
+from dckpt.cluster import (
+    NodeCluster,
+    install,
+    isolation_available,
+    network_isolation_available,
+    stats,
+    store_of,
+)
 from dckpt.cluster._broadcast import Fetchers
 from dckpt.cluster._relay import Relay
 from dckpt.transfer import ChunkSpec, build_manifest
@@ -74,7 +81,8 @@ def cluster() -> Iterator[NodeCluster]:
     if not isolation_available():
         pytest.skip("node isolation (mount namespaces) is not available here")
     env = {"DASK_DCKPT__TRANSFER__CHUNK_BYTES": str(CHUNK)}
-    with NodeCluster(4, isolate=True, env=env) as cluster:
+    with NodeCluster(4, isolate=True, network=network_isolation_available(),
+                     env=env) as cluster:
         yield cluster
 
 
@@ -131,11 +139,11 @@ def _gate_the_owner(after: int) -> None:
     reads = [0]
 
     class Gated(original):  # type: ignore[misc,valid-type]
-        def read_parts(self, spec, buffer=None):
+        def read_parts(self, spec, buffer=None, **kwargs):
             reads[0] += 1
             if reads[0] > after:
                 gate.wait(60)
-            return super().read_parts(spec, buffer)
+            return super().read_parts(spec, buffer, **kwargs)
 
     transfer_module.ChunkSource = Gated
     transfer_module._dckpt_test_gate = (original, gate, reads)
