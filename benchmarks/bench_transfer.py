@@ -2,7 +2,7 @@
 
     python benchmarks/bench_transfer.py [--size-mib 1024] [--files 64] [--repeat 2]
                                         [--chunk-bytes 8MiB] [--in-flight 1]
-                                        [--nanny-environ]
+                                        [--nanny-environ] [--network] [--link-rate 1gbit]
 
 Starts an isolated two-node ``NodeCluster`` (each worker in a mount namespace of its
 own, so node 1 cannot read node 0's files), writes a checkpoint on node 0 itself (random
@@ -154,12 +154,14 @@ def socket_receive(target: str, n_files: int, variable: str) -> float:
     """
     import socket
 
-    from distributed import Variable
+    from distributed import Variable, get_worker
+    from distributed.comm import get_address_host
 
     os.makedirs(target)
     buffer = bytearray(_SOCKET_BUFFER)
     view = memoryview(buffer)
-    with socket.create_server(("127.0.0.1", 0)) as server:
+    # The worker's own address: on a network-isolated node, its veth (not the loopback).
+    with socket.create_server((get_address_host(get_worker().address), 0)) as server:
         Variable(variable).set(server.getsockname()[:2])
         server.settimeout(120)
         conn, _ = server.accept()
@@ -381,6 +383,9 @@ def main() -> None:
         help="give the workers the environment a nanny would (distributed.nanny."
              "pre-spawn-environ, e.g. MALLOC_TRIM_THRESHOLD_), as `dask worker` has by default",
     )
+    parser.add_argument("--network", action="store_true",
+                        help="each node in a network namespace of its own (needs root)")
+    parser.add_argument("--link-rate", help="e.g. 1gbit: each node's link limited by tc tbf")
     args = parser.parse_args()
 
     env = {}
@@ -394,7 +399,10 @@ def main() -> None:
     size = args.size_mib * MIB
 
     started = time.perf_counter()
-    with NodeCluster(n_nodes=2, isolate=True, env=env) as cluster, \
+    network: dict[str, Any] = {}
+    if args.network or args.link_rate:
+        network = {"network": True, "link_rate": args.link_rate}
+    with NodeCluster(n_nodes=2, isolate=True, env=env, **network) as cluster, \
             cluster.client(set_as_default=False) as client:
         install(client)
         bench = Bench(cluster, client)
@@ -439,7 +447,8 @@ def main() -> None:
         print(f"{format_bytes(total)} in {args.files} files, node 0 -> node 1 of an isolated "
               f"NodeCluster, best of {args.repeat}; chunk-bytes {format_bytes(chunk_bytes)}, "
               f"max-in-flight {settings['max-in-flight']}, compression "
-              f"{settings['compression']}")
+              f"{settings['compression']}; network: "
+              f"{('own, link ' + (args.link_rate or 'unlimited')) if network else 'loopback'}")
         print(f"compressible variant: lz4 ratio {sources['compressible']['lz4_ratio']:.2f} "
               f"(random: {sources['random']['lz4_ratio']:.2f})")
         note = _page_reporting_note()
