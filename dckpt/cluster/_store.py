@@ -62,7 +62,7 @@ from distributed.worker import Worker
 from dckpt import _compat, _config, node, storage, transfer
 from dckpt._locks import is_alive
 from dckpt.cluster import _shared, _stream
-from dckpt.cluster._cache import CheckpointId, NodeCache
+from dckpt.cluster._cache import CheckpointId, NodeCache, SharedFiles
 from dckpt.cluster._core import NodeRef
 from dckpt.cluster._failures import describe, raise_unless_fixable_elsewhere
 from dckpt.cluster._holders import Holder, order_holders
@@ -91,8 +91,11 @@ class NodeStore:
     """Serves what this node holds and materializes node references on it.
 
     Counters (:meth:`stats`), one set per store: ``bytes_sent``, ``chunks_sent``,
-    ``bytes_received``, ``transfers`` (checkpoints copied in), ``cache_hits`` and
-    ``cache_misses``. Every request to materialize a checkpoint that is not usable in
+    ``bytes_received`` (file bytes that came from another node or a URI, as the files
+    hold them, before compression; not the manifest), ``bytes_reused`` (file bytes of
+    a checkpoint copied in that this node's cache held already and placed as hard
+    links instead: an incremental checkpoint moves only its new files), ``transfers``
+    (checkpoints copied in), ``cache_hits`` and ``cache_misses``. Every request to materialize a checkpoint that is not usable in
     place counts once: a *hit* when this node's cache had it (also when the request
     waited for another request's transfer, or another process of the node copied it),
     a *miss* when the request copied it in. The cache keeps only its own figures
@@ -403,12 +406,14 @@ class NodeStore:
         staging: str | None = None
         try:
             for source in sources:
+                shared: SharedFiles | None = None  # files of the cache to link, pinned
                 try:
                     async with source.open() as incoming:
-                        await asyncio.to_thread(self._cache.reserve, incoming.size)
+                        shared = await asyncio.to_thread(self._cache.share, incoming.manifest,
+                                                         incoming.size)
                         staging = await asyncio.to_thread(self._empty_staging, staging,
                                                           request.checkpoint_id)
-                        await incoming.receive_into(staging)
+                        fetched = await incoming.receive_into(staging, shared.have)
                     path = await asyncio.to_thread(self._cache.add, request.checkpoint_id,
                                                    request.digest, staging, incoming.size)
                 except Exception as e:
@@ -418,9 +423,14 @@ class NodeStore:
                                                    source.describe())
                     request.tried.append(f"{source.describe()}: {describe(e)}")
                     continue
-                self._count(bytes_received=incoming.size, transfers=1)
-                logger.debug("received %s (%d bytes) from %s", request.checkpoint_id,
-                             incoming.size, source.describe())
+                finally:
+                    if shared is not None:
+                        await asyncio.to_thread(shared.release)
+                self._count(bytes_received=fetched, bytes_reused=incoming.size - fetched,
+                            transfers=1)
+                logger.debug("received %s (%d bytes, %d of them from this node's cache) "
+                             "from %s", request.checkpoint_id, incoming.size,
+                             incoming.size - fetched, source.describe())
                 return path
         finally:
             if staging is not None:  # renamed into the cache unless a source failed
@@ -512,7 +522,7 @@ class NodeStore:
             self._counters.update(amounts)
 
 
-_COUNTERS = ("bytes_sent", "bytes_received", "transfers", "chunks_sent",
+_COUNTERS = ("bytes_sent", "bytes_received", "bytes_reused", "transfers", "chunks_sent",
              "cache_hits", "cache_misses")
 
 
@@ -670,11 +680,16 @@ class _Request:
 
 
 class _Incoming(Protocol):
-    """A source opened: how many bytes will come, and a way to write them."""
+    """A source opened: how many bytes will come, its manifest if known before they
+    do, and a way to write them (the files ``have`` names need not come; returns the
+    bytes that came)."""
 
     size: int
 
-    async def receive_into(self, directory: str) -> None: ...
+    @property
+    def manifest(self) -> transfer.Manifest | None: ...
+
+    async def receive_into(self, directory: str, have: transfer.Have) -> int: ...
 
 
 class _Source(Protocol):
@@ -702,7 +717,14 @@ class _FromHolder:
 
 
 class _FromUri:
-    """Step 5: a download of the checkpoint persisted at a URI."""
+    """Step 5: a download of the checkpoint persisted at a URI.
+
+    Always a full download: what files a URI holds is known only once they are
+    listed and read, so none can be placed from the cache instead (the downloaded
+    entry's files are hashed when it is added, and later transfers link from them).
+    """
+
+    manifest: transfer.Manifest | None = None
 
     def __init__(self, uri: str, size: int) -> None:
         self.uri, self.size = uri, size
@@ -714,8 +736,9 @@ class _FromUri:
     async def open(self) -> AsyncIterator[_Incoming]:
         yield self
 
-    async def receive_into(self, directory: str) -> None:
+    async def receive_into(self, directory: str, have: transfer.Have) -> int:
         await asyncio.to_thread(storage.download_directory, self.uri, directory)
+        return self.size
 
 
 class _FromPusher:
@@ -734,10 +757,12 @@ class _FromPusher:
     async def open(self) -> AsyncIterator[_Incoming]:
         yield self
 
-    async def receive_into(self, directory: str) -> None:
+    async def receive_into(self, directory: str, have: transfer.Have) -> int:
         self.streamed = True
-        await _stream.stream_over(self._comm, self._peer, self.manifest, directory,
-                                  chunk_bytes=self.chunk_bytes, in_place=True)
+        received = await _stream.stream_over(self._comm, self._peer, self.manifest, directory,
+                                             chunk_bytes=self.chunk_bytes, in_place=True,
+                                             have=have)
+        return received.fetched_bytes
 
 
 async def _ask_registry(ref: NodeRef, comms: Comms) -> Mapping[str, Any] | None:
