@@ -32,7 +32,7 @@ def _make_checkpoint(seed: int) -> Checkpoint:
     path = os.path.join(node.node_root(), f"materialize-{uuid.uuid4().hex[:8]}")
     os.makedirs(path)
     with open(os.path.join(path, "weights.bin"), "wb") as f:
-        f.write(random.Random(seed).randbytes(SIZE))
+        f.write(random.Random(f"test_materialize-{seed}").randbytes(SIZE))
     return Checkpoint.from_directory(path)
 
 
@@ -67,7 +67,7 @@ def test_the_driver_materializes_through_a_store_of_its_own(node_client: Client,
     _, ref = checkpoint.get_internal_representation()
     store = driver_store()
     before = store.stats()
-    expected = random.Random(2).randbytes(SIZE)
+    expected = random.Random("test_materialize-2").randbytes(SIZE)
 
     def read(copy: Checkpoint) -> tuple[str, bytes]:
         # The driver's store reaches the holders through the current client.
