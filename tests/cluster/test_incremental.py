@@ -137,3 +137,41 @@ def test_a_file_changed_with_its_size_and_mtime_kept_is_still_fetched(node_clien
     assert _delta(before, after) == {"sent": WEIGHTS + HEAD, "received": WEIGHTS + HEAD,
                                      "reused": TOKENS, "transfers": 1,
                                      "cached": WEIGHTS + HEAD}
+
+
+def _write_step_here(root: str, base: str | None = None) -> str:
+    """:func:`_write_step` on the driver's disk, under ``root``."""
+    path = os.path.join(root, f"step-{uuid.uuid4().hex[:8]}")
+    if base is None:
+        os.makedirs(os.path.join(path, "frozen"))
+        rng = random.Random(f"frozen-{uuid.uuid4()}")
+        with open(os.path.join(path, "frozen", "base.bin"), "wb") as f:
+            f.write(rng.randbytes(WEIGHTS))
+        with open(os.path.join(path, "frozen", "tokens.txt"), "wb") as f:
+            f.write(rng.randbytes(TOKENS))
+    else:
+        shutil.copytree(os.path.join(base, "frozen"), os.path.join(path, "frozen"))
+    with open(os.path.join(path, "head.bin"), "wb") as f:
+        f.write(random.Random(f"head-{uuid.uuid4()}").randbytes(HEAD))
+    return path
+
+
+def test_a_push_from_the_driver_sends_only_what_the_node_lacks(tmp_path, node_cluster,
+                                                              node_client: Client, nodes):
+    import dckpt
+
+    _, receiver = nodes
+    node_id = node_cluster.nodes[1].node_id
+    first = _write_step_here(str(tmp_path))
+    second = _write_step_here(str(tmp_path), first)
+    def received() -> int:
+        return stats(node_client)[receiver]["bytes_received"]
+
+    before = received()
+    dckpt.put(Checkpoint.from_directory(first), [node_id], client=node_client)
+    middle = received()
+    assert middle - before == FROZEN + HEAD
+    staged = dckpt.put(Checkpoint.from_directory(second), [node_id], client=node_client)
+    assert received() - middle == HEAD
+    assert _on(node_client, receiver, _read, staged) == _read(Checkpoint.from_directory(second))
+    assert received() - middle == HEAD  # reading the staged copy moved nothing
