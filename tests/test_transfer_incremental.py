@@ -163,3 +163,20 @@ def test_an_offered_symlink_is_not_followed(tmp_path: Path):
     assert {manifest.files[s.file_index].path for s in asked} == {"base/frozen.bin"}
     assert not (tmp_path / "dst" / "base" / "frozen.bin").is_symlink()
     assert files_of(tmp_path / "dst") == files_of(new)
+
+
+def test_files_with_the_same_content_in_one_manifest_are_asked_for_once(tmp_path: Path):
+    old = write_model(tmp_path / "step-1", seed=1)
+    new = write_model(tmp_path / "step-2", seed=2)
+    (new / "copy-of-head.bin").write_bytes((new / "head.bin").read_bytes())
+    (new / "tied.bin").write_bytes((new / "head.bin").read_bytes())
+    (new / "tied.bin").chmod(0o600)
+    asked: list[ChunkSpec] = []
+    manifest, received = receive(new, tmp_path / "dst", local_files(old), asked)
+    assert {manifest.files[s.file_index].path for s in asked} == {"copy-of-head.bin"}
+    assert received.fetched_bytes == 100 * KiB
+    assert files_of(tmp_path / "dst") == files_of(new)
+    dst = tmp_path / "dst"
+    assert (dst / "head.bin").stat().st_ino == (dst / "copy-of-head.bin").stat().st_ino
+    assert (dst / "tied.bin").stat().st_mode & 0o777 == 0o600  # its own mode: a copy
+    assert build_manifest(dst).digest == manifest.digest

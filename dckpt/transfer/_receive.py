@@ -18,7 +18,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeAlias
@@ -105,7 +105,9 @@ async def receive_directory(
     a warning each time. Symlinks are created last, then file modes (``mode & 0o777``)
     applied; directories get the default mode.
 
-    With ``have``, files the receiver already holds are not asked for: ``have(hash)``
+    With ``have``, files the receiver already holds are not asked for, nor the twins of
+    a file (same content elsewhere in the manifest: asked for once, then linked to it).
+    ``have(hash)``
     names a local file with that content hash (or None), and the file is placed from
     it (:func:`~dckpt.transfer._place.place_file`: a hard link when it is on the same
     filesystem with the same mode, else a copy) and its bytes hashed there and then.
@@ -168,10 +170,12 @@ async def receive_directory(
     started = time.perf_counter()
     async with _building(target, in_place) as staging:
         paths = [os.path.join(staging, *entry.path.split("/")) for entry in manifest.files]
-        placed = await asyncio.to_thread(_create_tree, staging, manifest, paths, have)
+        twins = _twins(manifest) if have is not None else {}
+        placed = await asyncio.to_thread(_create_tree, staging, manifest, paths, have, twins)
         for index in placed:
             callback.relative_update(manifest.files[index].size)
-        wanted = [spec for spec in manifest.chunks(chunk_bytes) if spec.file_index not in placed]
+        wanted = [spec for spec in manifest.chunks(chunk_bytes)
+                  if spec.file_index not in placed and spec.file_index not in twins]
         fetched = sum(spec.length for spec in wanted)
         # Threads of its own rather than asyncio's default pool: glibc gives each thread
         # that allocates an arena, which keeps the chunks freed in it; a few writer
@@ -195,7 +199,10 @@ async def receive_directory(
                 wanted = [spec for spec, _ in failed]
         finally:
             writers.shutdown(wait=False)  # nothing runs: every write was awaited
-        await asyncio.to_thread(_finish_tree, staging, manifest, paths, placed)
+        await asyncio.to_thread(_finish_tree, staging, manifest, paths, placed.keys() | twins)
+        for index, how in (await asyncio.to_thread(_place_twins, manifest, paths, twins)).items():
+            placed[index] = how
+            callback.relative_update(manifest.files[index].size)
     received = Received(
         fetched,
         sum(manifest.files[i].size for i, how in placed.items() if how is Placed.LINKED),
@@ -291,11 +298,25 @@ async def _building(target: str | os.PathLike[str], in_place: bool) -> AsyncIter
     await asyncio.to_thread(manager.__exit__, None, None, None)
 
 
+def _twins(manifest: Manifest) -> dict[int, int]:
+    """Files with the content of an earlier file of the manifest: index -> that file's."""
+    first: dict[tuple[str, int], int] = {}
+    twins: dict[int, int] = {}
+    for index, entry in enumerate(manifest.files):
+        if entry.size:
+            twins_of = first.setdefault((entry.hash, entry.size), index)
+            if twins_of != index:
+                twins[index] = twins_of
+    return twins
+
+
 def _create_tree(
-    staging: str, manifest: Manifest, paths: list[str], have: Have | None
+    staging: str, manifest: Manifest, paths: list[str], have: Have | None,
+    twins: dict[int, int],
 ) -> dict[int, Placed]:
-    """Directories, then every file: placed from a local copy when ``have`` names one
-    that checks out, else created at its full size for the chunks (thread).
+    """Directories, then every file but ``twins``: placed from a local copy when
+    ``have`` names one that checks out, else created at its full size for the chunks
+    (thread).
 
     Returns how each placed file was placed, by its index in the manifest.
     """
@@ -304,6 +325,8 @@ def _create_tree(
     placed: dict[int, Placed] = {}
     for index, (entry, path) in enumerate(zip(manifest.files, paths)):
         os.makedirs(os.path.dirname(path), exist_ok=True)
+        if index in twins:
+            continue  # placed once its first copy is complete (_place_twins)
         local = have(entry.hash) if have is not None and entry.size else None
         if local is not None:
             how = place_file(local, path, entry)
@@ -333,8 +356,26 @@ def _write_chunk(frame: Frame, spec: ChunkSpec, path: str) -> None:
         os.close(fd)
 
 
+def _place_twins(
+    manifest: Manifest, paths: list[str], twins: dict[int, int]
+) -> dict[int, Placed]:
+    """Each twin linked to (or copied from) its first copy, complete and checked by
+    now, so that the same bytes cross the wire once (thread)."""
+    placed: dict[int, Placed] = {}
+    for index, first in twins.items():
+        entry = manifest.files[index]
+        how = place_file(paths[first], paths[index], entry)
+        if how is None:  # the first copy passed its check a moment ago
+            raise CorruptChunkError(
+                f"{entry.path!r} could not be placed from {manifest.files[first].path!r}, "
+                "which has the same content; was the directory changed while it was received?"
+            )
+        placed[index] = how
+    return placed
+
+
 def _finish_tree(
-    staging: str, manifest: Manifest, paths: list[str], placed: dict[int, Placed]
+    staging: str, manifest: Manifest, paths: list[str], placed: Collection[int]
 ) -> None:
     """Symlinks (only now that every file is written), file modes, then each file's
     content checked against its hash (thread).
@@ -345,7 +386,8 @@ def _finish_tree(
     hash remembered (:func:`~dckpt.transfer._hashes.remember`), so building the
     manifest of the copy later reads nothing. Files placed from a local copy were
     given their mode and checked as they were placed (:func:`place_file`); a linked
-    one is not touched again, as a ``chmod`` would change the inode it shares.
+    one is not touched again, as a ``chmod`` would change the inode it shares. Those,
+    and the twins placed after this from their first copy, are in ``placed``.
     """
     for name, link_target in manifest.symlinks:
         path = os.path.join(staging, *name.split("/"))
