@@ -69,9 +69,8 @@ from collections.abc import Iterable, Iterator
 import dask.config
 from dask.utils import format_bytes, parse_bytes
 
-from dckpt import node
+from dckpt import node, transfer
 from dckpt._locks import flocked
-from dckpt import transfer
 from dckpt.cluster._cache_index import INDEX_NAME, CacheEntry, CachedFile, CheckpointId, IndexFile
 from dckpt.cluster._cache_names import (
     STAGING_TAG,
@@ -423,8 +422,9 @@ class NodeCache:
             one (then only that inner directory is renamed or removed; the staging
             directory around it stays the caller's to remove).
         size
-            Its size in bytes, counted against the budget, less the files it shares
-            (hard links) with entries already cached: those count once.
+            Its size in bytes (the sum of its files), counted against the budget;
+            files it shares with entries already cached (hard links, one inode)
+            count once.
 
         Returns
         -------

@@ -93,13 +93,15 @@ class NodeStore:
     Counters (:meth:`stats`), one set per store: ``bytes_sent``, ``chunks_sent``,
     ``bytes_received`` (file bytes that came from another node or a URI, as the files
     hold them, before compression; not the manifest), ``bytes_reused`` (file bytes of
-    a checkpoint copied in that this node's cache held already and placed as hard
-    links instead: an incremental checkpoint moves only its new files), ``transfers``
-    (checkpoints copied in), ``cache_hits`` and ``cache_misses``. Every request to materialize a checkpoint that is not usable in
-    place counts once: a *hit* when this node's cache had it (also when the request
-    waited for another request's transfer, or another process of the node copied it),
-    a *miss* when the request copied it in. The cache keeps only its own figures
-    (size, entries, pins, evictions).
+    a checkpoint copied in that did not cross the wire: files this node's cache held
+    already, hard-linked (copied where the mode differs), and repeats of a file within
+    the checkpoint; an incremental checkpoint moves only its new files),
+    ``transfers`` (checkpoints copied in), ``cache_hits`` and ``cache_misses``. Every
+    request to materialize a checkpoint that is not usable in place counts once: a
+    *hit* when this node's cache had it (also when the request waited for another
+    request's transfer, or another process of the node copied it), a *miss* when the
+    request copied it in. The cache keeps only its own figures (size, entries, pins,
+    evictions).
 
     ``address`` is the worker's, or None for a server-less store (the driver's).
     ``cache_root`` and ``served_root`` default to the node's cache folder and

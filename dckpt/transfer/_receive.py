@@ -58,7 +58,8 @@ class Received:
         File bytes asked of the stream (raw, before compression): what crossed the
         wire. Retries of corrupt chunks are not counted twice.
     linked_bytes
-        File bytes placed by a hard link to a file the receiver had (``have``).
+        File bytes placed by a hard link to a file the receiver had (``have``), or to
+        an earlier file of the same content in the manifest.
     copied_bytes
         File bytes placed by a local copy of a file the receiver had (another
         filesystem, another mode, or a link refused).
