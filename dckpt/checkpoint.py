@@ -39,7 +39,7 @@ import fsspec.callbacks
 from dask.utils import parse_bytes
 from fsspec.callbacks import DEFAULT_CALLBACK
 
-from dckpt import _config, storage
+from dckpt import _config, storage, transfer
 from dckpt._shared_dir import shared_directory, shared_name
 from dckpt._sources import (
     DictData,
@@ -471,6 +471,11 @@ class Checkpoint:
         marker is written last, so :meth:`from_uri` never takes a half-written upload
         for a checkpoint. ``file://`` URIs and plain paths are written with
         :meth:`to_directory`. ``callback`` counts files, and its children bytes.
+
+        Files with the same content as a file of a checkpoint uploaded next to ``uri``
+        (an earlier step of the same run, in a sibling folder) are copied from there
+        on the storage side rather than uploaded (``dckpt.storage.reuse-siblings``);
+        the upload is the same plain folder of whole files either way.
         """
         if storage.is_local_uri(uri):
             self.to_directory(storage.local_path_of(uri), callback=callback)
@@ -481,12 +486,13 @@ class Checkpoint:
                 overlay = self._control_files(own)
                 storage.upload_directory(
                     own, uri, storage_options=options, callback=callback,
-                    overlay=overlay,
+                    overlay=overlay, hashes=_file_hashes(own),
                 )
             else:
                 with self.as_directory() as directory:
                     storage.upload_directory(
-                        directory, uri, storage_options=options, callback=callback
+                        directory, uri, storage_options=options, callback=callback,
+                        hashes=_file_hashes(directory),
                     )
         # Recorded so that a node reference made from this object can fall back to it.
         self._source = with_uri(self._source, uri)
@@ -1066,3 +1072,10 @@ def _nested(a: str, b: str) -> bool:
 
 def _shorten(text: str) -> str:
     return text if len(text) <= _REPR_MAX else f"{text[:_REPR_MAX // 2]}...{text[-_REPR_MAX // 2:]}"
+
+
+def _file_hashes(directory: str) -> dict[str, str]:
+    """Each file's content hash by relative path: computed once per file version
+    (:func:`dckpt.transfer.build_manifest`), so an upload of a checkpoint pickled or
+    sent before reads nothing more."""
+    return {entry.path: entry.hash for entry in transfer.build_manifest(directory).files}

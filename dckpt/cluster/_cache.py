@@ -22,6 +22,21 @@ rename never crosses filesystems. The folder holds
 - ``.transfers/``: the lock files of :meth:`NodeCache.transfer_lock`, with which one
   process of the node transfers a checkpoint while the others wait for it.
 
+Identical files are stored once (:mod:`dckpt.cluster._cache_sharing`). The index lists
+each entry's files with their content hashes and inodes; :meth:`NodeCache.share` offers
+the cached files a new checkpoint shares with earlier ones (for a transfer to hard-link
+instead of fetch), pins the entries they are in while it runs, and reserves only the
+bytes that will be new. The budget counts bytes on disk: ``used_bytes`` is the sum of
+the entries' sizes less every file whose inode an entry listed already, so a file linked
+into two entries counts once, and evicting either of them leaves the figure right, as
+the other still lists that inode (nothing is re-attributed: the figure is computed from
+the entries that remain). An entry's ``size`` stays the size of its checkpoint. Eviction
+frees what only the evicted entry holds; making room evicts until the entries that
+remain, and the incoming one, fit. Files are only linked, never changed, so the entries
+sharing one stay intact; a user who writes into a cached directory (which is the
+cache's, read-only by contract) changes every entry that shares the file, and the next
+transfer that checks it (every placed file is hashed) fetches it instead.
+
 Hidden directories name the process that made them: ``.{name}.{pid}.{token}.partial``
 for staging, ``.{name}.{pid}.{token}.evicted`` for directories set aside to delete (see
 :mod:`dckpt.cluster._cache_names`). On
@@ -54,9 +69,9 @@ from collections.abc import Iterable, Iterator
 import dask.config
 from dask.utils import format_bytes, parse_bytes
 
-from dckpt import node
+from dckpt import node, transfer
 from dckpt._locks import flocked
-from dckpt.cluster._cache_index import INDEX_NAME, CacheEntry, CheckpointId, IndexFile
+from dckpt.cluster._cache_index import INDEX_NAME, CacheEntry, CachedFile, CheckpointId, IndexFile
 from dckpt.cluster._cache_names import (
     STAGING_TAG,
     TRASH_TAG,
@@ -67,9 +82,16 @@ from dckpt.cluster._cache_names import (
     owner_is_alive,
 )
 from dckpt.cluster._cache_pins import CachePins
+from dckpt.cluster._cache_sharing import (
+    SharedFiles,
+    check_files,
+    distinct_bytes,
+    files_of,
+    offer,
+)
 from dckpt.errors import CacheFullError
 
-__all__ = ["INDEX_NAME", "CacheEntry", "CheckpointId", "NodeCache"]
+__all__ = ["INDEX_NAME", "CacheEntry", "CheckpointId", "NodeCache", "SharedFiles"]
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +200,8 @@ class NodeCache:
 
     @property
     def used_bytes(self) -> int:
-        """The bytes of every cached checkpoint, pinned or not, whoever added it."""
+        """The bytes of every cached checkpoint, pinned or not, whoever added it; a file
+        shared by several entries (one inode) counts once."""
         with self._shared():
             return self._used_locked()
 
@@ -201,6 +224,58 @@ class NodeCache:
         with self._shared():
             trash = self._make_room_locked(size)
         _remove_all(trash)
+
+    def share(self, manifest: transfer.Manifest | None, size: int) -> SharedFiles:
+        """The cached files that an incoming checkpoint shares, and room for the rest.
+
+        For each file of ``manifest`` whose content hash and size a complete entry
+        lists, the path of that entry's file (the most recently used entry's) is
+        offered; those entries are pinned until :meth:`SharedFiles.release`, so that no
+        process evicts them while a transfer links from them. Then room is made for the
+        bytes that will be new (:meth:`reserve`). If that room cannot be had with those
+        entries kept, nothing is shared: their pins go and room is made for all
+        ``size`` bytes (evicting them if need be), as without sharing.
+        ``manifest=None`` (a download from a URI, whose files are not known in
+        advance) shares nothing.
+
+        Raises
+        ------
+        CacheFullError
+            If even ``size`` bytes cannot be had, as :meth:`reserve`.
+        """
+        offered: dict[str, str] = {}
+        pinned: tuple[CheckpointId, ...] = ()
+        new_bytes = size
+        if manifest is not None:
+            with self._shared():
+                entries = [e for e in reversed(self._entries.values())  # most recent first
+                           if _is_real_directory(e.path)]
+                offered, pinned = offer(entries, manifest)
+                for checkpoint_id in pinned:
+                    self._pins.pin(checkpoint_id)
+            new_bytes -= sum(e.size for e in manifest.files if e.hash in offered)
+
+        def unpin() -> None:
+            with self._lock:
+                for checkpoint_id in pinned:
+                    self._pins.unpin(checkpoint_id)
+
+        shared = SharedFiles(offered, max(0, new_bytes), pinned, unpin)
+        try:
+            self.reserve(shared.new_bytes)
+        except CacheFullError:
+            shared.release()
+            if not offered:
+                raise
+            logger.info("no room for %d new bytes with the %d cached checkpoints they share "
+                        "files with kept; receiving all %d bytes", shared.new_bytes,
+                        len(pinned), size)
+            self.reserve(size)
+            return SharedFiles({}, size, ())
+        except BaseException:
+            shared.release()
+            raise
+        return shared
 
     # -- lookup and pins --------------------------------------------------------------
 
@@ -347,7 +422,9 @@ class NodeCache:
             one (then only that inner directory is renamed or removed; the staging
             directory around it stays the caller's to remove).
         size
-            Its size in bytes, counted against the budget.
+            Its size in bytes (the sum of its files), counted against the budget;
+            files it shares with entries already cached (hard links, one inode)
+            count once.
 
         Returns
         -------
@@ -368,6 +445,7 @@ class NodeCache:
         trash: list[str] = []
         placed = False
         try:
+            files = files_of(staging)  # hashes remembered from the transfer: no reads
             with self._shared():
                 existing = self._entries.get(key)
                 if existing is not None and _is_real_directory(existing.path):
@@ -380,7 +458,7 @@ class NodeCache:
                     del self._entries[key]
                     self._dirty = True
                 trash += self._evict_stale_locked(checkpoint_id, digest)
-                trash += self._make_room_locked(size)
+                trash += self._make_room_locked(size, files)
                 final = os.path.join(self.root, entry_dirname(checkpoint_id, digest))
                 if os.path.lexists(final):
                     # No entry names it (checked above): a leftover. Move it aside.
@@ -388,7 +466,8 @@ class NodeCache:
                 os.replace(staging, final)
                 placed = True
                 self._entries[key] = CacheEntry(
-                    checkpoint_id, digest, size, final, last_used=self._now_locked()
+                    checkpoint_id, digest, size, final, last_used=self._now_locked(),
+                    files=files,
                 )
                 self._dirty = True
                 logger.debug("cached checkpoint %r (%d bytes) at %s", checkpoint_id, size, final)
@@ -468,7 +547,7 @@ class NodeCache:
                 self._flush_locked(lock_fd)
 
     def _used_locked(self) -> int:
-        return sum(entry.size for entry in self._entries.values())
+        return distinct_bytes(self._entries.values())
 
     def _now_locked(self) -> float:
         # Never older than the most recent entry, so that last_used follows the LRU
@@ -516,25 +595,31 @@ class NodeCache:
             trash += self._evict_locked(key)
         return trash
 
-    def _make_room_locked(self, size: int) -> list[str]:
+    def _make_room_locked(self, size: int, files: tuple[CachedFile, ...] = ()) -> list[str]:
+        """Evict until the entries and an incoming one of ``size`` bytes (sharing the
+        inodes of ``files`` with them) fit the budget; returns what to delete."""
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
             raise ValueError(f"size must be a number of bytes >= 0, not {size!r}")
         budget = self.max_bytes
-        used = self._used_locked()
-        if used + size <= budget:
+        incoming = CacheEntry(CheckpointId(""), "", size, "", 0.0, files=files)
+
+        def used_with(entries: list[CacheEntry]) -> int:
+            return distinct_bytes([*entries, incoming])
+
+        remaining = list(self._entries.values())  # least recently used first
+        if used_with(remaining) <= budget:
             return []
         pinned_ids = self._pins.live_keys()
-        pinned = sum(
-            e.size for e in self._entries.values() if checkpoint_key(e.checkpoint_id) in pinned_ids
-        )
-        if size > budget:
+        kept = [e for e in remaining if checkpoint_key(e.checkpoint_id) in pinned_ids]
+        pinned = distinct_bytes(kept)
+        if distinct_bytes([incoming]) > budget:
             raise CacheFullError(
                 f"a checkpoint of {size} bytes ({format_bytes(size)}) is larger than the "
                 f"whole node cache at {self.root}, which may hold {budget} bytes "
                 f"({format_bytes(budget)}); {pinned} bytes are pinned by checkpoints in "
                 f"use. Raise `{MAX_BYTES_SETTING}` ({MAX_BYTES_VARIABLE}) on the workers."
             )
-        if pinned + size > budget:
+        if used_with(kept) > budget:
             raise CacheFullError(
                 f"no room for {size} bytes ({format_bytes(size)}) in the node cache at "
                 f"{self.root}: it may hold {budget} bytes ({format_bytes(budget)}) and "
@@ -543,15 +628,14 @@ class NodeCache:
                 "checkpoints sooner."
             )
         trash: list[str] = []
-        for key in list(self._entries):  # least recently used first
-            if used + size <= budget:
+        for entry in list(remaining):
+            if used_with(remaining) <= budget:
                 break
-            entry = self._entries[key]
             if checkpoint_key(entry.checkpoint_id) in pinned_ids:
                 continue
-            used -= entry.size
-            trash += self._evict_locked(key)
-        assert used + size <= budget, (used, size, budget)
+            remaining.remove(entry)
+            trash += self._evict_locked((entry.checkpoint_id, entry.digest))
+        assert used_with(remaining) <= budget, (used_with(remaining), size, budget)
         return trash
 
     def _reload_locked(self, lock_fd: int) -> None:
@@ -615,6 +699,12 @@ class NodeCache:
                     entry.checkpoint_id, entry.path,
                 )
                 del self._entries[key]
+                self._dirty = True
+            elif entry.files and not check_files(entry):
+                logger.info("the files of cached checkpoint %r at %s are not those the index "
+                            "lists; counting it by its size, sharing none of them",
+                            entry.checkpoint_id, entry.path)
+                entry.files = ()
                 self._dirty = True
         keep = {os.path.basename(entry.path) for entry in self._entries.values()}
         keep |= BOOKKEEPING_NAMES

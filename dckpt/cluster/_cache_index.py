@@ -12,6 +12,13 @@ sizes); together they cannot both miss.
 
 Directory names in the index are single, plain path components, so a hostile index
 can neither make the cache serve nor delete anything outside its folder.
+
+Each entry may list its files (``"files"``: relative path, xxh3-128 content hash, size,
+inode), which is what lets the cache share identical files between entries and count
+them once (see :mod:`dckpt.cluster._cache`). The key is optional, so the format
+version stays 1: an index written before it, or rewritten by a dckpt that does not
+know it, has entries without files, which are counted by their size and offer no
+file to share.
 """
 
 from __future__ import annotations
@@ -19,13 +26,16 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, NewType
 
 from dckpt.formats._layout import write_file_atomically
 from dckpt.formats._paths import safe_relpath
 
-__all__ = ["INDEX_NAME", "CacheEntry", "CheckpointId", "CorruptIndexError", "IndexFile"]
+__all__ = [
+    "INDEX_NAME", "CacheEntry", "CachedFile", "CheckpointId", "CorruptIndexError", "IndexFile",
+]
 
 CheckpointId = NewType("CheckpointId", str)
 """The id of a checkpoint, unique across the cluster (free text)."""
@@ -38,6 +48,22 @@ INDEX_FORMAT_VERSION = 1
 _GENERATION_WIDTH = 20
 
 _Signature = tuple[int, int, int, int]  # (generation, inode, size, mtime_ns)
+_FILE_HASH = re.compile(r"[0-9a-f]{32}")
+
+
+@dataclass(frozen=True)
+class CachedFile:
+    """A regular file of a cached checkpoint, as it was when the entry was added.
+
+    ``path`` is relative to the entry's directory (POSIX separators), ``hash`` its
+    xxh3-128 content hash (hex), ``inode`` its inode in the cache folder's filesystem:
+    two entries listing one inode share its bytes (a hard link).
+    """
+
+    path: str
+    hash: str
+    size: int
+    inode: int
 
 
 @dataclass
@@ -49,7 +75,8 @@ class CacheEntry:
     checkpoint_id, digest
         What is cached: the checkpoint and the digest of its contents.
     size
-        Its size in bytes, as counted against the budget.
+        Its size in bytes: the sum of its files, whichever of them it shares with
+        other entries (the budget counts shared files once, see ``files``).
     path
         The absolute path of its directory.
     last_used
@@ -57,6 +84,8 @@ class CacheEntry:
     pins
         How many users of this :class:`~dckpt.cluster._cache.NodeCache` object hold
         it; pins of other processes are on disk and not counted here.
+    files
+        Its regular files (:class:`CachedFile`), or ``()`` when not known.
     """
 
     checkpoint_id: CheckpointId
@@ -65,6 +94,7 @@ class CacheEntry:
     path: str
     last_used: float
     pins: int = 0
+    files: tuple[CachedFile, ...] = ()
 
 
 class CorruptIndexError(ValueError):
@@ -119,6 +149,8 @@ class IndexFile:
                     "size": entry.size,
                     "dirname": os.path.basename(entry.path),
                     "last_used": entry.last_used,
+                    **({"files": [[f.path, f.hash, f.size, f.inode] for f in entry.files]}
+                       if entry.files else {}),
                 }
                 for entry in entries
             ],
@@ -193,6 +225,31 @@ def _parse(path: str, root: str) -> list[CacheEntry]:
             CacheEntry(
                 CheckpointId(checkpoint_id), digest, size,
                 os.path.join(root, dirname), float(last_used),
+                files=_parse_files(item.get("files", []), i),
             )
         )
     return records
+
+
+def _parse_files(value: object, i: int) -> tuple[CachedFile, ...]:
+    """The ``files`` of entry ``i``, validated: paths stay inside the entry."""
+    if not isinstance(value, list):
+        raise CorruptIndexError(f"entry {i}: files is not a list")
+    files = []
+    for row in value:
+        if not isinstance(row, list) or len(row) != 4:
+            raise CorruptIndexError(f"entry {i}: a file is {row!r}, not [path, hash, size, inode]")
+        path, file_hash, size, inode = row
+        try:
+            ok = isinstance(path, str) and safe_relpath(path) == path
+        except ValueError:
+            ok = False
+        if not ok:
+            raise CorruptIndexError(f"entry {i}: file path {path!r} is not a plain relative path")
+        if not isinstance(file_hash, str) or not _FILE_HASH.fullmatch(file_hash):
+            raise CorruptIndexError(f"entry {i}: file hash {file_hash!r} is not 32 hex digits")
+        if type(size) is not int or size < 0 or type(inode) is not int or inode < 0:
+            raise CorruptIndexError(f"entry {i}: file size {size!r} or inode {inode!r} is "
+                                    "not a number >= 0")
+        files.append(CachedFile(path, file_hash, size, inode))
+    return tuple(files)

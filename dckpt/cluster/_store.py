@@ -64,7 +64,7 @@ from fsspec.callbacks import DEFAULT_CALLBACK, Callback
 from dckpt import _compat, _config, node, storage, transfer
 from dckpt._locks import is_alive
 from dckpt.cluster import _shared, _stream
-from dckpt.cluster._cache import CheckpointId, NodeCache
+from dckpt.cluster._cache import CheckpointId, NodeCache, SharedFiles
 from dckpt.cluster._core import NodeRef
 from dckpt.cluster._failures import describe, raise_unless_fixable_elsewhere
 from dckpt.cluster._holders import Holder, order_holders
@@ -94,12 +94,17 @@ class NodeStore:
     """Serves what this node holds and materializes node references on it.
 
     Counters (:meth:`stats`), one set per store: ``bytes_sent``, ``chunks_sent``,
-    ``bytes_received``, ``transfers`` (checkpoints copied in), ``cache_hits`` and
-    ``cache_misses``. Every request to materialize a checkpoint that is not usable in
-    place counts once: a *hit* when this node's cache had it (also when the request
-    waited for another request's transfer, or another process of the node copied it),
-    a *miss* when the request copied it in. The cache keeps only its own figures
-    (size, entries, pins, evictions).
+    ``bytes_received`` (file bytes that came from another node or a URI, as the files
+    hold them, before compression; not the manifest), ``bytes_reused`` (file bytes of
+    a checkpoint copied in that did not cross the wire: files this node's cache held
+    already, hard-linked (copied where the mode differs), and repeats of a file within
+    the checkpoint; an incremental checkpoint moves only its new files),
+    ``transfers`` (checkpoints copied in), ``cache_hits`` and ``cache_misses``. Every
+    request to materialize a checkpoint that is not usable in place counts once: a
+    *hit* when this node's cache had it (also when the request waited for another
+    request's transfer, or another process of the node copied it), a *miss* when the
+    request copied it in. The cache keeps only its own figures (size, entries, pins,
+    evictions).
 
     ``address`` is the worker's, or None for a server-less store (the driver's).
     ``cache_root`` and ``served_root`` default to the node's cache folder and
@@ -441,16 +446,19 @@ class NodeStore:
         try:
             for source in sources:
                 relay: Relay | None = None
+                shared: SharedFiles | None = None  # files of the cache to link, pinned
                 try:
                     async with source.open() as incoming:
-                        await asyncio.to_thread(self._cache.reserve, incoming.size)
+                        shared = await asyncio.to_thread(self._cache.share, incoming.manifest,
+                                                         incoming.size)
                         staging = await asyncio.to_thread(self._empty_staging, staging,
                                                           request.checkpoint_id)
                         relay = self._start_relay(request.checkpoint_id, incoming, staging)
                         with request.callback.branched(
                                 request.what_repr, self._cache.root) as progress:
-                            await incoming.receive_into(
-                                staging, on_written=None if relay is None else relay.written,
+                            fetched = await incoming.receive_into(
+                                staging, shared.have,
+                                on_written=None if relay is None else relay.written,
                                 callback=progress)
                     path = await asyncio.to_thread(self._cache.add, request.checkpoint_id,
                                                    request.digest, staging, incoming.size)
@@ -466,9 +474,14 @@ class NodeStore:
                                                    source.describe())
                     request.tried.append(f"{source.describe()}: {describe(e)}")
                     continue
-                self._count(bytes_received=incoming.size, transfers=1)
-                logger.debug("received %s (%d bytes) from %s", request.checkpoint_id,
-                             incoming.size, source.describe())
+                finally:
+                    if shared is not None:
+                        await asyncio.to_thread(shared.release)
+                self._count(bytes_received=fetched, bytes_reused=incoming.size - fetched,
+                            transfers=1)
+                logger.debug("received %s (%d bytes, %d of them from this node's cache) "
+                             "from %s", request.checkpoint_id, incoming.size,
+                             incoming.size - fetched, source.describe())
                 return path
         finally:
             self._relays.pop(request.checkpoint_id, None)
@@ -586,7 +599,7 @@ class NodeStore:
             self._counters.update(amounts)
 
 
-_COUNTERS = ("bytes_sent", "bytes_received", "transfers", "chunks_sent",
+_COUNTERS = ("bytes_sent", "bytes_received", "bytes_reused", "transfers", "chunks_sent",
              "cache_hits", "cache_misses")
 
 
@@ -749,14 +762,20 @@ class _Request:
 
 
 class _Incoming(Protocol):
-    """A source opened: how many bytes will come, and a way to write them."""
+    """A source opened: how many bytes will come, its manifest if known before they
+    do, and a way to write them (the files ``have`` names need not come; returns the
+    bytes that came)."""
 
     size: int
 
+    @property
+    def manifest(self) -> transfer.Manifest | None: ...
+
     async def receive_into(
-        self, directory: str, on_written: Callable[[transfer.ChunkSpec], None] | None = None,
+        self, directory: str, have: transfer.Have,
+        on_written: Callable[[transfer.ChunkSpec], None] | None = None,
         callback: Callback = DEFAULT_CALLBACK,
-    ) -> None: ...
+    ) -> int: ...
 
 
 class _Source(Protocol):
@@ -784,7 +803,14 @@ class _FromHolder:
 
 
 class _FromUri:
-    """Step 5: a download of the checkpoint persisted at a URI."""
+    """Step 5: a download of the checkpoint persisted at a URI.
+
+    Always a full download: what files a URI holds is known only once they are
+    listed and read, so none can be placed from the cache instead (the downloaded
+    entry's files are hashed when it is added, and later transfers link from them).
+    """
+
+    manifest: transfer.Manifest | None = None
 
     def __init__(self, uri: str, size: int) -> None:
         self.uri, self.size = uri, size
@@ -797,12 +823,14 @@ class _FromUri:
         yield self
 
     async def receive_into(
-        self, directory: str, on_written: Callable[[transfer.ChunkSpec], None] | None = None,
+        self, directory: str, have: transfer.Have,
+        on_written: Callable[[transfer.ChunkSpec], None] | None = None,
         callback: Callback = DEFAULT_CALLBACK,
-    ) -> None:
+    ) -> int:
         # The download's own callback counts files (children bytes), as to_uri's does.
         await asyncio.to_thread(storage.download_directory, self.uri, directory,
                                 callback=callback)
+        return self.size
 
 
 class _FromPusher:
@@ -822,13 +850,16 @@ class _FromPusher:
         yield self
 
     async def receive_into(
-        self, directory: str, on_written: Callable[[transfer.ChunkSpec], None] | None = None,
+        self, directory: str, have: transfer.Have,
+        on_written: Callable[[transfer.ChunkSpec], None] | None = None,
         callback: Callback = DEFAULT_CALLBACK,
-    ) -> None:
+    ) -> int:
         self.streamed = True
-        await _stream.stream_over(self._comm, self._peer, self.manifest, directory,
-                                  chunk_bytes=self.chunk_bytes, in_place=True,
-                                  on_written=on_written, callback=callback)
+        received = await _stream.stream_over(self._comm, self._peer, self.manifest, directory,
+                                             chunk_bytes=self.chunk_bytes, in_place=True,
+                                             have=have, on_written=on_written,
+                                             callback=callback)
+        return received.fetched_bytes
 
 
 async def _ask_registry(

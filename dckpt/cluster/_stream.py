@@ -387,20 +387,24 @@ async def stream_over(
     in_place: bool = False,
     on_written: Callable[[transfer.ChunkSpec], None] | None = None,
     callback: Callback = DEFAULT_CALLBACK,
-) -> None:
+    have: transfer.Have | None = None,
+) -> transfer.Received:
     """Receive ``manifest`` into ``target`` over ``comm``, then say ``done``.
 
-    ``in_place``: ``target`` is an empty directory the caller staged (see
-    :func:`dckpt.transfer.receive_directory`).
+    ``in_place``: ``target`` is an empty directory the caller staged; ``have``: files
+    the receiver holds, which are not asked for (see
+    :func:`dckpt.transfer.receive_directory`). Returns what it returns.
 
     Raises what :func:`dckpt.transfer.receive_directory` raises, or the sender's
     error. ``comm`` is left usable only when this returns; after an error, abort it.
     """
     channel = _Channel(comm, peer, chunk_bytes)
-    await transfer.receive_directory(manifest, channel.stream, target, chunk_bytes=chunk_bytes,
-                                     max_in_flight=channel.window, in_place=in_place,
-                                     on_written=on_written, callback=callback)
+    received = await transfer.receive_directory(
+        manifest, channel.stream, target, chunk_bytes=chunk_bytes,
+        max_in_flight=channel.window, in_place=in_place, have=have,
+        on_written=on_written, callback=callback)
     await comm.write({"status": "done"})
+    return received
 
 
 def store_name(address: str, node_id: str | None = None) -> str:
@@ -447,15 +451,19 @@ class Pull:
         self._chunk_bytes = chunk_bytes
 
     async def receive_into(
-        self, directory: str, on_written: Callable[[transfer.ChunkSpec], None] | None = None,
+        self, directory: str, have: transfer.Have | None = None,
+        on_written: Callable[[transfer.ChunkSpec], None] | None = None,
         callback: Callback = DEFAULT_CALLBACK,
-    ) -> None:
-        """Fill the empty ``directory`` with the checkpoint (once); ``on_written`` and
-        ``callback`` as in :func:`dckpt.transfer.receive_directory`."""
-        await stream_over(self._comm, self._peer, self.manifest, directory,
-                          chunk_bytes=self._chunk_bytes, in_place=True, on_written=on_written,
-                          callback=callback)
+    ) -> int:
+        """Fill the empty ``directory`` with the checkpoint (once); asks only for the
+        files ``have`` does not name; ``on_written`` and ``callback`` as in
+        :func:`dckpt.transfer.receive_directory`. Returns the file bytes that came over
+        the comm."""
+        received = await stream_over(self._comm, self._peer, self.manifest, directory,
+                                     chunk_bytes=self._chunk_bytes, in_place=True, have=have,
+                                     on_written=on_written, callback=callback)
         self.received = True
+        return received.fetched_bytes
 
 
 @contextlib.asynccontextmanager

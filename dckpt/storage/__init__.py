@@ -5,7 +5,8 @@ The protocol (markers, manifest, what readers accept) is described in
 
 - :mod:`._uri`: the fsspec filesystem for a URI; local paths; what back-end failures
   become (:class:`~dckpt.errors.StorageError`, ...).
-- :mod:`._upload`: :func:`upload_directory`.
+- :mod:`._upload`: :func:`upload_directory`; :mod:`._reuse`: the files it copies,
+  server-side, from a checkpoint committed next to it instead of uploading them.
 - :mod:`._read`: :func:`uri_status`, :func:`uri_version`, :func:`list_files`,
   :func:`download_directory`, :func:`read_file`.
 - :mod:`._delete`: :func:`delete`.

@@ -12,12 +12,16 @@ files, as another tool would have uploaded them, plus two markers at its top:
 
       {"format_version": 2, "version": "<hex>", "prefix": "",
        "files": {relpath: size, ...}, "modes": {relpath: 0o640, ...},
-       "dirs": [relpath, ...]}
+       "dirs": [relpath, ...], "hashes": {relpath: hex, ...},
+       "tokens": {relpath: str, ...}}
 
   ``version`` is new for every upload; ``prefix`` is the folder, relative to the
   checkpoint's, that holds the files (``""``: the top); ``modes`` are the permission
   bits (``0o777``) of the files uploaded from a local directory; ``dirs`` are the
-  empty folders, which object stores cannot hold on their own. Format 1 (earlier
+  empty folders, which object stores cannot hold on their own. ``hashes`` (the
+  files' xxh3-128 content hashes, when the uploader gave them) and ``tokens`` (what
+  each stored object looked like when committed) are optional: they let a later
+  upload next to this one copy files from here (:mod:`._reuse`). Format 1 (earlier
   dckpt) had neither ``version``, ``prefix`` nor ``modes`` and is still
   read: its files are at the top, its version is a hash of the marker.
 
@@ -91,6 +95,8 @@ class Manifest:
     files: dict[str, int]
     modes: dict[str, int]
     dirs: list[str]
+    hashes: dict[str, str] = dataclasses.field(default_factory=dict)
+    tokens: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def stored(self, rel: str) -> str:
         """Where the file ``rel`` of the checkpoint is stored, relative to its folder."""
@@ -116,6 +122,8 @@ def read_manifest(fs: fsspec.AbstractFileSystem, root: str, uri: str) -> Manifes
         modes = {safe_relpath(rel): int(mode) & 0o777
                  for rel, mode in doc.get("modes", {}).items()}
         dirs = [safe_relpath(rel) for rel in doc.get("dirs", [])]
+        hashes = {safe_relpath(rel): str(h) for rel, h in doc.get("hashes", {}).items()}
+        tokens = {safe_relpath(rel): str(t) for rel, t in doc.get("tokens", {}).items()}
         prefix = str(doc.get("prefix", ""))
         if prefix:
             prefix = safe_relpath(prefix)
@@ -136,7 +144,7 @@ def read_manifest(fs: fsspec.AbstractFileSystem, root: str, uri: str) -> Manifes
     if (any(map(is_reserved, files)) or any(size < 0 for size in files.values())
             or (prefix and not is_reserved(prefix))):
         raise CheckpointFormatError(f"the commit marker at {uri} lists impossible files")
-    return Manifest(content_version, prefix, files, modes, dirs)
+    return Manifest(content_version, prefix, files, modes, dirs, hashes, tokens)
 
 
 def read_manifest_or_none(
@@ -156,6 +164,10 @@ def write_manifest(fs: fsspec.AbstractFileSystem, root: str, manifest: Manifest)
     doc = {"format_version": FORMAT_VERSION, "version": manifest.version,
            "prefix": manifest.prefix, "files": dict(sorted(manifest.files.items())),
            "modes": dict(sorted(manifest.modes.items())), "dirs": manifest.dirs}
+    if manifest.hashes:
+        doc["hashes"] = dict(sorted(manifest.hashes.items()))
+    if manifest.tokens:
+        doc["tokens"] = dict(sorted(manifest.tokens.items()))
     path = join(root, COMMIT_MARKER)
     if isinstance(fs, LocalFileSystem):
         partial = join(root, f"{VERSIONS_FOLDER}/.commit.{new_version()}.partial")

@@ -38,6 +38,7 @@ from dckpt.storage._protocol import (
     read_manifest_or_none,
     write_manifest,
 )
+from dckpt.storage._reuse import object_token, reusable_files
 from dckpt.storage._uri import resolve_uri, translated
 
 logger = logging.getLogger(__name__)
@@ -51,6 +52,7 @@ def upload_directory(
     storage_options: Mapping[str, Any] | None = None,
     callback: Callback = DEFAULT_CALLBACK,
     overlay: Mapping[str, bytes | None] | None = None,
+    hashes: Mapping[str, str] | None = None,
 ) -> None:
     """Upload the files of ``local_dir`` to the folder at ``uri``, commit marker last.
 
@@ -86,6 +88,13 @@ def upload_directory(
     overlay
         Files to write instead of those in ``local_dir``, by relative path: bytes
         replace (or add) a file, ``None`` leaves the file of ``local_dir`` out.
+    hashes
+        The xxh3-128 content hash of files of ``local_dir``, by relative path, if the
+        caller knows them. They are recorded in the commit marker, and a file with
+        the same hash and size in a checkpoint committed next to ``uri`` (a sibling
+        folder, ``dckpt.storage.reuse-siblings`` of them at most) is copied from there,
+        server-side, instead of uploaded; see :mod:`._reuse` for what is trusted. The
+        result is the same plain folder of whole files.
 
     Raises
     ------
@@ -118,6 +127,9 @@ def upload_directory(
         else:
             stat = os.stat(src)
             sizes[rel], modes[rel] = stat.st_size, stat.st_mode & 0o777
+    # Only of files read from local_dir (not overlay bytes), by their safe names.
+    known = {safe_relpath(rel): h for rel, h in (hashes or {}).items()}
+    known = {rel: h for rel, h in known.items() if isinstance(sources.get(rel), str)}
 
     fs, root = resolve_uri(uri, storage_options)
     # fsspec's local put_file, pipe_file and cp_file need the parent folders to
@@ -153,8 +165,17 @@ def upload_directory(
         folders |= {join_rel(prefix, rel) for rel in parents} | ({prefix} - {""})
     _make_folders(fs, root, folders)
 
+    reused = reusable_files(fs, root, uri, known, sizes) if known else {}
+
     def upload(rel: str, src: str | bytes) -> tuple[str, str, Callable[[Callback], None]]:
         rpath = join(root, join_rel(prefix, rel))
+        if rel in reused:
+            def copy(child: Callback, stored: str = reused[rel]) -> None:
+                child.set_size(sizes[rel])
+                fs.cp_file(stored, rpath)  # server-side on object stores
+                child.relative_update(sizes[rel])
+
+            return _stored_name(reused[rel]), rpath, copy
         if isinstance(src, bytes):
             def put(child: Callback, data: bytes = src) -> None:
                 child.set_size(len(data))
@@ -166,7 +187,8 @@ def upload_directory(
 
     transfer_all([upload(rel, src) for rel, src in sorted(sources.items())], callback)
 
-    manifest = Manifest(version, prefix, dict(sorted(sizes.items())), modes, empty_dirs)
+    manifest = Manifest(version, prefix, dict(sorted(sizes.items())), modes, empty_dirs,
+                        known, _tokens(fs, root, prefix, known))
     write_manifest(fs, root, manifest)  # the switch: from here on, readers see this one
     stale = sorted(leftovers - set(sizes))
     remove_all(fs, [join(root, rel) for rel in stale])
@@ -179,15 +201,39 @@ def upload_directory(
             functools.partial(fs.cp_file, join(root, join_rel(prefix, rel)), join(root, rel))
             for rel in sorted(sizes)
         ])
-        write_manifest(fs, root, dataclasses.replace(manifest, prefix=""))
+        write_manifest(fs, root, dataclasses.replace(manifest, prefix="",
+                                                      tokens=_tokens(fs, root, "", known)))
         remove_all(fs, [join(root, rel) for rel in sorted(staged)])
     with contextlib.suppress(FileNotFoundError):
         fs.rm_file(join(root, PENDING_MARKER))
     remove_empty_folders(fs, join(root, VERSIONS_FOLDER))
     logger.debug(
-        "uploaded %d files (%d bytes) to %s in %.2f s; removed %d stale files",
-        len(sizes), sum(sizes.values()), uri, time.perf_counter() - started, len(stale),
+        "uploaded %d files (%d bytes, %d files copied from checkpoints next to it) to %s "
+        "in %.2f s; removed %d stale files", len(sizes), sum(sizes.values()), len(reused),
+        uri, time.perf_counter() - started, len(stale),
     )
+
+
+def _stored_name(path: str) -> str:
+    """How progress names a file copied from storage."""
+    return f"<{path}>"
+
+
+def _tokens(
+    fs: fsspec.AbstractFileSystem, root: str, prefix: str, hashed: Mapping[str, str]
+) -> dict[str, str]:
+    """The token (:func:`~dckpt.storage._reuse.object_token`) of each hashed file as
+    stored now under ``prefix``; files whose back-end gives none get none."""
+    tokens: dict[str, str] = {}
+    fs.invalidate_cache(root)
+
+    def take(rel: str) -> None:
+        token = object_token(fs, join(root, join_rel(prefix, rel)))
+        if token is not None:
+            tokens[rel] = token  # one key per thread: no lock needed
+
+    run_parallel([functools.partial(take, rel) for rel in sorted(hashed)])
+    return dict(sorted(tokens.items()))
 
 
 def _make_folders(fs: fsspec.AbstractFileSystem, root: str, folders: set[str]) -> None:

@@ -12,9 +12,12 @@ header with flags, length and checksum, then the raw or lz4-compressed bytes).
   ``os.pwrite``) to a thread, a bounded number at a time.
 
 Memory on either side grows by a few chunks, never by the size of the checkpoint.
+A receiver that holds some of the files already (``have``) asks only for the chunks of
+the others, and places those from its own copies (hard links where it can).
 
 Modules: ``_manifest`` (the manifest and its checks), ``_frames`` (chunk frames),
-``_source`` (the sender), ``_receive`` (the receiver), ``_settings``
+``_source`` (the sender), ``_receive`` (the receiver), ``_place`` (files placed from
+local copies), ``_settings``
 (``dckpt.transfer.chunk-bytes``, ``max-in-flight``, ``compression``, ``retries``).
 """
 
@@ -30,7 +33,8 @@ from dckpt.transfer._frames import (
     max_ratio_for_link,
 )
 from dckpt.transfer._manifest import ChunkSpec, FileEntry, Manifest, build_manifest, content_digest
-from dckpt.transfer._receive import ChunkStream, receive_directory
+from dckpt.transfer._place import Have
+from dckpt.transfer._receive import ChunkStream, Received, receive_directory
 from dckpt.transfer._settings import check_chunk_bytes, config_chunk_bytes
 from dckpt.transfer._source import ChunkSource
 
@@ -42,7 +46,9 @@ __all__ = [
     "ChunkStream",
     "FileEntry",
     "Frame",
+    "Have",
     "Manifest",
+    "Received",
     "build_manifest",
     "content_digest",
     "check_chunk_bytes",

@@ -33,7 +33,9 @@ import threading
 
 import xxhash
 
-__all__ = ["HASH_HEX_LENGTH", "MEMO_ENTRIES", "file_hash", "hash_file", "remember"]
+__all__ = [
+    "HASH_HEX_LENGTH", "MEMO_ENTRIES", "file_hash", "hash_file", "hash_file_now", "remember",
+]
 
 #: Files remembered; an entry is ~200 bytes, so the memo stays below ~20 MB.
 MEMO_ENTRIES = 100_000
@@ -64,6 +66,16 @@ def hash_file(path: str) -> str:
                 break
             hasher.update(view[:read])
     return hasher.hexdigest()
+
+
+def hash_file_now(path: str) -> str:
+    """The xxh3-128 hash (hex) of the bytes of ``path``, read now whatever is remembered,
+    then remembered unless the file changed during the read."""
+    key = _key(os.stat(path))
+    digest = hash_file(path)
+    if _key(os.stat(path)) == key:
+        _remember_key(key, digest)
+    return digest
 
 
 def file_hash(path: str, st: os.stat_result | None = None) -> str:

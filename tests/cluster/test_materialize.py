@@ -33,7 +33,7 @@ def _make_checkpoint(seed: int) -> Checkpoint:
     path = os.path.join(node.node_root(), f"materialize-{uuid.uuid4().hex[:8]}")
     os.makedirs(path)
     with open(os.path.join(path, "weights.bin"), "wb") as f:
-        f.write(random.Random(seed).randbytes(SIZE))
+        f.write(random.Random(f"test_materialize-{seed}").randbytes(SIZE))
     return Checkpoint.from_directory(path)
 
 
@@ -68,7 +68,7 @@ def test_the_driver_materializes_through_a_store_of_its_own(node_client: Client,
     _, ref = checkpoint.get_internal_representation()
     store = driver_store()
     before = store.stats()
-    expected = random.Random(2).randbytes(SIZE)
+    expected = random.Random("test_materialize-2").randbytes(SIZE)
 
     def read(copy: Checkpoint) -> tuple[str, bytes]:
         # The driver's store reaches the holders through the current client.
@@ -125,7 +125,7 @@ def test_a_fetch_from_another_node_reports_its_bytes_to_the_callback(
     with node_client.as_current():
         out = checkpoint.to_directory(str(tmp_path / "out"), callback=progress)
     with open(os.path.join(out, "weights.bin"), "rb") as f:
-        assert f.read() == random.Random(3).randbytes(SIZE)
+        assert f.read() == random.Random("test_materialize-3").randbytes(SIZE)
     fetches = [child for source, _, child in progress.children if source == repr(ref)]
     assert len(fetches) == 1
     assert fetches[0].sizes == [ref.size] and fetches[0].received == ref.size

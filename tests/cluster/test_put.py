@@ -25,7 +25,7 @@ SIZE = 1 << 20
 
 
 def _driver_checkpoint(tmp_path: Path, seed: int) -> tuple[Checkpoint, bytes]:
-    data = random.Random(seed).randbytes(SIZE)
+    data = random.Random(f"test_put-{seed}").randbytes(SIZE)
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "weights.bin").write_bytes(data)
     checkpoint = Checkpoint.from_directory(str(tmp_path / "model"))
@@ -48,7 +48,7 @@ def _make_on_worker(seed: int) -> Checkpoint:
     path = os.path.join(node.node_root(), f"put-{seed}")
     os.makedirs(path)
     with open(os.path.join(path, "weights.bin"), "wb") as f:
-        f.write(random.Random(seed).randbytes(SIZE))
+        f.write(random.Random(f"test_put-{seed}").randbytes(SIZE))
     return Checkpoint.from_directory(path)
 
 
@@ -92,7 +92,7 @@ def test_put_of_a_worker_checkpoint_fetches_it_on_the_chosen_node(
     assert after_put[other][0] - before[other][0] == 1
     assert after_put[owner] == before[owner]
     weights, _, _ = node_client.submit(_read, staged, workers=[other], pure=False).result()
-    assert weights == random.Random(12).randbytes(SIZE)
+    assert weights == random.Random("test_put-12").randbytes(SIZE)
     assert _received(node_client) == after_put
 
 

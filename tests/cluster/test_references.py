@@ -26,7 +26,7 @@ def _make_checkpoint(seed: int, persist_to: str | None = None) -> Checkpoint:
     path = os.path.join(node.node_root(), f"model-{seed}")
     os.makedirs(path)
     with open(os.path.join(path, "weights.bin"), "wb") as f:
-        f.write(random.Random(seed).randbytes(SIZE))
+        f.write(random.Random(f"test_references-{seed}").randbytes(SIZE))
     checkpoint = Checkpoint.from_directory(path)
     checkpoint.set_metadata({"seed": seed})
     if persist_to is not None:
@@ -68,7 +68,7 @@ def test_used_on_another_node_it_moves_once_and_only_there(node_client, nodes):
     checkpoint = node_client.submit(_make_checkpoint, 2, workers=[owner], pure=False).result()
     ref = checkpoint.get_internal_representation()[1]
     assert node_client.submit(_exists, ref.path, workers=[receiver], pure=False).result() is False
-    expected = random.Random(2).randbytes(SIZE)
+    expected = random.Random("test_references-2").randbytes(SIZE)
     before = _received(node_client, receiver)
 
     where, data, metadata = node_client.submit(_use, checkpoint, workers=[receiver], pure=False).result()
@@ -114,7 +114,7 @@ def test_a_copy_in_use_is_pinned_and_an_evicted_one_fetched_again(node_client, n
     ).result()
     assert seen["evicted_in_use"] is False and seen["still_there"] is True
     assert seen["evicted_after"] is True and seen["gone_after"] is True
-    assert seen["data"] == random.Random(6).randbytes(SIZE)
+    assert seen["data"] == random.Random("test_references-6").randbytes(SIZE)
     after = _received(node_client, receiver)
     assert after[0] - before[0] == 2  # fetched, evicted, fetched again on the next use
 
@@ -127,7 +127,7 @@ def test_the_driver_can_read_it_too(node_client, nodes, tmp_path):
     with dask.config.set({"dckpt.temporary-directory": str(tmp_path)}), node_client.as_current():
         out = checkpoint.to_directory(tmp_path / "out")
     with open(os.path.join(out, "weights.bin"), "rb") as f:
-        assert f.read() == random.Random(3).randbytes(SIZE)
+        assert f.read() == random.Random("test_references-3").randbytes(SIZE)
 
 
 def test_when_the_owner_dies_a_uri_saves_the_day_and_otherwise_the_error_says_why(
@@ -144,7 +144,7 @@ def test_when_the_owner_dies_a_uri_saves_the_day_and_otherwise_the_error_says_wh
         _, data, _ = node_client.submit(
             _use, persisted, "2s", workers=[receiver], pure=False
         ).result()
-        assert data == random.Random(4).randbytes(SIZE)
+        assert data == random.Random("test_references-4").randbytes(SIZE)
         with pytest.raises(CheckpointUnavailableError, match=r"(?s)node node-0.*Tried:.*store of node-0"):
             node_client.submit(_use, lost, "2s", workers=[receiver], pure=False).result()
     finally:
@@ -210,8 +210,9 @@ def test_a_store_that_does_not_answer_is_named_with_the_timeout(
         "while " in message, message
     assert "(dckpt.transfer.connect-timeout, DASK_DCKPT__TRANSFER__CONNECT_TIMEOUT)" in message
     # The owner works again.
+    expected = random.Random("test_references-8").randbytes(SIZE)
     assert node_client.submit(_use, checkpoint, workers=[receiver],
-                              pure=False).result()[1] == random.Random(8).randbytes(SIZE)
+                              pure=False).result()[1] == expected
 
 
 def test_the_drivers_copies_go_when_its_process_ends(tmp_path):

@@ -173,7 +173,7 @@ def _make(folder: str, name: str, seed: int) -> Checkpoint:
     path = os.path.join(node.node_root(), folder, name)
     os.makedirs(path)
     with open(os.path.join(path, "weights.bin"), "wb") as f:
-        f.write(random.Random(seed).randbytes(SIZE))
+        f.write(random.Random(f"test_shared-{seed}").randbytes(SIZE))
     with open(os.path.join(path, "step"), "w") as f:
         f.write(str(seed))
     return Checkpoint.from_directory(path)
@@ -248,7 +248,7 @@ def test_a_checkpoint_under_the_shared_folder_is_used_in_place(shared_cluster, c
     where, weights, step, found = _on(client, shared_cluster, 1, _read, checkpoint)
 
     assert where == ref.path  # in place, not in node 1's cache
-    assert weights == random.Random(1).randbytes(SIZE) and step == "1"
+    assert weights == random.Random("test_shared-1").randbytes(SIZE) and step == "1"
     assert _counters(client) == before  # 0 bytes moved, no transfer anywhere
     shared = os.path.join(shared_cluster.nodes[1].root, "shared")
     assert found[("node-0", shared)].startswith(ref.fingerprint.device)
@@ -267,7 +267,7 @@ def test_a_same_named_folder_on_the_readers_own_disk_is_not_mistaken_for_it(
     where, weights, step, _ = _on(client, shared_cluster, 1, _read, checkpoint)
 
     assert where != ref.path
-    assert weights == random.Random(2).randbytes(SIZE) and step == "2"
+    assert weights == random.Random("test_shared-2").randbytes(SIZE) and step == "2"
     after = _counters(client)[reader]
     assert after[0] - before[0] == 1 and after[1] - before[1] == SIZE + 1
     # node 1's own folder is left as it was

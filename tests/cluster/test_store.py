@@ -29,7 +29,7 @@ def _write_checkpoint(size_mib: int, seed: int) -> tuple[str, dict[str, str], st
 
     from dckpt import node
 
-    rng = random.Random(seed)
+    rng = random.Random(f"test_store-{seed}")
     path = os.path.join(node.node_root(), f"ckpt-{uuid.uuid4().hex[:8]}")
     os.makedirs(os.path.join(path, "sub"))
     os.makedirs(os.path.join(path, "empty"))
