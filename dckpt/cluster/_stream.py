@@ -349,7 +349,8 @@ async def stream_over(
     """
     channel = _Channel(comm, peer, chunk_bytes)
     await transfer.receive_directory(manifest, channel.stream, target, chunk_bytes=chunk_bytes,
-                                     max_in_flight=channel.window, in_place=in_place)
+                                     max_in_flight=channel.window, in_place=in_place,
+                                     source=peer)
     await comm.write({"status": "done"})
 
 

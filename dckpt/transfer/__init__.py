@@ -14,7 +14,8 @@ header with flags, length and checksum, then the raw or lz4-compressed bytes).
 Memory on either side grows by a few chunks, never by the size of the checkpoint.
 
 Modules: ``_manifest`` (the manifest and its checks), ``_frames`` (chunk frames),
-``_source`` (the sender), ``_receive`` (the receiver), ``_settings``
+``_source`` (the sender), ``_receive`` (the receiver), ``_progress`` (receives in
+progress: :func:`receiving`, and their INFO log lines), ``_settings``
 (``dckpt.transfer.chunk-bytes``, ``max-in-flight``, ``compression``, ``retries``).
 """
 
@@ -29,6 +30,7 @@ from dckpt.transfer._frames import (
     encode_parts,
 )
 from dckpt.transfer._manifest import ChunkSpec, FileEntry, Manifest, build_manifest, content_digest
+from dckpt.transfer._progress import ReceiveProgress, receiving
 from dckpt.transfer._receive import ChunkStream, receive_directory
 from dckpt.transfer._settings import check_chunk_bytes, config_chunk_bytes
 from dckpt.transfer._source import ChunkSource
@@ -42,6 +44,7 @@ __all__ = [
     "FileEntry",
     "Frame",
     "Manifest",
+    "ReceiveProgress",
     "build_manifest",
     "content_digest",
     "check_chunk_bytes",
@@ -50,4 +53,5 @@ __all__ = [
     "encode_chunk",
     "encode_parts",
     "receive_directory",
+    "receiving",
 ]

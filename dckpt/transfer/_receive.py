@@ -24,6 +24,7 @@ from dckpt.formats._atomic import atomic_directory
 from dckpt.transfer._frames import Frame, decode_chunk
 from dckpt.transfer._hashes import hash_file, remember
 from dckpt.transfer._manifest import ChunkSpec, Manifest
+from dckpt.transfer._progress import ReceiveProgress, track, untrack
 from dckpt.transfer._settings import (
     check_chunk_bytes,
     config_chunk_bytes,
@@ -53,6 +54,7 @@ async def receive_directory(
     retries: int | None = None,
     callback: Callback = DEFAULT_CALLBACK,
     in_place: bool = False,
+    source: str = "",
 ) -> None:
     """Build the directory that ``manifest`` describes at ``target``, chunk by chunk.
 
@@ -91,6 +93,11 @@ async def receive_directory(
         ``dckpt.transfer.retries`` when ``None``.
     callback
         ``set_size(total bytes)``, then ``relative_update(length)`` per chunk written.
+    in_place
+        Build the tree in ``target`` itself, an empty directory the caller commits.
+    source
+        How to name the sender in :func:`~dckpt.transfer.receiving` and in the
+        progress log (:mod:`dckpt.transfer._progress`).
 
     Raises
     ------
@@ -108,6 +115,33 @@ async def receive_directory(
     retries = positive_setting("retries", retries, 0)
     callback.set_size(manifest.total_bytes)
     started = time.perf_counter()
+    tracked = track(ReceiveProgress(manifest.content_id, source, os.fspath(target),
+                                     manifest.total_bytes))
+
+    def written(length: int) -> None:
+        tracked.add(length)
+        callback.relative_update(length)
+
+    try:
+        await _receive(manifest, stream, target, in_place, chunk_bytes, max_in_flight,
+                       retries, written)
+    finally:
+        untrack(tracked)
+    logger.debug("received %d files, %d bytes into %s in %.2f s", len(manifest.files),
+                 manifest.total_bytes, os.fspath(target), time.perf_counter() - started)
+
+
+async def _receive(
+    manifest: Manifest,
+    stream: ChunkStream,
+    target: str | os.PathLike[str],
+    in_place: bool,
+    chunk_bytes: int,
+    max_in_flight: int,
+    retries: int,
+    written: Callable[[int], None],
+) -> None:
+    """The body of :func:`receive_directory`, its arguments checked."""
     async with _building(target, in_place) as staging:
         paths = [os.path.join(staging, *entry.path.split("/")) for entry in manifest.files]
         await asyncio.to_thread(_create_tree, staging, manifest, paths)
@@ -119,7 +153,7 @@ async def receive_directory(
         try:
             for attempt in range(retries + 1):
                 failed = await _receive_round(stream, wanted, paths, writers, max_in_flight,
-                                              callback)
+                                              written)
                 if not failed:
                     break
                 for spec, error in failed:
@@ -135,8 +169,6 @@ async def receive_directory(
         finally:
             writers.shutdown(wait=False)  # nothing runs: every write was awaited
         await asyncio.to_thread(_finish_tree, staging, manifest, paths)
-    logger.debug("received %d files, %d bytes into %s in %.2f s", len(manifest.files),
-                 manifest.total_bytes, os.fspath(target), time.perf_counter() - started)
 
 
 async def _receive_round(
@@ -145,7 +177,7 @@ async def _receive_round(
     paths: list[str],
     writers: Executor,
     max_in_flight: int,
-    callback: Callback,
+    written: Callable[[int], None],
 ) -> list[tuple[ChunkSpec, CorruptChunkError]]:
     """Ask ``stream`` for ``wanted`` and write what it yields; the chunks that failed."""
     missing = set(wanted)
@@ -160,7 +192,7 @@ async def _receive_round(
         except CorruptChunkError as e:
             failed.append((spec, e))
         else:
-            callback.relative_update(spec.length)
+            written(spec.length)
 
     async def settle(limit: int) -> None:
         # Waits until fewer than ``limit`` writes run; re-raises what a write raised.
