@@ -282,6 +282,11 @@ class NodeCluster:
         (``ValueError`` without it: non-isolated nodes have roots at different paths).
         Each name is one path component, and not one of ``cache``, ``tmp``,
         ``dask-worker-space``.
+    dashboard
+        Give the scheduler and every worker an HTTP server on a free port of
+        127.0.0.1: the scheduler's Dask dashboard (at :attr:`dashboard_link`, with
+        dckpt's checkpoints page once dckpt is installed, if bokeh is there) and each
+        worker's ``/metrics``. Off by default: a test cluster needs no web server.
 
     Attributes
     ----------
@@ -294,6 +299,9 @@ class NodeCluster:
         Whether the nodes run in mount namespaces of their own.
     root : str
         The cluster's folder.
+    dashboard_link : str or None
+        The scheduler dashboard's URL (``http://127.0.0.1:<port>/status``), or None
+        without ``dashboard=True``.
 
     Notes
     -----
@@ -313,6 +321,8 @@ class NodeCluster:
     nodes: list[NodeInfo]
     isolated: bool
     root: str
+    dashboard_link: str | None
+    _dashboard: bool
     _prefix: tuple[str, ...] | None
     _worker_options: list[str]
     _env: dict[str, str]
@@ -333,6 +343,7 @@ class NodeCluster:
         env: Mapping[str, str] | None = None,
         startup_timeout: float = 60,
         shared_folders: Sequence[str] = (),
+        dashboard: bool = False,
     ) -> None:
         if n_nodes < 1:
             raise ValueError(f"NodeCluster needs at least one node, got n_nodes={n_nodes}")
@@ -374,9 +385,11 @@ class NodeCluster:
             "--nworkers", "1",
             "--no-nanny",
             "--memory-limit", str(memory_limit),
-            "--no-dashboard",
+            *(["--dashboard-address", "127.0.0.1:0"] if dashboard else ["--no-dashboard"]),
             "--host", "127.0.0.1",
         ]
+        self._dashboard = dashboard
+        self.dashboard_link = None
         self._env = dict(env or {})
         self._startup_timeout = startup_timeout
         self.nodes = []
@@ -413,6 +426,9 @@ class NodeCluster:
             self.scheduler_address, set_as_default=False, timeout=self._startup_timeout
         )
         self._state.clients.append(self._admin)
+        if self._dashboard:
+            port = self._admin.scheduler_info()["services"]["dashboard"]
+            self.dashboard_link = f"http://127.0.0.1:{port}/status"
         for index in range(n_nodes):
             self._start_worker(index)
         deadline = time.monotonic() + self._startup_timeout
@@ -458,7 +474,9 @@ class NodeCluster:
             os.remove(scheduler_file)  # left by an earlier cluster on the same root
         process = self._spawn(
             [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
-             "--port", "0", "--no-dashboard", "--scheduler-file", scheduler_file],
+             "--port", "0",
+             *(["--dashboard-address", "127.0.0.1:0"] if self._dashboard else ["--no-dashboard"]),
+             "--scheduler-file", scheduler_file],
             "scheduler",
             {},
         )
