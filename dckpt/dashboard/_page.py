@@ -110,7 +110,7 @@ class CheckpointsPage:
 
     @staticmethod
     def _rate_plot(source: ColumnDataSource, title: str) -> Any:
-        plot = figure(title=title, x_axis_type="datetime", height=260, width=690,
+        plot = figure(title=title, x_axis_type="datetime", height=240, width=640,
                       tools="", toolbar_location=None)
         plot.multi_line(xs="xs", ys="ys", line_color="color", line_width=2, source=source,
                         legend_field="node")
