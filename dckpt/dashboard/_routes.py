@@ -42,7 +42,8 @@ def add_page(scheduler: Scheduler) -> bool:
 
     Idempotent. Returns whether the page is there: False, with a DEBUG message, when
     bokeh (or a version of it that distributed accepts) is not installed or the
-    scheduler has no dashboard.
+    scheduler runs without its dashboard (``--no-dashboard``: its HTTP server then
+    serves ``/metrics`` and the like, and no page is added to it).
     """
     if scheduler in _added:
         return True
@@ -59,13 +60,17 @@ def add_page(scheduler: Scheduler) -> bool:
     except ImportError as e:
         logger.debug("no dckpt dashboard page: %r (pip install 'dckpt[dashboard]')", e)
         return False
+    prefix = _prefix(application)
+    if prefix is None:
+        logger.debug("no dckpt dashboard page: the scheduler runs without its dashboard")
+        return False
     variables = template_variables(scheduler)
     if PAGE not in variables["pages"]:
         pages = variables["pages"]
         # Before "info", the last of distributed's, if it is there.
         pages.insert(pages.index("info") if "info" in pages else len(pages), PAGE)
     bokeh_app = BokehApplication({f"/{PAGE}": checkpoints_doc}, scheduler,
-                                 prefix=_prefix(application), template_variables=variables)
+                                 prefix=prefix, template_variables=variables)
     application.add_application(bokeh_app)
     bokeh_app.initialize(IOLoop.current())
     bokeh_app.start()
@@ -74,11 +79,12 @@ def add_page(scheduler: Scheduler) -> bool:
     return True
 
 
-def _prefix(application: Any) -> str:
-    """The dashboard's URL prefix, as distributed's own Bokeh application has it."""
+def _prefix(application: Any) -> str | None:
+    """The dashboard's URL prefix, as distributed's own Bokeh application has it; None
+    when there is no such application (no dashboard)."""
     from bokeh.server.server import BokehTornado
 
     for app in getattr(application, "applications", ()):
         if isinstance(app, BokehTornado) and isinstance(app.prefix, str):
             return app.prefix or "/"
-    return "/"
+    return None

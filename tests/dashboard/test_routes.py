@@ -29,9 +29,11 @@ def _get(port: int, path: str) -> tuple[int, str]:
         return e.code, ""
 
 
-async def _pages(preload: list[str], install: bool) -> tuple[int, str, bool]:
+async def _pages(
+    preload: list[str], install: bool, dashboard: bool = True
+) -> tuple[int, str, bool]:
     async with Scheduler(dashboard_address="127.0.0.1:0", port=0, host="127.0.0.1",
-                         preload=preload) as scheduler:
+                         preload=preload, dashboard=dashboard) as scheduler:
         if install:
             async with Client(scheduler.address, asynchronous=True) as client:
                 await client.register_plugin(DckptSchedulerPlugin())
@@ -54,3 +56,9 @@ def test_a_page_turned_off_is_not_served():
     with dask.config.set({"dckpt.dashboard.page": None}):
         status, main, _ = asyncio.run(_pages([], True))
     assert status == 404 and f'href="{PAGE}"' not in main
+
+
+def test_a_scheduler_without_its_dashboard_gets_no_page():
+    # Its HTTP server still runs, for /metrics: the page must not appear there.
+    status, _, added = asyncio.run(_pages([], True, dashboard=False))
+    assert status == 404 and not added
