@@ -133,10 +133,10 @@ class CheckpointsPage:
         nodes = plugin.nodes()
         checkpoints = plugin.dckpt_checkpoints()
         transfers = plugin.transfers()
-        rows = _rows.checkpoint_rows(checkpoints, nodes, self.filter.value or "")
-        page, self.page, pages = _rows.page_of(rows, self.page, self.page_size)
+        page, self.page, pages, count = _rows.checkpoint_page(
+            checkpoints, nodes, self.filter.value or "", self.page, self.page_size)
         self._set_html(self.checkpoint_table, _rows.html_table(page, CHECKPOINT_HEADERS, "table"))
-        self._set_html(self.page_label, f"page {self.page + 1} of {pages} ({len(rows)} rows)")
+        self._set_html(self.page_label, f"page {self.page + 1} of {pages} ({count} rows)")
         self._set_html(self.node_table,
                        _rows.html_table(_rows.node_columns(nodes), NODE_HEADERS, "table"))
         self._set_html(self.transfer_table, _rows.html_table(

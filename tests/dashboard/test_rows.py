@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dckpt.dashboard._rows import checkpoint_rows, html_table, node_columns, page_of
+from dckpt.dashboard._rows import checkpoint_page, checkpoint_rows, html_table, node_columns
 
 A, B = "tcp://127.0.0.1:1", "tcp://127.0.0.1:2"
 
@@ -33,13 +33,16 @@ def test_a_thousand_checkpoints_come_a_page_at_a_time_and_filter():
         {"node_id": f"node-{i % 50}", "address": f"tcp://h:{i % 50}", "kind": "origin"}]}
         for i in range(1000)}
     nodes = [_node(f"tcp://h:{n}", f"node-{n}") for n in range(50)]
-    rows = checkpoint_rows(checkpoints, nodes)
-    page, number, pages = page_of(rows, 3, 50)
-    assert (number, pages) == (3, 20) and page["checkpoint_id"][0] == "c0150"
-    assert page_of(rows, 99, 50)[1] == 19  # past the end: the last page
-    assert page_of([], 0, 50)[1:] == (0, 1)
-    only = checkpoint_rows(checkpoints, nodes, "NODE-49:")
-    assert len(only) == 20 and all(r["holders"] == "node-49: origin" for r in only)
+    page, number, pages, count = checkpoint_page(checkpoints, nodes, "", 3, 50)
+    assert (number, pages, count) == (3, 20, 1000)
+    assert page["checkpoint_id"] == [f"c{i:04d}" for i in range(150, 200)]
+    assert page["holders"][0] == "node-0: origin"
+    assert checkpoint_page(checkpoints, nodes, "", 99, 50)[1] == 19  # past the end: the last
+    assert checkpoint_page({}, [], "", 0, 50)[1:] == (0, 1, 0)
+    only, number, pages, count = checkpoint_page(checkpoints, nodes, "NODE-49:", 0, 50)
+    assert (number, pages, count) == (0, 1, 20)
+    assert set(only["holders"]) == {"node-49: origin"}
+    assert checkpoint_rows(checkpoints, nodes, "NODE-49:")[0]["checkpoint_id"] == "c0049"
 
 
 def test_nodes_show_cache_use_against_the_budget():
