@@ -114,8 +114,9 @@ class DckptSchedulerPlugin(SchedulerPlugin):
 
     _scheduler: Scheduler | None
     _snapshots: dict[str, _Snapshot]
-    # Per node id: (time.time(), worker address, bytes sent, bytes received), oldest first.
-    _history: dict[str, collections.deque[tuple[float, str, int, int]]]
+    # Per (node id, worker address): (time.time(), bytes sent, bytes received), oldest
+    # first. Per worker: the counters are a store's, and a node may have several.
+    _history: dict[tuple[str, str], collections.deque[tuple[float, int, int]]]
 
     def __init__(self) -> None:
         self._scheduler = None
@@ -171,9 +172,8 @@ class DckptSchedulerPlugin(SchedulerPlugin):
             # grows only when a transfer completes, which would make a spike of it.
             received = int(snapshot.stats.get("bytes_received", 0)) + sum(
                 int(f.get("done", 0)) for f in snapshot.fetching)
-            self._history.setdefault(node_id, collections.deque(maxlen=HISTORY)).append(
-                (snapshot.received_at, address, int(snapshot.stats.get("bytes_sent", 0)),
-                 received))
+            self._history.setdefault((node_id, address), collections.deque(maxlen=HISTORY)).append(
+                (snapshot.received_at, int(snapshot.stats.get("bytes_sent", 0)), received))
         return {"status": "OK"}
 
     def dckpt_holders(
@@ -317,28 +317,33 @@ class DckptSchedulerPlugin(SchedulerPlugin):
     def rates(self, seconds: float = 300.0) -> dict[str, dict[str, list[float]]]:
         """Each node's transfer rate over the last ``seconds``, from its snapshots.
 
-        ``{node_id: {"time": [seconds since the epoch], "sent": [bytes/s],
-        "received": [bytes/s]}}``. A worker sends a snapshot only when something
-        changed (and every ``dckpt.registry.refresh``): its counters changed within
-        the one ``dckpt.registry.interval`` before a snapshot, so each change is
+        ``{label: {"time": [seconds since the epoch], "sent": [bytes/s],
+        "received": [bytes/s]}}``, one series per worker, labelled by its node id
+        (``node-0 at tcp://...`` where a node had several workers in that time: a
+        restarted one, or ``--nworkers``). A worker sends a snapshot only when
+        something changed (and every ``dckpt.registry.refresh``): its counters changed
+        within the one ``dckpt.registry.interval`` before a snapshot, so each change is
         spread over that interval, and the rest of a gap between snapshots reads as
-        zero. A restarted worker's counters start again from zero; that is not a
-        negative rate.
+        zero. Workers gone for longer than ``seconds`` are forgotten.
         """
         interval = parse_timedelta(dask.config.get("dckpt.registry.interval"), default="s")
         interval = max(float(interval or 0), 1e-3)
         now = time.time()
+        for key in [k for k, samples in self._history.items() if samples[-1][0] < now - seconds
+                    and k[1] not in self._snapshots]:
+            del self._history[key]
+        workers_of: dict[str, int] = collections.Counter(node for node, _ in self._history)
         answer: dict[str, dict[str, list[float]]] = {}
-        for node_id, samples in sorted(self._history.items()):
+        for (node_id, address), samples in sorted(self._history.items()):
             times: list[float] = []
             sent: list[float] = []
             received: list[float] = []
-            previous: tuple[float, str, int, int] | None = None
+            previous: tuple[float, int, int] | None = None
             for sample in samples:
-                t, address, s, r = sample
+                t, s, r = sample
                 if previous is not None and t >= now - seconds:
-                    t0, address0, s0, r0 = previous
-                    if address != address0 or s < s0 or r < r0:  # counters started again
+                    t0, s0, r0 = previous
+                    if s < s0 or r < r0:  # not one store's counters: start again
                         s0 = r0 = 0
                     span = min(max(t - t0, 1e-3), interval)
                     if t - t0 > 1.5 * interval:  # flat from one interval after t0 to t - span
@@ -357,7 +362,8 @@ class DckptSchedulerPlugin(SchedulerPlugin):
                     times.append(flat)
                     sent.append(0.0)
                     received.append(0.0)
-            answer[node_id] = {"time": times, "sent": sent, "received": received}
+            label = node_id if workers_of[node_id] == 1 else f"{node_id} at {address}"
+            answer[label] = {"time": times, "sent": sent, "received": received}
         return answer
 
     # -------------------------------------------------------------------- hooks

@@ -46,7 +46,7 @@ class NodeStorePlugin(WorkerPlugin):
     Reporting: every ``dckpt.registry.interval`` the plugin takes a snapshot of the
     store's holdings (:meth:`NodeStore.holdings`, in memory, cheap), its counters
     (``stats``: :meth:`NodeStore.stats`) and the receives into its cache in progress
-    (``fetching``: :func:`snapshot`), and sends it to the
+    (``fetching``: :func:`take_snapshot`), and sends it to the
     scheduler's ``dckpt_holdings`` handler when it changed, or when the last one sent
     is older than ``dckpt.registry.refresh``. A snapshot replaces the previous one on
     the scheduler, so a lost message costs nothing; a failed send is retried at the
