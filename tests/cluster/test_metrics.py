@@ -3,14 +3,23 @@
 
 from __future__ import annotations
 
+import sys
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from distributed import Client
 from prometheus_client.parser import text_string_to_metric_families
 
-from dckpt.cluster import NodeCluster, install, isolation_available, stats, store_of
+from dckpt.cluster import (
+    DckptSchedulerPlugin,
+    NodeCluster,
+    install,
+    isolation_available,
+    stats,
+    store_of,
+)
 from tests._waiting import eventually
 from tests.cluster.test_registry import write
 
@@ -109,3 +118,18 @@ def test_the_schedulers_metrics_count_checkpoints_and_holders(cluster: NodeClust
 def _held_by_each(dask_scheduler) -> dict[str, dict[str, list[str]]]:  # type: ignore[no-untyped-def]
     return {n["address"]: {"origin": list(n["origin"]), "cached": list(n["cached"])}
             for n in dask_scheduler.plugins["dckpt"].nodes()}
+
+
+def test_without_prometheus_client_nothing_is_registered(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
+    from dckpt.cluster import NodeStore, _metrics
+
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)  # import fails
+    monkeypatch.setattr(_metrics, "_worker_collector", None)
+    monkeypatch.setattr(_metrics, "_scheduler_collector", None)
+    store = NodeStore(None, cache_root=str(tmp_path / "cache"),
+                      served_root=str(tmp_path / "served"))
+    _metrics.register_worker_metrics(store)  # quietly: warnings are errors here
+    _metrics.register_scheduler_metrics(DckptSchedulerPlugin())
+    assert _metrics._worker_collector is None and _metrics._scheduler_collector is None
