@@ -85,7 +85,8 @@ class CheckpointsPage:
         self.summary = Div(text="", name="dckpt-summary")
         self.checkpoint_table = _table_div("dckpt-checkpoints")
         self.filter = TextInput(placeholder="filter: id, node, URI", width=300)
-        self.filter.on_change("value", lambda attr, old, new: self._go(0))
+        # As the user types, not only on Enter.
+        self.filter.on_change("value_input", lambda attr, old, new: self._go(0))
         self.previous = Button(label="previous", width=90)
         self.next = Button(label="next", width=90)
         self.previous.on_click(lambda: self._go(self.page - 1))
@@ -134,9 +135,10 @@ class CheckpointsPage:
         checkpoints = plugin.dckpt_checkpoints()
         transfers = plugin.transfers()
         page, self.page, pages, count = _rows.checkpoint_page(
-            checkpoints, nodes, self.filter.value or "", self.page, self.page_size)
+            checkpoints, nodes, self.filter.value_input or "", self.page, self.page_size)
         self._set_html(self.checkpoint_table, _rows.html_table(page, CHECKPOINT_HEADERS, "table"))
-        self._set_html(self.page_label, f"page {self.page + 1} of {pages} ({count} rows)")
+        self._set_html(self.page_label,
+                       f"page {self.page + 1} of {pages} ({_count(count, 'row')})")
         self._set_html(self.node_table,
                        _rows.html_table(_rows.node_columns(nodes), NODE_HEADERS, "table"))
         self._set_html(self.transfer_table, _rows.html_table(

@@ -42,6 +42,21 @@ function text(node) {
 return text(document.body);
 """
 
+_DEEP_FIND = """
+function find(node, selector) {
+    const here = node.querySelector(selector);
+    if (here) { return here; }
+    for (const element of node.querySelectorAll("*")) {
+        if (element.shadowRoot) {
+            const found = find(element.shadowRoot, selector);
+            if (found) { return found; }
+        }
+    }
+    return null;
+}
+return find(document, arguments[0]);
+"""
+
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[NodeCluster]:
@@ -95,6 +110,7 @@ def test_the_page_shows_where_a_checkpoint_is_as_nodes_read_it(
     cluster: NodeCluster, client: Client, browser: Any
 ):
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
 
     assert cluster.dashboard_link is not None
     node_0, node_1 = (n.worker_address for n in cluster.nodes)
@@ -117,6 +133,15 @@ def test_the_page_shows_where_a_checkpoint_is_as_nodes_read_it(
     text = eventually(page, lambda text: "node-1: cached" in text,
                       "node-1 listed as a holder once it read the checkpoint")
     assert "node-0: origin" in text and "1 checkpoint on 2 workers" in text
+
+    # The filter, typed into: no row matches, then the row is back.
+    box = browser.execute_script(_DEEP_FIND, "input[placeholder^='filter']")
+    box.send_keys(typed := "no-such-checkpoint")
+    eventually(page, lambda text: "(0 rows)" in text and ref.checkpoint_id not in text,
+               "the filter leaving no row")
+    box.send_keys(Keys.BACKSPACE * len(typed))
+    eventually(page, lambda text: "(1 row)" in text and ref.checkpoint_id in text,
+               "the row back once the filter is empty")
 
     shot = os.environ.get("DCKPT_DASHBOARD_SCREENSHOT")
     if shot:
