@@ -7,6 +7,7 @@ import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from distributed import Client
@@ -115,7 +116,7 @@ def test_the_schedulers_metrics_count_checkpoints_and_holders(cluster: NodeClust
         assert samples[("dckpt_transfers_in_progress", (("node", node), ("worker", address)))] == 0
 
 
-def _held_by_each(dask_scheduler) -> dict[str, dict[str, list[str]]]:  # type: ignore[no-untyped-def]
+def _held_by_each(dask_scheduler: Any) -> dict[str, dict[str, list[str]]]:
     return {n["address"]: {"origin": list(n["origin"]), "cached": list(n["cached"])}
             for n in dask_scheduler.plugins["dckpt"].nodes()}
 

@@ -23,7 +23,8 @@ def _holdings(sent: int, received: int, **extra: Any) -> dict[str, Any]:
 def plugin(monkeypatch: pytest.MonkeyPatch) -> tuple[DckptSchedulerPlugin, list[float]]:
     plugin = DckptSchedulerPlugin()
     # The scheduler's list of workers is all the handler looks at.
-    plugin._scheduler = types.SimpleNamespace(workers={"tcp://a": None, "tcp://b": None})  # type: ignore[assignment]
+    workers = {"tcp://a": None, "tcp://b": None}
+    plugin._scheduler = types.SimpleNamespace(workers=workers)  # type: ignore[assignment]
     clock = [1000.0]
     monkeypatch.setattr(time, "time", lambda: clock[0])
     return plugin, clock
