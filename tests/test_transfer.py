@@ -33,11 +33,13 @@ from dckpt.transfer import (
     ChunkStream,
     FileEntry,
     Manifest,
+    ReceiveProgress,
     build_manifest,
     content_digest,
     decode_chunk,
     encode_chunk,
     receive_directory,
+    receiving,
 )
 
 KiB = 1 << 10
@@ -740,3 +742,43 @@ def test_memory_stays_at_a_few_chunks(tmp_path: Path):
         while piece := f.read(4 * MiB):
             check.update(piece)
     assert check.digest() == digest.digest()
+
+
+# --- progress ---------------------------------------------------------------------------
+
+
+def test_a_large_receive_logs_its_progress_and_is_listed_while_it_runs(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    src = make_tree(tmp_path / "src")
+    manifest = build_manifest(src)
+    seen: list[list[ReceiveProgress]] = []
+
+    def watch(fetch: Fetch) -> Fetch:
+        async def watched(spec: ChunkSpec) -> bytes:
+            seen.append(receiving())
+            return await fetch(spec)
+        return watched
+
+    with dask.config.set({"dckpt.transfer.log-progress-bytes": "1MiB"}), \
+            caplog.at_level(logging.INFO, logger="dckpt"):
+        copy(src, tmp_path / "dst", chunk_bytes=256 * KiB, wrap=watch, source="node-0's store")
+
+    assert receiving() == []  # gone from the table once done
+    first, last = seen[0], seen[-1]
+    assert [(p.checkpoint_id, p.source, p.total, p.done) for p in first] == [
+        (manifest.content_id, "node-0's store", manifest.total_bytes, 0)]
+    assert 0 < last[0].done < manifest.total_bytes
+    lines = [r.getMessage() for r in caplog.records if r.name == "dckpt.transfer._progress"]
+    assert len(lines) == 10, lines  # one per tenth: no chunk of 256 KiB spans two tenths
+    assert lines[-1].startswith(f"receiving checkpoint {manifest.content_id} from "
+                                "node-0's store: 100% (")
+    assert all(r.levelno == logging.INFO for r in caplog.records
+               if r.name == "dckpt.transfer._progress")
+
+
+def test_a_small_receive_logs_no_progress(tmp_path: Path, caplog: pytest.LogCaptureFixture):
+    src = make_tree(tmp_path / "src")
+    with caplog.at_level(logging.INFO, logger="dckpt"):  # the default: 64 MiB and up
+        copy(src, tmp_path / "dst", chunk_bytes=1 * MiB)
+    assert not [r for r in caplog.records if r.name == "dckpt.transfer._progress"]

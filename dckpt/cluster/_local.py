@@ -367,6 +367,12 @@ class NodeCluster:
         ``network=False``, ``TypeError`` for one neither text nor int. Where ``tbf``
         is refused, ``network=True`` raises and ``network=None`` warns and runs
         unlimited.
+    dashboard
+        Give the scheduler and every worker an HTTP server on a free port of its own
+        address (127.0.0.1, or its address on the cluster's network): the scheduler's
+        Dask dashboard (at :attr:`dashboard_link`, with
+        dckpt's checkpoints page once dckpt is installed, if bokeh is there) and each
+        worker's ``/metrics``. Off by default: a test cluster needs no web server.
 
     Attributes
     ----------
@@ -384,6 +390,9 @@ class NodeCluster:
         (``namespace``, ``veth``, ``address``, ``host_name``). None without.
     root : str
         The cluster's folder.
+    dashboard_link : str or None
+        The scheduler dashboard's URL (``http://<scheduler host>:<port>/status``), or None
+        without ``dashboard=True``.
 
     Notes
     -----
@@ -405,6 +414,8 @@ class NodeCluster:
     isolated: bool
     network: _netns.ClusterNetwork | None
     root: str
+    dashboard_link: str | None
+    _dashboard: bool
     _prefix: tuple[str, ...] | None
     _network_wanted: bool
     _rate_bits: int | None
@@ -429,6 +440,7 @@ class NodeCluster:
         shared_folders: Sequence[str] = (),
         network: bool | None = False,
         link_rate: str | int | None = None,
+        dashboard: bool = False,
     ) -> None:
         if n_nodes < 1:
             raise ValueError(f"NodeCluster needs at least one node, got n_nodes={n_nodes}")
@@ -473,8 +485,9 @@ class NodeCluster:
             "--nworkers", "1",
             "--no-nanny",
             "--memory-limit", str(memory_limit),
-            "--no-dashboard",
         ]
+        self._dashboard = dashboard
+        self.dashboard_link = None
         self._env = dict(env or {})
         self._startup_timeout = startup_timeout
         self.nodes = []
@@ -579,6 +592,10 @@ class NodeCluster:
             self.scheduler_address, set_as_default=False, timeout=self._startup_timeout
         )
         self._state.clients.append(self._admin)
+        if self._dashboard:
+            port = self._admin.scheduler_info()["services"]["dashboard"]
+            host = self.network.host_address if self.network is not None else "127.0.0.1"
+            self.dashboard_link = f"http://{host}:{port}/status"
         for index in range(n_nodes):
             self._start_worker(index)
         deadline = time.monotonic() + self._startup_timeout
@@ -622,6 +639,11 @@ class NodeCluster:
                 start_new_session=True,
             )
 
+    def _dashboard_options(self, host: str) -> list[str]:
+        """A process's HTTP server (dashboard, ``/metrics``) on a free port of ``host``,
+        or none."""
+        return ["--dashboard-address", f"{host}:0"] if self._dashboard else ["--no-dashboard"]
+
     def _start_scheduler(self) -> str:
         scheduler_file = os.path.join(self.root, "scheduler.json")
         with contextlib.suppress(FileNotFoundError):
@@ -629,7 +651,8 @@ class NodeCluster:
         host = self.network.host_address if self.network is not None else "127.0.0.1"
         process = self._spawn(
             [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", host,
-             "--port", "0", "--no-dashboard", "--scheduler-file", scheduler_file],
+             "--port", "0", *self._dashboard_options(host),
+             "--scheduler-file", scheduler_file],
             "scheduler",
             {},
         )
@@ -653,6 +676,7 @@ class NodeCluster:
             sys.executable, "-m", "distributed.cli.dask_worker", self.scheduler_address,
             *self._worker_options,
             "--host", link.address if link is not None else "127.0.0.1",
+            *self._dashboard_options(link.address if link is not None else "127.0.0.1"),
             "--name", node_id,
             "--local-directory", os.path.join(node_root, "dask-worker-space"),
         ]

@@ -26,11 +26,20 @@ registry lags the truth by about one interval and never keeps a dead worker.
 Clients read it with :func:`who_has` (``dckpt_who_has``) and :func:`registry`
 (``dckpt_registry``): the means to place predictors and tasks where the data is.
 
+Snapshots also carry each store's counters (``stats``), its pinned cache entries and
+its receives in progress (``fetching``), so that code on the scheduler — the
+dashboard's checkpoints page, the Prometheus metrics — reads them without a call to
+any worker: :meth:`DckptSchedulerPlugin.nodes`, :meth:`~DckptSchedulerPlugin.transfers`
+and :meth:`~DckptSchedulerPlugin.rates` (each node's transfer rate over the last
+minutes, from successive snapshots' byte counters).
+
 Handlers run on the scheduler's event loop and only touch in-memory dicts.
 """
 
 from __future__ import annotations
 
+import collections
+import importlib
 import logging
 import time
 from collections.abc import Iterable
@@ -43,6 +52,7 @@ from distributed import Client
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.protocol.pickle import dumps
 
+from dckpt.cluster import _metrics
 from dckpt.cluster._broadcast import Fetchers
 from dckpt.cluster._cache import CheckpointId
 from dckpt.cluster._worker_plugin import PLUGIN_NAME, NodeStorePlugin
@@ -57,6 +67,9 @@ logger = logging.getLogger(__name__)
 #: "restored": [id], "serving": n}``.
 Holdings = dict[str, Any]
 KINDS = ("origin", "cached")
+#: How many snapshots' byte counters :meth:`DckptSchedulerPlugin.rates` keeps per node:
+#: ten minutes at the default interval of 1 s.
+HISTORY = 600
 
 
 @dataclass(frozen=True)
@@ -70,6 +83,10 @@ class _Snapshot:
     uris: dict[CheckpointId, tuple[str, ...]] = field(default_factory=dict)
     restored: frozenset[CheckpointId] = frozenset()
     serving: int = 0
+    pinned: frozenset[CheckpointId] = frozenset()
+    stats: dict[str, Any] = field(default_factory=dict)
+    fetching: tuple[dict[str, Any], ...] = ()
+    received_at: float = 0.0  # time.time(), for plots
 
     def held(self) -> set[CheckpointId]:
         return set(self.origin) | set(self.cached)
@@ -99,11 +116,15 @@ class DckptSchedulerPlugin(SchedulerPlugin):
     _scheduler: Scheduler | None
     _snapshots: dict[str, _Snapshot]
     _fetchers: Fetchers
+    # Per (node id, worker address): (time.time(), bytes sent, bytes received), oldest
+    # first. Per worker: the counters are a store's, and a node may have several.
+    _history: dict[tuple[str, str], collections.deque[tuple[float, int, int]]]
 
     def __init__(self) -> None:
         self._scheduler = None
         self._snapshots = {}
         self._fetchers = Fetchers()
+        self._history = {}
 
     async def start(self, scheduler: Scheduler) -> None:
         self._scheduler = scheduler
@@ -122,6 +143,8 @@ class DckptSchedulerPlugin(SchedulerPlugin):
             if response.get("status") != "OK":
                 logger.error("dckpt worker plugin failed on %s: %s", address,
                              response.get("exception_text", response))
+        _metrics.register_scheduler_metrics(self)  # in /metrics, if prometheus_client is there
+        _add_dashboard_page(scheduler)
         logger.info("dckpt registry ready on %s", scheduler.address)
 
     # ------------------------------------------------------------------ handlers
@@ -133,7 +156,7 @@ class DckptSchedulerPlugin(SchedulerPlugin):
             # Not registered yet, or already removed: a late message must not bring
             # a dead worker back.
             return {"status": "unknown-worker"}
-        self._snapshots[address] = _Snapshot(
+        snapshot = _Snapshot(
             node_id=node_id,
             origin=dict(holdings.get("origin", {})),
             cached=dict(holdings.get("cached", {})),
@@ -141,10 +164,23 @@ class DckptSchedulerPlugin(SchedulerPlugin):
             uris={cid: tuple(uris) for cid, uris in dict(holdings.get("uris", {})).items()},
             restored=frozenset(holdings.get("restored", ())),
             serving=int(holdings.get("serving", 0)),
+            pinned=frozenset(holdings.get("pinned", ())),
+            stats=dict(holdings.get("stats") or {}),
+            fetching=tuple(dict(f) for f in holdings.get("fetching", ())),
+            received_at=time.time(),
         )
+        self._snapshots[address] = snapshot
+        if snapshot.stats:
+            # Bytes of receives in progress count as received: the counter itself
+            # grows only when a transfer completes, which would make a spike of it.
+            received = int(snapshot.stats.get("bytes_received", 0)) + sum(
+                int(f.get("done", 0)) for f in snapshot.fetching)
+            self._history.setdefault((node_id, address), collections.deque(maxlen=HISTORY)).append(
+                (snapshot.received_at, int(snapshot.stats.get("bytes_sent", 0)), received))
         interval = parse_timedelta(dask.config.get("dckpt.registry.interval"), default="s")
-        self._fetchers.reported(address, self._snapshots[address].held(),
-                                set(holdings.get("fetching", ())), grace=2 * interval)
+        busy = {CheckpointId(str(cid)) for cid in holdings.get("obtaining", ())} | {
+            CheckpointId(str(f.get("checkpoint_id"))) for f in snapshot.fetching}
+        self._fetchers.reported(address, snapshot.held(), busy, grace=2 * interval)
         return {"status": "OK"}
 
     def dckpt_holders(
@@ -243,6 +279,104 @@ class DckptSchedulerPlugin(SchedulerPlugin):
                 }
         return answer
 
+    # ------------------------------------------------- read on the scheduler itself
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """Per worker of the cluster, what its last snapshot says (event loop).
+
+        ``[{"address", "node_id", "age", "origin", "cached", "pinned", "serving",
+        "stats", "fetching"}]`` sorted by node id then address: ``origin`` and
+        ``cached`` map ids to bytes, ``pinned`` lists ids, ``stats`` is the store's
+        :meth:`~dckpt.cluster.NodeStore.stats` (empty for a worker whose store sent
+        none), ``fetching`` its receives in progress. A worker that has not reported
+        yet has ``node_id`` and ``age`` None and nothing else.
+        """
+        assert self._scheduler is not None
+        now = time.monotonic()
+        answer: list[dict[str, Any]] = []
+        for address in self._scheduler.workers:
+            snapshot = self._snapshots.get(address)
+            if snapshot is None:
+                answer.append({"address": address, "node_id": None, "age": None,
+                               "origin": {}, "cached": {}, "pinned": [], "serving": 0,
+                               "stats": {}, "fetching": []})
+                continue
+            answer.append({
+                "address": address, "node_id": snapshot.node_id,
+                "age": now - snapshot.received, "origin": dict(snapshot.origin),
+                "cached": dict(snapshot.cached), "pinned": sorted(snapshot.pinned),
+                "serving": snapshot.serving, "stats": snapshot.stats,
+                "fetching": [dict(f) for f in snapshot.fetching],
+            })
+        answer.sort(key=lambda n: (n["node_id"] is None, n["node_id"] or "", n["address"]))
+        return answer
+
+    def transfers(self) -> list[dict[str, Any]]:
+        """Receives in progress, as the last snapshots say (event loop).
+
+        ``[{"checkpoint_id", "to_node", "to_address", "source", "done", "total"}]``:
+        ``source`` names the sender as the receiver does (``the store of node node-0
+        at tcp://...``).
+        """
+        return [
+            {"checkpoint_id": f.get("checkpoint_id"), "to_node": s.node_id,
+             "to_address": address, "source": f.get("source", ""),
+             "done": int(f.get("done", 0)), "total": int(f.get("total", 0))}
+            for address, s in sorted(self._snapshots.items()) for f in s.fetching
+        ]
+
+    def rates(self, seconds: float = 300.0) -> dict[str, dict[str, list[float]]]:
+        """Each node's transfer rate over the last ``seconds``, from its snapshots.
+
+        ``{label: {"time": [seconds since the epoch], "sent": [bytes/s],
+        "received": [bytes/s]}}``, one series per worker, labelled by its node id
+        (``node-0 at tcp://...`` where a node had several workers in that time: a
+        restarted one, or ``--nworkers``). A worker sends a snapshot only when
+        something changed (and every ``dckpt.registry.refresh``): its counters changed
+        within the one ``dckpt.registry.interval`` before a snapshot, so each change is
+        spread over that interval, and the rest of a gap between snapshots reads as
+        zero. Workers gone for longer than ``seconds`` are forgotten.
+        """
+        interval = parse_timedelta(dask.config.get("dckpt.registry.interval"), default="s")
+        interval = max(float(interval or 0), 1e-3)
+        now = time.time()
+        for key in [k for k, samples in self._history.items() if samples[-1][0] < now - seconds
+                    and k[1] not in self._snapshots]:
+            del self._history[key]
+        workers_of: dict[str, int] = collections.Counter(node for node, _ in self._history)
+        answer: dict[str, dict[str, list[float]]] = {}
+        for (node_id, address), samples in sorted(self._history.items()):
+            times: list[float] = []
+            sent: list[float] = []
+            received: list[float] = []
+            previous: tuple[float, int, int] | None = None
+            for sample in samples:
+                t, s, r = sample
+                if previous is not None and t >= now - seconds:
+                    t0, s0, r0 = previous
+                    if s < s0 or r < r0:  # not one store's counters: start again
+                        s0 = r0 = 0
+                    span = min(max(t - t0, 1e-3), interval)
+                    if t - t0 > 1.5 * interval:  # flat from one interval after t0 to t - span
+                        after = t0 + interval  # the end of the previous point's interval
+                        for flat in ((after, t - span) if times and after < t - span
+                                     else (t - span,)):
+                            times.append(flat)
+                            sent.append(0.0)
+                            received.append(0.0)
+                    times.append(t)
+                    sent.append((s - s0) / span)
+                    received.append((r - r0) / span)
+                previous = sample
+            if times and now - times[-1] > 1.5 * interval:
+                for flat in (times[-1] + interval, now):
+                    times.append(flat)
+                    sent.append(0.0)
+                    received.append(0.0)
+            label = node_id if workers_of[node_id] == 1 else f"{node_id} at {address}"
+            answer[label] = {"time": times, "sent": sent, "received": received}
+        return answer
+
     # -------------------------------------------------------------------- hooks
 
     def remove_worker(
@@ -282,6 +416,24 @@ class DckptSchedulerPlugin(SchedulerPlugin):
             else:
                 logger.debug("keeping %s: the last holder of a dckpt checkpoint", ws.address)
         return allowed
+
+
+def _add_dashboard_page(scheduler: Scheduler) -> None:
+    """Add the page that ``dckpt.dashboard.page`` names to the scheduler's dashboard.
+
+    The page is an app above this layer (:mod:`dckpt.dashboard`, needs bokeh): it is
+    found by the name in that setting, not imported here, so that the registry stays
+    below it and works without bokeh; ``null`` turns the page off.
+    """
+    name = dask.config.get("dckpt.dashboard.page")
+    if not name:
+        return
+    module, _, function = str(name).partition(":")
+    try:
+        add_page = getattr(importlib.import_module(module), function or "add_page")
+        add_page(scheduler)
+    except Exception as e:  # noqa: BLE001 - the registry must work without its page
+        logger.warning("could not add the dckpt dashboard page %s: %r", name, e)
 
 
 # ----------------------------------------------------------------- client side

@@ -566,24 +566,30 @@ class NodeStore:
         """A snapshot of what this node holds.
 
         ``{"origin": {id: bytes}, "cached": {id: bytes}, "uris": {id: [uri, ...]},
-        "restored": [id, ...], "serving": n}``: ``origin`` are the directories
-        registered here, ``cached`` the copies in this node's cache, ``uris`` where
-        registered ones are known to be persisted, ``restored`` those served again
-        after a restart, ``serving`` the pulls being served now. Sent whole (not as
-        changes), so a lost message costs nothing.
+        "restored": [id, ...], "pinned": [id, ...], "serving": n, "obtaining": [id,
+        ...]}``: ``origin`` are the directories registered here, ``cached`` the copies
+        in this node's cache, ``uris`` where registered ones are known to be persisted,
+        ``restored`` those served again after a restart, ``pinned`` the cached ones
+        this store keeps from eviction now (in use), ``serving`` the pulls being served
+        now, ``obtaining`` the checkpoints it is copying in (broadcast: the registry
+        keeps naming it to readers while it does). Sent whole (not as changes), so a
+        lost message costs nothing.
         """
         registrations = self._registry.all()
+        entries = self._cache.entries()
         return {
             "origin": {r.checkpoint_id: r.manifest.total_bytes for r in registrations},
-            "cached": {e.checkpoint_id: e.size for e in self._cache.entries()},
+            "cached": {e.checkpoint_id: e.size for e in entries},
+            "pinned": sorted({e.checkpoint_id for e in entries if e.pins}),
             "uris": {r.checkpoint_id: list(r.uris) for r in registrations if r.uris},
             "restored": sorted(r.checkpoint_id for r in registrations if r.restored),
             "serving": self._serving,
-            "fetching": sorted(self._obtaining),
+            "obtaining": sorted(self._obtaining),
         }
 
     def stats(self) -> dict[str, Any]:
-        """This store's counters and its cache's figures."""
+        """This store's counters and its cache's figures (``cache``: its ``root``, its
+        budget ``max_bytes`` and :meth:`NodeCache.stats`)."""
         with self._counter_lock:
             counters = dict(self._counters)
         return {
@@ -591,7 +597,8 @@ class NodeStore:
             "address": self.address,
             "registered": len(self._registry.ids()),
             **{name: counters.get(name, 0) for name in _COUNTERS},
-            "cache": {"root": self._cache.root, **self._cache.stats()},
+            "cache": {"root": self._cache.root, "max_bytes": self._cache.max_bytes,
+                      **self._cache.stats()},
         }
 
     def _count(self, **amounts: int) -> None:

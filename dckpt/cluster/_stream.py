@@ -402,7 +402,7 @@ async def stream_over(
     received = await transfer.receive_directory(
         manifest, channel.stream, target, chunk_bytes=chunk_bytes,
         max_in_flight=channel.window, in_place=in_place, have=have,
-        on_written=on_written, callback=callback)
+        on_written=on_written, callback=callback, source=peer)
     await comm.write({"status": "done"})
     return received
 

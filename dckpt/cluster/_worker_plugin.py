@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from typing import Any
 
@@ -23,7 +24,8 @@ from dask.utils import parse_timedelta
 from distributed import Client, Worker
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from dckpt import _compat
+from dckpt import _compat, transfer
+from dckpt.cluster import _metrics
 from dckpt.cluster._store import STORE_KEY, NodeStore
 
 logger = logging.getLogger(__name__)
@@ -42,7 +44,9 @@ class NodeStorePlugin(WorkerPlugin):
     without a guard.
 
     Reporting: every ``dckpt.registry.interval`` the plugin takes a snapshot of the
-    store's holdings (:meth:`NodeStore.holdings`, in memory, cheap) and sends it to the
+    store's holdings (:meth:`NodeStore.holdings`, in memory, cheap), its counters
+    (``stats``: :meth:`NodeStore.stats`) and the receives into its cache in progress
+    (``fetching``: :func:`take_snapshot`), and sends it to the
     scheduler's ``dckpt_holdings`` handler when it changed, or when the last one sent
     is older than ``dckpt.registry.refresh``. A snapshot replaces the previous one on
     the scheduler, so a lost message costs nothing; a failed send is retried at the
@@ -74,6 +78,7 @@ class NodeStorePlugin(WorkerPlugin):
             _compat.set_actor_instance(worker, STORE_KEY, store)
             logger.info("dckpt store ready on %s", worker.address)
         store.attach(worker)
+        _metrics.register_worker_metrics(store)  # in /metrics, if prometheus_client is there
         # setup runs in Worker.plugin_add, on the worker's event loop.
         self._reporter = asyncio.get_running_loop().create_task(
             _report_holdings(worker, store), name="dckpt-report-holdings"
@@ -89,6 +94,23 @@ class NodeStorePlugin(WorkerPlugin):
         return {}
 
 
+def take_snapshot(store: NodeStore) -> dict[str, Any]:
+    """What the plugin reports: :meth:`NodeStore.holdings`, plus ``stats``
+    (:meth:`NodeStore.stats`) and ``fetching``, the receives into this store's cache in
+    progress: ``[{"checkpoint_id", "source", "done", "total"}]``.
+
+    Downloads from a URI are not receives of :mod:`dckpt.transfer` and are not listed.
+    """
+    stats = store.stats()
+    root = os.path.join(stats["cache"]["root"], "")
+    fetching = [
+        {"checkpoint_id": p.checkpoint_id, "source": p.source, "done": p.done,
+         "total": p.total}
+        for p in transfer.receiving() if os.path.join(p.target, "").startswith(root)
+    ]
+    return {**store.holdings(), "stats": stats, "fetching": fetching}
+
+
 async def _report_holdings(worker: Worker, store: NodeStore) -> None:
     """Serve again what the node's index lists, then send the store's holdings to the
     scheduler whenever they change (event loop)."""
@@ -101,7 +123,7 @@ async def _report_holdings(worker: Worker, store: NodeStore) -> None:
     sent: dict[str, Any] | None = None
     sent_at = float("-inf")
     while True:
-        snapshot = store.holdings()
+        snapshot = take_snapshot(store)
         if snapshot != sent or time.monotonic() - sent_at >= refresh:
             try:
                 reply = await worker.scheduler.dckpt_holdings(

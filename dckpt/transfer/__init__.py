@@ -17,7 +17,8 @@ the others, and places those from its own copies (hard links where it can).
 
 Modules: ``_manifest`` (the manifest and its checks), ``_frames`` (chunk frames),
 ``_source`` (the sender), ``_receive`` (the receiver), ``_place`` (files placed from
-local copies), ``_settings``
+local copies), ``_progress`` (receives in progress: :func:`receiving`, and their INFO
+log lines), ``_settings``
 (``dckpt.transfer.chunk-bytes``, ``max-in-flight``, ``compression``, ``retries``).
 """
 
@@ -34,6 +35,7 @@ from dckpt.transfer._frames import (
 )
 from dckpt.transfer._manifest import ChunkSpec, FileEntry, Manifest, build_manifest, content_digest
 from dckpt.transfer._place import Have
+from dckpt.transfer._progress import ReceiveProgress, receiving
 from dckpt.transfer._receive import ChunkStream, Received, receive_directory
 from dckpt.transfer._settings import check_chunk_bytes, config_chunk_bytes
 from dckpt.transfer._source import ChunkSource
@@ -48,6 +50,7 @@ __all__ = [
     "Frame",
     "Have",
     "Manifest",
+    "ReceiveProgress",
     "Received",
     "build_manifest",
     "content_digest",
@@ -58,4 +61,5 @@ __all__ = [
     "encode_parts",
     "max_ratio_for_link",
     "receive_directory",
+    "receiving",
 ]

@@ -21,7 +21,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 from fsspec.callbacks import DEFAULT_CALLBACK, Callback
 
@@ -30,6 +30,7 @@ from dckpt.formats._atomic import atomic_directory
 from dckpt.transfer._frames import Frame, decode_chunk
 from dckpt.transfer._hashes import hash_file, remember
 from dckpt.transfer._manifest import ChunkSpec, Manifest
+from dckpt.transfer._progress import ReceiveProgress, track, untrack
 from dckpt.transfer._place import Have, Placed, place_file
 from dckpt.transfer._settings import (
     check_chunk_bytes,
@@ -86,6 +87,7 @@ async def receive_directory(
     in_place: bool = False,
     have: Have | None = None,
     on_written: Callable[[ChunkSpec], None] | None = None,
+    source: str = "",
 ) -> Received:
     """Build the directory that ``manifest`` describes at ``target``, chunk by chunk.
 
@@ -153,6 +155,9 @@ async def receive_directory(
         ``have(file_hash)``: the path of a local regular file with that xxh3-128 hash,
         or None; ``mapping.get`` will do. Files are placed from it only when its size
         is the manifest's.
+    source
+        How to name the sender in :func:`~dckpt.transfer.receiving` and in the
+        progress log (:mod:`dckpt.transfer._progress`).
 
     Returns
     -------
@@ -175,51 +180,73 @@ async def receive_directory(
     retries = positive_setting("retries", retries, 0)
     callback.set_size(manifest.total_bytes)
     started = time.perf_counter()
-    async with _building(target, in_place) as staging:
-        paths = [os.path.join(staging, *entry.path.split("/")) for entry in manifest.files]
-        twins = _twins(manifest) if have is not None else {}
-        placed = await asyncio.to_thread(_create_tree, staging, manifest, paths, have, twins)
-        for index in placed:
-            _placed_one(manifest, index, callback, on_written)
-        wanted = [spec for spec in manifest.chunks(chunk_bytes)
-                  if spec.file_index not in placed and spec.file_index not in twins]
-        fetched = sum(spec.length for spec in wanted)
-        # Threads of its own rather than asyncio's default pool: glibc gives each thread
-        # that allocates an arena, which keeps the chunks freed in it; a few writer
-        # threads keep the memory a transfer leaves behind to a few chunks.
-        writers = ThreadPoolExecutor(max_in_flight, thread_name_prefix="dckpt-receive")
-        try:
-            for attempt in range(retries + 1):
-                failed = await _receive_round(stream, wanted, paths, writers, max_in_flight,
-                                              callback, on_written)
-                if not failed:
-                    break
-                for spec, error in failed:
-                    name = manifest.files[spec.file_index].path
-                    if attempt == retries:
-                        raise CorruptChunkError(
-                            f"{name!r}: {error}; still corrupt after {retries + 1} fetches, "
-                            "check the network and the sender's disk"
-                        ) from error
-                    logger.warning("%r: %s; fetching it again (retry %d of %d)",
-                                   name, error, attempt + 1, retries)
-                wanted = [spec for spec, _ in failed]
-        finally:
-            writers.shutdown(wait=False)  # nothing runs: every write was awaited
-        await asyncio.to_thread(_finish_tree, staging, manifest, paths, placed.keys() | twins)
-        for index, how in (await asyncio.to_thread(_place_twins, manifest, paths, twins)).items():
-            placed[index] = how
-            _placed_one(manifest, index, callback, on_written)
-    received = Received(
-        fetched,
-        sum(manifest.files[i].size for i, how in placed.items() if how is Placed.LINKED),
-        sum(manifest.files[i].size for i, how in placed.items() if how is Placed.COPIED),
-    )
-    logger.debug("received %d files, %d bytes into %s in %.2f s (%d fetched, %d linked, "
-                 "%d copied)", len(manifest.files), manifest.total_bytes, os.fspath(target),
-                 time.perf_counter() - started, received.fetched_bytes,
-                 received.linked_bytes, received.copied_bytes)
+    tracked = track(ReceiveProgress(manifest.content_id, source, os.fspath(target),
+                                     manifest.total_bytes))
+    callback = _Tracking(callback, tracked)  # the page's 'fetching' and the INFO log
+    try:
+        async with _building(target, in_place) as staging:
+            paths = [os.path.join(staging, *entry.path.split("/")) for entry in manifest.files]
+            twins = _twins(manifest) if have is not None else {}
+            placed = await asyncio.to_thread(_create_tree, staging, manifest, paths, have, twins)
+            for index in placed:
+                _placed_one(manifest, index, callback, on_written)
+            wanted = [spec for spec in manifest.chunks(chunk_bytes)
+                      if spec.file_index not in placed and spec.file_index not in twins]
+            fetched = sum(spec.length for spec in wanted)
+            # Threads of its own rather than asyncio's default pool: glibc gives each thread
+            # that allocates an arena, which keeps the chunks freed in it; a few writer
+            # threads keep the memory a transfer leaves behind to a few chunks.
+            writers = ThreadPoolExecutor(max_in_flight, thread_name_prefix="dckpt-receive")
+            try:
+                for attempt in range(retries + 1):
+                    failed = await _receive_round(stream, wanted, paths, writers, max_in_flight,
+                                                  callback, on_written)
+                    if not failed:
+                        break
+                    for spec, error in failed:
+                        name = manifest.files[spec.file_index].path
+                        if attempt == retries:
+                            raise CorruptChunkError(
+                                f"{name!r}: {error}; still corrupt after {retries + 1} fetches, "
+                                "check the network and the sender's disk"
+                            ) from error
+                        logger.warning("%r: %s; fetching it again (retry %d of %d)",
+                                       name, error, attempt + 1, retries)
+                    wanted = [spec for spec, _ in failed]
+            finally:
+                writers.shutdown(wait=False)  # nothing runs: every write was awaited
+            await asyncio.to_thread(_finish_tree, staging, manifest, paths, placed.keys() | twins)
+            for index, how in (await asyncio.to_thread(_place_twins, manifest, paths, twins)).items():
+                placed[index] = how
+                _placed_one(manifest, index, callback, on_written)
+        received = Received(
+            fetched,
+            sum(manifest.files[i].size for i, how in placed.items() if how is Placed.LINKED),
+            sum(manifest.files[i].size for i, how in placed.items() if how is Placed.COPIED),
+        )
+        logger.debug("received %d files, %d bytes into %s in %.2f s (%d fetched, %d linked, "
+                     "%d copied)", len(manifest.files), manifest.total_bytes, os.fspath(target),
+                     time.perf_counter() - started, received.fetched_bytes,
+                     received.linked_bytes, received.copied_bytes)
+    finally:
+        untrack(tracked)
     return received
+
+
+class _Tracking(Callback):  # type: ignore[misc]  # fsspec's Callback is untyped
+    """The caller's callback, with every byte also counted into a receive's progress."""
+
+    def __init__(self, inner: Callback, tracked: Any) -> None:  # _progress.track's
+        super().__init__()
+        self._inner = inner
+        self._tracked = tracked
+
+    def set_size(self, size: int) -> None:
+        self._inner.set_size(size)
+
+    def relative_update(self, inc: int = 1) -> None:
+        self._tracked.add(inc)
+        self._inner.relative_update(inc)
 
 
 def _placed_one(manifest: Manifest, index: int, callback: Callback,

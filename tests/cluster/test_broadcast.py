@@ -167,7 +167,7 @@ def _relaying(dask_worker) -> tuple[list[str], int]:
     from dckpt.cluster._store import local_store
 
     held = local_store(dask_worker).holdings()
-    return held["fetching"], held["serving"]
+    return held["obtaining"], held["serving"]
 
 
 @pytest.mark.slow
