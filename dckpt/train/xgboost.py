@@ -67,9 +67,13 @@ class XGBoostCheckpoint(Checkpoint):
         import xgboost
 
         with self.as_directory() as directory:
-            booster = xgboost.Booster()
-            booster.load_model(model_path(self, directory, MODEL_FILES))
-            return booster
+            with open(model_path(self, directory, MODEL_FILES), "rb") as f:
+                raw = bytearray(f.read())
+        booster = xgboost.Booster()
+        # From memory, XGBoost tells JSON from UBJSON by the content, whatever the name
+        # (from a path it guesses by the extension, which Ray 2.6's "model" lacks).
+        booster.load_model(raw)
+        return booster
 
 
 class XGBoostPredictor(Predictor):
