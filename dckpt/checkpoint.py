@@ -232,6 +232,10 @@ class Checkpoint:
         The caller promises not to delete the directory while the checkpoint is used.
         Raises :class:`~dckpt.errors.CheckpointNotFoundError` (a ``FileNotFoundError``)
         if ``path`` does not exist and ``NotADirectoryError`` if it is a file.
+
+        A directory Ray AIR 2.x wrote is read as such (:mod:`dckpt.formats._ray`): its
+        class from Ray's ``.metadata.pkl``, mapped to dckpt's, or
+        :class:`~dckpt.errors.UnsupportedRayClassError` for a class dckpt does not map.
         """
         directory = _existing_directory(path)
         header = read_header(directory)
@@ -262,7 +266,8 @@ class Checkpoint:
         :class:`~dckpt.errors.IncompleteCheckpointError` and a missing folder
         :class:`~dckpt.errors.CheckpointNotFoundError` (both ``FileNotFoundError``).
         ``storage_options`` (endpoint, credentials, ...) go to fsspec and travel with
-        the checkpoint, also when it is pickled.
+        the checkpoint, also when it is pickled. A folder Ray AIR 2.x uploaded is read
+        as :meth:`from_directory` reads one.
         """
         if storage.is_local_uri(uri):
             return cls.from_directory(storage.local_path_of(uri))
@@ -292,6 +297,12 @@ class Checkpoint:
         truncated or corrupted bytes and a class that cannot be imported; a class
         unrelated to this one raises
         :class:`~dckpt.errors.IncompatibleCheckpointError`.
+
+        Ray AIR 2.x's ``to_bytes()`` (a pickle of its dict form) is recognised from its
+        opcodes, also before anything is unpickled: a pickled dict naming Ray's
+        checkpoint metadata or holding ``"fs_checkpoint"``. It gives a dict checkpoint
+        of the class Ray's maps to (see :mod:`dckpt.formats._ray`); other pickles are
+        refused as before.
         """
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"from_bytes() takes bytes, not {type(data).__name__}")
