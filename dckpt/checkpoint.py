@@ -587,12 +587,14 @@ class Checkpoint:
         if isinstance(source, DictData):
             return source.data.get(PREPROCESSOR_KEY)
         if isinstance(source, UriFolder):
-            raw = storage.read_file(
-                source.uri, PREPROCESSOR_FILE, storage_options=source.storage_options
-            )
-            return None if raw is None else load_pickle(
-                raw, f"{source.uri}/{PREPROCESSOR_FILE}"
-            )
+            options = source.storage_options
+            raw = storage.read_file(source.uri, PREPROCESSOR_FILE, storage_options=options)
+            if raw is not None:
+                return load_pickle(raw, f"{source.uri}/{PREPROCESSOR_FILE}")
+            if storage.read_file(source.uri, ray_format.METADATA_FILE,
+                                 storage_options=options) is None:
+                return None
+            # A folder Ray AIR uploaded may hold its preprocessor in its dict.
         with self.as_directory() as directory:
             path = os.path.join(directory, PREPROCESSOR_FILE)
             if os.path.exists(path):

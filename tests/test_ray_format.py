@@ -151,16 +151,26 @@ def test_ray_to_bytes_of_a_directory_checkpoint():
 def test_a_ray_folder_at_a_uri_reads_back(tmp_path, memory_uri):
     from dckpt.train.xgboost import XGBoostCheckpoint
 
+    def upload(path: str, uri: str) -> str:
+        fs = fsspec.filesystem("memory")
+        for name in os.listdir(path):  # as Ray's upload_to_uri leaves it: no commit marker
+            with open(os.path.join(path, name), "rb") as f:
+                fs.pipe(f"{uri}/{name}", f.read())
+        return uri
+
     path = ray.write_files_directory(str(tmp_path / "c"), {"model.json": b"{}"},
                                      "XGBoostCheckpoint", keys={"epoch": 4})
-    fs = fsspec.filesystem("memory")
-    for name in os.listdir(path):  # as Ray's upload_to_uri leaves it: no commit marker
-        with open(os.path.join(path, name), "rb") as f:
-            fs.pipe(f"{memory_uri}/ray/{name}", f.read())
-    checkpoint = Checkpoint.from_uri(f"{memory_uri}/ray")
+    checkpoint = Checkpoint.from_uri(upload(path, f"{memory_uri}/ray"))
     assert type(checkpoint) is XGBoostCheckpoint
+    assert checkpoint.get_preprocessor() is None
     assert user_data(checkpoint.to_dict()) == {"epoch": 4}
     assert files_of(checkpoint)["model.json"] == b"{}"
+    # A dict checkpoint's folder: its preprocessor is in its dict.
+    path = ray.write_dict_directory(str(tmp_path / "d"),
+                                    {"x": 1, "_preprocessor": Preprocessor(5)})
+    checkpoint = Checkpoint.from_uri(upload(path, f"{memory_uri}/dict"))
+    assert checkpoint.get_preprocessor() == Preprocessor(5)
+    assert user_data(checkpoint.to_dict()) == {"x": 1, "_preprocessor": Preprocessor(5)}
 
 
 def test_loading_through_an_unrelated_class_is_refused(tmp_path):

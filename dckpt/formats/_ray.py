@@ -51,7 +51,13 @@ import dask.config
 
 import dckpt._config  # noqa: F401  (loads the dckpt.* defaults into dask.config)
 from dckpt.errors import CheckpointFormatError, UnsafePathError, UnsupportedRayClassError
-from dckpt.formats._layout import DICT_FILE, HEADER_FILE, RESERVED_KEY, dump_pickle
+from dckpt.formats._layout import (
+    DICT_FILE,
+    HEADER_FILE,
+    PREPROCESSOR_FILE,
+    RESERVED_KEY,
+    dump_pickle,
+)
 from dckpt.formats._packing import ArchiveWriter
 from dckpt.formats._paths import safe_relpath
 
@@ -204,8 +210,9 @@ def converted_control_files(directory: str) -> dict[str, bytes | None]:
 
     Ray's ``.metadata.pkl`` and ``<key>.meta.pkl`` files are dropped (``None``) and the
     dict they and ``dict_checkpoint.pkl`` held is written as dckpt's
-    ``dict_checkpoint.pkl``, without Ray's metadata: a copy (directory, bytes, URI)
-    reads back the same without any of Ray's names. Empty for other directories.
+    ``dict_checkpoint.pkl`` (its preprocessor as ``_preprocessor``), without Ray's
+    metadata: a copy (directory, bytes, URI) reads back the same without any of Ray's
+    names. Empty for other directories.
     """
     keys, ray_files = read_directory_keys(directory)
     if not ray_files:
@@ -219,6 +226,8 @@ def converted_control_files(directory: str) -> dict[str, bytes | None]:
             drop_metadata(loaded, dict_path)
             data = loaded
     data.update(keys)
+    if PREPROCESSOR_KEY in data:  # dckpt keeps it in a file of its own
+        files[PREPROCESSOR_FILE] = dump_pickle(data.pop(PREPROCESSOR_KEY))
     if data:
         files[DICT_FILE] = dump_pickle(data)
     return files
