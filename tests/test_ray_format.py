@@ -99,7 +99,7 @@ def test_a_dict_directory_reads_back_as_its_class_state_dict_and_files(tmp_path)
     assert ".metadata.pkl" not in files
 
 
-def test_meta_pkl_files_are_keys_of_a_directorys_dict(tmp_path):
+def test_meta_pkl_files_are_keys_of_a_directorys_dict(tmp_path, memory_uri):
     path = ray.write_files_directory(str(tmp_path / "c"), {"model.bin": b"\x00\x01",
                                                            "sub/part.txt": b"p"},
                                      keys={"epoch": 5, "loss": 0.25})
@@ -117,6 +117,10 @@ def test_meta_pkl_files_are_keys_of_a_directorys_dict(tmp_path):
     assert sorted(os.listdir(copy)) == [".dckpt.json", "dict_checkpoint.pkl", "model.bin",
                                         "sub"]
     assert user_data(Checkpoint.from_directory(copy).to_dict()) == {"epoch": 5, "loss": 0.25}
+    uploaded = Checkpoint.from_uri(checkpoint.to_uri(f"{memory_uri}/copy"))
+    assert user_data(uploaded.to_dict()) == {"epoch": 5, "loss": 0.25}
+    assert not [n for n in fsspec.filesystem("memory").ls(f"{memory_uri}/copy", detail=False)
+                if n.endswith(".pkl") and "dict_checkpoint" not in n]
 
 
 def test_ray_to_bytes_of_a_dict_checkpoint(tmp_path):

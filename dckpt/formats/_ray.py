@@ -103,6 +103,7 @@ for _modules, _name, _dckpt in (
 ):
     for _module in _modules:
         RAY_CLASSES[(_module, _name)] = _dckpt
+del _modules, _name, _dckpt, _module
 
 
 @dataclass(frozen=True)
