@@ -248,3 +248,32 @@ def test_the_xgboost_predictor_serves_in_a_deployment_like_the_model(node_client
             assert response.status == 200
             document = json.load(response)
     assert_close(document["predictions"], expected)
+
+
+def test_rays_documented_examples_run_with_only_their_imports_changed():
+    # The examples of Ray 2.6's from_model / from_estimator docstrings, ray.train ->
+    # dckpt.train; the predictions are then checked against the model's own.
+    from sklearn.ensemble import RandomForestClassifier
+
+    from dckpt.train.lightgbm import LightGBMCheckpoint, LightGBMPredictor
+    from dckpt.train.sklearn import SklearnCheckpoint, SklearnPredictor
+    from dckpt.train.xgboost import XGBoostCheckpoint, XGBoostPredictor
+
+    train_X = np.array([[1, 2], [3, 4]])
+    train_y = np.array([0, 1])
+
+    model = xgboost.XGBClassifier(n_jobs=1).fit(train_X, train_y)
+    checkpoint = XGBoostCheckpoint.from_model(model.get_booster())
+    predictor = XGBoostPredictor.from_checkpoint(checkpoint)
+    assert_close(predictor.predict(train_X), model.get_booster().predict(
+        xgboost.DMatrix(train_X)))
+
+    model = lightgbm.LGBMClassifier(n_jobs=1, verbose=-1).fit(train_X, train_y)
+    checkpoint = LightGBMCheckpoint.from_model(model.booster_)
+    predictor = LightGBMPredictor.from_checkpoint(checkpoint)
+    assert_close(predictor.predict(train_X), model.booster_.predict(train_X))
+
+    model = RandomForestClassifier(n_estimators=3, random_state=0).fit(train_X, train_y)
+    checkpoint = SklearnCheckpoint.from_estimator(model)
+    predictor = SklearnPredictor.from_checkpoint(checkpoint)
+    assert predictor.predict(train_X).tolist() == model.predict(train_X).tolist()
