@@ -24,6 +24,7 @@ from dckpt.errors import (
     IncompleteCheckpointError,
     StorageError,
     UnsafePathError,
+    UnsupportedRayClassError,
 )
 
 __version__ = "0.1.0"
@@ -41,6 +42,7 @@ __all__ = [
     "IncompleteCheckpointError",
     "StorageError",
     "UnsafePathError",
+    "UnsupportedRayClassError",
     "__version__",
     "put",
 ]

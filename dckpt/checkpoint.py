@@ -60,6 +60,7 @@ from dckpt.formats import (
     is_packed,
     unpack_to_directory,
 )
+from dckpt.formats import _ray as ray_format
 from dckpt.formats._atomic import atomic_directory
 from dckpt.formats._tree import copy_tree
 from dckpt.formats._layout import (
@@ -231,15 +232,25 @@ class Checkpoint:
         The caller promises not to delete the directory while the checkpoint is used.
         Raises :class:`~dckpt.errors.CheckpointNotFoundError` (a ``FileNotFoundError``)
         if ``path`` does not exist and ``NotADirectoryError`` if it is a file.
+
+        A directory Ray AIR 2.x wrote is read as such (:mod:`dckpt.formats._ray`): its
+        class from Ray's ``.metadata.pkl``, mapped to dckpt's, or
+        :class:`~dckpt.errors.UnsupportedRayClassError` for a class dckpt does not map.
         """
         directory = _existing_directory(path)
         header = read_header(directory)
-        checkpoint_cls = cls._class_for(header.checkpoint_class if header else None)
+        # A directory Ray AIR wrote names its class in Ray's metadata instead.
+        ray = None if header else ray_format.read_directory_metadata(directory)
+        checkpoint_cls = cls._class_for(
+            header.checkpoint_class if header else ray.dckpt_class(directory) if ray else None
+        )
         checkpoint = checkpoint_cls(local_path=directory)
         checkpoint._metadata = header.metadata if header else {}
         state_path = os.path.join(directory, STATE_FILE)
         if os.path.exists(state_path):
             checkpoint.__dict__.update(read_pickle_file(state_path))
+        if ray is not None:
+            checkpoint.__dict__.update(ray.checkpoint_state)
         return checkpoint
 
     @classmethod
@@ -255,19 +266,25 @@ class Checkpoint:
         :class:`~dckpt.errors.IncompleteCheckpointError` and a missing folder
         :class:`~dckpt.errors.CheckpointNotFoundError` (both ``FileNotFoundError``).
         ``storage_options`` (endpoint, credentials, ...) go to fsspec and travel with
-        the checkpoint, also when it is pickled.
+        the checkpoint, also when it is pickled. A folder Ray AIR 2.x uploaded is read
+        as :meth:`from_directory` reads one.
         """
         if storage.is_local_uri(uri):
             return cls.from_directory(storage.local_path_of(uri))
         options = dict(storage_options or {})
         storage.uri_status(uri, storage_options=options)
         header = _read_uri_header(uri, options)
-        checkpoint_cls = cls._class_for(header.checkpoint_class if header else None)
+        ray = None if header else _read_uri_ray_metadata(uri, options)
+        checkpoint_cls = cls._class_for(
+            header.checkpoint_class if header else ray.dckpt_class(uri) if ray else None
+        )
         checkpoint = checkpoint_cls(uri=uri, storage_options=options)
         checkpoint._metadata = header.metadata if header else {}
         raw_state = storage.read_file(uri, STATE_FILE, storage_options=options)
         if raw_state is not None:
             checkpoint.__dict__.update(load_pickle(raw_state, f"{uri}/{STATE_FILE}"))
+        if ray is not None:
+            checkpoint.__dict__.update(ray.checkpoint_state)
         return checkpoint
 
     @classmethod
@@ -280,9 +297,18 @@ class Checkpoint:
         truncated or corrupted bytes and a class that cannot be imported; a class
         unrelated to this one raises
         :class:`~dckpt.errors.IncompatibleCheckpointError`.
+
+        Ray AIR 2.x's ``to_bytes()`` (a pickle of its dict form) is recognised from its
+        opcodes, also before anything is unpickled: a pickled dict naming Ray's
+        checkpoint metadata or holding ``"fs_checkpoint"``. It gives a dict checkpoint
+        of the class Ray's maps to (see :mod:`dckpt.formats._ray`); other pickles are
+        refused as before.
         """
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise TypeError(f"from_bytes() takes bytes, not {type(data).__name__}")
+        if not is_packed(data) and ray_format.is_ray_pickle(data):
+            # Ray AIR's to_bytes(), recognised from its opcodes before any unpickling.
+            return cls.from_dict(ray_format.bytes_to_dict_form(data))
         files = io.BytesIO()
         with ArchiveWriter(files) as writer:
             control, has_files = _copy_archive(data, writer, keep_apart=CONTROL_FILES)
@@ -567,15 +593,20 @@ class Checkpoint:
         if isinstance(source, DictData):
             return source.data.get(PREPROCESSOR_KEY)
         if isinstance(source, UriFolder):
-            raw = storage.read_file(
-                source.uri, PREPROCESSOR_FILE, storage_options=source.storage_options
-            )
-            return None if raw is None else load_pickle(
-                raw, f"{source.uri}/{PREPROCESSOR_FILE}"
-            )
+            options = source.storage_options
+            raw = storage.read_file(source.uri, PREPROCESSOR_FILE, storage_options=options)
+            if raw is not None:
+                return load_pickle(raw, f"{source.uri}/{PREPROCESSOR_FILE}")
+            if storage.read_file(source.uri, ray_format.METADATA_FILE,
+                                 storage_options=options) is None:
+                return None
+            # A folder Ray AIR uploaded may hold its preprocessor in its dict.
         with self.as_directory() as directory:
             path = os.path.join(directory, PREPROCESSOR_FILE)
-            return read_pickle_file(path) if os.path.exists(path) else None
+            if os.path.exists(path):
+                return read_pickle_file(path)
+            # Ray AIR keeps a dict checkpoint's preprocessor in its dict instead.
+            return ray_format.read_dict_preprocessor(directory)
 
     def set_preprocessor(self, preprocessor: Any) -> None:
         """Attach a preprocessor (any picklable object) to this checkpoint object.
@@ -790,7 +821,8 @@ class Checkpoint:
         is one, the header when there is anything to say, the subclass state when the
         class has any.
         """
-        files: dict[str, bytes | None] = {}
+        # A copy of a directory Ray AIR wrote gets dckpt's control files instead of Ray's.
+        files = {} if source is None else ray_format.converted_control_files(source)
         if isinstance(self._source, DictData):
             user = dict(self._source.data)
             if PREPROCESSOR_KEY in user:
@@ -948,6 +980,16 @@ def _read_uri_header(uri: str, options: Mapping[str, Any]) -> CheckpointHeader |
     return CheckpointHeader.from_json(raw, f"{uri}/{HEADER_FILE}") if raw else None
 
 
+def _read_uri_ray_metadata(
+    uri: str, options: Mapping[str, Any]
+) -> ray_format.RayCheckpointMetadata | None:
+    """Ray AIR's metadata of the folder at ``uri``, or ``None`` when it has none."""
+    raw = storage.read_file(uri, ray_format.METADATA_FILE, storage_options=options)
+    return None if raw is None else ray_format.load_metadata(
+        raw, f"{uri}/{ray_format.METADATA_FILE}"
+    )
+
+
 def _checked_files(files: Any) -> bytes | None:
     if files is None:
         return None
@@ -967,11 +1009,15 @@ def _read_directory_as_dict(directory: str) -> tuple[dict[Any, Any], bytes | Non
             with open(path, "rb") as f:
                 control[name] = f.read()
     user = _user_dict(control, directory)
-    if set(os.listdir(directory)) <= CONTROL_FILES:
+    # Ray AIR keeps keys of a directory's dict in <key>.meta.pkl files.
+    ray_keys, ray_files = ray_format.read_directory_keys(directory)
+    user.update(ray_keys)
+    control_files = CONTROL_FILES | ray_files
+    if set(os.listdir(directory)) <= control_files:
         return user, None
     out = io.BytesIO()
     with ArchiveWriter(out) as writer:
-        writer.add_tree(directory, exclude=CONTROL_FILES.__contains__)
+        writer.add_tree(directory, exclude=control_files.__contains__)
     return user, out.getvalue()
 
 
@@ -984,6 +1030,7 @@ def _user_dict(control: Mapping[str, bytes], source: str) -> dict[Any, Any]:
             raise CheckpointFormatError(
                 f"{source}/{DICT_FILE} holds a {type(user).__name__}, not a dict"
             )
+        ray_format.drop_metadata(user, f"{source}/{DICT_FILE}")  # Ray's, not the user's
     if PREPROCESSOR_FILE in control:
         user[PREPROCESSOR_KEY] = load_pickle(
             control[PREPROCESSOR_FILE], f"{source}/{PREPROCESSOR_FILE}"

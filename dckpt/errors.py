@@ -13,6 +13,7 @@ __all__ = [
     "IncompleteCheckpointError",
     "CheckpointFormatError",
     "UnsafePathError",
+    "UnsupportedRayClassError",
     "CorruptChunkError",
     "CheckpointURIError",
     "StorageError",
@@ -49,6 +50,18 @@ class CheckpointFormatError(CheckpointError, ValueError):
 
 class UnsafePathError(CheckpointFormatError):
     """An archive or manifest entry would land outside the target directory."""
+
+
+class UnsupportedRayClassError(CheckpointFormatError):
+    """A checkpoint Ray AIR wrote names a class that dckpt does not map.
+
+    Ray's metadata (``.metadata.pkl``) names the checkpoint's class; dckpt reads the
+    classes it has a counterpart of (``ray.air.checkpoint.Checkpoint`` and the
+    framework checkpoints) and refuses any other before unpickling anything else. Map
+    more with ``dckpt.ray.classes`` (``{"ray.module:RayClass": "pkg.module:DckptClass"}``).
+    Also raised for a class of Ray in the checkpoint's own data when Ray is not
+    installed.
+    """
 
 
 class CorruptChunkError(CheckpointFormatError):

@@ -152,7 +152,15 @@ def dump_pickle(value: Any) -> bytes:
 
 
 def load_pickle(raw: bytes, source: str) -> Any:
-    """Unpickle a control file. Checkpoints are pickles: load only those you trust."""
+    """Unpickle a control file. Checkpoints are pickles: load only those you trust.
+
+    A pickle that may name Ray's modules (a checkpoint Ray AIR wrote) is read with
+    Ray's names mapped to dckpt's (:func:`dckpt.formats._ray.load_pickle`).
+    """
+    from dckpt.formats import _ray  # imports this module
+
+    if _ray.mentions_ray(raw):
+        return _ray.load_pickle(raw, source)
     try:
         return pickle.loads(raw)
     except (pickle.UnpicklingError, EOFError) as e:
