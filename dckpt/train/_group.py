@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import distributed
 
@@ -33,20 +33,28 @@ class RankGroup:
         The driver's client.
     specs
         One spec per rank, in rank order; each rank runs on ``spec.placement.worker``.
+    resources
+        Dask worker resources each rank's task claims (``ScalingConfig``'s, e.g.
+        ``{"GPU": 1}``); None or empty for none.
     """
 
     _client: distributed.Client
     _specs: list[RankSpec]
     _futures: list[distributed.Future]
 
-    def __init__(self, client: distributed.Client, specs: Sequence[RankSpec]) -> None:
+    def __init__(
+        self,
+        client: distributed.Client,
+        specs: Sequence[RankSpec],
+        resources: Mapping[str, float] | None = None,
+    ) -> None:
         self._client = client
         self._specs = list(specs)
         token = uuid.uuid4().hex[:8]
         self._futures = [
             client.submit(
                 run_rank, spec, workers=[spec.placement.worker], allow_other_workers=False,
-                pure=False, key=f"dckpt-train-rank-{spec.run_name}-{token}-"
+                resources=dict(resources) if resources else None, pure=False, key=f"dckpt-train-rank-{spec.run_name}-{token}-"
                 f"a{spec.attempt}-r{spec.placement.world_rank}",
             )
             for spec in self._specs
