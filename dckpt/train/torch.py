@@ -68,13 +68,29 @@ class TorchCheckpoint(Checkpoint):
     "_preprocessor": preprocessor}``. Make one from any checkpoint of that layout with
     ``TorchCheckpoint.from_checkpoint(checkpoint)``.
 
-    Where it differs from Ray 2.6 on purpose: a ``DistributedDataParallel`` (or
-    ``DataParallel``) wrapper and the ``"module."`` prefix of its state dict are
-    removed when the checkpoint is made, not when it is pickled, so
-    :meth:`to_dict` shows what every copy holds; and tensors are kept on the device
-    they were on (Ray moves them to the CPU when the checkpoint travels): save
-    ``model.cpu()`` or its state dict when the reader may have no GPU.
+    As Ray 2.6 does for every value of the dict, :meth:`from_dict` (and so every
+    constructor here) unwraps a ``DistributedDataParallel`` (or ``DataParallel``)
+    model and removes the ``"module."`` prefix of a wrapped model's state dict, so
+    ``TorchCheckpoint.from_dict({"epoch": 3, "model": ddp_model.state_dict()})``
+    loads into the plain model. Where it differs from Ray 2.6 on purpose: that is
+    done when the checkpoint is made, not when it is pickled, so :meth:`to_dict`
+    shows what every copy holds; and tensors are kept on the device they were on
+    (Ray moves them to the CPU when the checkpoint travels): save ``model.cpu()`` or
+    its state dict when the reader may have no GPU.
     """
+
+    @classmethod
+    def from_dict(cls, data: dict[Any, Any]) -> TorchCheckpoint:
+        """A checkpoint of ``data``, with DDP wrappers and prefixes removed (see above).
+
+        ``data`` itself is not changed.
+        """
+        if not isinstance(data, Mapping):
+            raise TypeError(f"from_dict() takes a dict, not {type(data).__name__}")
+        cleaned = {key: _unwrapped(value) if isinstance(value, nn.Module)
+                   else _without_ddp_prefix(value) if isinstance(value, Mapping) else value
+                   for key, value in data.items()}
+        return super().from_dict(cleaned)
 
     @classmethod
     def from_state_dict(
@@ -100,8 +116,7 @@ class TorchCheckpoint(Checkpoint):
         if not isinstance(state_dict, Mapping):
             raise TypeError("from_state_dict() takes a model's state dict (a mapping of "
                             f"names to tensors), not {type(state_dict).__name__}")
-        return cls.from_dict({_PREPROCESSOR_KEY: preprocessor,
-                              MODEL_KEY: _without_ddp_prefix(state_dict)})
+        return cls.from_dict({_PREPROCESSOR_KEY: preprocessor, MODEL_KEY: state_dict})
 
     @classmethod
     def from_model(cls, model: nn.Module, *, preprocessor: Any = None) -> TorchCheckpoint:
@@ -112,7 +127,7 @@ class TorchCheckpoint(Checkpoint):
         """
         if not isinstance(model, nn.Module):
             raise TypeError(f"from_model() takes a torch.nn.Module, not {type(model).__name__}")
-        return cls.from_dict({_PREPROCESSOR_KEY: preprocessor, MODEL_KEY: _unwrapped(model)})
+        return cls.from_dict({_PREPROCESSOR_KEY: preprocessor, MODEL_KEY: model})
 
     def get_model(self, model: nn.Module | None = None) -> nn.Module:
         """The model of this checkpoint.
