@@ -28,6 +28,7 @@ import copy
 import inspect
 import logging
 import os
+import threading
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -374,6 +375,8 @@ def prepare_model(
 #: The key (dict) or column (DataFrame) of a model's single tensor output, as in Ray.
 PREDICTIONS = "predictions"
 
+_warned_no_gpu = threading.Event()
+
 
 class TorchPredictor(Predictor):
     """Scores batches with a PyTorch model (Ray AIR's ``TorchPredictor``).
@@ -396,7 +399,8 @@ class TorchPredictor(Predictor):
         Applied to every batch first.
     use_gpu
         Move the model, and every batch, to the GPU where this process has one. Where
-        it has none, the CPU is used and that is logged once (Ray fails instead).
+        it has none, the CPU is used and that is logged once per process (Ray fails
+        instead).
     """
 
     def __init__(self, model: nn.Module, preprocessor: Any = None, use_gpu: bool = False) -> None:
@@ -405,7 +409,8 @@ class TorchPredictor(Predictor):
             raise TypeError(f"TorchPredictor takes a torch.nn.Module, not {type(model).__name__}")
         self.use_gpu = use_gpu
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-        if use_gpu and self.device.type == "cpu":
+        if use_gpu and self.device.type == "cpu" and not _warned_no_gpu.is_set():
+            _warned_no_gpu.set()  # once per process: a BatchPredictor makes one per worker
             logger.warning("TorchPredictor(use_gpu=True) found no GPU in process %d; "
                            "predicting on the CPU", os.getpid())
         self.model = model.to(self.device)
