@@ -24,7 +24,7 @@ import pytest
 from dckpt import Checkpoint
 from dckpt.air import RunConfig, ScalingConfig, session
 from dckpt.errors import CheckpointFormatError
-from dckpt.predict import BatchPredictor
+from dckpt.predict import BatchPredictor, PredictorDeployment
 from tests.train.conftest import FakeManager
 
 torch = pytest.importorskip("torch")
@@ -330,6 +330,31 @@ def test_a_torch_predictor_in_batch_predictor_gives_the_local_models_predictions
     assert list(out.columns) == ["predictions", "id"]
     assert out.index.equals(frame.index) and out["id"].tolist() == frame["id"].tolist()
     np.testing.assert_allclose(out["predictions"].to_numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_torch_predictor_serves_in_a_predictor_deployment(client):
+    import json
+    import urllib.request
+
+    torch.manual_seed(0)
+    model = nn.Linear(2, 1).double()  # float64 as JSON's numbers come, no dtype needed
+    rows = np.arange(12.0).reshape(6, 2)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(rows)).numpy()
+    with PredictorDeployment(TorchCheckpoint.from_model(model), TorchPredictor,
+                             num_replicas=2, client=client) as deployment:
+        out = deployment.predict(rows)
+        host, port = deployment.serve()
+        request = urllib.request.Request(
+            f"http://{host}:{port}/predict", method="POST",
+            data=json.dumps({"instances": rows.tolist()}).encode())
+        # Loopback never goes through a proxy, whatever http_proxy says.
+        direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+        with direct.open(request, timeout=30) as response:
+            status, body = response.status, json.load(response)
+    np.testing.assert_allclose(out["predictions"], expected, rtol=1e-12)
+    assert status == 200
+    np.testing.assert_allclose(body["predictions"], expected, rtol=1e-12)
 
 
 def _data(rank: int, world_size: int) -> tuple:
