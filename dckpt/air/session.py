@@ -11,8 +11,8 @@ runs; each function is a thin view of :func:`dckpt.train.report`,
 
 Where it differs from Ray on purpose: outside a training function every function
 raises ``RuntimeError`` (Ray 2.6 warns and returns a default), so a misplaced call is
-not mistaken for rank 0 of a run of one; and :func:`get_dataset_shard` is not
-supported (see there).
+not mistaken for rank 0 of a run of one; and :func:`get_dataset_shard` gives a
+shard of a dask collection (see there).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import Any
 from dckpt.checkpoint import Checkpoint
 from dckpt.train import get_checkpoint as _get_checkpoint
 from dckpt.train import get_context
+from dckpt.train import get_dataset_shard as _get_dataset_shard
 from dckpt.train import report as _report
 
 __all__ = [
@@ -88,22 +89,11 @@ def get_trial_name() -> str:
 
 
 def get_dataset_shard(dataset_name: str | None = None) -> Any:
-    """Not supported: dckpt's trainers take no ``datasets``.
+    """This rank's shard of the trainer's ``datasets[dataset_name]``
+    (:func:`dckpt.train.get_dataset_shard`).
 
-    Ray's shard is a ``DataIterator`` that Ray Data streams to each rank; on Dask a
-    rank is itself a task, and computing a collection from inside it would hold the
-    rank's worker thread while other tasks compete for the same workers. Read this
-    rank's share in the training function instead, e.g. the files or partitions
-    ``[get_world_rank()::get_world_size()]`` of a list passed in
-    ``train_loop_config``.
-
-    Raises
-    ------
-    NotImplementedError
-        Always.
+    The trainer's ``datasets`` are dask DataFrames or Bags, split by partition; the
+    shard is a :class:`~dckpt.train.DatasetShard` (``to_pandas()``,
+    ``iter_batches()``, ``partitions()``) where Ray gives a ``DataIterator``.
     """
-    raise NotImplementedError(
-        f"session.get_dataset_shard({dataset_name!r}) is not supported by dckpt: its "
-        "trainers take no datasets. Pass what each rank should read in "
-        "train_loop_config and take items [get_world_rank()::get_world_size()]"
-    )
+    return _get_dataset_shard(dataset_name)

@@ -2,16 +2,15 @@
 
 Both sides of the wire. On the driver, :func:`shard_datasets` computes each
 collection's partitions on the cluster (``client.compute`` of its delayed
-partitions; nothing is gathered to the driver) and deals them out, partition ``i``
-to rank ``i % world_size``, as Ray splits a dataset's blocks over the workers. The
-trainer waits for the partitions before it starts the ranks of each attempt
-(:func:`wait_for_shards`): a rank that asked for a partition still being computed
-would hold its worker's thread while the partition waits for one, and after a node
-dies Dask recomputes the partitions it held (the client still wants them).
+partitions; nothing is gathered to the driver) and deals them out in contiguous runs
+of (nearly) equal length, rank 0 first, as Ray 2.x's ``Dataset.split(n)`` does with
+blocks: 5 partitions on 2 ranks are ``[0, 1, 2]`` and ``[3, 4]``.
 
-On a worker, a rank gets its :class:`DatasetShard` from
-:func:`dckpt.train.get_dataset_shard`; reading it gathers the partition futures from
-wherever they are.
+Each rank's partition futures are arguments of its task, so Dask itself moves them to
+the rank's worker before the rank starts, and computes them again after the node
+that held them died (the driver still holds them): no rank waits for data inside its
+task thread. On the worker, :func:`shards_of` makes them the rank's
+:class:`DatasetShard` objects, which :func:`dckpt.train.get_dataset_shard` returns.
 """
 
 from __future__ import annotations
@@ -21,7 +20,8 @@ from typing import Any
 
 import distributed
 
-__all__ = ["DatasetShard", "shard_datasets", "wait_for_shards"]
+__all__ = ["DatasetShard", "ShardArgument", "dataset_kind", "runs", "shard_datasets",
+           "shards_of"]
 
 
 class DatasetShard:
@@ -30,24 +30,21 @@ class DatasetShard:
 
     Read it with :meth:`to_pandas` (a DataFrame; a Bag's records become its rows),
     :meth:`iter_batches` (pandas DataFrames, or dicts of numpy arrays) or
-    :meth:`partitions` (as they are). Each call fetches the partitions again; keep
-    the result to read it twice.
+    :meth:`partitions` (as they are). The partitions are in this worker's memory.
     """
 
     name: str
     kind: str
-    _futures: list[distributed.Future]
+    _partitions: list[Any]
 
-    def __init__(self, name: str, kind: str, futures: Sequence[distributed.Future]) -> None:
+    def __init__(self, name: str, kind: str, partitions: Sequence[Any]) -> None:
         self.name = name
         self.kind = kind
-        self._futures = list(futures)
+        self._partitions = list(partitions)
 
     def partitions(self) -> list[Any]:
         """This rank's partitions: pandas DataFrames, or lists of a Bag's records."""
-        if not self._futures:
-            return []
-        return list(distributed.get_client().gather(self._futures))
+        return list(self._partitions)
 
     def to_pandas(self) -> Any:
         """The shard as one pandas DataFrame (empty when the rank got no partition)."""
@@ -76,13 +73,14 @@ class DatasetShard:
                 str(column): batch[column].to_numpy() for column in batch.columns}
 
     def __len__(self) -> int:
-        return len(self._futures)
+        return len(self._partitions)
 
     def __repr__(self) -> str:
-        return f"DatasetShard({self.name!r}, {self.kind}, partitions={len(self._futures)})"
+        return f"DatasetShard({self.name!r}, {self.kind}, partitions={len(self._partitions)})"
 
 
-def _kind(collection: Any) -> str:
+def dataset_kind(collection: Any) -> str:
+    """``"dataframe"`` or ``"bag"``; a ``TypeError`` for anything else."""
     module = type(collection).__module__
     if module.startswith("dask.dataframe") or module.startswith("dask_expr"):
         return "dataframe"
@@ -94,27 +92,42 @@ def _kind(collection: Any) -> str:
     )
 
 
+#: What a rank's task gets for its shards: ``{name: (kind, partition futures)}``, a
+#: dict of tuples of lists, which Dask resolves to the partitions' data.
+ShardArgument = dict[str, tuple[str, list[Any]]]
+
+
 def shard_datasets(
     client: distributed.Client, datasets: Mapping[str, Any], world_size: int
-) -> tuple[list[dict[str, DatasetShard]], list[distributed.Future]]:
-    """Each rank's shards of ``datasets``, and every partition future (to wait on and
-    to hold for the run: dropping them lets Dask forget the partitions)."""
-    shards: list[dict[str, DatasetShard]] = [{} for _ in range(world_size)]
+) -> tuple[list[ShardArgument], list[distributed.Future]]:
+    """Each rank's task argument for its shards of ``datasets``, and every partition
+    future (the driver holds them for the run: dropping them lets Dask forget the
+    partitions)."""
+    arguments: list[ShardArgument] = [{} for _ in range(world_size)]
     held: list[distributed.Future] = []
     for name, collection in datasets.items():
-        kind = _kind(collection)
+        kind = dataset_kind(collection)
         futures = client.compute(list(collection.to_delayed()))
         held.extend(futures)
-        for rank in range(world_size):
-            shards[rank][name] = DatasetShard(name, kind, futures[rank::world_size])
-    return shards, held
+        for rank, (start, stop) in enumerate(runs(len(futures), world_size)):
+            arguments[rank][name] = (kind, futures[start:stop])
+    return arguments, held
 
 
-def wait_for_shards(futures: Sequence[distributed.Future]) -> None:
-    """Return once every partition is in memory on the cluster; raise its error if
-    one failed to compute."""
-    if futures:
-        distributed.wait(futures)
-        for future in futures:
-            if future.status == "error":
-                future.result()  # raises the partition's own error
+def shards_of(argument: ShardArgument | None) -> dict[str, DatasetShard] | None:
+    """A rank's :class:`DatasetShard` objects, from its task's resolved argument."""
+    if argument is None:
+        return None
+    return {name: DatasetShard(name, kind, parts) for name, (kind, parts) in argument.items()}
+
+
+def runs(count: int, parts: int) -> list[tuple[int, int]]:
+    """``parts`` contiguous ``(start, stop)`` ranges covering ``range(count)``, the
+    first ``count % parts`` one longer."""
+    size, extra = divmod(count, parts)
+    bounds = [0]
+    for part in range(parts):
+        bounds.append(bounds[-1] + size + (1 if part < extra else 0))
+    return list(zip(bounds, bounds[1:]))
+
+

@@ -27,6 +27,7 @@ from dckpt.checkpoint import Checkpoint
 from dckpt.cluster import install
 from dckpt.train import _local, _torch
 from dckpt.train._channel import ReportChannel
+from dckpt.train._datasets import ShardArgument, dataset_kind, shard_datasets
 from dckpt.train._errors import TrainingFailedError
 from dckpt.train._group import RankGroup
 from dckpt.train._placement import place
@@ -93,9 +94,10 @@ class DataParallelTrainer:
         :class:`~dckpt.train.RunConfig`: the run's name, ``storage_path`` (the
         checkpoints go to ``{storage_path}/{name}``), checkpoint and failure configs.
     datasets
-        Not supported: dckpt does not shard datasets for the ranks (see
-        :func:`dckpt.air.session.get_dataset_shard`). ``NotImplementedError`` when
-        given.
+        ``{name: dask DataFrame or Bag}``: each is computed on the cluster once per
+        run and its partitions dealt out to the ranks in contiguous runs, rank 0
+        first, as Ray splits a dataset; a rank reads its shard with
+        :func:`~dckpt.train.get_dataset_shard` (see :mod:`dckpt.train._datasets`).
     num_workers
         How many ranks, each on a worker of its own; default 2.
     checkpoint_config
@@ -167,12 +169,11 @@ class DataParallelTrainer:
         if not callable(train_loop_per_worker):
             raise TypeError(f"train_loop_per_worker must be callable, got {train_loop_per_worker!r}")
         if datasets is not None:
-            raise NotImplementedError(
-                "DataParallelTrainer(datasets=...) is not supported: dckpt does not shard "
-                "datasets for the ranks. Read each rank's share inside the training "
-                "function instead (e.g. partitions[get_world_rank()::get_world_size()] "
-                "of a dask collection or a list of files passed in train_loop_config)"
-            )
+            if not isinstance(datasets, Mapping):
+                raise TypeError("datasets must be a mapping of names to dask collections, "
+                                f"not {type(datasets).__name__}")
+            for collection in datasets.values():
+                dataset_kind(collection)  # a TypeError for what cannot be sharded
         settings = resolve(scaling_config, run_config, num_workers=num_workers,
                              max_failures=max_failures, checkpoint_config=checkpoint_config,
                              run_name=run_name)
@@ -199,6 +200,7 @@ class DataParallelTrainer:
         self.client = client
         self.setup_torch_distributed = setup_torch_distributed
         self.run_name = run_name
+        self.datasets = dict(datasets) if datasets else None
 
     def fit(self) -> Result:
         """Run the training function on the ranks until every rank has returned.
@@ -237,12 +239,16 @@ class DataParallelTrainer:
         manager, owned = self._manager(client)
         channel = ReportChannel(client)
         failure: TrainingFailedError | None = None
+        shards, held = (shard_datasets(client, self.datasets, self.num_workers)
+                        if self.datasets else (None, []))
         try:
             try:
-                result = self._run(client, manager, channel)
+                result = self._run(client, manager, channel, shards)
             except TrainingFailedError as e:
                 failure, result = e, e.result
         finally:
+            for future in held:
+                future.release()
             channel.close()
             if owned:
                 manager.close()
@@ -268,7 +274,8 @@ class DataParallelTrainer:
         return manager, True
 
     def _run(
-        self, client: distributed.Client, manager: CheckpointManagerLike, channel: ReportChannel
+        self, client: distributed.Client, manager: CheckpointManagerLike, channel: ReportChannel,
+        shards: list[ShardArgument] | None = None,
     ) -> Result:
         history = _History()
         failures = 0
@@ -280,7 +287,7 @@ class DataParallelTrainer:
                 result = self._result(manager, history, failures, e)
                 raise TrainingFailedError(f"training run {self.run_name!r} could not start its "
                                           f"ranks: {e}", result) from e
-            error = self._attempt(client, manager, channel, history, attempt, workers)
+            error = self._attempt(client, manager, channel, history, attempt, workers, shards)
             if error is None:
                 return self._result(manager, history, failures, None)
             failures += 1
@@ -306,6 +313,7 @@ class DataParallelTrainer:
         history: _History,
         attempt: int,
         workers: Mapping[str, str],
+        shards: list[ShardArgument] | None = None,
     ) -> BaseException | None:
         """Run one attempt to its end; returns why it failed, or None."""
         placements = place(self.num_workers, workers)
@@ -324,7 +332,8 @@ class DataParallelTrainer:
             )
             for placement in placements
         ]
-        group = RankGroup(client, specs, resources=self.scaling_config.dask_resources)
+        group = RankGroup(client, specs, resources=self.scaling_config.dask_resources,
+                          datasets=shards)
         interval = parse_timedelta(dask.config.get("dckpt.train.poll-interval"), default="s")
         try:
             while True:

@@ -5,8 +5,9 @@ Ray's documented examples run with their imports changed and nothing else: they
 come from Ray's ``doc/source/train/doc_code/key_concepts.py`` of the ``ray.air`` era
 (the ``# __..._start__`` sections, as the search corpus holds it at
 ``MarkoShiva/ray@8c36300a``), each imported through :data:`RAY_TO_DCKPT`. Left out:
-``__session_data_info__`` (``ray.data`` and ``session.get_dataset_shard``, which
-dckpt does not support) and ``__sync_config__`` (``ray.tune.SyncConfig``).
+``__sync_config__`` (``ray.tune.SyncConfig``); ``__session_data_info__`` needs Ray
+Data, so :data:`DATA_INFO` is that example with a dask Bag in place of
+``ray.data.from_items`` (the one line changed beyond the imports).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from dckpt.air import (
     ScalingConfig,
     session,
 )
-from dckpt.train import DataParallelTrainer, fit
+from dckpt.train import DataParallelTrainer, fit, get_dataset_shard
 from dckpt.train._run_config import resolve
 from tests.train.conftest import FakeManager
 
@@ -132,6 +133,38 @@ run_config = RunConfig(
 )
 '''
 
+# __session_data_info__, with dask.bag for ray.data (the two marked lines).
+DATA_INFO = '''
+import dask.bag  # changed: the import of Ray Data
+from ray.air import session, ScalingConfig
+from ray.train.data_parallel_trainer import DataParallelTrainer
+
+
+def train_fn(config):
+    dataset_shard = session.get_dataset_shard("train")
+
+    session.report(
+        {
+            # Global world size
+            "world_size": session.get_world_size(),
+            # Global worker rank on the cluster
+            "world_rank": session.get_world_rank(),
+            # Local worker rank on the current machine
+            "local_rank": session.get_local_rank(),
+            # Data
+            "data_shard": dataset_shard.to_pandas().to_numpy().tolist(),
+        }
+    )
+
+
+trainer = DataParallelTrainer(
+    train_loop_per_worker=train_fn,
+    scaling_config=ScalingConfig(num_workers=2),
+    datasets={"train": dask.bag.from_sequence([1, 2, 3, 4])},  # changed: Ray Data's from_items
+)
+trainer.fit()
+'''
+
 RAY_RESULTS = '''
 result = trainer.fit()
 
@@ -175,7 +208,7 @@ def test_the_session_outside_a_run_is_a_clear_error():
             call()
     with pytest.raises(RuntimeError, match="only inside a training function"):
         session.report({"loss": 1.0})
-    with pytest.raises(NotImplementedError, match="get_dataset_shard.*not supported"):
+    with pytest.raises(RuntimeError, match="only inside a training function"):
         session.get_dataset_shard("train")
 
 
@@ -277,8 +310,10 @@ def test_configs_of_the_wrong_type_and_datasets_are_refused():
         DataParallelTrainer(_train_noop, scaling_config={"num_workers": 2})
     with pytest.raises(TypeError, match="run_config must be a dckpt.air.RunConfig"):
         DataParallelTrainer(_train_noop, run_config={"name": "x"})
-    with pytest.raises(NotImplementedError, match="datasets=.*not supported"):
+    with pytest.raises(TypeError, match="datasets takes dask DataFrames and Bags, not list"):
         DataParallelTrainer(_train_noop, datasets={"train": [1, 2]})
+    with pytest.raises(TypeError, match="datasets must be a mapping"):
+        DataParallelTrainer(_train_noop, datasets=[1, 2])
 
 
 # ------------------------------------------------------------------ on a cluster
@@ -324,3 +359,72 @@ def test_a_resource_no_worker_has_fails_after_the_wait(client):
             pytest.raises(TrainingFailedError, match="2 workers with GPU=1"):
         fit(_ranks_and_names, client=client, checkpoint_manager=FakeManager(),
             scaling_config=ScalingConfig(num_workers=2, use_gpu=True))
+
+
+def test_rays_dataset_shard_example_runs_with_a_dask_bag(client, tmp_path):
+    import dask.config
+
+    namespace: dict = {}
+    with client.as_current(), dask.config.set({"dckpt.temporary-directory": str(tmp_path)}):
+        exec(_ported(DATA_INFO), namespace)  # noqa: S102 - Ray's documented example
+        result = namespace["trainer"].fit()
+    shards = sorted((m["world_rank"], m["world_size"], m["data_shard"])
+                    for m in result.metrics_history)
+    # Split as Ray splits: contiguous and equal, rank 0 first.
+    assert shards == [(0, 2, [[1], [2]]), (1, 2, [[3], [4]])]
+
+
+def _read_frame_shard():
+    shard = get_dataset_shard()  # the only dataset needs no name
+    batches = list(shard.iter_batches(batch_size=4))
+    session.report({"rank": session.get_world_rank(), "parts": len(shard),
+                    "ids": shard.to_pandas()["id"].tolist(),
+                    "batch_rows": [len(b) for b in batches],
+                    "numpy_keys": sorted(next(shard.iter_batches(batch_format="numpy")))})
+
+
+def test_dataframe_partitions_are_dealt_in_contiguous_runs(client):
+    pd = pytest.importorskip("pandas")
+    dd = pytest.importorskip("dask.dataframe")
+    frame = pd.DataFrame({"id": range(10), "x": [float(i) for i in range(10)]})
+    result = fit(_read_frame_shard, client=client, checkpoint_manager=FakeManager(),
+                 scaling_config=ScalingConfig(num_workers=2),
+                 datasets={"frame": dd.from_pandas(frame, npartitions=5)})
+    by_rank = {m["rank"]: m for m in result.metrics_history}
+    assert by_rank[0]["parts"] == 3 and by_rank[1]["parts"] == 2  # [0, 1, 2], [3, 4]
+    assert by_rank[0]["ids"] + by_rank[1]["ids"] == list(range(10))
+    assert sum(by_rank[0]["batch_rows"]) == len(by_rank[0]["ids"])
+    assert max(by_rank[0]["batch_rows"]) <= 4
+    assert by_rank[0]["numpy_keys"] == ["id", "x"]
+
+
+def test_runs_cover_every_partition_once():
+    from dckpt.train._datasets import runs
+
+    assert runs(5, 2) == [(0, 3), (3, 5)]
+    assert runs(1, 3) == [(0, 1), (1, 1), (1, 1)]  # a rank may get no partition
+    assert runs(6, 3) == [(0, 2), (2, 4), (4, 6)]
+
+
+def test_get_dataset_shard_without_datasets_or_by_a_wrong_name():
+    from dckpt.train._session import TrainContext
+    from dckpt.train._session import session as rank_session
+
+    class Sender:
+        def send(self, report):
+            pass
+
+        def stop_requested(self):
+            return False
+
+    context = TrainContext(world_rank=0, world_size=1, local_rank=0, local_world_size=1,
+                           node_rank=0, node_id="node-0", run_name="run", attempt=0)
+    with rank_session(context, None, Sender()):
+        with pytest.warns(UserWarning, match="given no datasets; returning None"):
+            assert session.get_dataset_shard("train") is None
+    with rank_session(context, None, Sender(), {"a": "shard-a", "b": "shard-b"}):
+        assert session.get_dataset_shard("b") == "shard-b"
+        with pytest.raises(RuntimeError, match="several datasets"):
+            session.get_dataset_shard()
+        with pytest.raises(KeyError, match="no dataset 'c'"):
+            session.get_dataset_shard("c")

@@ -357,22 +357,26 @@ def test_a_torch_predictor_serves_in_a_predictor_deployment(client):
     np.testing.assert_allclose(body["predictions"], expected, rtol=1e-12)
 
 
-def _data(rank: int, world_size: int) -> tuple:
-    torch.manual_seed(0)  # the same data on every rank, each taking its share
+def _frame() -> pd.DataFrame:
+    """y = 3x - 1 plus noise, 256 rows."""
+    torch.manual_seed(0)
     x = torch.randn(256, 1)
     y = 3 * x - 1 + 0.1 * torch.randn(256, 1)
-    return x[rank::world_size], y[rank::world_size]
+    return pd.DataFrame({"x": x[:, 0].numpy(), "y": y[:, 0].numpy()})
+
+
+def _tensors(frame: pd.DataFrame) -> tuple:
+    return (torch.tensor(frame[["x"]].to_numpy()), torch.tensor(frame[["y"]].to_numpy()))
 
 
 def _train_linear(config):
-    """DDP with Ray's API: prepare_model, TorchCheckpoint, session.
+    """DDP with Ray's API: prepare_model, TorchCheckpoint, session, a dataset shard.
 
     On a fresh start, every rank waits before epoch ``pause_at`` until the test has
     killed a node and set ``config["event"]``.
     """
     torch.set_num_threads(1)
-    rank, size = session.get_world_rank(), session.get_world_size()
-    x, y = _data(rank, size)
+    x, y = _tensors(session.get_dataset_shard("train").to_pandas())  # this rank's half
     torch.manual_seed(0)  # the same initial weights on every rank
     model = nn.Linear(1, 1)
     start, resumed_from = 0, None
@@ -393,12 +397,13 @@ def _train_linear(config):
         session.report(
             {"epoch": epoch, "loss": loss.item(), "resumed_from": resumed_from,
              "weight": inner.weight.item(), "bias": inner.bias.item(),
-             "ddp": type(model).__name__, "device": str(get_device())},
+             "ddp": type(model).__name__, "device": str(get_device()), "rows": len(x)},
             # The DDP model's own state dict: TorchCheckpoint drops its "module." prefix.
             checkpoint=TorchCheckpoint.from_dict({"epoch": epoch, "model": model.state_dict()}),
         )
 
 
+@pytest.mark.timeout(300)  # 4 processes import torch: slow on a loaded 2-core machine
 def test_torch_trainer_resumes_after_a_node_dies_and_the_loss_keeps_falling(
     client, train_cluster
 ):
@@ -424,6 +429,8 @@ def test_torch_trainer_resumes_after_a_node_dies_and_the_loss_keeps_falling(
                                "lr": 0.1},
             scaling_config=ScalingConfig(num_workers=2),
             run_config=RunConfig(name=f"torch-{uuid.uuid4().hex[:6]}"),
+            # Each rank trains on its half; a half lost with node 1 is computed again.
+            datasets={"train": dd.from_pandas(_frame(), npartitions=2)},
             checkpoint_manager=manager, max_failures=1, client=client,
         ).fit()
     finally:
@@ -435,6 +442,7 @@ def test_torch_trainer_resumes_after_a_node_dies_and_the_loss_keeps_falling(
     rank0 = [m for m in result.metrics_history if m["world_rank"] == 0]
     assert {m["ddp"] for m in rank0} == {"DistributedDataParallel"}
     assert {m["device"] for m in rank0} == {"cpu"}  # use_gpu=False
+    assert {m["rows"] for m in result.metrics_history} == {128}
     resumed = [m for m in rank0 if m["attempt"] == 1]
     # The new attempt went on from the latest checkpoint (epoch pause_at - 1), not from 0.
     assert resumed[0]["resumed_from"] == pause_at
@@ -454,7 +462,7 @@ def test_torch_trainer_resumes_after_a_node_dies_and_the_loss_keeps_falling(
     last = result.metrics
     assert trained.weight.item() == pytest.approx(last["weight"], rel=1e-6)
     assert trained.bias.item() == pytest.approx(last["bias"], rel=1e-6)
-    x, y = _data(0, 1)
+    x, y = _tensors(_frame().iloc[:128])  # rank 0's half
     with torch.no_grad():
         final_loss = nn.functional.mse_loss(trained(x), y).item()
     assert final_loss < curve[-1]  # one step further than the last loss reported
