@@ -239,10 +239,12 @@ class DataParallelTrainer:
         manager, owned = self._manager(client)
         channel = ReportChannel(client)
         failure: TrainingFailedError | None = None
-        shards, held = (shard_datasets(client, self.datasets, self.num_workers)
-                        if self.datasets else (None, []))
+        shards: list[ShardArgument] | None = None
+        held: list[distributed.Future] = []
         try:
             try:
+                if self.datasets:  # in the try: the channel and manager close whatever happens
+                    shards, held = shard_datasets(client, self.datasets, self.num_workers)
                 result = self._run(client, manager, channel, shards)
             except TrainingFailedError as e:
                 failure, result = e, e.result
