@@ -4,9 +4,14 @@
   spread across nodes, and restarts the group from the latest checkpoint when a worker
   or a node dies (up to ``max_failures``); it returns a :class:`Result`.
 - Inside the training function: :func:`report` metrics and checkpoints,
-  :func:`get_checkpoint` to resume from, :func:`get_context` for ranks and node.
+  :func:`get_checkpoint` to resume from, :func:`get_context` for ranks and node,
+  :func:`get_dataset_shard` for this rank's partitions of the trainer's ``datasets``
+  (dask DataFrames or Bags; a :class:`DatasetShard`).
 - :class:`CheckpointConfig`: how many checkpoints to keep, ranked by which metric,
-  and where to persist them (Ray AIR's ``CheckpointConfig``).
+  and where to persist them (Ray AIR's ``CheckpointConfig``); :class:`ScalingConfig`,
+  :class:`RunConfig` and :class:`FailureConfig`, Ray AIR's other configs, which the
+  trainer takes besides its flat keywords (:mod:`dckpt.air` has them all by Ray's
+  names).
 - :class:`CheckpointManager`: registers reported checkpoints, keeps the top K, deletes
   the others wherever they live, persists in the background, and restores itself from
   storage after a restart.
@@ -25,17 +30,29 @@ from dckpt.train._config import CheckpointConfig
 from dckpt.train._errors import NoBestCheckpointError, TrainingFailedError, WorkerLostError
 from dckpt.train._manager import CheckpointManager, TrackedCheckpoint
 from dckpt.train._result import Result
+from dckpt.train._run_config import FailureConfig, RunConfig, ScalingConfig
 from dckpt.train._scoring import MetricNotFoundError
-from dckpt.train._session import TrainContext, get_checkpoint, get_context, report
+from dckpt.train._datasets import DatasetShard
+from dckpt.train._session import (
+    TrainContext,
+    get_checkpoint,
+    get_context,
+    get_dataset_shard,
+    report,
+)
 from dckpt.train._trainer import DataParallelTrainer, fit
 
 __all__ = [
     "CheckpointConfig",
     "CheckpointManager",
     "DataParallelTrainer",
+    "DatasetShard",
+    "FailureConfig",
     "MetricNotFoundError",
     "NoBestCheckpointError",
     "Result",
+    "RunConfig",
+    "ScalingConfig",
     "TrackedCheckpoint",
     "TrainContext",
     "TrainingFailedError",
@@ -43,5 +60,6 @@ __all__ = [
     "fit",
     "get_checkpoint",
     "get_context",
+    "get_dataset_shard",
     "report",
 ]

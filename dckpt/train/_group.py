@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import distributed
 
+from dckpt.train._datasets import ShardArgument
 from dckpt.train._errors import WorkerLostError
 from dckpt.train._rank import RankSpec, run_rank
 
@@ -33,20 +34,34 @@ class RankGroup:
         The driver's client.
     specs
         One spec per rank, in rank order; each rank runs on ``spec.placement.worker``.
+    resources
+        Dask worker resources each rank's task claims (``ScalingConfig``'s, e.g.
+        ``{"GPU": 1}``); None or empty for none.
+    datasets
+        Each rank's shard argument (:func:`dckpt.train._datasets.shard_datasets`),
+        in rank order; its futures become the partitions by the time the rank runs.
     """
 
     _client: distributed.Client
     _specs: list[RankSpec]
     _futures: list[distributed.Future]
 
-    def __init__(self, client: distributed.Client, specs: Sequence[RankSpec]) -> None:
+    def __init__(
+        self,
+        client: distributed.Client,
+        specs: Sequence[RankSpec],
+        resources: Mapping[str, float] | None = None,
+        datasets: Sequence[ShardArgument] | None = None,
+    ) -> None:
         self._client = client
         self._specs = list(specs)
         token = uuid.uuid4().hex[:8]
         self._futures = [
             client.submit(
-                run_rank, spec, workers=[spec.placement.worker], allow_other_workers=False,
-                pure=False, key=f"dckpt-train-rank-{spec.run_name}-{token}-"
+                run_rank, spec,
+                None if datasets is None else datasets[spec.placement.world_rank],
+                workers=[spec.placement.worker], allow_other_workers=False,
+                resources=dict(resources) if resources else None, pure=False, key=f"dckpt-train-rank-{spec.run_name}-{token}-"
                 f"a{spec.attempt}-r{spec.placement.world_rank}",
             )
             for spec in self._specs

@@ -16,6 +16,7 @@ from dckpt import node
 from dckpt.checkpoint import Checkpoint
 from dckpt.train import _torch
 from dckpt.train._channel import WorkerChannel
+from dckpt.train._datasets import ShardArgument, shards_of
 from dckpt.train._placement import Placement
 from dckpt.train._session import RankStopped, TrainContext, session
 
@@ -39,8 +40,11 @@ class RankSpec:
     torch_master: tuple[str, int] | None
 
 
-def run_rank(spec: RankSpec) -> str:
+def run_rank(spec: RankSpec, datasets: ShardArgument | None = None) -> str:
     """Run ``spec.train_loop(spec.config)`` as one rank; returns how it ended.
+
+    ``datasets`` is this rank's share of the trainer's datasets, the partitions
+    already here (Dask resolved the futures of the task's argument).
 
     ``"finished"`` when the function returned, ``"stopped"`` when the driver stopped
     the attempt at a report. The function's own exceptions propagate: they fail the
@@ -55,7 +59,7 @@ def run_rank(spec: RankSpec) -> str:
     )
     # Ray calls the function without arguments when it takes none; so do we.
     args = () if _takes_no_arguments(spec.train_loop) else (dict(spec.config or {}),)
-    with session(context, spec.checkpoint, spec.channel):
+    with session(context, spec.checkpoint, spec.channel, shards_of(datasets)):
         if spec.torch_master is not None:
             _torch.init_process_group(context, spec.torch_master)
         try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import warnings
 from collections.abc import Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -25,7 +26,8 @@ from dckpt.checkpoint import Checkpoint
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Report", "TrainContext", "get_checkpoint", "get_context", "report"]
+__all__ = ["Report", "TrainContext", "get_checkpoint", "get_context", "get_dataset_shard",
+           "report"]
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,7 @@ class _Session:
     context: TrainContext
     checkpoint: Checkpoint | None
     sender: ReportSender
+    datasets: Mapping[str, Any] | None = None
 
 
 _current: ContextVar[_Session | None] = ContextVar("dckpt_train_session", default=None)
@@ -106,10 +109,11 @@ _current: ContextVar[_Session | None] = ContextVar("dckpt_train_session", defaul
 
 @contextlib.contextmanager
 def session(
-    context: TrainContext, checkpoint: Checkpoint | None, sender: ReportSender
+    context: TrainContext, checkpoint: Checkpoint | None, sender: ReportSender,
+    datasets: Mapping[str, Any] | None = None,
 ) -> Iterator[None]:
     """Within the block, this thread is rank ``context.world_rank`` of a run."""
-    token = _current.set(_Session(context, checkpoint, sender))
+    token = _current.set(_Session(context, checkpoint, sender, datasets))
     try:
         yield
     finally:
@@ -183,6 +187,47 @@ def get_checkpoint() -> Checkpoint | None:
         Outside a training function run by the trainer.
     """
     return _require("get_checkpoint").checkpoint
+
+
+def get_dataset_shard(dataset_name: str | None = None) -> Any:
+    """This rank's shard of the trainer's ``datasets[dataset_name]``.
+
+    A :class:`~dckpt.train.DatasetShard`: this rank's contiguous run of the dask
+    collection's partitions (see :mod:`dckpt.train._datasets`), read with
+    ``to_pandas()``, ``iter_batches()`` or ``partitions()``.
+
+    Parameters
+    ----------
+    dataset_name
+        A key of the trainer's ``datasets``; may be left out when there is one.
+
+    Returns
+    -------
+    DatasetShard or None
+        None, with a warning, when the trainer was given no datasets (as in Ray).
+
+    Raises
+    ------
+    RuntimeError
+        Outside a training function run by the trainer, or ``dataset_name`` left out
+        with several datasets (as in Ray).
+    KeyError
+        No dataset of that name (Ray returns None).
+    """
+    datasets = _require("get_dataset_shard").datasets
+    if not datasets:
+        warnings.warn("get_dataset_shard(): the trainer was given no datasets; returning "
+                      "None. Pass datasets={'train': dask_collection} to the trainer",
+                      UserWarning, stacklevel=2)
+        return None
+    if dataset_name is None:
+        if len(datasets) > 1:
+            raise RuntimeError(f"the trainer has several datasets ({sorted(datasets)}): "
+                               "name the one to get, get_dataset_shard('train')")
+        return next(iter(datasets.values()))
+    if dataset_name not in datasets:
+        raise KeyError(f"no dataset {dataset_name!r}; the trainer has {sorted(datasets)}")
+    return datasets[dataset_name]
 
 
 def get_context() -> TrainContext:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -28,11 +27,13 @@ from dckpt.checkpoint import Checkpoint
 from dckpt.cluster import install
 from dckpt.train import _local, _torch
 from dckpt.train._channel import ReportChannel
+from dckpt.train._datasets import ShardArgument, dataset_kind, shard_datasets
 from dckpt.train._errors import TrainingFailedError
 from dckpt.train._group import RankGroup
 from dckpt.train._placement import place
 from dckpt.train._rank import RankSpec
 from dckpt.train._result import Result
+from dckpt.train._run_config import RunConfig, ScalingConfig, resolve
 from dckpt.train._session import Report
 
 if TYPE_CHECKING:
@@ -74,14 +75,31 @@ class DataParallelTrainer:
     :func:`~dckpt.train.get_checkpoint` and :func:`~dckpt.train.get_context` talk to
     this trainer.
 
+    Ray AIR's keywords (``scaling_config=``, ``run_config=``) and the flat ones
+    (``num_workers=``, ``max_failures=``, ``checkpoint_config=``, ``run_name=``) say
+    the same things; either works, and both may be given when they agree. When they
+    disagree, ``ValueError`` says which two.
+
     Parameters
     ----------
     train_loop_per_worker
         ``f(config)`` or ``f()``, run once per rank. Its return value is ignored.
     train_loop_config
         The ``config`` passed to every rank (a copy; ``{}`` when None).
+    scaling_config
+        :class:`~dckpt.train.ScalingConfig`: how many ranks, and the resources each
+        needs (mapped to Dask worker threads and resources, see
+        :mod:`dckpt.train._run_config`).
+    run_config
+        :class:`~dckpt.train.RunConfig`: the run's name, ``storage_path`` (the
+        checkpoints go to ``{storage_path}/{name}``), checkpoint and failure configs.
+    datasets
+        ``{name: dask DataFrame or Bag}``: each is computed on the cluster once per
+        run and its partitions dealt out to the ranks in contiguous runs, rank 0
+        first, as Ray splits a dataset; a rank reads its shard with
+        :func:`~dckpt.train.get_dataset_shard` (see :mod:`dckpt.train._datasets`).
     num_workers
-        How many ranks, each on a worker of its own.
+        How many ranks, each on a worker of its own; default 2.
     checkpoint_config
         How the manager that the trainer creates keeps and persists checkpoints.
     checkpoint_manager
@@ -90,7 +108,8 @@ class DataParallelTrainer:
         already holds a checkpoint (one restored after a driver restart, say), the
         first attempt resumes from its latest.
     max_failures
-        How many times the ranks are restarted after a failure; -1 for no limit.
+        How many times the ranks are restarted after a failure; -1 for no limit;
+        default 0.
     resume_from_checkpoint
         What :func:`~dckpt.train.get_checkpoint` returns on the first attempt, and on
         later ones until rank 0 has registered a checkpoint.
@@ -135,10 +154,13 @@ class DataParallelTrainer:
         train_loop_per_worker: Callable[..., Any],
         *,
         train_loop_config: Mapping[str, Any] | None = None,
-        num_workers: int = 2,
+        scaling_config: ScalingConfig | None = None,
+        run_config: RunConfig | None = None,
+        datasets: Mapping[str, Any] | None = None,
+        num_workers: int | None = None,
         checkpoint_config: CheckpointConfig | None = None,
         checkpoint_manager: CheckpointManagerLike | None = None,
-        max_failures: int = 0,
+        max_failures: int | None = None,
         resume_from_checkpoint: Checkpoint | None = None,
         client: distributed.Client | None = None,
         setup_torch_distributed: bool = False,
@@ -146,27 +168,39 @@ class DataParallelTrainer:
     ) -> None:
         if not callable(train_loop_per_worker):
             raise TypeError(f"train_loop_per_worker must be callable, got {train_loop_per_worker!r}")
+        if datasets is not None:
+            if not isinstance(datasets, Mapping):
+                raise TypeError("datasets must be a mapping of names to dask collections, "
+                                f"not {type(datasets).__name__}")
+            for collection in datasets.values():
+                dataset_kind(collection)  # a TypeError for what cannot be sharded
+        settings = resolve(scaling_config, run_config, num_workers=num_workers,
+                             max_failures=max_failures, checkpoint_config=checkpoint_config,
+                             run_name=run_name)
+        num_workers, max_failures = settings.num_workers, settings.max_failures
+        checkpoint_config, run_name = settings.checkpoint_config, settings.run_name
         if num_workers < 1:
             raise ValueError(f"num_workers must be at least 1, got {num_workers}")
         if max_failures < -1:
             raise ValueError(f"max_failures must be -1 (no limit) or at least 0, got {max_failures}")
         if checkpoint_manager is not None and checkpoint_config is not None:
             raise ValueError(
-                "pass checkpoint_config or checkpoint_manager, not both: an injected "
-                "manager brings its own configuration"
+                "pass checkpoint_config (or run_config with a checkpoint_config or a "
+                "storage_path) or checkpoint_manager, not both: an injected manager "
+                "brings its own configuration"
             )
         self.train_loop_per_worker = train_loop_per_worker
         self.train_loop_config = dict(train_loop_config) if train_loop_config is not None else None
         self.num_workers = num_workers
+        self.scaling_config = settings.scaling_config
         self.checkpoint_config = checkpoint_config
         self.checkpoint_manager = checkpoint_manager
         self.max_failures = max_failures
         self.resume_from_checkpoint = resume_from_checkpoint
         self.client = client
         self.setup_torch_distributed = setup_torch_distributed
-        self.run_name = run_name or (
-            f"train-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-        )
+        self.run_name = run_name
+        self.datasets = dict(datasets) if datasets else None
 
     def fit(self) -> Result:
         """Run the training function on the ranks until every rank has returned.
@@ -205,12 +239,18 @@ class DataParallelTrainer:
         manager, owned = self._manager(client)
         channel = ReportChannel(client)
         failure: TrainingFailedError | None = None
+        shards: list[ShardArgument] | None = None
+        held: list[distributed.Future] = []
         try:
             try:
-                result = self._run(client, manager, channel)
+                if self.datasets:  # in the try: the channel and manager close whatever happens
+                    shards, held = shard_datasets(client, self.datasets, self.num_workers)
+                result = self._run(client, manager, channel, shards)
             except TrainingFailedError as e:
                 failure, result = e, e.result
         finally:
+            for future in held:
+                future.release()
             channel.close()
             if owned:
                 manager.close()
@@ -236,19 +276,20 @@ class DataParallelTrainer:
         return manager, True
 
     def _run(
-        self, client: distributed.Client, manager: CheckpointManagerLike, channel: ReportChannel
+        self, client: distributed.Client, manager: CheckpointManagerLike, channel: ReportChannel,
+        shards: list[ShardArgument] | None = None,
     ) -> Result:
         history = _History()
         failures = 0
         attempt = 0
         while True:
             try:
-                workers = _wait_for_workers(client, self.num_workers)
+                workers = _wait_for_workers(client, self.num_workers, self.scaling_config)
             except TimeoutError as e:
                 result = self._result(manager, history, failures, e)
                 raise TrainingFailedError(f"training run {self.run_name!r} could not start its "
                                           f"ranks: {e}", result) from e
-            error = self._attempt(client, manager, channel, history, attempt, workers)
+            error = self._attempt(client, manager, channel, history, attempt, workers, shards)
             if error is None:
                 return self._result(manager, history, failures, None)
             failures += 1
@@ -274,6 +315,7 @@ class DataParallelTrainer:
         history: _History,
         attempt: int,
         workers: Mapping[str, str],
+        shards: list[ShardArgument] | None = None,
     ) -> BaseException | None:
         """Run one attempt to its end; returns why it failed, or None."""
         placements = place(self.num_workers, workers)
@@ -292,7 +334,8 @@ class DataParallelTrainer:
             )
             for placement in placements
         ]
-        group = RankGroup(client, specs)
+        group = RankGroup(client, specs, resources=self.scaling_config.dask_resources,
+                          datasets=shards)
         interval = parse_timedelta(dask.config.get("dckpt.train.poll-interval"), default="s")
         try:
             while True:
@@ -358,30 +401,58 @@ def _default_client() -> distributed.Client | None:
         return None
 
 
-def _wait_for_workers(client: distributed.Client, count: int) -> dict[str, str]:
-    """``{address: node id}`` of the workers alive, once there are at least ``count``.
+def _wait_for_workers(
+    client: distributed.Client, count: int, scaling: ScalingConfig | None = None
+) -> dict[str, str]:
+    """``{address: node id}`` of the workers alive that can run a rank (enough
+    threads and Dask resources for ``scaling``), once there are at least ``count``.
 
     Raises ``TimeoutError`` after ``dckpt.train.worker-wait-timeout``.
     """
+    scaling = scaling or ScalingConfig()
     timeout = parse_timedelta(dask.config.get("dckpt.train.worker-wait-timeout"), default="s")
     interval = parse_timedelta(dask.config.get("dckpt.train.poll-interval"), default="s")
     deadline = time.monotonic() + timeout
     logged = False
     while True:
-        if len(client.nthreads()) >= count:
+        fit_for = _fit_workers(client, scaling)
+        if len(fit_for) >= count:
             # A worker that dies in between does not answer; the count is checked again.
-            workers: dict[str, str] = client.run(node.node_id, on_error="ignore")
-            if len(workers) >= count:
-                return workers
+            found: dict[str, str] = client.run(node.node_id, workers=sorted(fit_for),
+                                               on_error="ignore")
+            if len(found) >= count:
+                return found
         if time.monotonic() >= deadline:
             raise TimeoutError(
-                f"{count} ranks need {count} workers, but only {len(client.nthreads())} "
-                f"were alive after waiting {timeout:g} s (dckpt.train.worker-wait-timeout)"
+                f"{count} ranks need {count} workers{_needs(scaling)}, but only "
+                f"{len(fit_for)} such were alive after waiting {timeout:g} s "
+                "(dckpt.train.worker-wait-timeout)"
             )
         if not logged:
             logger.info("Waiting up to %g s for %d workers to be alive", timeout, count)
             logged = True
         time.sleep(interval)
+
+
+def _fit_workers(client: distributed.Client, scaling: ScalingConfig) -> list[str]:
+    """The workers with the threads and Dask resources one rank of ``scaling`` needs."""
+    needed = scaling.dask_resources
+    if not needed and scaling.num_cpus_per_worker <= 1:
+        return list(client.nthreads())  # a small request; every worker has a thread
+    fit = []
+    for address, info in client.scheduler_info(n_workers=-1)["workers"].items():
+        resources = info.get("resources") or {}
+        if info.get("nthreads", 0) >= scaling.num_cpus_per_worker and all(
+            resources.get(name, 0) >= amount for name, amount in needed.items()
+        ):
+            fit.append(address)
+    return fit
+
+
+def _needs(scaling: ScalingConfig) -> str:
+    needs = [f"{scaling.num_cpus_per_worker:g} threads"] if scaling.num_cpus_per_worker > 1 else []
+    needs += [f"{name}={amount:g}" for name, amount in sorted(scaling.dask_resources.items())]
+    return f" with {', '.join(needs)}" if needs else ""
 
 
 def fit(train_loop_per_worker: Callable[..., Any], **kwargs: Any) -> Result:

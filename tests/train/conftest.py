@@ -53,15 +53,18 @@ class FakeManager:
 
 
 @pytest.fixture(scope="module")
-def train_cluster() -> Iterator[NodeCluster]:
+def train_cluster(request: pytest.FixtureRequest) -> Iterator[NodeCluster]:
     """An isolated NodeCluster of three nodes for one test module.
 
     A test that kills a node starts it again. Skips where mount namespaces cannot be
-    had: the resume tests must not pass by reading another node's disk.
+    had: the resume tests must not pass by reading another node's disk. A module
+    sets ``THREADS_PER_WORKER`` for more than one thread per worker (a torch rank of
+    a failed attempt may still be leaving while the new attempt's rank starts).
     """
     if not isolation_available():
         pytest.skip("node isolation (mount namespaces) is not available here")
-    with NodeCluster(N_NODES, isolate=True) as cluster:
+    threads = getattr(request.module, "THREADS_PER_WORKER", 1)
+    with NodeCluster(N_NODES, isolate=True, threads_per_worker=threads) as cluster:
         yield cluster
 
 
