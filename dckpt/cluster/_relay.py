@@ -44,6 +44,7 @@ class Relay:
     root: str
     _written: dict[int, list[tuple[int, int]]]  # file index -> merged [start, end) ranges
     _failure: BaseException | None
+    _moving: bool  # between the rename into the cache and :meth:`moved`
     _condition: threading.Condition
 
     def __init__(self, manifest: transfer.Manifest, root: str) -> None:
@@ -51,6 +52,7 @@ class Relay:
         self.root = root
         self._written = {}
         self._failure = None
+        self._moving = False
         self._condition = threading.Condition()
 
     def written(self, spec: transfer.ChunkSpec) -> None:
@@ -60,10 +62,16 @@ class Relay:
             _add_range(ranges, spec.offset, spec.offset + spec.length)
             self._condition.notify_all()
 
+    def moving(self) -> None:
+        """The directory is about to be renamed: readers wait for :meth:`moved`."""
+        with self._condition:
+            self._moving = True
+
     def moved(self, root: str) -> None:
         """The transfer completed and its directory is now ``root`` (in the cache)."""
         with self._condition:
             self.root = root
+            self._moving = False
             self._written = {i: [(0, f.size)] for i, f in enumerate(self.manifest.files)}
             self._condition.notify_all()
 
@@ -80,8 +88,10 @@ class Relay:
         ``TimeoutError`` if nothing came within ``timeout`` seconds.
         """
         with self._condition:
-            if not self._condition.wait_for(lambda: self._has(spec) or self._failure is not None,
-                                            timeout):
+            if not self._condition.wait_for(
+                lambda: self._failure is not None or (self._has(spec) and not self._moving),
+                timeout,
+            ):
                 raise TimeoutError(
                     f"the relay received nothing of {spec} for {timeout:g} s "
                     "(dckpt.transfer.stall-timeout)"
@@ -132,16 +142,21 @@ class RelaySource:
         self, spec: transfer.ChunkSpec, buffer: bytearray | None = None, *,
         max_ratio: float | None = None,
     ) -> tuple[bytes, transfer.Buffer]:
-        """Like :meth:`ChunkSource.read_parts`, once the chunk has arrived."""
+        """Like :meth:`ChunkSource.read_parts`, once the chunk has arrived.
+
+        Any failure is a :class:`~dckpt.errors.CheckpointError` of this relay (its
+        reader then goes on to its next holder), never a claim about the data.
+        """
         root = self._relay.wait_for(spec, self._timeout)
         try:
             return self._source_at(root).read_parts(spec, buffer, max_ratio=max_ratio)
         except CheckpointError:
-            # Renamed into the cache between the wait and the open: read it there.
-            moved = self._relay.wait_for(spec, self._timeout)
-            if moved == root:
-                raise
+            pass  # renamed into the cache between the wait and the open: read it there
+        moved = self._relay.wait_for(spec, self._timeout)
+        try:
             return self._source_at(moved).read_parts(spec, buffer, max_ratio=max_ratio)
+        except CheckpointError as e:
+            raise CheckpointError(f"this relay could not read {spec} it received: {e}") from e
 
     def close(self) -> None:
         with self._lock:

@@ -460,6 +460,8 @@ class NodeStore:
                                 staging, shared.have,
                                 on_written=None if relay is None else relay.written,
                                 callback=progress)
+                    if relay is not None:
+                        relay.moving()  # its readers must not open files mid-rename
                     path = await asyncio.to_thread(self._cache.add, request.checkpoint_id,
                                                    request.digest, staging, incoming.size)
                     if relay is not None:

@@ -66,6 +66,9 @@ def test_a_relay_hands_out_a_chunk_only_once_all_its_bytes_are_written(tmp_path)
     relay.written(ChunkSpec(0, 200, 100))
     relay.written(ChunkSpec(0, 120, 80))  # closes the gap
     assert relay.wait_for(wanted, timeout=0) == str(tmp_path / "staging")
+    relay.moving()  # renamed into the cache now: nobody may open files by the old path
+    with pytest.raises(TimeoutError):
+        relay.wait_for(wanted, timeout=0)
     relay.moved(str(tmp_path / "final"))
     assert relay.wait_for(ChunkSpec(0, 0, 300), timeout=0) == str(tmp_path / "final")
     relay.fail(OSError("the source went away"))
