@@ -8,7 +8,9 @@ again, each step in a fresh subprocess so that its peak resident memory (``VmHWM
 is its own. Baselines: the standard library's ``tarfile`` doing the same job (an
 uncompressed tar stream), and a plain copy of the files (the I/O floor). Figures are
 printed as ratios to those baselines because these machines are noisy; memory as the
-growth of peak RSS over the process's RSS before the step.
+growth of peak RSS over the process's RSS before the step. CPU seconds (user + system,
+of the step's process) are printed too: on a shared machine they vary less than wall
+time.
 
 Fairness: every step starts after an ``os.sync()`` (not timed), so that no step pays
 for writing back the dirty pages of the one before it, and each repeat runs the
@@ -46,7 +48,7 @@ STEP = textwrap.dedent(
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
     before = rss_kib("VmRSS")
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     if step == "dckpt-pack":
         with open(dst, "wb") as out:
             pack_directory(src, out)
@@ -62,8 +64,9 @@ STEP = textwrap.dedent(
             tar.extractall(dst, filter="data")
     elif step == "copy":
         shutil.copytree(src, dst)
-    seconds = time.perf_counter() - start
-    print(json.dumps({"seconds": seconds, "peak_growth_kib": rss_kib("VmHWM") - before}))
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    print(json.dumps({"seconds": seconds, "cpu": cpu,
+                      "peak_growth_kib": rss_kib("VmHWM") - before}))
     """
 )
 
@@ -143,14 +146,16 @@ def main() -> None:
                     results[step] = r
         size = args.size_mib * MIB
         print(f"{args.size_mib} MiB in {args.files} {args.data} files, best of {args.repeat}")
-        print(f"{'step':<14}{'GB/s':>8}{'peak RSS growth':>18}")
+        print(f"{'step':<14}{'GB/s':>8}{'CPU s':>8}{'peak RSS growth':>18}")
         for step, r in results.items():
             growth = r["peak_growth_kib"] / 1024
-            print(f"{step:<14}{size / r['seconds'] / 1e9:>8.2f}{growth:>15.1f} MiB")
-        print(f"dckpt pack   / tar pack   time ratio: "
-              f"{results['dckpt-pack']['seconds'] / results['tar-pack']['seconds']:.2f}")
-        print(f"dckpt unpack / tar unpack time ratio: "
-              f"{results['dckpt-unpack']['seconds'] / results['tar-unpack']['seconds']:.2f}")
+            print(f"{step:<14}{size / r['seconds'] / 1e9:>8.2f}{r['cpu']:>8.2f}"
+                  f"{growth:>15.1f} MiB")
+        for what in ("pack", "unpack"):
+            mine, tar = results[f"dckpt-{what}"], results[f"tar-{what}"]
+            print(f"dckpt {what:<6} / tar {what:<6} time ratio: "
+                  f"{mine['seconds'] / tar['seconds']:.2f} (CPU time ratio "
+                  f"{mine['cpu'] / tar['cpu']:.2f})")
         print(f"dckpt pack   / plain copy time ratio: "
               f"{results['dckpt-pack']['seconds'] / results['copy']['seconds']:.2f}")
         print(f"packed size / data size: {os.path.getsize(packed) / size:.4f}")
