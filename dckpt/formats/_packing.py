@@ -125,8 +125,9 @@ class ArchiveWriter:
     whole, each stored raw or lz4-compressed as a sample of it decides. Use as a
     context manager: on a clean exit :meth:`close` writes the end record (``out``
     stays open). If the block raises, or an entry fails half-written, no end record is
-    written, so readers refuse the partial output as truncated. Every path passes ``safe_relpath`` and the checks readers
-    make, so the writer cannot produce an archive that would be refused.
+    written, so readers refuse the partial output as truncated. Every path passes
+    ``safe_relpath`` and the checks readers make, so the writer cannot produce an
+    archive that would be refused.
 
     Parameters
     ----------
@@ -542,7 +543,7 @@ class _PieceBody:
                     f"{offset} of {path!r}",
                 )
             if len(self._buffer) < stored_len:  # a new buffer: views of the old stay valid
-                self._buffer = bytearray(max(stored_len, 2 * len(self._buffer)))
+                self._buffer = bytearray(stored_len)
             payload = memoryview(self._buffer)[:stored_len]
             if _read_into(self._inp, payload) < stored_len:
                 raise _truncated(self._what, "it ends inside a file")
