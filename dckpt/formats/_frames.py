@@ -34,8 +34,8 @@ import xxhash
 from dckpt.errors import CorruptChunkError
 
 __all__ = [
-    "CHUNK_HEADER", "MIN_RATIO", "Buffer", "Frame", "compress_speed", "decode_frame",
-    "encode_frame", "lz4_bound",
+    "CHUNK_HEADER", "MIN_RATIO", "Buffer", "Frame", "check_checksum", "compress_speed",
+    "decode_frame", "encode_frame", "lz4_bound",
 ]
 
 CHUNK_HEADER = struct.Struct(">BQQ")
@@ -194,9 +194,7 @@ def decode_frame(
         if len(payload) != length:
             raise _corrupt(what, f"its payload is {len(payload)} bytes, not {length}")
         data = payload
-    actual = xxhash.xxh3_64_intdigest(data)
-    if actual != checksum:
-        raise _corrupt(what, f"checksum {actual:#018x} of its bytes, header says {checksum:#018x}")
+    check_checksum(xxhash.xxh3_64_intdigest(data), checksum, what)
     if out is None:
         return data
     target = memoryview(out)
@@ -204,6 +202,14 @@ def decode_frame(
         raise ValueError(f"out holds {len(target)} bytes, the chunk {length}")
     target[:length] = data
     return target[:length]
+
+
+def check_checksum(actual: int, expected: int, what: str = "chunk") -> None:
+    """Raise the :class:`CorruptChunkError` of a frame whose raw bytes hash to ``actual``
+    (xxh3_64) where its header says ``expected``; for callers that hash a raw payload
+    as it streams instead of calling :func:`decode_frame`."""
+    if actual != expected:
+        raise _corrupt(what, f"checksum {actual:#018x} of its bytes, header says {expected:#018x}")
 
 
 def _corrupt(what: str, problem: str) -> CorruptChunkError:

@@ -38,9 +38,11 @@ counting the records; nothing may follow the frame.
 
 Writer and reader stream: memory stays at a few pieces whatever the file sizes (a
 reader refuses pieces above :data:`MAX_PIECE_BYTES` and never sizes a buffer from an
-unchecked length beyond that). The reader checks every path and link target (see
-:class:`EntryIndex`) before it yields an entry, every checksum before it hands out a
-byte, and nothing here ever unpickles anything.
+unchecked length beyond that). The reader checks every record's checksum, path and
+link target (see :class:`EntryIndex`) before it yields an entry, and each piece's
+checksum by the end of the piece: a compressed piece before any of its bytes are
+handed out, a raw one as its 256 KiB slices stream past (see
+:meth:`ArchiveReader.copy_payload`). Nothing here ever unpickles anything.
 """
 
 from __future__ import annotations
@@ -64,7 +66,15 @@ from fsspec.callbacks import DEFAULT_CALLBACK, Callback
 import dckpt._config  # noqa: F401  (loads the dckpt.* defaults into dask.config)
 from dckpt.errors import CheckpointError, CheckpointFormatError, CorruptChunkError
 from dckpt.formats._atomic import atomic_directory, partial_sibling
-from dckpt.formats._frames import CHUNK_HEADER, FLAG_LZ4, bytes_view, decode_frame, encode_frame, lz4_bound
+from dckpt.formats._frames import (
+    CHUNK_HEADER,
+    FLAG_LZ4,
+    bytes_view,
+    check_checksum,
+    decode_frame,
+    encode_frame,
+    lz4_bound,
+)
 from dckpt.formats._paths import EntryIndex, EntryKind, safe_relpath
 from dckpt.formats._tree import plan_tree
 
@@ -94,6 +104,10 @@ _MAX_NAME_BYTES = 64 * 1024
 _INPUT_CHUNK = 1 << 20
 _OUTPUT_CHUNK = 1 << 20
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+# A raw piece is read and written in slices of this size, hashed as they pass: slices
+# that stay in the CPU's cache cost about half the CPU of 4 MiB copies here, and far
+# less erratically (measured on this project's machine, 1 GiB unpacked; see README).
+_RAW_SLICE = 256 << 10
 
 
 def is_packed(data: bytes | bytearray | memoryview) -> bool:
@@ -435,10 +449,13 @@ class ArchiveReader:
         return out.getvalue()
 
     def copy_payload(self, out: BinaryIO, *, callback: Callback = DEFAULT_CALLBACK) -> None:
-        """Stream the current file entry's content to ``out``, a checked piece at a time.
+        """Stream the current file entry's content to ``out``, piece by piece.
 
-        A piece is written only once it passed its checksum; a later piece that fails
-        raises with the earlier ones written.
+        A compressed piece is written once it passed its checksum. A raw piece is
+        written in slices of 256 KiB as it is read and its checksum compared at its
+        end (cheaper than holding it whole), so a damaged file raises with at most one
+        piece of damaged bytes written to ``out``: write to a place you discard on
+        error, as :func:`unpack_directory` does (a partial sibling, removed).
         """
         entry = self._entry
         if entry is None or entry.kind != "file":
@@ -521,9 +538,10 @@ class _PieceBody:
                           extra if code == b"L" else None)
 
     def pieces(self, size: int, path: str) -> Iterator[memoryview]:
-        """The checked raw bytes of a file of ``size`` bytes, a piece at a time.
+        """The raw bytes of a file of ``size`` bytes, as views into a reused buffer.
 
-        A raw piece is a view into a buffer that the next piece reuses.
+        A compressed piece comes whole, once checked; a raw piece in slices, its
+        checksum checked after its last slice.
         """
         offset = 0
         while offset < size:
@@ -542,21 +560,44 @@ class _PieceBody:
                     f"holds a piece of {raw_len} bytes stored in {stored_len} at offset "
                     f"{offset} of {path!r}",
                 )
-            if len(self._buffer) < stored_len:  # a new buffer: views of the old stay valid
-                self._buffer = bytearray(stored_len)
-            payload = memoryview(self._buffer)[:stored_len]
-            if _read_into(self._inp, payload) < stored_len:
-                raise _truncated(self._what, "it ends inside a file")
             self._chain.update(prefix)
+            what = f"piece at offset {offset} of {path!r}"
             try:
-                data = decode_frame((prefix[_PIECE.size :], payload), raw_len,
-                                    what=f"piece at offset {offset} of {path!r}")
+                if flags & FLAG_LZ4 or stored_len != raw_len:
+                    yield self._decoded_piece(prefix, stored_len, raw_len, what)
+                else:
+                    yield from self._raw_piece(prefix, raw_len, what)
             except CorruptChunkError as e:
                 raise CorruptChunkError(
                     f"{self._what} is corrupted ({e}); fetch or write it again"
                 ) from e
             offset += raw_len
-            yield data
+
+    def _decoded_piece(self, prefix: bytes, stored_len: int, raw_len: int,
+                       what: str) -> memoryview:
+        """A compressed piece (or a damaged one), read whole and decoded by the codec."""
+        if len(self._buffer) < stored_len:  # a new buffer: views of the old stay valid
+            self._buffer = bytearray(stored_len)
+        payload = memoryview(self._buffer)[:stored_len]
+        if _read_into(self._inp, payload) < stored_len:
+            raise _truncated(self._what, "it ends inside a file")
+        return decode_frame((prefix[_PIECE.size :], payload), raw_len, what=what)
+
+    def _raw_piece(self, prefix: bytes, raw_len: int, what: str) -> Iterator[memoryview]:
+        """A raw piece in slices of _RAW_SLICE, hashed as they pass, checked at its end."""
+        _, _, expected = CHUNK_HEADER.unpack_from(prefix, _PIECE.size)
+        hasher = xxhash.xxh3_64()
+        if len(self._buffer) < min(raw_len, _RAW_SLICE):
+            self._buffer = bytearray(min(raw_len, _RAW_SLICE))
+        left = raw_len
+        while left:
+            view = memoryview(self._buffer)[: min(left, _RAW_SLICE)]
+            if _read_into(self._inp, view) < len(view):
+                raise _truncated(self._what, "it ends inside a file")
+            hasher.update(view)
+            left -= len(view)
+            yield view
+        check_checksum(hasher.intdigest(), expected, what)
 
     def finish(self) -> None:
         if self._inp.read(1):
