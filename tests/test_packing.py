@@ -328,7 +328,10 @@ def test_files_pack_and_unpack_as_streams_atomically_at_the_target(tree: Path, t
     assert os.listdir(packed.parent) == ["tree.dckpt"]  # no staging left beside it
 
     data = packed.read_bytes()
+    flipped = bytearray(data)
+    flipped[data.index((tree / "big.bin").read_bytes()[: 1 << 10]) + 3 * MiB] ^= 0x04
     for damaged, match in [(data[: len(data) // 2], "truncated"),
+                           (bytes(flipped), "corrupted"),  # in big.bin's first raw piece
                            (craft(record(b"F", "../escape", b"x")), r"\.\."),
                            (craft(record(b"F", "/abs", b"x")), "absolute")]:
         before = sorted(os.listdir(tmp_path))

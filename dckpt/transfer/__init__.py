@@ -13,7 +13,8 @@ header with flags, length and checksum, then the raw or lz4-compressed bytes).
 
 Memory on either side grows by a few chunks, never by the size of the checkpoint.
 
-Modules: ``_manifest`` (the manifest and its checks), ``_frames`` (chunk frames),
+Modules: ``_manifest`` (the manifest and its checks), ``_frames`` (chunk frames: the
+codec of :mod:`dckpt.formats` with the transfer's compression setting and link rule),
 ``_source`` (the sender), ``_receive`` (the receiver), ``_settings``
 (``dckpt.transfer.chunk-bytes``, ``max-in-flight``, ``compression``, ``retries``).
 """
