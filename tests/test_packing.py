@@ -422,6 +422,18 @@ def test_compressible_pieces_are_compressed(tmp_path: Path):
         assert (out_dir / "mixed.bin").read_bytes() == mixed
 
 
+def test_packing_leaves_the_transfers_lz4_speed_alone():
+    # The transfer decides from compress_speed() whether lz4 pays on a link; what a
+    # process packs (zeros compress at many GB/s) must not sway that.
+    from dckpt.formats import compress_speed
+
+    before = compress_speed()
+    out = io.BytesIO()
+    with ArchiveWriter(out) as writer:
+        writer.add_bytes("zeros", bytes(8 * MiB))
+    assert len(out.getvalue()) < MiB and compress_speed() == before
+
+
 @pytest.mark.parametrize("what", ["path", "link target", "mode"])
 def test_a_damaged_record_header_is_refused(tmp_path: Path, what: str):
     src = tmp_path / "src"

@@ -68,8 +68,8 @@ _HC_LEVEL = 3
 
 def compress_speed() -> float:
     """lz4's compression speed in this process, in bytes per second: a running average
-    over the pieces of at least 1 MiB it compressed at the default level (a prior until
-    the first)."""
+    over the transfer's chunks of at least 1 MiB it compressed (a prior until the
+    first); see ``timed`` in :func:`encode_frame`."""
     return _compress_speed
 
 
@@ -84,6 +84,7 @@ def encode_frame(
     compress: bool | None = None,
     max_ratio: float = MIN_RATIO,
     level: int = 0,
+    timed: bool = False,
 ) -> tuple[bytes, Buffer]:
     """One chunk frame as ``(header, payload)``.
 
@@ -103,6 +104,11 @@ def encode_frame(
     level
         lz4 level as ``lz4.frame`` counts them: below 3 the fast mode, 3-16 the
         high-compression mode at that level.
+    timed
+        Whether the compression (at a level below 3, of at least 1 MiB) counts into
+        :func:`compress_speed`. The transfer times its chunks, since it decides from
+        that speed; packing does not, so that what a process packs does not sway
+        the transfer's decisions.
     """
     view = bytes_view(raw)
     checksum = xxhash.xxh3_64_intdigest(view)
@@ -110,11 +116,11 @@ def encode_frame(
     if compress is None:
         compress = max_ratio > 0 and _sample_compresses(view, max_ratio)
         if compress:
-            payload = _compressed(view, level)
+            payload = _compressed(view, level, timed)
             if len(payload) >= len(view):  # the sample misled us: store it raw
                 payload, compress = view, False
     elif compress:
-        payload = _compressed(view, level)
+        payload = _compressed(view, level, timed)
     flags = FLAG_LZ4 if compress else 0
     return CHUNK_HEADER.pack(flags, len(view), checksum), payload
 
@@ -125,8 +131,8 @@ def _sample_compresses(view: memoryview, limit: float) -> bool:
     return len(lz4.block.compress(sample, store_size=False)) < limit * len(sample)
 
 
-def _compressed(view: memoryview, level: int) -> bytes:
-    """lz4 of ``view``; at the default level timed into :func:`compress_speed`."""
+def _compressed(view: memoryview, level: int, timed: bool) -> bytes:
+    """lz4 of ``view``; if ``timed``, at the fast level, timed into :func:`compress_speed`."""
     global _compress_speed
     if level >= _HC_LEVEL:
         hc: bytes = lz4.block.compress(
@@ -136,7 +142,7 @@ def _compressed(view: memoryview, level: int) -> bytes:
     started = time.perf_counter()
     payload: bytes = lz4.block.compress(view, store_size=False)
     elapsed = time.perf_counter() - started
-    if len(view) >= _TIMED_MIN_BYTES and elapsed > 0:
+    if timed and len(view) >= _TIMED_MIN_BYTES and elapsed > 0:
         # A running average; races between threads only blur it.
         _compress_speed = 0.7 * _compress_speed + 0.3 * (len(view) / elapsed)
     return payload

@@ -75,7 +75,7 @@ def encode_parts(
         mode = compression()
         if mode != "auto":
             compress = mode == "lz4"
-    return encode_frame(raw, compress=compress,
+    return encode_frame(raw, compress=compress, timed=True,
                         max_ratio=MIN_RATIO if max_ratio is None else max_ratio)
 
 
