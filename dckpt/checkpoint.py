@@ -530,9 +530,11 @@ class Checkpoint:
     ) -> bytes:
         """Return the checkpoint packed into bytes (see :meth:`from_bytes`).
 
-        The packed format starts with a dckpt header and holds an lz4 frame with
-        checksums. To stream a large checkpoint to a file or socket instead, use
-        :func:`dckpt.formats.pack_directory` on :meth:`as_directory`. ``callback``
+        The packed format starts with a dckpt header and holds checksummed records,
+        file contents in pieces stored raw or lz4-compressed where that shrinks them
+        (:mod:`dckpt.formats._packing`). To stream a large checkpoint to a file or
+        socket instead, use :func:`dckpt.formats.pack_directory` on
+        :meth:`as_directory`. ``callback``
         follows the packing of a directory's files (a child per file for its bytes);
         a dict checkpoint's data is in memory already and reports nothing.
         """

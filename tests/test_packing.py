@@ -9,15 +9,18 @@ import os
 import stat
 import struct
 import tracemalloc
+from dataclasses import dataclass
 from pathlib import Path
 
 import dask.config
 import lz4.frame
 import pytest
+import xxhash
 from fsspec.callbacks import Callback
 
-from dckpt.errors import CheckpointError, CheckpointFormatError, UnsafePathError
+from dckpt.errors import CheckpointError, CheckpointFormatError, CorruptChunkError, UnsafePathError
 from dckpt.formats import (
+    CHUNK_HEADER,
     FORMAT_VERSION,
     MAGIC,
     ArchiveEntry,
@@ -32,8 +35,10 @@ from dckpt.formats import (
 )
 from dckpt.formats._tree import copy_tree
 from tests._trees import make_tree
+from tests.data.make_packed_v1 import build_v1_tree
 
 MiB = 1 << 20
+V1_FIXTURE = Path(__file__).parent / "data" / "packed-v1.bin"
 
 
 # --- helpers ---------------------------------------------------------------------------
@@ -63,23 +68,63 @@ def unpack_fresh(data: bytes, base: Path, name: str = "out") -> Path:
     return target
 
 
+@dataclass(frozen=True)
+class Record:
+    """One record as fields, encoded by :func:`craft` in either version's layout."""
+
+    kind: bytes
+    path: bytes
+    payload: bytes
+    mode: int
+    size: int
+    path_len: int
+
+
 def record(kind: bytes, path: str | bytes, payload: bytes = b"", *, mode: int = 0o644,
-           size: int | None = None, path_len: int | None = None) -> bytes:
+           size: int | None = None, path_len: int | None = None) -> Record:
     raw = path.encode() if isinstance(path, str) else path
     size = len(payload) if size is None else size
     path_len = len(raw) if path_len is None else path_len
-    return struct.pack(">cIQI", kind, mode, size, path_len) + raw + payload
+    return Record(kind, raw, payload, mode, size, path_len)
 
 
-def craft(*records: bytes, count: int | None = None, end: bool = True, after_end: bytes = b"",
-          version: int = FORMAT_VERSION, flags: int = 0) -> bytes:
-    """An archive written by hand, byte by byte: the writer refuses to make hostile ones."""
-    body = b"".join(records)
+def _v1_record(rec: Record) -> bytes:
+    return struct.pack(">cIQI", rec.kind, rec.mode, rec.size, rec.path_len) + rec.path + rec.payload
+
+
+def _v2_record(rec: Record, chain: xxhash.xxh3_64) -> bytes:
+    """Version 2: header + path + extra + xxh3_64, then a file's payload as one raw piece."""
+    extra = {b"L": rec.payload, b"Z": chain.digest()}.get(rec.kind, b"")
+    body = struct.pack(">cIQI", rec.kind, rec.mode, rec.size, rec.path_len) + rec.path + extra
+    checksum = struct.pack(">Q", xxhash.xxh3_64_intdigest(body))
+    chain.update(checksum)
+    out = body + checksum
+    if rec.kind == b"F" and rec.payload:
+        prefix = struct.pack(">I", len(rec.payload)) + CHUNK_HEADER.pack(
+            0, len(rec.payload), xxhash.xxh3_64_intdigest(rec.payload))
+        chain.update(prefix)
+        out += prefix + rec.payload
+    return out
+
+
+def craft(*records: Record, count: int | None = None, end: bool = True,
+          after_end: bytes = b"", version: int = FORMAT_VERSION, flags: int = 0,
+          layout: int | None = None) -> bytes:
+    """An archive written by hand, byte by byte: the writer refuses to make hostile ones.
+
+    ``layout`` is the version whose body is written (``version`` when ``None``), so that
+    a header can claim another version than its body has.
+    """
+    layout = version if layout is None else layout
     if end:
-        body += record(b"Z", "", size=len(records) if count is None else count, mode=0)
-    body += after_end
-    frame = lz4.frame.compress(body, content_checksum=True, block_checksum=True)
-    return struct.pack(">8sHH", MAGIC, version, flags) + frame
+        records += (record(b"Z", "", size=len(records) if count is None else count, mode=0),)
+    if layout == 1:
+        body = b"".join(_v1_record(rec) for rec in records) + after_end
+        payload = lz4.frame.compress(body, content_checksum=True, block_checksum=True)
+    else:
+        chain = xxhash.xxh3_64()
+        payload = b"".join(_v2_record(rec, chain) for rec in records) + after_end
+    return struct.pack(">8sHH", MAGIC, version, flags) + payload
 
 
 class RecordingCallback(Callback):
@@ -283,7 +328,10 @@ def test_files_pack_and_unpack_as_streams_atomically_at_the_target(tree: Path, t
     assert os.listdir(packed.parent) == ["tree.dckpt"]  # no staging left beside it
 
     data = packed.read_bytes()
+    flipped = bytearray(data)
+    flipped[data.index((tree / "big.bin").read_bytes()[: 1 << 10]) + 3 * MiB] ^= 0x04
     for damaged, match in [(data[: len(data) // 2], "truncated"),
+                           (bytes(flipped), "corrupted"),  # in big.bin's first raw piece
                            (craft(record(b"F", "../escape", b"x")), r"\.\."),
                            (craft(record(b"F", "/abs", b"x")), "absolute")]:
         before = sorted(os.listdir(tmp_path))
@@ -292,6 +340,135 @@ def test_files_pack_and_unpack_as_streams_atomically_at_the_target(tree: Path, t
         assert snapshot(target) == expected  # untouched
         assert sorted(os.listdir(tmp_path)) == before  # nothing half-written beside it
     assert not (tmp_path / "escape").exists()
+
+
+# --- versions, pieces and checksums ---------------------------------------------------
+
+
+def test_data_packed_by_version_1_still_unpacks_to_the_same_tree(tmp_path: Path):
+    data = V1_FIXTURE.read_bytes()  # written by the version 1 writer, never regenerated
+    assert struct.unpack(">8sHH", data[:12]) == (MAGIC, 1, 0)
+    assert ArchiveReader(io.BytesIO(data)).version == 1
+    expected = snapshot(build_v1_tree(tmp_path / "expected"))
+    out = unpack_fresh(data, tmp_path)
+    assert snapshot(out) == expected
+    # Read as a stream from a named file too, and packed again: now version 2.
+    target = tmp_path / "streamed"
+    with open(V1_FIXTURE, "rb") as f:
+        unpack_directory(f, target)
+    assert snapshot(target) == expected
+    again = pack_directory_to_bytes(out)
+    assert ArchiveReader(io.BytesIO(again)).version == FORMAT_VERSION == 2
+    assert snapshot(unpack_fresh(again, tmp_path, "again")) == expected
+
+
+def _pieces(data: bytes) -> list[tuple[int, int, int, int]]:
+    """``(offset of the payload, flags, raw length, stored length)`` of every piece of an
+    archive of one file, parsed by hand from the documented layout."""
+    fixed = struct.Struct(">cIQI")
+    kind, _, size, path_len = fixed.unpack_from(data, 12)
+    assert kind == b"F"
+    pos = 12 + fixed.size + path_len + 8
+    pieces, done = [], 0
+    while done < size:
+        (stored,) = struct.unpack_from(">I", data, pos)
+        flags, raw_len, _ = CHUNK_HEADER.unpack_from(data, pos + 4)
+        pieces.append((pos + 4 + CHUNK_HEADER.size, flags, raw_len, stored))
+        pos += 4 + CHUNK_HEADER.size + stored
+        done += raw_len
+    return pieces
+
+
+def test_incompressible_pieces_are_stored_raw_and_still_checked(tmp_path: Path):
+    src = tmp_path / "src"
+    src.mkdir()
+    noise = os.urandom(9 * MiB)
+    (src / "weights.bin").write_bytes(noise)
+    data = pack_directory_to_bytes(src)  # write-chunk-bytes: 4 MiB
+    assert len(noise) < len(data) < len(noise) + 200  # header, two records, three pieces
+    pieces = _pieces(data)
+    assert [(flags, raw, stored) for _, flags, raw, stored in pieces] == [
+        (0, 4 * MiB, 4 * MiB), (0, 4 * MiB, 4 * MiB), (0, MiB, MiB)]
+    assert data[pieces[1][0] : pieces[1][0] + 4 * MiB] == noise[4 * MiB : 8 * MiB]
+    assert (unpack_fresh(data, tmp_path) / "weights.bin").read_bytes() == noise
+
+    damaged = bytearray(data)
+    damaged[pieces[1][0] + 12345] ^= 0x01  # one bit of the second piece's raw bytes
+    with pytest.raises(CorruptChunkError, match="piece at offset 4194304 of 'weights.bin'.*"
+                                                 "checksum") as info:
+        unpack_fresh(bytes(damaged), tmp_path, "damaged")
+    assert isinstance(info.value, CheckpointFormatError)
+
+
+def test_compressible_pieces_are_compressed(tmp_path: Path):
+    src = tmp_path / "src"
+    src.mkdir()
+    noise = os.urandom(4 * MiB)
+    text = b"".join(b"step %d loss 0.%04d\n" % (i, i % 9973) for i in range(400_000))[: 4 * MiB]
+    mixed = bytes(4 * MiB) + noise + text  # zeros, noise and text: one piece each
+    (src / "mixed.bin").write_bytes(mixed)
+    for level in (None, 9):
+        out = io.BytesIO()
+        with ArchiveWriter(out, compression_level=level) as writer:
+            writer.add_file("mixed.bin", src / "mixed.bin")
+        data = out.getvalue()
+        pieces = _pieces(data)
+        assert [(f, raw) for _, f, raw, _ in pieces] == [(1, 4 * MiB), (0, 4 * MiB), (1, 4 * MiB)]
+        zeros_stored, noise_stored, text_stored = (stored for *_, stored in pieces)
+        assert zeros_stored < 64 * 1024 and noise_stored == 4 * MiB
+        assert text_stored < 0.6 * 4 * MiB
+        assert len(data) < noise_stored + zeros_stored + text_stored + 200
+        out_dir = unpack_fresh(data, tmp_path, f"out-{level}")
+        assert (out_dir / "mixed.bin").read_bytes() == mixed
+
+
+def test_packing_leaves_the_transfers_lz4_speed_alone():
+    # The transfer decides from compress_speed() whether lz4 pays on a link; what a
+    # process packs (zeros compress at many GB/s) must not sway that.
+    from dckpt.formats import compress_speed
+
+    before = compress_speed()
+    out = io.BytesIO()
+    with ArchiveWriter(out) as writer:
+        writer.add_bytes("zeros", bytes(8 * MiB))
+    assert len(out.getvalue()) < MiB and compress_speed() == before
+
+
+@pytest.mark.parametrize("what", ["path", "link target", "mode"])
+def test_a_damaged_record_header_is_refused(tmp_path: Path, what: str):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "notes.txt").write_text("hello")
+    (src / "link").symlink_to("notes.txt")
+    data = pack_directory_to_bytes(src)
+    # Sorted: the link's record (its target inside), then the file's.
+    link_target = data.index(b"notes.txt")
+    file_record = data.index(b"notes.txt", link_target + 1) - struct.calcsize(">cIQI")
+    assert data[file_record : file_record + 1] == b"F"
+    at = {"path": file_record + struct.calcsize(">cIQI"), "link target": link_target,
+          "mode": file_record + 4}[what]  # mode: the low byte of the uint32
+    damaged = bytearray(data)
+    damaged[at] ^= 0x02
+    with pytest.raises(CheckpointFormatError, match="record header fails its checksum"):
+        unpack_fresh(bytes(damaged), tmp_path)
+
+
+def test_pieces_moved_between_files_are_refused(tmp_path: Path):
+    # Each piece passes its own checksum where it lands; the end record's digest of all
+    # record and piece checksums catches that they are out of order.
+    out = io.BytesIO()
+    a, b = os.urandom(1000), os.urandom(1000)
+    with ArchiveWriter(out) as writer:
+        writer.add_bytes("a", a)
+        writer.add_bytes("b", b)
+    data = out.getvalue()
+    piece = struct.calcsize(">I") + CHUNK_HEADER.size + 1000
+    start_a, start_b = data.index(a) - piece + 1000, data.index(b) - piece + 1000
+    swapped = bytearray(data)
+    swapped[start_a : start_a + piece] = data[start_b : start_b + piece]
+    swapped[start_b : start_b + piece] = data[start_a : start_a + piece]
+    with pytest.raises(CheckpointFormatError, match="out of order"):
+        unpack_fresh(bytes(swapped), tmp_path)
 
 
 # --- progress --------------------------------------------------------------------------
@@ -457,26 +634,37 @@ def test_writer_refuses_unsafe_entries_and_stays_usable(tmp_path: Path):
         (b"\x80\x04\x95\x10\x00", r"no dckpt header.*Checkpoint.to_bytes\(\)"),
         (MAGIC[:5], "truncated"),
         (MAGIC + b"\x00", "truncated"),
-        (struct.pack(">8sHH", MAGIC, 2, 0), "version 2, but this dckpt reads version 1"),
+        (struct.pack(">8sHH", MAGIC, 3, 0), "version 3, but this dckpt reads versions 1 and 2"),
         (struct.pack(">8sHH", MAGIC, 0, 0), "version 0"),
         (struct.pack(">8sHH", MAGIC, 1, 0x0004), "unknown format flags 0x0004"),
         (struct.pack(">8sHH", MAGIC, 1, 0), "truncated"),
+        (struct.pack(">8sHH", MAGIC, 2, 0), "truncated"),
     ],
     ids=["empty", "garbage", "zip", "pickle", "short-magic", "short-header", "future",
-         "version-0", "flags", "no-body"],
+         "version-0", "flags", "no-body-v1", "no-body-v2"],
 )
 def test_header_checks(data: bytes, match: str, tmp_path: Path):
     with pytest.raises(CheckpointFormatError, match=match):
         unpack_fresh(data, tmp_path)
 
 
-def test_unknown_flags_and_versions_are_refused_even_with_a_valid_body(tmp_path: Path):
+@pytest.mark.parametrize("version", [1, 2])
+def test_unknown_flags_and_versions_are_refused_even_with_a_valid_body(tmp_path: Path,
+                                                                       version: int):
     body = [record(b"F", "f", b"1")]
     with pytest.raises(CheckpointFormatError, match="flags"):
-        ArchiveReader(io.BytesIO(craft(*body, flags=1)))
+        ArchiveReader(io.BytesIO(craft(*body, flags=1, version=version)))
     with pytest.raises(CheckpointFormatError, match="version 7"):
-        ArchiveReader(io.BytesIO(craft(*body, version=7)))
-    assert (unpack_fresh(craft(*body), tmp_path) / "f").read_bytes() == b"1"
+        ArchiveReader(io.BytesIO(craft(*body, version=7, layout=version)))
+    assert ArchiveReader(io.BytesIO(craft(*body, version=version))).version == version
+    assert (unpack_fresh(craft(*body, version=version), tmp_path) / "f").read_bytes() == b"1"
+
+
+def test_a_body_of_the_other_version_is_refused(tmp_path: Path):
+    body = [record(b"F", "f", b"1")]
+    for version, layout in [(1, 2), (2, 1)]:
+        with pytest.raises(CheckpointFormatError):
+            unpack_fresh(craft(*body, version=version, layout=layout), tmp_path, f"v{version}")
 
 
 @pytest.fixture(scope="module")
@@ -514,9 +702,14 @@ def test_bit_flips_are_detected(small_archive: tuple[bytes, dict], tmp_path: Pat
 def test_bit_flip_error_says_corrupted(small_archive: tuple[bytes, dict], tmp_path: Path):
     data, _ = small_archive
     damaged = bytearray(data)
-    damaged[len(data) // 2] ^= 0x10
-    with pytest.raises(CheckpointFormatError, match="corrupted") as info:
+    damaged[len(data) // 2] ^= 0x10  # inside model/weights.bin, 300 kB of noise
+    with pytest.raises(CorruptChunkError, match="corrupted.*'model/weights.bin'.*checksum"):
         unpack_fresh(bytes(damaged), tmp_path)
+    # Version 1: lz4's checksums find it.
+    v1 = bytearray(V1_FIXTURE.read_bytes())
+    v1[len(v1) // 2] ^= 0x10
+    with pytest.raises(CheckpointFormatError, match="corrupted") as info:
+        unpack_fresh(bytes(v1), tmp_path, "v1")
     assert isinstance(info.value.__cause__, RuntimeError)
 
 
@@ -571,18 +764,22 @@ HOSTILE = {
     "non-utf8": ([record(b"F", b"\xff\xfe", b"1")], CheckpointFormatError, "not UTF-8"),
     "dir-payload": ([record(b"D", "d", b"xx")], CheckpointFormatError, "directory with a payload"),
     "overlong-name": ([record(b"F", "f", path_len=1 << 30)], CheckpointFormatError, "overlong"),
-    "huge-size": ([record(b"F", "f", b"1", size=1 << 62)], CheckpointFormatError, "truncated"),
+    # Version 2 reads the end record as the next piece of the file, and refuses it.
+    "huge-size": ([record(b"F", "f", b"1", size=1 << 62)], CheckpointFormatError,
+                  "truncated|holds a piece of"),
 }
 
 
+@pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("case", HOSTILE, ids=list(HOSTILE))
-def test_hostile_archives_are_refused_and_nothing_lands_outside(tmp_path: Path, case: str):
+def test_hostile_archives_are_refused_and_nothing_lands_outside(tmp_path: Path, case: str,
+                                                                version: int):
     records, error, match = HOSTILE[case]
     work = tmp_path / "work" / "deeper"
     target = work / "target"
     target.mkdir(parents=True)
     with pytest.raises(error, match=match):
-        unpack_to_directory(craft(*records), target)
+        unpack_to_directory(craft(*records, version=version), target)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]
     assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["deeper"]
     assert sorted(p.name for p in work.iterdir()) == ["target"]
@@ -596,14 +793,17 @@ def test_hostile_archives_are_refused_and_nothing_lands_outside(tmp_path: Path, 
         ([record(b"F", "f", b"1")], {"count": 2}, "counting 2 entries, but 1 were read"),
         ([record(b"F", "f", b"1")], {"count": 0}, "counting 0 entries"),
         ([record(b"F", "f", b"1")], {"end": False}, "truncated"),
-        ([record(b"F", "f", b"1")], {"after_end": b"junk"}, "data after its end record"),
+        ([record(b"F", "f", b"1")], {"after_end": b"junk"},
+         "data after its end record|trailing bytes"),
         ([record(b"F", "f", b"123", size=10)], {"end": False}, "truncated"),
     ],
     ids=["count-high", "count-low", "no-end", "after-end", "short-payload"],
 )
-def test_damaged_record_streams(tmp_path: Path, records: list[bytes], kwargs: dict, match: str):
+@pytest.mark.parametrize("version", [1, 2])
+def test_damaged_record_streams(tmp_path: Path, records: list[Record], kwargs: dict, match: str,
+                                version: int):
     with pytest.raises(CheckpointFormatError, match=match):
-        unpack_fresh(craft(*records, **kwargs), tmp_path)
+        unpack_fresh(craft(*records, **kwargs, version=version), tmp_path)
 
 
 def test_a_nested_inside_link_and_a_climbing_inside_link_are_accepted(tmp_path: Path):

@@ -15,7 +15,6 @@ from typing import Any
 from dckpt.cli import _output, _places
 from dckpt.cli._listing import Listing, list_place
 from dckpt.errors import CheckpointFormatError
-from dckpt.formats import FORMAT_VERSION
 from dckpt.formats._layout import (
     DICT_FILE,
     HEADER_FILE,
@@ -75,7 +74,7 @@ def describe(place: _places.Place, listing: Listing, *, unpickle: bool) -> dict[
         "kind": place.kind,
         "layout": "dckpt" if header is not None else "plain",
         "format_version": header.format_version if header is not None else None,
-        "packed_format_version": FORMAT_VERSION if place.kind == "bytes" else None,
+        "packed_format_version": listing.packed_version if place.kind == "bytes" else None,
         "uri_status": listing.status,
         "class": (header.checkpoint_class if header is not None else None) or _BASE_CLASS,
         "metadata": header.metadata if header is not None else {},

@@ -24,8 +24,9 @@ class Listing:
 
     ``files`` maps ``/``-separated relative paths to sizes; ``links`` symlinks to their
     targets; ``directories`` the folders known to exist (empty ones included where the
-    place records them). ``stored_bytes`` is the size of a bytes file; ``status`` the
-    state of a folder at a URI (``"committed"`` or ``"plain"``).
+    place records them). ``stored_bytes`` is the size of a bytes file and
+    ``packed_version`` its packed format version; ``status`` the state of a folder at
+    a URI (``"committed"`` or ``"plain"``).
     """
 
     files: dict[str, int] = field(default_factory=dict)
@@ -33,6 +34,7 @@ class Listing:
     directories: set[str] = field(default_factory=set)
     contents: dict[str, bytes] = field(default_factory=dict)
     stored_bytes: int | None = None
+    packed_version: int | None = None
     status: str | None = None
 
     @property
@@ -95,6 +97,7 @@ def _list_bytes_file(path: str, read: Collection[str]) -> Listing:
     listing = Listing(stored_bytes=os.path.getsize(path))
     with open(path, "rb") as f:
         reader = ArchiveReader(f)
+        listing.packed_version = reader.version
         for entry in reader:
             if entry.kind == "directory":
                 listing.directories.add(entry.path)

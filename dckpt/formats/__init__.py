@@ -1,12 +1,22 @@
 """How checkpoints look on disk and on the wire.
 
-The packed byte format (:mod:`dckpt.formats._packing`) is public here; the directory
+The packed byte format (:mod:`dckpt.formats._packing`) and the chunk frame codec it
+shares with the transfer (:mod:`dckpt.formats._frames`) are public here; the directory
 layout (:mod:`dckpt.formats._layout`), path checks and atomic renames are private
 helpers used by the rest of dckpt.
 """
 
 from __future__ import annotations
 
+from dckpt.formats._frames import (
+    CHUNK_HEADER,
+    MIN_RATIO,
+    Buffer,
+    Frame,
+    compress_speed,
+    decode_frame,
+    encode_frame,
+)
 from dckpt.formats._packing import (
     FORMAT_VERSION,
     MAGIC,
@@ -22,6 +32,13 @@ from dckpt.formats._packing import (
 )
 
 __all__ = [
+    "CHUNK_HEADER",
+    "MIN_RATIO",
+    "Buffer",
+    "Frame",
+    "compress_speed",
+    "decode_frame",
+    "encode_frame",
     "FORMAT_VERSION",
     "MAGIC",
     "ArchiveEntry",

@@ -15,7 +15,8 @@ Memory on either side grows by a few chunks, never by the size of the checkpoint
 A receiver that holds some of the files already (``have``) asks only for the chunks of
 the others, and places those from its own copies (hard links where it can).
 
-Modules: ``_manifest`` (the manifest and its checks), ``_frames`` (chunk frames),
+Modules: ``_manifest`` (the manifest and its checks), ``_frames`` (chunk frames: the
+codec of :mod:`dckpt.formats` with the transfer's compression setting and link rule),
 ``_source`` (the sender), ``_receive`` (the receiver), ``_place`` (files placed from
 local copies), ``_progress`` (receives in progress: :func:`receiving`, and their INFO
 log lines), ``_settings``

@@ -101,13 +101,21 @@ def check_report(report: dict[str, Any], kind: str) -> None:
     assert "dict_keys" not in report  # nothing was unpickled
 
 
+def test_inspect_names_the_packed_version_the_file_holds():
+    # Written by packed format version 1, which this dckpt still reads.
+    report = json.loads(ok(dckpt("inspect", "tests/data/packed-v1.bin", "--json")))
+    assert report["kind"] == "bytes" and report["packed_format_version"] == 1
+    assert report["files"]["model/weights.bin"] == 3000
+    assert report["links"] == {"link_to_config": "model/layers/config.json"}
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_inspect_each_kind(kind, directory, tmp_path):
     src = place(kind, directory, tmp_path)
     report = json.loads(ok(dckpt("inspect", src, "--json")))
     check_report(report, "directory" if kind == "file_uri" else kind)
     if kind == "bytes":
-        assert report["packed_format_version"] == 1
+        assert report["packed_format_version"] == 2
         assert report["stored_size"] == os.path.getsize(src)
     text = ok(dckpt("inspect", src))
     assert '"epoch": 3' in text and "dict_checkpoint.pkl; pass --unpickle" in text

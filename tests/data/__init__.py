@@ -1,0 +1,1 @@
+"""Data files for the tests, and the scripts that made them."""
