@@ -51,7 +51,7 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     # dckpt.put needs distributed; import it only for those who use it.
     if name == "put":
-        from dckpt.cluster._put import put
+        from dckpt.cluster import put
 
         return put
     raise AttributeError(f"module 'dckpt' has no attribute {name!r}")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from dckpt.cluster._core import NodeRef
+    from dckpt.cluster import NodeRef
 
 __all__ = ["DictData", "LocalDirectory", "NodeReference", "Source", "UriFolder", "with_uri"]
 

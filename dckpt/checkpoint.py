@@ -57,12 +57,13 @@ from dckpt.errors import (
 from dckpt.formats import (
     ArchiveReader,
     ArchiveWriter,
+    atomic_directory,
+    copy_tree,
     is_packed,
     unpack_to_directory,
+    write_file_atomically,
 )
 from dckpt.formats import _ray as ray_format
-from dckpt.formats._atomic import atomic_directory
-from dckpt.formats._tree import copy_tree
 from dckpt.formats._layout import (
     CONTROL_FILES,
     DICT_FILE,
@@ -78,11 +79,10 @@ from dckpt.formats._layout import (
     read_header,
     read_pickle_file,
     split_reserved,
-    write_file_atomically,
 )
 
 if TYPE_CHECKING:
-    from dckpt.cluster._core import NodeRef
+    from dckpt.cluster import NodeRef
 
 __all__ = ["Checkpoint", "node_ref_of", "source_of", "with_node_ref"]
 

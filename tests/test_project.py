@@ -34,8 +34,10 @@ def test_readme_has_exactly_two_set_up_commands():
 
 
 def test_ci_runs_the_readme_test_command_verbatim():
-    ci = (ROOT / ".ci" / "run").read_text().splitlines()
-    assert _readme_commands()[1] in [line.strip() for line in ci]
+    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
+    assert ci[-1] == _readme_commands()[1]
+    # ... and type-checks the package before it.
+    assert ".venv/bin/python -m mypy" in ci[:-1]
 
 
 def _requirement_name(requirement: str) -> str:
@@ -200,3 +202,217 @@ def test_the_private_guard_sees_what_it_must():
     ), privates)
     assert [text for _, text in caught] == [
         "checkpoint._local_path", "checkpoint._source", "self._with_node_ref"]
+
+
+# -- the architecture: DESIGN.md's layers, and no reaching into another package --------
+
+# Every part of dckpt/ and its layer, lowest first (DESIGN.md: formats < storage < node <
+# transfer < cluster < API < apps). An import may point to its own layer or below. A
+# module's part is the longest entry that prefixes its dotted name.
+_LAYERS: list[tuple[str, set[str]]] = [
+    # DESIGN.md lists errors.py with the API, being public; but every layer raises its
+    # types, so it sits under all of them (it imports nothing of dckpt), as do the
+    # settings' loader and the machine-wide locks that formats' atomic writes use.
+    ("floor", {"dckpt.errors", "dckpt._config", "dckpt._locks"}),
+    ("formats", {"dckpt.formats"}),
+    ("storage", {"dckpt.storage"}),
+    ("node", {"dckpt.node"}),
+    ("transfer", {"dckpt.transfer"}),
+    # _compat.py: the touches of distributed's internals, for cluster/ and predict/.
+    ("cluster", {"dckpt.cluster", "dckpt._compat"}),
+    ("API", {"dckpt", "dckpt.checkpoint", "dckpt._sources", "dckpt._shared_dir"}),
+    # The apps, in the order they build on each other: a framework module of train/
+    # gives its framework's predictor too (ray.train.torch.TorchPredictor), the demo
+    # trains and predicts, the command line runs the demo.
+    ("predict", {"dckpt.predict"}),
+    ("train", {"dckpt.train"}),
+    ("air, demo, dashboard", {"dckpt.air", "dckpt.demo", "dckpt.dashboard"}),
+    ("cli", {"dckpt.cli", "dckpt.__main__"}),
+]
+
+# (importer, imported module): the imports that point up, each with its reason.
+_UPWARD_IMPORTS = {
+    ("dckpt.cluster._put", "dckpt._sources"):
+        "put() is dckpt.put, API: it takes and returns Checkpoints. Its move to the API "
+        "layer belongs to issue 14's public-face part (it reshapes dckpt/__init__ too).",
+    ("dckpt.cluster._put", "dckpt.checkpoint"):
+        "the same put(); checkpoint.py is imported at call time (and for types only).",
+}
+
+# (importer, private module of another package): each with its reason. What a package
+# shares with others it exports in its __init__ (formats' helpers, NodeRef and put).
+_PRIVATE_REACHES = {
+    ("dckpt.checkpoint", "dckpt.formats._layout"):
+        "the directory layout is the façade's own format, kept in formats/ so that the "
+        "layers below need not import the façade; its 14 names are no one else's API.",
+    ("dckpt.cli._inspect", "dckpt.formats._layout"):
+        "dckpt inspect reads the layout without unpickling, which Checkpoint cannot.",
+    ("dckpt.checkpoint", "dckpt.formats._ray"):
+        "reading checkpoints Ray wrote is the façade's job; formats/ has no public face "
+        "for Ray's layout and needs none.",
+    ("dckpt.checkpoint", "dckpt.cluster._resolve"):
+        "node references resolve through the cluster, imported at call time (it imports "
+        "distributed); make_ref and pinned_copy are plumbing, not dckpt.cluster's face.",
+    ("dckpt.checkpoint", "dckpt.cluster._put"):
+        "push_for_pickling: the same plumbing, for a driver's large checkpoint pickled.",
+    ("dckpt.train._persist", "dckpt.cluster._store"):
+        "driver_store(): the persister drops the driver's cached copy once persisted; "
+        "the driver's store is no public object.",
+    ("dckpt.train._persist", "dckpt.cluster._forget"):
+        "forget(): unregister a checkpoint the manager dropped, on every node; plumbing.",
+}
+
+
+def _modules() -> dict[str, Path]:
+    """Every module of dckpt/ by dotted name (a package by its __init__.py)."""
+    out = {}
+    for path in sorted((ROOT / "dckpt").rglob("*.py")):
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        out[".".join(parts)] = path
+    return out
+
+
+def _imports(name: str, source: str, modules: set[str]) -> list[tuple[int, str, str]]:
+    """``(line, imported module, dotted name used)`` for each of dckpt's names that
+    module ``name`` imports or reaches through an imported module's attributes: at
+    module level, in functions and under ``TYPE_CHECKING`` alike."""
+    is_package = f"{name}.__init__" in modules or any(m.startswith(name + ".") for m in modules)
+    package = name if is_package else name.rpartition(".")[0]
+
+    def module_of(dotted: str) -> str:
+        while dotted not in modules and "." in dotted:
+            dotted = dotted.rpartition(".")[0]
+        return dotted
+
+    tree = ast.parse(source)
+    found: list[tuple[int, str, str]] = []
+    aliases: dict[str, str] = {}  # local name -> the dckpt module or name it is bound to
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "dckpt":
+                    found.append((node.lineno, module_of(alias.name), alias.name))
+                    bound = alias.name if alias.asname else alias.name.split(".")[0]
+                    aliases[alias.asname or alias.name.split(".")[0]] = bound
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(up + ([node.module] if node.module else []))
+            if base.split(".")[0] != "dckpt":
+                continue
+            for alias in node.names:
+                dotted = f"{base}.{alias.name}"
+                found.append((node.lineno, module_of(dotted), dotted))
+                aliases[alias.asname or alias.name] = dotted
+    inner = {id(node.value) for node in ast.walk(tree) if isinstance(node, ast.Attribute)}
+    for node in ast.walk(tree):
+        # module.attr.attr... on a name bound to one of dckpt's modules (whole chains only)
+        if isinstance(node, ast.Attribute) and id(node) not in inner:
+            chain, root = [node.attr], node.value
+            while isinstance(root, ast.Attribute):
+                chain.append(root.attr)
+                root = root.value
+            if isinstance(root, ast.Name) and root.id in aliases and aliases[root.id] in modules:
+                dotted = ".".join([aliases[root.id], *reversed(chain)])
+                found.append((node.lineno, module_of(dotted), dotted))
+    return found
+
+
+def _part(name: str) -> str:
+    """The entry of :data:`_LAYERS` that module ``name`` belongs to."""
+    return max((part for _, parts in _LAYERS for part in parts
+                if name == part or name.startswith(part + ".")), key=len)
+
+
+def _layer(name: str) -> int:
+    part = _part(name)
+    return next(i for i, (_, parts) in enumerate(_LAYERS) if part in parts)
+
+
+def _upward(name: str, source: str, modules: set[str]) -> list[tuple[int, str]]:
+    """``(line, imported module)`` for each import of ``name`` that points up a layer."""
+    return sorted({(line, target) for line, target, _ in _imports(name, source, modules)
+                   if _layer(target) > _layer(name)})
+
+
+def _owner(dotted: str) -> str | None:
+    """The package that owns ``dotted`` if it is private: the part before its first
+    ``_name`` (``dckpt.formats._atomic.x`` -> ``dckpt.formats``); None if it is public."""
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        if part.startswith("_") and not part.startswith("__"):
+            return ".".join(parts[:i])
+    return None
+
+
+def _reaches(name: str, source: str, modules: set[str]) -> list[tuple[int, str, str]]:
+    """``(line, private module, name used)`` for each private name of another package
+    that module ``name`` uses. A package's own modules and subpackages may use its
+    private names (dckpt.cluster uses dckpt._config), no one else."""
+    out = set()
+    for line, target, dotted in _imports(name, source, modules):
+        owner = _owner(dotted)
+        if owner is not None and not (name == owner or name.startswith(owner + ".")):
+            # Report the private module: the owner's first underscore part.
+            out.add((line, ".".join(dotted.split(".")[: len(owner.split(".")) + 1]), dotted))
+    return sorted(out)
+
+
+def test_every_part_of_dckpt_has_a_layer():
+    # Only dckpt/__init__.py itself may fall to the entry "dckpt".
+    unplaced = [name for name in _modules() if name != "dckpt" and _part(name) == "dckpt"]
+    assert unplaced == [], f"modules in no layer of _LAYERS (add their package): {unplaced}"
+
+
+def test_imports_point_down_the_layers():
+    """DESIGN.md: each layer uses only the ones below it, at import time or call time."""
+    modules = _modules()
+    found = {(name, target): line for name, path in modules.items()
+             for line, target in _upward(name, path.read_text(), set(modules))}
+    offenders = [f"{modules[name].relative_to(ROOT)}:{line} imports {target}"
+                 for (name, target), line in sorted(found.items())
+                 if (name, target) not in _UPWARD_IMPORTS]
+    assert offenders == [], "imports pointing up a layer: " + "; ".join(offenders)
+    stale = set(_UPWARD_IMPORTS) - set(found)
+    assert not stale, f"listed in _UPWARD_IMPORTS but gone, remove them: {sorted(stale)}"
+
+
+def test_no_module_reaches_into_another_packages_private_names():
+    """DESIGN.md: what two layers share is public in the lower one."""
+    modules = _modules()
+    found: dict[tuple[str, str], list[str]] = {}
+    for name, path in modules.items():
+        for line, private, dotted in _reaches(name, path.read_text(), set(modules)):
+            found.setdefault((name, private), []).append(
+                f"{path.relative_to(ROOT)}:{line} uses {dotted}")
+    offenders = [use for key, uses in sorted(found.items()) if key not in _PRIVATE_REACHES
+                 for use in uses]
+    assert offenders == [], "private names of another package: " + "; ".join(offenders)
+    stale = set(_PRIVATE_REACHES) - set(found)
+    assert not stale, f"listed in _PRIVATE_REACHES but gone, remove them: {sorted(stale)}"
+
+
+def test_the_architecture_guards_see_what_they_must():
+    modules = set(_modules())
+    source = (
+        "import dckpt.cluster\n"
+        "from dckpt import _config, node\n"
+        "from dckpt.formats._atomic import atomic_directory\n"
+        "from dckpt import transfer as t\n"
+        "from ..storage import _read\n"
+        "def f():\n"
+        "    from dckpt.checkpoint import Checkpoint\n"
+        "    return dckpt.cluster._store.local_store(), t._frames, node.node_id()\n"
+    )
+    assert _upward("dckpt.transfer._receive", source, modules) == [
+        (1, "dckpt.cluster"), (7, "dckpt.checkpoint"), (8, "dckpt.cluster._store")]
+    assert _upward("dckpt.cluster._store", source, modules) == [(7, "dckpt.checkpoint")]
+    assert [(line, private) for line, private, _ in
+            _reaches("dckpt.transfer._receive", source, modules)] == [
+        (3, "dckpt.formats._atomic"), (5, "dckpt.storage._read"), (8, "dckpt.cluster._store")]
+    # Within its own package a module may use the package's private names.
+    assert _reaches("dckpt.formats._packing", "from dckpt.formats._atomic import x\n",
+                    modules) == []

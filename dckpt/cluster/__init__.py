@@ -7,6 +7,9 @@
   registry of who holds which checkpoint (:class:`DckptSchedulerPlugin`), read with
   :func:`who_has`, :func:`registry` and :func:`checkpoints` (per checkpoint: its
   size, holders and URIs).
+- :func:`put` (also ``dckpt.put``) stages a checkpoint on chosen nodes;
+  :class:`NodeRef` is what a node reference is
+  (``Checkpoint.get_internal_representation()`` of an unresolved one).
 - :class:`NodeCluster` is a local Dask cluster whose workers are simulated nodes,
   isolated in mount namespaces where possible, and on request in network namespaces
   of their own (``network=True``, ``link_rate="1gbit"``).
@@ -14,6 +17,7 @@
 
 from __future__ import annotations
 
+from dckpt.cluster._core import NodeRef
 from dckpt.cluster._local import (
     IsolationUnavailableWarning,
     NetworkIsolationUnavailableWarning,
@@ -29,6 +33,7 @@ from dckpt.cluster._scheduler_plugin import (
     registry,
     who_has,
 )
+from dckpt.cluster._put import put
 from dckpt.cluster._store import NodeStore, stats, store_of
 from dckpt.cluster._worker_plugin import NodeStorePlugin
 
@@ -39,11 +44,13 @@ __all__ = [
     "NetworkIsolationUnavailableWarning",
     "NodeCluster",
     "NodeInfo",
+    "NodeRef",
     "NodeStore",
     "NodeStorePlugin",
     "install",
     "isolation_available",
     "network_isolation_available",
+    "put",
     "registry",
     "stats",
     "store_of",

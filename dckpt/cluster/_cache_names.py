@@ -17,7 +17,7 @@ import os
 import re
 
 from dckpt._locks import is_alive
-from dckpt.formats._atomic import partial_sibling
+from dckpt.formats import partial_sibling
 
 __all__ = [
     "STAGING_TAG",

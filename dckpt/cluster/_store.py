@@ -121,7 +121,6 @@ class NodeStore:
     _counter_lock: threading.Lock
     # Single flight, per event loop: futures belong to one loop (a driver may use several).
     _in_flight: dict[tuple[int, CheckpointId], asyncio.Future[str]]
-    _corrupt_next_chunks: int
     # Broadcast (:mod:`dckpt.cluster._relay`): transfers in progress that readers
     # downstream may pull from, and checkpoints this store is about to copy in (set
     # once a relay exists or the copy ended), so that a reader the registry sent here
@@ -145,7 +144,6 @@ class NodeStore:
         self._counters = collections.Counter()
         self._counter_lock = threading.Lock()
         self._in_flight = {}
-        self._corrupt_next_chunks = 0
         self._relays = {}
         self._obtaining = {}
         self._comms = None
@@ -205,7 +203,7 @@ class NodeStore:
                 return Status.dont_reply
             with source:
                 await comm.write({"status": "OK", "manifest": manifest.to_dict()})
-                await _stream.serve_chunks(comm, source, on_chunk=self._sent)
+                await _stream.serve_chunks(comm, source, sent=self._sent)
             return Status.dont_reply
         finally:
             self._serving -= 1
@@ -243,22 +241,10 @@ class NodeStore:
         self._cache.unpin(checkpoint_id)
         return None
 
-    def _sent(self, length: int) -> bool:
-        """Count a chunk sent; True when the test hook wants it damaged."""
+    def _sent(self, length: int) -> None:
+        """Count a chunk sent."""
         with self._counter_lock:
             self._counters.update(bytes_sent=length, chunks_sent=1)
-            corrupt = self._corrupt_next_chunks > 0
-            self._corrupt_next_chunks -= corrupt
-        return corrupt
-
-    def corrupt_next_chunks(self, count: int) -> None:
-        """Test hook: flip one byte in each of the next ``count`` chunks sent.
-
-        It stands for damage in transit; receivers detect it by the chunk's checksum
-        and fetch the chunk again (``dckpt.transfer.retries``).
-        """
-        with self._counter_lock:
-            self._corrupt_next_chunks = int(count)
 
     # ------------------------------------------------------------- materializing
 

@@ -117,7 +117,7 @@ async def serve_chunks(
     comm: Comm,
     source: Chunks,
     *,
-    on_chunk: Callable[[int], bool] | None = None,
+    sent: Callable[[int], None] | None = None,
 ) -> None:
     """Answer chunk requests on ``comm`` until the receiver says ``done`` (sender side).
 
@@ -126,8 +126,8 @@ async def serve_chunks(
     Each chunk is read in a thread, the next one ahead of its request (:class:`_ReadAhead`),
     and sent without a copy (:meth:`ChunkSource.read_parts`).
     A chunk that cannot be read ends the transfer with an error reply, which is also
-    raised here. ``on_chunk(length)`` is called for every chunk sent; returning True
-    damages that chunk on its way out (a test hook standing for a bad network).
+    raised here. ``sent(length)`` is called for every chunk as it goes out, so that the
+    sender's counters move during a long transfer, not only at its end.
     """
     reader = _ReadAhead(source)
     raw = _raw_stream(comm)
@@ -143,10 +143,8 @@ async def serve_chunks(
             except Exception as e:
                 await comm.write(error_reply(e))
                 raise
-            if on_chunk is not None and on_chunk(spec.length):
-                damaged = bytearray(payload)
-                damaged[-1] ^= 0x01
-                payload = damaged
+            if sent is not None:
+                sent(spec.length)
             if raw is not None and request.get("raw"):
                 await comm.write({"header": header, "length": len(payload)})
                 await _write_raw(raw, payload)

@@ -1,13 +1,19 @@
 """How checkpoints look on disk and on the wire.
 
 The packed byte format (:mod:`dckpt.formats._packing`) and the chunk frame codec it
-shares with the transfer (:mod:`dckpt.formats._frames`) are public here; the directory
-layout (:mod:`dckpt.formats._layout`), path checks and atomic renames are private
-helpers used by the rest of dckpt.
+shares with the transfer (:mod:`dckpt.formats._frames`) are public here. So are the few
+helpers the layers above share (``DESIGN.md``: what two layers share is public in the
+lower one): path checks (:func:`safe_relpath`, :class:`EntryIndex`), the walk of a tree
+(:func:`plan_tree`, :func:`copy_tree`), atomic writes (:func:`atomic_directory`,
+:func:`partial_sibling`, :func:`write_file_atomically`) and bounded JSON reading
+(:func:`load_json`); they are dckpt's building blocks, not a user's API. The directory
+layout itself (:mod:`dckpt.formats._layout`) stays private to the façade
+(``dckpt.checkpoint``) and ``dckpt inspect``.
 """
 
 from __future__ import annotations
 
+from dckpt.formats._atomic import atomic_directory, partial_sibling
 from dckpt.formats._frames import (
     CHUNK_HEADER,
     MIN_RATIO,
@@ -17,6 +23,7 @@ from dckpt.formats._frames import (
     decode_frame,
     encode_frame,
 )
+from dckpt.formats._layout import load_json, write_file_atomically
 from dckpt.formats._packing import (
     FORMAT_VERSION,
     MAGIC,
@@ -30,6 +37,8 @@ from dckpt.formats._packing import (
     unpack_directory,
     unpack_to_directory,
 )
+from dckpt.formats._paths import EntryIndex, safe_relpath
+from dckpt.formats._tree import copy_tree, plan_tree
 
 __all__ = [
     "CHUNK_HEADER",
@@ -50,4 +59,13 @@ __all__ = [
     "pack_directory_to_file",
     "unpack_directory",
     "unpack_to_directory",
+    # shared with the layers above
+    "EntryIndex",
+    "atomic_directory",
+    "copy_tree",
+    "load_json",
+    "partial_sibling",
+    "plan_tree",
+    "safe_relpath",
+    "write_file_atomically",
 ]

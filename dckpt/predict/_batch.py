@@ -269,7 +269,7 @@ class BatchPredictor:
         """The checkpoint as the scorers receive it; a local directory is staged once."""
         kind, _ = self._checkpoint.get_internal_representation()
         if kind == "local_path":
-            from dckpt.cluster._put import put
+            from dckpt.cluster import put
 
             # One push to one node, then each node fetches it once through the stores,
             # instead of the whole directory inside every scorer's arguments.

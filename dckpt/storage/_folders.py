@@ -12,7 +12,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
-from dckpt.formats._paths import safe_relpath
+from dckpt.formats import safe_relpath
 from dckpt.storage._protocol import is_reserved
 
 # Filesystems where a folder exists apart from the files in it (and may be empty).

@@ -72,8 +72,7 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
 from dckpt.errors import CheckpointFormatError
-from dckpt.formats._layout import load_json
-from dckpt.formats._paths import safe_relpath
+from dckpt.formats import load_json, safe_relpath
 
 logger = logging.getLogger(__name__)
 

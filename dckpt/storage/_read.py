@@ -21,7 +21,7 @@ from dckpt.errors import (
     CheckpointNotFoundError,
     IncompleteCheckpointError,
 )
-from dckpt.formats._paths import safe_relpath
+from dckpt.formats import safe_relpath
 from dckpt.storage._folders import fingerprint, has_files, listing
 from dckpt.storage._parallel import transfer_all
 from dckpt.storage._protocol import (

@@ -21,7 +21,7 @@ from fsspec.callbacks import DEFAULT_CALLBACK, Callback
 from fsspec.implementations.local import LocalFileSystem
 
 from dckpt.errors import CheckpointFormatError, CheckpointNotFoundError
-from dckpt.formats._paths import safe_relpath
+from dckpt.formats import safe_relpath
 from dckpt.storage._folders import remove_empty_folders
 from dckpt.storage._parallel import remove_all, run_parallel, transfer_all
 from dckpt.storage._protocol import (

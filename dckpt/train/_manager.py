@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from distributed import Client
     from typing_extensions import Self
 
-    from dckpt.cluster._core import NodeRef
+    from dckpt.cluster import NodeRef
 
 __all__ = ["CheckpointManager", "TrackedCheckpoint"]
 

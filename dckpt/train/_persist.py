@@ -34,7 +34,7 @@ from dckpt.errors import CheckpointNotFoundError, CheckpointUnavailableError
 if TYPE_CHECKING:
     from distributed import Client
 
-    from dckpt.cluster._core import NodeRef
+    from dckpt.cluster import NodeRef
 
 logger = logging.getLogger(__name__)
 

@@ -17,8 +17,7 @@ from typing import Any
 
 from dckpt import storage
 from dckpt.errors import CheckpointFormatError, CheckpointNotFoundError
-from dckpt.formats._atomic import partial_sibling
-from dckpt.formats._layout import load_json
+from dckpt.formats import load_json, partial_sibling
 
 __all__ = ["STATE_FILE", "STATE_FORMAT", "STATE_VERSION", "read_state", "write_state"]
 

@@ -24,8 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dckpt.errors import CheckpointFormatError
-from dckpt.formats._paths import EntryIndex, safe_relpath
-from dckpt.formats._tree import plan_tree
+from dckpt.formats import EntryIndex, plan_tree, safe_relpath
 from dckpt.transfer._hashes import HASH_HEX_LENGTH, file_hash
 from dckpt.transfer._settings import check_chunk_bytes
 

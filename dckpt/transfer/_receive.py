@@ -26,7 +26,7 @@ from typing import Any, TypeAlias
 from fsspec.callbacks import DEFAULT_CALLBACK, Callback
 
 from dckpt.errors import CorruptChunkError
-from dckpt.formats._atomic import atomic_directory
+from dckpt.formats import atomic_directory
 from dckpt.transfer._frames import Frame, decode_chunk
 from dckpt.transfer._hashes import hash_file, remember
 from dckpt.transfer._manifest import ChunkSpec, Manifest

@@ -16,6 +16,7 @@ from distributed import Client
 
 from dckpt.cluster import NodeCluster, _stream, stats
 from dckpt.cluster._store import local_store, register_directory, store_of
+from tests._damage import chunks_damaged_in_transit
 
 pytestmark = pytest.mark.slow
 
@@ -110,8 +111,8 @@ def test_a_chunk_damaged_in_transit_is_detected_and_fetched_again(node_client: C
     manifest = store_of(owner, node_client).manifest(checkpoint_id).result()
     n_chunks = sum(1 for _, size, _, _ in manifest["files"] if size)  # all under one chunk
     sent_before = node_client.submit(_stats, workers=[owner], pure=False).result()["chunks_sent"]
-    store_of(owner, node_client).corrupt_next_chunks(2).result()
-    cached = store_of(receiver, node_client).fetch(owner, checkpoint_id, digest).result()
+    with chunks_damaged_in_transit(node_client, owner, 2):
+        cached = store_of(receiver, node_client).fetch(owner, checkpoint_id, digest).result()
     assert node_client.submit(_hashes, cached, workers=[receiver], pure=False).result() == hashes
     sent = node_client.submit(_stats, workers=[owner], pure=False).result()["chunks_sent"]
     assert sent - sent_before == n_chunks + 2  # the two damaged chunks were sent again
