@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import sys
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,11 +15,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from dckpt.cluster import (
     DckptSchedulerPlugin,
     NodeCluster,
-    install,
-    isolation_available,
     stats,
     store_of,
 )
+from tests._web_nodes import client, cluster  # noqa: F401 (fixtures)
 from tests._waiting import eventually
 from tests.cluster.test_registry import write
 
@@ -45,19 +43,6 @@ GAUGES = {
 }
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[NodeCluster]:
-    if not isolation_available():
-        pytest.skip("node isolation (mount namespaces) is not available here")
-    with NodeCluster(2, isolate=True, dashboard=True) as cluster:
-        yield cluster
-
-
-@pytest.fixture(scope="module")
-def client(cluster: NodeCluster) -> Client:
-    client = cluster.client(set_as_default=False)
-    install(client)
-    return client
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

@@ -11,7 +11,6 @@ README shows.
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,8 @@ import pytest
 from distributed import Client
 
 from dckpt import Checkpoint
-from dckpt.cluster import NodeCluster, install, isolation_available
+from dckpt.cluster import NodeCluster
+from tests._web_nodes import client, cluster  # noqa: F401 (fixtures)
 from tests._waiting import eventually
 
 pytestmark = pytest.mark.slow
@@ -58,19 +58,6 @@ return find(document, arguments[0]);
 """
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[NodeCluster]:
-    if not isolation_available():
-        pytest.skip("node isolation (mount namespaces) is not available here")
-    with NodeCluster(2, isolate=True, dashboard=True) as cluster:
-        yield cluster
-
-
-@pytest.fixture(scope="module")
-def client(cluster: NodeCluster) -> Client:
-    client = cluster.client(set_as_default=False)
-    install(client)
-    return client
 
 
 @pytest.fixture(scope="module")
