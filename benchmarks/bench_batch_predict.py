@@ -46,22 +46,26 @@ FEATURES = ["f0", "f1", "f2", "f3"]
 class BallastLinear:
     """y = X @ w, carrying ``ballast_mib`` of random bytes like a real model's weights."""
 
-    def __init__(self, w: np.ndarray, ballast_mib: int) -> None:
+    def __init__(self, w: np.ndarray, ballast_mib: int, seed: int) -> None:
         self.w = w
-        self.ballast = np.random.default_rng(1).bytes(ballast_mib << 20)
+        self.ballast = np.random.default_rng(seed).bytes(ballast_mib << 20)
 
     def predict(self, X):
         return np.asarray(X, dtype=float) @ self.w
 
 
 def write_checkpoint(model_mib: int) -> Checkpoint:
-    """On node 0: a directory checkpoint with the model in ``model.pkl``."""
+    """On node 0: a directory checkpoint with the model in ``model.pkl``.
+
+    Of new content each time (a checkpoint is its content: the same bytes again would
+    be in every node's cache already, and the run would measure a warm cache).
+    """
     from dckpt import node
 
     path = os.path.join(node.node_root(), f"model-{uuid.uuid4().hex[:8]}")
     os.makedirs(path)
     with open(os.path.join(path, "model.pkl"), "wb") as f:
-        cloudpickle.dump(BallastLinear(np.arange(1.0, 5.0), model_mib), f)
+        cloudpickle.dump(BallastLinear(np.arange(1.0, 5.0), model_mib, uuid.uuid4().int), f)
     return Checkpoint.from_directory(path)
 
 
