@@ -7,7 +7,8 @@ collector registered there shows up beside distributed's own metrics:
 - on a worker, :func:`register_worker_metrics` (called by the worker plugin at setup)
   exports each node store's counters (:meth:`~dckpt.cluster.NodeStore.stats`):
   counters ``dckpt_bytes_sent_total``, ``dckpt_bytes_received_total``,
-  ``dckpt_transfers_total``, ``dckpt_chunks_sent_total``, ``dckpt_cache_hits_total``,
+  ``dckpt_bytes_reused_total``, ``dckpt_transfers_total``, ``dckpt_chunks_sent_total``,
+  ``dckpt_cache_hits_total``,
   ``dckpt_cache_misses_total``, ``dckpt_cache_evictions_total``; gauges
   ``dckpt_cache_bytes``, ``dckpt_cache_max_bytes``, ``dckpt_cache_entries``,
   ``dckpt_cache_pinned`` and ``dckpt_registered_checkpoints``;
@@ -47,6 +48,8 @@ _COUNTERS = (
     ("dckpt_bytes_sent", "bytes_sent", "Checkpoint bytes this node's store sent to others."),
     ("dckpt_bytes_received", "bytes_received",
      "Checkpoint bytes this node's store copied into its cache from other nodes."),
+    ("dckpt_bytes_reused", "bytes_reused",
+     "File bytes a copy into this node's cache took from files the cache already held."),
     ("dckpt_transfers", "transfers", "Checkpoints copied into this node's cache."),
     ("dckpt_chunks_sent", "chunks_sent", "Chunks this node's store sent."),
     ("dckpt_cache_hits", "cache_hits",

@@ -28,6 +28,7 @@ pytestmark = pytest.mark.slow
 COUNTERS = {
     "dckpt_bytes_sent_total": ("bytes_sent",),
     "dckpt_bytes_received_total": ("bytes_received",),
+    "dckpt_bytes_reused_total": ("bytes_reused",),
     "dckpt_transfers_total": ("transfers",),
     "dckpt_chunks_sent_total": ("chunks_sent",),
     "dckpt_cache_hits_total": ("cache_hits",),
