@@ -60,9 +60,9 @@ def write_checkpoint(model_mib: int) -> Checkpoint:
     Of new content each time (a checkpoint is its content: the same bytes again would
     be in every node's cache already, and the run would measure a warm cache).
     """
-    from dckpt import node
+    from dckpt import _node
 
-    path = os.path.join(node.node_root(), f"model-{uuid.uuid4().hex[:8]}")
+    path = os.path.join(_node.node_root(), f"model-{uuid.uuid4().hex[:8]}")
     os.makedirs(path)
     with open(os.path.join(path, "model.pkl"), "wb") as f:
         cloudpickle.dump(BallastLinear(np.arange(1.0, 5.0), model_mib, uuid.uuid4().int), f)

@@ -40,9 +40,9 @@ MIB = 1 << 20
 
 def make_checkpoint(size: int) -> Checkpoint:
     """On node 0: a checkpoint of random bytes in 64 MiB files (task)."""
-    from dckpt import node
+    from dckpt import _node
 
-    root = os.path.join(node.node_root(), f"bench-broadcast-{uuid.uuid4().hex[:8]}")
+    root = os.path.join(_node.node_root(), f"bench-broadcast-{uuid.uuid4().hex[:8]}")
     os.makedirs(root)
     left, i = size, 0
     while left > 0:

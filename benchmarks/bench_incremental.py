@@ -61,9 +61,9 @@ def write_step(previous: str | None, n_files: int, n_frozen: int, file_bytes: in
     """
     import shutil
 
-    from dckpt import node
+    from dckpt import _node
 
-    path = os.path.join(node.node_root(), f"bench-step-{uuid.uuid4().hex[:8]}")
+    path = os.path.join(_node.node_root(), f"bench-step-{uuid.uuid4().hex[:8]}")
     os.makedirs(path)
     for i in range(n_files):
         name = f"{'frozen' if i < n_frozen else 'tuned'}-{i:03d}.bin"

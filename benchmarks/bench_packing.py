@@ -44,7 +44,7 @@ STEP = textwrap.dedent(
 
     step, src, dst = sys.argv[1:4]
     if step.startswith("dckpt"):
-        from dckpt.formats import pack_directory, unpack_to_directory
+        from dckpt._formats import pack_directory, unpack_to_directory
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
     before = rss_kib("VmRSS")

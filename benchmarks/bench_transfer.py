@@ -70,9 +70,9 @@ def make_source(kind: str, size: int, n_files: int) -> dict[str, Any]:
     """Write a checkpoint of ``n_files`` files under this node's root (task, node 0)."""
     import lz4.block
 
-    from dckpt import node
+    from dckpt import _node
 
-    root = os.path.join(node.node_root(), f"bench-src-{kind}-{uuid.uuid4().hex[:8]}")
+    root = os.path.join(_node.node_root(), f"bench-src-{kind}-{uuid.uuid4().hex[:8]}")
     os.makedirs(root)
     per_file = size // n_files
     names = []
@@ -216,9 +216,9 @@ def naive_receive(server: Any, names: list[str], target: str) -> float:
 
 def node_path(name: str) -> str:
     """A fresh path under this node's root (task)."""
-    from dckpt import node
+    from dckpt import _node
 
-    return os.path.join(node.node_root(), f"{name}-{uuid.uuid4().hex[:8]}")
+    return os.path.join(_node.node_root(), f"{name}-{uuid.uuid4().hex[:8]}")
 
 
 def remove(path: str) -> None:

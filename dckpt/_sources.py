@@ -30,8 +30,8 @@ class DictData:
     """An in-memory dict checkpoint.
 
     ``data`` is the user's dict with the reserved ``"_dckpt"`` key already split off
-    (:func:`dckpt.formats._layout.split_reserved`); ``files`` are the files added to
-    its directory form, packed (:mod:`dckpt.formats._packing`), or ``None``.
+    (:func:`dckpt._formats._layout.split_reserved`); ``files`` are the files added to
+    its directory form, packed (:mod:`dckpt._formats._packing`), or ``None``.
     """
 
     data: dict[Any, Any]

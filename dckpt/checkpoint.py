@@ -6,8 +6,8 @@ them so that every round trip gives back what went in. Ray code ports by changin
 import: ``from dckpt import Checkpoint``.
 
 The file layout and what travels beside a dict are described in
-:mod:`dckpt.formats._layout`; the byte format of :meth:`Checkpoint.to_bytes` in
-:mod:`dckpt.formats._packing`; storage at URIs in :mod:`dckpt.storage`.
+:mod:`dckpt._formats._layout`; the byte format of :meth:`Checkpoint.to_bytes` in
+:mod:`dckpt._formats._packing`; storage at URIs in :mod:`dckpt._storage`.
 
 Which representation a checkpoint holds (or a node reference, on a cluster) is one
 value of :mod:`dckpt._sources`. dckpt's other layers read it through the developer API
@@ -39,22 +39,8 @@ import fsspec.callbacks
 from dask.utils import parse_bytes
 from fsspec.callbacks import DEFAULT_CALLBACK
 
-from dckpt import _config, storage, transfer
-from dckpt._shared_dir import shared_directory, shared_name
-from dckpt._sources import (
-    DictData,
-    LocalDirectory,
-    NodeReference,
-    Source,
-    UriFolder,
-    with_uri,
-)
-from dckpt.errors import (
-    CheckpointFormatError,
-    CheckpointNotFoundError,
-    IncompatibleCheckpointError,
-)
-from dckpt.formats import (
+from dckpt import _config, _storage, _transfer
+from dckpt._formats import (
     ArchiveReader,
     ArchiveWriter,
     atomic_directory,
@@ -63,8 +49,8 @@ from dckpt.formats import (
     unpack_to_directory,
     write_file_atomically,
 )
-from dckpt.formats import _ray as ray_format
-from dckpt.formats._layout import (
+from dckpt._formats import _ray as ray_format
+from dckpt._formats._layout import (
     CONTROL_FILES,
     DICT_FILE,
     HEADER_FILE,
@@ -79,6 +65,20 @@ from dckpt.formats._layout import (
     read_header,
     read_pickle_file,
     split_reserved,
+)
+from dckpt._shared_dir import shared_directory, shared_name
+from dckpt._sources import (
+    DictData,
+    LocalDirectory,
+    NodeReference,
+    Source,
+    UriFolder,
+    with_uri,
+)
+from dckpt.errors import (
+    CheckpointFormatError,
+    CheckpointNotFoundError,
+    IncompatibleCheckpointError,
 )
 
 if TYPE_CHECKING:
@@ -189,8 +189,8 @@ class Checkpoint:
                 "Checkpoint() takes exactly one of local_path, data_dict and uri; "
                 f"got {', '.join(given) or 'none'}"
             )
-        if uri is not None and storage.is_local_uri(uri):
-            local_path, uri = storage.local_path_of(uri), None
+        if uri is not None and _storage.is_local_uri(uri):
+            local_path, uri = _storage.local_path_of(uri), None
 
         self._metadata = None
         self._preprocessor = _UNSET
@@ -210,7 +210,7 @@ class Checkpoint:
         else:
             assert uri is not None
             options = dict(storage_options or {})
-            storage.resolve_uri(uri, options)  # fail early on bad protocols
+            _storage.resolve_uri(uri, options)  # fail early on bad protocols
             self._source = UriFolder(uri, options)
 
     # ------------------------------------------------------------------ constructors
@@ -233,7 +233,7 @@ class Checkpoint:
         Raises :class:`~dckpt.errors.CheckpointNotFoundError` (a ``FileNotFoundError``)
         if ``path`` does not exist and ``NotADirectoryError`` if it is a file.
 
-        A directory Ray AIR 2.x wrote is read as such (:mod:`dckpt.formats._ray`): its
+        A directory Ray AIR 2.x wrote is read as such (:mod:`dckpt._formats._ray`): its
         class from Ray's ``.metadata.pkl``, mapped to dckpt's, or
         :class:`~dckpt.errors.UnsupportedRayClassError` for a class dckpt does not map.
         """
@@ -269,10 +269,10 @@ class Checkpoint:
         the checkpoint, also when it is pickled. A folder Ray AIR 2.x uploaded is read
         as :meth:`from_directory` reads one.
         """
-        if storage.is_local_uri(uri):
-            return cls.from_directory(storage.local_path_of(uri))
+        if _storage.is_local_uri(uri):
+            return cls.from_directory(_storage.local_path_of(uri))
         options = dict(storage_options or {})
-        storage.uri_status(uri, storage_options=options)
+        _storage.uri_status(uri, storage_options=options)
         header = _read_uri_header(uri, options)
         ray = None if header else _read_uri_ray_metadata(uri, options)
         checkpoint_cls = cls._class_for(
@@ -280,7 +280,7 @@ class Checkpoint:
         )
         checkpoint = checkpoint_cls(uri=uri, storage_options=options)
         checkpoint._metadata = header.metadata if header else {}
-        raw_state = storage.read_file(uri, STATE_FILE, storage_options=options)
+        raw_state = _storage.read_file(uri, STATE_FILE, storage_options=options)
         if raw_state is not None:
             checkpoint.__dict__.update(load_pickle(raw_state, f"{uri}/{STATE_FILE}"))
         if ray is not None:
@@ -301,7 +301,7 @@ class Checkpoint:
         Ray AIR 2.x's ``to_bytes()`` (a pickle of its dict form) is recognised from its
         opcodes, also before anything is unpickled: a pickled dict naming Ray's
         checkpoint metadata or holding ``"fs_checkpoint"``. It gives a dict checkpoint
-        of the class Ray's maps to (see :mod:`dckpt.formats._ray`); other pickles are
+        of the class Ray's maps to (see :mod:`dckpt._formats._ray`); other pickles are
         refused as before.
         """
         if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -465,12 +465,12 @@ class Checkpoint:
         materialize: Callable[[str], object] = self.to_directory
         if isinstance(source, UriFolder):
             uri, options = source.uri, source.storage_options
-            version = storage.uri_version(uri, storage_options=options)
+            version = _storage.uri_version(uri, storage_options=options)
             name = shared_name(uri, version, options, self._control_files(None))
 
             def download(path: str) -> None:
                 self.to_directory(path)
-                if storage.uri_version(uri, storage_options=options) != version:
+                if _storage.uri_version(uri, storage_options=options) != version:
                     shutil.rmtree(path, ignore_errors=True)  # not what `name` says
                     raise CheckpointFormatError(
                         f"the checkpoint at {uri} was rewritten while it was being "
@@ -503,20 +503,20 @@ class Checkpoint:
         on the storage side rather than uploaded (``dckpt.storage.reuse-siblings``);
         the upload is the same plain folder of whole files either way.
         """
-        if storage.is_local_uri(uri):
-            self.to_directory(storage.local_path_of(uri), callback=callback)
+        if _storage.is_local_uri(uri):
+            self.to_directory(_storage.local_path_of(uri), callback=callback)
         else:
             options = dict(storage_options or {})
             own = self._directory()
             if own is not None:
                 overlay = self._control_files(own)
-                storage.upload_directory(
+                _storage.upload_directory(
                     own, uri, storage_options=options, callback=callback,
                     overlay=overlay, hashes=_file_hashes(own),
                 )
             else:
                 with self.as_directory() as directory:
-                    storage.upload_directory(
+                    _storage.upload_directory(
                         directory, uri, storage_options=options, callback=callback,
                         hashes=_file_hashes(directory),
                     )
@@ -532,8 +532,8 @@ class Checkpoint:
 
         The packed format starts with a dckpt header and holds checksummed records,
         file contents in pieces stored raw or lz4-compressed where that shrinks them
-        (:mod:`dckpt.formats._packing`). To stream a large checkpoint to a file or
-        socket instead, use :func:`dckpt.formats.pack_directory` on
+        (:mod:`dckpt._formats._packing`). To stream a large checkpoint to a file or
+        socket instead, use :func:`dckpt._formats.pack_directory` on
         :meth:`as_directory`. ``callback``
         follows the packing of a directory's files (a child per file for its bytes);
         a dict checkpoint's data is in memory already and reports nothing.
@@ -596,10 +596,10 @@ class Checkpoint:
             return source.data.get(PREPROCESSOR_KEY)
         if isinstance(source, UriFolder):
             options = source.storage_options
-            raw = storage.read_file(source.uri, PREPROCESSOR_FILE, storage_options=options)
+            raw = _storage.read_file(source.uri, PREPROCESSOR_FILE, storage_options=options)
             if raw is not None:
                 return load_pickle(raw, f"{source.uri}/{PREPROCESSOR_FILE}")
-            if storage.read_file(source.uri, ray_format.METADATA_FILE,
+            if _storage.read_file(source.uri, ray_format.METADATA_FILE,
                                  storage_options=options) is None:
                 return None
             # A folder Ray AIR uploaded may hold its preprocessor in its dict.
@@ -861,14 +861,14 @@ class Checkpoint:
                 unpack_to_directory(source.files, staging, callback=callback)
             overlay = self._control_files(None)
         elif directory is not None:
-            # Symlinks as in to_bytes (dckpt.formats._tree): links inside the tree stay
+            # Symlinks as in to_bytes (dckpt._formats._tree): links inside the tree stay
             # links, others are followed as Ray's copytree does. Control files this
             # object rewrites are not copied, so none is written through a link.
             overlay = self._control_files(directory)
             copy_tree(directory, staging, exclude=overlay.__contains__, callback=callback)
         else:
             assert isinstance(source, UriFolder), f"{source!r} is not on this node"
-            storage.download_directory(
+            _storage.download_directory(
                 source.uri, staging, storage_options=source.storage_options,
                 callback=callback,
             )
@@ -978,7 +978,7 @@ def _existing_directory(path: str | os.PathLike[str]) -> str:
 
 def _read_uri_header(uri: str, options: Mapping[str, Any]) -> CheckpointHeader | None:
     """The header of the checkpoint at ``uri``, or ``None`` for a plain folder."""
-    raw = storage.read_file(uri, HEADER_FILE, storage_options=options)
+    raw = _storage.read_file(uri, HEADER_FILE, storage_options=options)
     return CheckpointHeader.from_json(raw, f"{uri}/{HEADER_FILE}") if raw else None
 
 
@@ -986,7 +986,7 @@ def _read_uri_ray_metadata(
     uri: str, options: Mapping[str, Any]
 ) -> ray_format.RayCheckpointMetadata | None:
     """Ray AIR's metadata of the folder at ``uri``, or ``None`` when it has none."""
-    raw = storage.read_file(uri, ray_format.METADATA_FILE, storage_options=options)
+    raw = _storage.read_file(uri, ray_format.METADATA_FILE, storage_options=options)
     return None if raw is None else ray_format.load_metadata(
         raw, f"{uri}/{ray_format.METADATA_FILE}"
     )
@@ -1125,6 +1125,6 @@ def _shorten(text: str) -> str:
 
 def _file_hashes(directory: str) -> dict[str, str]:
     """Each file's content hash by relative path: computed once per file version
-    (:func:`dckpt.transfer.build_manifest`), so an upload of a checkpoint pickled or
+    (:func:`dckpt._transfer.build_manifest`), so an upload of a checkpoint pickled or
     sent before reads nothing more."""
-    return {entry.path: entry.hash for entry in transfer.build_manifest(directory).files}
+    return {entry.path: entry.hash for entry in _transfer.build_manifest(directory).files}

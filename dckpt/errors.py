@@ -80,7 +80,7 @@ class StorageError(CheckpointError, OSError):
     """The storage back-end at a URI failed: no credentials, no connection, no such
     bucket to write into, access denied, a local disk error, ...
 
-    Raised by :mod:`dckpt.storage` in place of whatever the fsspec back-end raised
+    Raised by :mod:`dckpt._storage` in place of whatever the fsspec back-end raised
     (``botocore``'s ``NoCredentialsError``, ``EndpointConnectionError``, ...), which
     is kept as ``__cause__`` (look there for an ``errno``). The message names the operation and the URI. An ``OSError``, so code
     that catches I/O failures catches it. What means "no checkpoint there" on a read

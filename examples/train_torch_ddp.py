@@ -29,9 +29,14 @@ import tempfile
 import time
 from typing import Any
 
-from dckpt import Checkpoint, node
+from dckpt import Checkpoint, _node
 from dckpt.cluster import NodeCluster
-from dckpt.demo import KILL_AFTER_EPOCH, offer_node_for_kill, print_loss_curve, train_with_a_kill
+from dckpt.demo import (
+    KILL_AFTER_EPOCH,
+    offer_node_for_kill,
+    print_loss_curve,
+    train_with_a_kill,
+)
 from dckpt.train import Result, get_checkpoint, get_context, report
 
 EPOCHS = 16
@@ -71,7 +76,7 @@ def train_loop(config: dict[str, Any]) -> None:
         optimizer.step()
         saved = None
         if context.world_rank == 0:
-            path = os.path.join(node.node_root(), "torch-example", context.run_name,
+            path = os.path.join(_node.node_root(), "torch-example", context.run_name,
                                 f"epoch-{epoch:03d}-attempt-{context.attempt}")
             os.makedirs(path)
             torch.save({"model": model.module.state_dict(),

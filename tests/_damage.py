@@ -5,7 +5,7 @@ and fetch it again (``dckpt.transfer.retries``). The library has no hook for thi
 helper patches, inside the worker's process (through ``client.run``), the sender's
 step between reading a chunk and writing it to the comm
 (``dckpt.cluster._stream._ReadAhead.read``, awaited once per chunk sent), much as
-``tests/cluster/test_broadcast.py`` gates ``dckpt.transfer.ChunkSource`` in an owner.
+``tests/cluster/test_broadcast.py`` gates ``dckpt._transfer.ChunkSource`` in an owner.
 Every sender of that process is affected (one store per worker process).
 """
 

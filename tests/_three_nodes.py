@@ -11,7 +11,12 @@ from collections.abc import Iterator
 import pytest
 from distributed import Client
 
-from dckpt.cluster import NodeCluster, install, isolation_available, network_isolation_available
+from dckpt.cluster import (
+    NodeCluster,
+    install,
+    isolation_available,
+    network_isolation_available,
+)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,12 @@ import fsspec
 import pytest
 from distributed import Client
 
-from dckpt.cluster import NodeCluster, install, isolation_available, network_isolation_available
+from dckpt.cluster import (
+    NodeCluster,
+    install,
+    isolation_available,
+    network_isolation_available,
+)
 from tests._nodes import N_NODES, alive, cluster_pids
 from tests._waiting import eventually
 

@@ -23,12 +23,12 @@ from dckpt import (
     CheckpointNotFoundError,
     CheckpointURIError,
     IncompatibleCheckpointError,
-    node,
+    _node,
 )
+from dckpt._formats._layout import HEADER_FILE, RESERVED_KEY
 from dckpt._sources import DictData, LocalDirectory, NodeReference, UriFolder
 from dckpt.checkpoint import node_ref_of, source_of, with_node_ref
 from dckpt.cluster._core import CheckpointId, NodeRef
-from dckpt.formats._layout import HEADER_FILE, RESERVED_KEY
 from tests._trees import make_tree, read_tree
 from tests.test_checkpoint_contract import (
     ModelCheckpoint,
@@ -281,7 +281,7 @@ class TestSubclassConstructor:
 
 def _ref_to_here(path: str) -> NodeRef:
     """A reference to ``path`` made on this node, as a worker here would make it."""
-    return NodeRef(node_id=node.node_id(), path=path,
+    return NodeRef(node_id=_node.node_id(), path=path,
                    checkpoint_id=CheckpointId("e" * 16), size=1, digest="f" * 16,
                    store_address="tcp://127.0.0.1:1")
 
@@ -459,7 +459,7 @@ def dask_temporary_directory(path):
 def test_links_leading_out_are_followed_and_dangling_ones_skipped(
     tmp_path, monkeypatch, caplog
 ):
-    """The symlink policy of every representation (dckpt.formats._tree), from a
+    """The symlink policy of every representation (dckpt._formats._tree), from a
     working directory that is not the source's."""
     import logging
 
@@ -472,7 +472,7 @@ def test_links_leading_out_are_followed_and_dangling_ones_skipped(
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     checkpoint = Checkpoint.from_directory(source)
-    with caplog.at_level(logging.WARNING, logger="dckpt.formats._tree"):
+    with caplog.at_level(logging.WARNING, logger="dckpt._formats._tree"):
         outs = [
             checkpoint.to_directory(tmp_path / "dir"),
             checkpoint.to_uri(f"file://{tmp_path / 'uri'}").removeprefix("file://"),
@@ -542,8 +542,8 @@ class TestBadInput:
         assert not canary.exists()
 
     def test_from_bytes_checks_the_class_before_unpickling(self, tmp_path):
-        from dckpt.formats import ArchiveWriter
-        from dckpt.formats._layout import DICT_FILE, CheckpointHeader
+        from dckpt._formats import ArchiveWriter
+        from dckpt._formats._layout import DICT_FILE, CheckpointHeader
 
         canary = tmp_path / "unpickled"
         evil_dict = pickle.dumps({"evil": _Evil(str(canary))})
@@ -699,7 +699,7 @@ def test_the_next_write_removes_the_partial_of_a_killed_writer_only(tmp_path):
 
 
 def test_a_killed_writers_partial_control_file_goes_with_the_next_write(tmp_path):
-    from dckpt.formats._atomic import writer_sibling
+    from dckpt._formats._atomic import writer_sibling
 
     path = make_tree(tmp_path / "t")
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
@@ -767,7 +767,7 @@ def test_a_uri_rewritten_just_after_its_download_is_refused_and_nothing_kept(
     uri = Checkpoint.from_dict({"x": 1}).to_uri(f"{memory_uri}/c")
     checkpoint = Checkpoint.from_uri(uri)
     versions = iter(["v1", "v2"])
-    monkeypatch.setattr(dckpt.storage, "uri_version", lambda *a, **k: next(versions))
+    monkeypatch.setattr(dckpt._storage, "uri_version", lambda *a, **k: next(versions))
     temp = tmp_path / "temp"
     with dask.config.set({"dckpt.temporary-directory": str(temp)}), \
             pytest.raises(dckpt.CheckpointFormatError, match="rewritten while it was being"):

@@ -18,7 +18,7 @@ import cloudpickle
 import pytest
 
 from dckpt import Checkpoint
-from dckpt.formats._layout import CONTROL_FILES, RESERVED_KEY
+from dckpt._formats._layout import CONTROL_FILES, RESERVED_KEY
 from tests._trees import make_tree, read_tree
 
 # A "hop" turns a checkpoint into another representation and reads it back through the
@@ -130,7 +130,7 @@ USER_DICT = {
 
 
 # Hops through an object store, which holds files only: links arrive as what they
-# point to (dckpt.storage uploads follow them).
+# point to (dckpt._storage uploads follow them).
 OBJECT_STORE_HOPS = {"memory_uri", "s3"}
 
 

@@ -1,4 +1,4 @@
-"""dckpt.node: node id, shared paths and the node-local folders, from settings alone."""
+"""dckpt._node: node id, shared paths and the node-local folders, from settings alone."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import dask.config
 import pytest
 
-from dckpt import node
+from dckpt import _node
 
 
 @pytest.fixture(autouse=True)
@@ -25,17 +25,17 @@ def _no_node_settings():
 
 
 def test_node_id_defaults_to_the_host_name():
-    assert node.node_id() == socket.gethostname()
+    assert _node.node_id() == socket.gethostname()
 
 
 def test_node_id_from_config():
     with dask.config.set({"dckpt.node-id": "node-7"}):
-        assert node.node_id() == "node-7"
+        assert _node.node_id() == "node-7"
 
 
 def test_empty_node_id_means_the_host_name():
     with dask.config.set({"dckpt.node-id": ""}):
-        assert node.node_id() == socket.gethostname()
+        assert _node.node_id() == socket.gethostname()
 
 
 @pytest.mark.parametrize(("value", "expected"), [("node-1", "node-1"), ("7", "7")])
@@ -45,22 +45,22 @@ def test_node_id_from_an_environment_variable(value, expected):
     parsed = dask.config.collect_env({"DASK_DCKPT__NODE_ID": value})
     assert list(parsed["dckpt"]) == ["node_id"]
     with dask.config.set({"dckpt.node_id": parsed["dckpt"]["node_id"]}):
-        assert node.node_id() == expected
+        assert _node.node_id() == expected
 
 
 # -- shared paths ---------------------------------------------------------------------
 
 
 def test_no_shared_paths_by_default():
-    assert node.shared_paths() == []
-    assert not node.is_shared_path("/data/shared/x")
+    assert _node.shared_paths() == []
+    assert not _node.is_shared_path("/data/shared/x")
 
 
 def test_shared_paths_are_normalized_and_deduplicated():
     with dask.config.set(
         {"dckpt.shared-paths": ["/data/shared/", "/data//shared", "/mnt/a/../b", "~/nfs"]}
     ):
-        assert node.shared_paths() == [
+        assert _node.shared_paths() == [
             "/data/shared",
             "/mnt/b",
             os.path.join(os.path.expanduser("~"), "nfs"),
@@ -69,14 +69,14 @@ def test_shared_paths_are_normalized_and_deduplicated():
 
 def test_a_single_string_is_one_shared_path():
     with dask.config.set({"dckpt.shared-paths": "/data/shared"}):
-        assert node.shared_paths() == ["/data/shared"]
-        assert node.is_shared_path("/data/shared/x")
+        assert _node.shared_paths() == ["/data/shared"]
+        assert _node.is_shared_path("/data/shared/x")
 
 
 def test_relative_shared_path_setting_is_refused():
     with dask.config.set({"dckpt.shared-paths": ["data/shared"]}):
         with pytest.raises(ValueError, match="relative path 'data/shared'.*absolute"):
-            node.shared_paths()
+            _node.shared_paths()
 
 
 @pytest.mark.parametrize(
@@ -97,8 +97,8 @@ def test_relative_shared_path_setting_is_refused():
 )
 def test_is_shared_path_compares_whole_components(path, shared):
     with dask.config.set({"dckpt.shared-paths": ["/data/shared/"]}):
-        assert node.is_shared_path(path) is shared
-        assert node.is_shared_path(Path(path)) is shared
+        assert _node.is_shared_path(path) is shared
+        assert _node.is_shared_path(Path(path)) is shared
 
 
 def test_relative_paths_are_taken_from_the_working_directory(tmp_path, monkeypatch):
@@ -106,17 +106,17 @@ def test_relative_paths_are_taken_from_the_working_directory(tmp_path, monkeypat
     (tmp_path / "local").mkdir()
     with dask.config.set({"dckpt.shared-paths": [str(tmp_path / "shared")]}):
         monkeypatch.chdir(tmp_path / "shared")
-        assert node.is_shared_path("run/ckpt")
-        assert node.is_shared_path(".")
-        assert not node.is_shared_path("../local/ckpt")
+        assert _node.is_shared_path("run/ckpt")
+        assert _node.is_shared_path(".")
+        assert not _node.is_shared_path("../local/ckpt")
         monkeypatch.chdir(tmp_path / "local")
-        assert not node.is_shared_path("run/ckpt")
-        assert node.is_shared_path("../shared/run")
+        assert not _node.is_shared_path("run/ckpt")
+        assert _node.is_shared_path("../shared/run")
 
 
 def test_root_as_shared_path_shares_everything():
     with dask.config.set({"dckpt.shared-paths": ["/"]}):
-        assert node.is_shared_path("/anything/at/all")
+        assert _node.is_shared_path("/anything/at/all")
 
 
 def test_symbolic_links_are_not_resolved(tmp_path):
@@ -124,7 +124,7 @@ def test_symbolic_links_are_not_resolved(tmp_path):
     (tmp_path / "shared").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "shared")
     with dask.config.set({"dckpt.shared-paths": [str(tmp_path / "shared")]}):
-        assert not node.is_shared_path(tmp_path / "link" / "x")
+        assert not _node.is_shared_path(tmp_path / "link" / "x")
 
 
 # -- node root and cache --------------------------------------------------------------
@@ -133,23 +133,23 @@ def test_symbolic_links_are_not_resolved(tmp_path):
 def test_node_root_from_config_is_created(tmp_path):
     root = tmp_path / "a" / "root"
     with dask.config.set({"dckpt.node-root": str(root) + "/"}):
-        assert node.node_root() == str(root)
+        assert _node.node_root() == str(root)
         assert root.is_dir()
-        assert node.cache_directory() == str(root / "cache")
+        assert _node.cache_directory() == str(root / "cache")
         assert (root / "cache").is_dir()
 
 
 def test_default_node_root_is_named_after_the_node_in_the_temporary_directory(tmp_path):
     settings = {"dckpt.temporary-directory": str(tmp_path), "dckpt.node-id": "rack/7 a"}
     with dask.config.set(settings):
-        assert node.node_root() == str(tmp_path / "dckpt-rack_7_a")
-        assert node.cache_directory() == str(tmp_path / "dckpt-rack_7_a" / "cache")
+        assert _node.node_root() == str(tmp_path / "dckpt-rack_7_a")
+        assert _node.cache_directory() == str(tmp_path / "dckpt-rack_7_a" / "cache")
         assert (tmp_path / "dckpt-rack_7_a" / "cache").is_dir()
 
 
 def test_node_root_and_cache_directory_are_idempotent(tmp_path):
     with dask.config.set({"dckpt.node-root": str(tmp_path / "r")}):
-        assert node.cache_directory() == node.cache_directory()
+        assert _node.cache_directory() == _node.cache_directory()
         (tmp_path / "r" / "cache" / "kept").write_text("x")
-        node.cache_directory()
+        _node.cache_directory()
         assert (tmp_path / "r" / "cache" / "kept").read_text() == "x"

@@ -18,8 +18,7 @@ import pytest
 import xxhash
 from fsspec.callbacks import Callback
 
-from dckpt.errors import CheckpointError, CheckpointFormatError, CorruptChunkError, UnsafePathError
-from dckpt.formats import (
+from dckpt._formats import (
     CHUNK_HEADER,
     FORMAT_VERSION,
     MAGIC,
@@ -33,7 +32,13 @@ from dckpt.formats import (
     unpack_directory,
     unpack_to_directory,
 )
-from dckpt.formats._tree import copy_tree
+from dckpt._formats._tree import copy_tree
+from dckpt.errors import (
+    CheckpointError,
+    CheckpointFormatError,
+    CorruptChunkError,
+    UnsafePathError,
+)
 from tests._trees import make_tree
 from tests.data.make_packed_v1 import build_v1_tree
 
@@ -425,7 +430,7 @@ def test_compressible_pieces_are_compressed(tmp_path: Path):
 def test_packing_leaves_the_transfers_lz4_speed_alone():
     # The transfer decides from compress_speed() whether lz4 pays on a link; what a
     # process packs (zeros compress at many GB/s) must not sway that.
-    from dckpt.formats import compress_speed
+    from dckpt._formats import compress_speed
 
     before = compress_speed()
     out = io.BytesIO()
@@ -515,7 +520,7 @@ def test_dangling_outside_links_fifos_and_cycles_are_skipped_with_a_warning(
     (root / "dangling_inside").symlink_to("nowhere")  # stays inside: kept as a link
     (root / "up").symlink_to("..")  # contains src itself: a cycle below it
     os.mkfifo(root / "fifo")
-    with caplog.at_level(logging.WARNING, logger="dckpt.formats._packing"):
+    with caplog.at_level(logging.WARNING, logger="dckpt._formats._packing"):
         out = unpack_fresh(pack_directory_to_bytes(root), tmp_path)
     assert snapshot(out) == {
         "dangling_inside": ("link", "nowhere"),

@@ -214,10 +214,10 @@ _LAYERS: list[tuple[str, set[str]]] = [
     # types, so it sits under all of them (it imports nothing of dckpt), as do the
     # settings' loader and the machine-wide locks that formats' atomic writes use.
     ("floor", {"dckpt.errors", "dckpt._config", "dckpt._locks"}),
-    ("formats", {"dckpt.formats"}),
-    ("storage", {"dckpt.storage"}),
-    ("node", {"dckpt.node"}),
-    ("transfer", {"dckpt.transfer"}),
+    ("formats", {"dckpt._formats"}),
+    ("storage", {"dckpt._storage"}),
+    ("node", {"dckpt._node"}),
+    ("transfer", {"dckpt._transfer"}),
     # _compat.py: the touches of distributed's internals, for cluster/ and predict/.
     ("cluster", {"dckpt.cluster", "dckpt._compat"}),
     ("API", {"dckpt", "dckpt.checkpoint", "dckpt._sources", "dckpt._shared_dir"}),
@@ -242,12 +242,12 @@ _UPWARD_IMPORTS = {
 # (importer, private module of another package): each with its reason. What a package
 # shares with others it exports in its __init__ (formats' helpers, NodeRef and put).
 _PRIVATE_REACHES = {
-    ("dckpt.checkpoint", "dckpt.formats._layout"):
+    ("dckpt.checkpoint", "dckpt._formats._layout"):
         "the directory layout is the façade's own format, kept in formats/ so that the "
         "layers below need not import the façade; its 14 names are no one else's API.",
-    ("dckpt.cli._inspect", "dckpt.formats._layout"):
+    ("dckpt.cli._inspect", "dckpt._formats._layout"):
         "dckpt inspect reads the layout without unpickling, which Checkpoint cannot.",
-    ("dckpt.checkpoint", "dckpt.formats._ray"):
+    ("dckpt.checkpoint", "dckpt._formats._ray"):
         "reading checkpoints Ray wrote is the façade's job; formats/ has no public face "
         "for Ray's layout and needs none.",
     ("dckpt.checkpoint", "dckpt.cluster._resolve"):
@@ -338,14 +338,21 @@ def _upward(name: str, source: str, modules: set[str]) -> list[tuple[int, str]]:
                    if _layer(target) > _layer(name)})
 
 
-def _owner(dotted: str) -> str | None:
-    """The package that owns ``dotted`` if it is private: the part before its first
-    ``_name`` (``dckpt.formats._atomic.x`` -> ``dckpt.formats``); None if it is public."""
+def _owner(dotted: str, modules: set[str]) -> str | None:
+    """The package that owns ``dotted`` if it is private, None if it is public. A
+    private module's owner is the package it is in (``dckpt._formats._atomic.x`` ->
+    ``dckpt._formats``, ``dckpt._formats.x`` -> ``dckpt``: a private package's exports
+    are for its parent); a private name in a module belongs to the module's package
+    (``dckpt.predict._predictor._kind`` -> ``dckpt.predict``)."""
     parts = dotted.split(".")
-    for i, part in enumerate(parts):
-        if part.startswith("_") and not part.startswith("__"):
-            return ".".join(parts[:i])
-    return None
+    module = next(i for i in range(len(parts), 0, -1)
+                  if ".".join(parts[:i]) in modules or i == 1)
+    owners = [i for i in range(1, module) if parts[i].startswith("_")
+              and not parts[i].startswith("__")]
+    if any(p.startswith("_") and not p.startswith("__") for p in parts[module:]):
+        is_package = any(m.startswith(".".join(parts[:module]) + ".") for m in modules)
+        owners.append(module if is_package else module - 1)
+    return ".".join(parts[: max(owners)]) if owners else None
 
 
 def _reaches(name: str, source: str, modules: set[str]) -> list[tuple[int, str, str]]:
@@ -354,9 +361,9 @@ def _reaches(name: str, source: str, modules: set[str]) -> list[tuple[int, str, 
     private names (dckpt.cluster uses dckpt._config), no one else."""
     out = set()
     for line, target, dotted in _imports(name, source, modules):
-        owner = _owner(dotted)
+        owner = _owner(dotted, modules)
         if owner is not None and not (name == owner or name.startswith(owner + ".")):
-            # Report the private module: the owner's first underscore part.
+            # Report the private module: the owner plus its next part.
             out.add((line, ".".join(dotted.split(".")[: len(owner.split(".")) + 1]), dotted))
     return sorted(out)
 
@@ -399,20 +406,27 @@ def test_the_architecture_guards_see_what_they_must():
     modules = set(_modules())
     source = (
         "import dckpt.cluster\n"
-        "from dckpt import _config, node\n"
-        "from dckpt.formats._atomic import atomic_directory\n"
-        "from dckpt import transfer as t\n"
-        "from ..storage import _read\n"
+        "from dckpt import _config, _node\n"
+        "from dckpt._formats._atomic import atomic_directory\n"
+        "from dckpt import _transfer as t\n"
+        "from .._storage import _read\n"
         "def f():\n"
         "    from dckpt.checkpoint import Checkpoint\n"
-        "    return dckpt.cluster._store.local_store(), t._frames, node.node_id()\n"
+        "    return dckpt.cluster._store.local_store(), t._frames, _node.node_id()\n"
     )
-    assert _upward("dckpt.transfer._receive", source, modules) == [
+    assert _upward("dckpt._transfer._receive", source, modules) == [
         (1, "dckpt.cluster"), (7, "dckpt.checkpoint"), (8, "dckpt.cluster._store")]
     assert _upward("dckpt.cluster._store", source, modules) == [(7, "dckpt.checkpoint")]
     assert [(line, private) for line, private, _ in
-            _reaches("dckpt.transfer._receive", source, modules)] == [
-        (3, "dckpt.formats._atomic"), (5, "dckpt.storage._read"), (8, "dckpt.cluster._store")]
+            _reaches("dckpt._transfer._receive", source, modules)] == [
+        (3, "dckpt._formats._atomic"), (5, "dckpt._storage._read"), (8, "dckpt.cluster._store")]
     # Within its own package a module may use the package's private names.
-    assert _reaches("dckpt.formats._packing", "from dckpt.formats._atomic import x\n",
+    assert _reaches("dckpt._formats._packing", "from dckpt._formats._atomic import x\n",
                     modules) == []
+    # A private package's exports are for its parent's modules; a module's private
+    # names for its package's.
+    assert _reaches("dckpt.cluster._store", "from dckpt._formats import atomic_directory\n"
+                    "from dckpt.cluster._cache import _Entry\n", modules) == []
+    assert [private for _, private, _ in _reaches(
+        "dckpt.cluster._store", "from dckpt.predict._predictor import _kind\n",
+        modules)] == ["dckpt.predict._predictor"]

@@ -1,4 +1,4 @@
-"""The storage contract (``dckpt.storage``), written once and bound to every backend.
+"""The storage contract (``dckpt._storage``), written once and bound to every backend.
 
 :class:`StorageContract` holds the tests; the ``Test...`` subclasses bind it to
 ``memory://``, to a local folder through ``file://`` and to S3 (a real moto server,
@@ -28,7 +28,8 @@ from fsspec.callbacks import Callback
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.registry import _registry as fsspec_registry
 
-from dckpt import storage
+from dckpt import _storage
+from dckpt._storage import COMMIT_MARKER, PENDING_MARKER
 from dckpt.errors import (
     CheckpointFormatError,
     CheckpointNotFoundError,
@@ -37,7 +38,6 @@ from dckpt.errors import (
     StorageError,
     UnsafePathError,
 )
-from dckpt.storage import COMMIT_MARKER, PENDING_MARKER
 from tests._trees import make_tree, read_tree
 
 BIG = 3 * 2**20
@@ -111,7 +111,7 @@ class StorageContract:
     @pytest.fixture
     def fs(self, uri: str, storage_options: dict[str, Any]) -> fsspec.AbstractFileSystem:
         """The (cached) filesystem instance dckpt itself uses for ``uri``."""
-        return storage.resolve_uri(uri, storage_options)[0]
+        return _storage.resolve_uri(uri, storage_options)[0]
 
     @pytest.fixture
     def tree(self, tmp_path: Path) -> str:
@@ -126,10 +126,10 @@ class StorageContract:
     # ------------------------------------------------------------------ round trip
 
     def test_round_trip_is_byte_identical(self, tree, uri, storage_options, out):
-        storage.upload_directory(tree, uri, storage_options=storage_options)
-        assert storage.uri_status(uri, storage_options=storage_options) == "committed"
-        assert storage.list_files(uri, storage_options=storage_options) == file_sizes(tree)
-        storage.download_directory(uri, out, storage_options=storage_options)
+        _storage.upload_directory(tree, uri, storage_options=storage_options)
+        assert _storage.uri_status(uri, storage_options=storage_options) == "committed"
+        assert _storage.list_files(uri, storage_options=storage_options) == file_sizes(tree)
+        _storage.download_directory(uri, out, storage_options=storage_options)
         # Folders too, the empty one included: the manifest carries it.
         assert read_tree(out) == read_tree(tree)
         assert (out / "empty_file").read_bytes() == b""
@@ -137,10 +137,10 @@ class StorageContract:
 
     def test_empty_directory_round_trip(self, tmp_path, uri, storage_options, out):
         (tmp_path / "empty").mkdir()
-        storage.upload_directory(tmp_path / "empty", uri, storage_options=storage_options)
-        assert storage.uri_status(uri, storage_options=storage_options) == "committed"
-        assert storage.list_files(uri, storage_options=storage_options) == {}
-        storage.download_directory(uri, out, storage_options=storage_options)
+        _storage.upload_directory(tmp_path / "empty", uri, storage_options=storage_options)
+        assert _storage.uri_status(uri, storage_options=storage_options) == "committed"
+        assert _storage.list_files(uri, storage_options=storage_options) == {}
+        _storage.download_directory(uri, out, storage_options=storage_options)
         assert os.listdir(out) == []
 
     def test_local_marker_names_are_not_uploaded_at_the_top(self, tmp_path, uri,
@@ -150,17 +150,17 @@ class StorageContract:
         (src / COMMIT_MARKER).write_text("not a manifest")
         (src / PENDING_MARKER).write_text("")
         (src / "sub" / COMMIT_MARKER).write_text("just a file down here")
-        storage.upload_directory(src, uri, storage_options=storage_options)
-        assert storage.list_files(uri, storage_options=storage_options) == {
+        _storage.upload_directory(src, uri, storage_options=storage_options)
+        assert _storage.list_files(uri, storage_options=storage_options) == {
             f"sub/{COMMIT_MARKER}": 21
         }
 
     def test_overlay_replaces_adds_and_drops_files(self, tree, uri, storage_options, out):
         overlay = {"notes.txt": b"replaced", "added/new.bin": b"\x00" * 5,
                    "run.sh": None}
-        storage.upload_directory(tree, uri, storage_options=storage_options,
+        _storage.upload_directory(tree, uri, storage_options=storage_options,
                                  overlay=overlay)
-        storage.download_directory(uri, out, storage_options=storage_options)
+        _storage.download_directory(uri, out, storage_options=storage_options)
         assert (out / "notes.txt").read_bytes() == b"replaced"
         assert (out / "added" / "new.bin").read_bytes() == b"\x00" * 5
         assert not (out / "run.sh").exists()
@@ -187,8 +187,8 @@ class StorageContract:
 
         for method in ("pipe_file", "put_file", "rm_file", "cp_file", "mv"):
             record(method)
-        storage.upload_directory(tree, uri, storage_options=storage_options)
-        storage.upload_directory(tree, uri, storage_options=storage_options)  # overwrite
+        _storage.upload_directory(tree, uri, storage_options=storage_options)
+        _storage.upload_directory(tree, uri, storage_options=storage_options)  # overwrite
 
         def is_commit(event: tuple[str, str]) -> bool:
             # Local disks write the marker beside and rename it into place.
@@ -207,13 +207,13 @@ class StorageContract:
         assert ("rm_file", COMMIT_MARKER) not in events
         puts = [i for i, (method, _) in enumerate(second) if method == "put_file"]
         assert len(puts) == len(file_sizes(tree))
-        assert all(second[i][1].startswith(f"{storage.VERSIONS_FOLDER}/") for i in puts)
+        assert all(second[i][1].startswith(f"{_storage.VERSIONS_FOLDER}/") for i in puts)
         commits = [i for i, e in enumerate(second) if is_commit(e)]
         assert len(commits) == 2 and commits[0] > max(puts)
         # ... then copied to the top, and the marker switched to them.
         # (Local disks' put_file is a cp_file too, into the versioned folder.)
         copies = [i for i, (method, path) in enumerate(second) if method == "cp_file"
-                  and not path.startswith(f"{storage.VERSIONS_FOLDER}/")]
+                  and not path.startswith(f"{_storage.VERSIONS_FOLDER}/")]
         assert {second[i][1] for i in copies} == set(file_sizes(tree))
         assert commits[0] < min(copies) and max(copies) < commits[1]
         assert second.index(("rm_file", PENDING_MARKER)) > commits[1]
@@ -223,22 +223,22 @@ class StorageContract:
     ):
         fail_puts_of(fs, monkeypatch, "big.bin", "disk on fire")
         with pytest.raises(OSError, match="disk on fire"):
-            storage.upload_directory(tree, uri, storage_options=storage_options)
+            _storage.upload_directory(tree, uri, storage_options=storage_options)
         monkeypatch.undo()
 
         never_finished = r"dckpt upload at .*ckpt never finished \(there is no commit marker"
         with pytest.raises(IncompleteCheckpointError, match=never_finished):
-            storage.uri_status(uri, storage_options=storage_options)
+            _storage.uri_status(uri, storage_options=storage_options)
         with pytest.raises(IncompleteCheckpointError, match="upload the checkpoint again"):
-            storage.download_directory(uri, out, storage_options=storage_options)
+            _storage.download_directory(uri, out, storage_options=storage_options)
         with pytest.raises(IncompleteCheckpointError):
-            storage.list_files(uri, storage_options=storage_options)
+            _storage.list_files(uri, storage_options=storage_options)
         assert os.listdir(out) == []
         # A FileNotFoundError: "look for an older checkpoint" code catches it.
         assert issubclass(IncompleteCheckpointError, FileNotFoundError)
 
-        storage.upload_directory(tree, uri, storage_options=storage_options)
-        assert storage.uri_status(uri, storage_options=storage_options) == "committed"
+        _storage.upload_directory(tree, uri, storage_options=storage_options)
+        assert _storage.uri_status(uri, storage_options=storage_options) == "committed"
 
     def test_failed_overwrite_is_cleaned_up_by_the_next_upload(
         self, tmp_path, uri, fs, raw_fs, storage_options, monkeypatch
@@ -247,7 +247,7 @@ class StorageContract:
         (old / "sub").mkdir(parents=True)
         (old / "keep.txt").write_text("old")
         (old / "sub" / "old_only.txt").write_text("old")
-        storage.upload_directory(old, uri, storage_options=storage_options)
+        _storage.upload_directory(old, uri, storage_options=storage_options)
 
         failed = tmp_path / "failed"
         failed.mkdir()
@@ -257,7 +257,7 @@ class StorageContract:
         fail_puts_of(fs, monkeypatch, "zz_fails.txt", "network gone")
         with (dask.config.set({"dckpt.storage.max-concurrency": 1}),
               pytest.raises(OSError, match="network gone")):
-            storage.upload_directory(failed, uri, storage_options=storage_options)
+            _storage.upload_directory(failed, uri, storage_options=storage_options)
         monkeypatch.undo()
         raw_fs.invalidate_cache()
         assert any(p.endswith("/partial_only.txt") for p in raw_fs.find(uri))
@@ -265,7 +265,7 @@ class StorageContract:
         new = tmp_path / "new"
         new.mkdir()
         (new / "keep.txt").write_text("new")
-        storage.upload_directory(new, uri, storage_options=storage_options)
+        _storage.upload_directory(new, uri, storage_options=storage_options)
         raw_fs.invalidate_cache()
         # The old checkpoint's files and the failed upload's were listed by dckpt
         # markers, so they go; nothing else is left but the new commit marker.
@@ -278,7 +278,7 @@ class StorageContract:
     def test_overwrite_lists_only_new_files_and_removes_stale_ones(
         self, tmp_path, tree, uri, raw_fs, storage_options, out
     ):
-        storage.upload_directory(tree, uri, storage_options=storage_options)
+        _storage.upload_directory(tree, uri, storage_options=storage_options)
         # Someone else's file in the folder: no dckpt manifest ever listed it.
         raw_fs.pipe_file(f"{uri}/foreign.txt", b"not ours")
         new = tmp_path / "new"
@@ -286,15 +286,15 @@ class StorageContract:
         (new / "model" / "big.bin").write_bytes(b"smaller now")
         (new / "fresh.txt").write_text("fresh")
 
-        storage.upload_directory(new, uri, storage_options=storage_options)
-        assert storage.list_files(uri, storage_options=storage_options) == {
+        _storage.upload_directory(new, uri, storage_options=storage_options)
+        assert _storage.list_files(uri, storage_options=storage_options) == {
             "model/big.bin": 11, "fresh.txt": 5
         }
         raw_fs.invalidate_cache()
         assert not raw_fs.exists(f"{uri}/notes.txt")
         assert not raw_fs.exists(f"{uri}/model/weights.bin")
         assert raw_fs.cat_file(f"{uri}/foreign.txt") == b"not ours"
-        storage.download_directory(uri, out, storage_options=storage_options)
+        _storage.download_directory(uri, out, storage_options=storage_options)
         assert files_only(read_tree(out)) == files_only(read_tree(new))
 
     def test_names_that_look_like_glob_patterns_are_plain_names(
@@ -305,17 +305,17 @@ class StorageContract:
         (first / "w[0].bin").write_bytes(b"bracket")
         (first / "w0.bin").write_bytes(b"zero")
         (first / "a*b?").write_bytes(b"star")
-        storage.upload_directory(first, uri, storage_options=storage_options)
+        _storage.upload_directory(first, uri, storage_options=storage_options)
         second = tmp_path / "second"
         second.mkdir()
         (second / "w0.bin").write_bytes(b"zero again")
-        storage.upload_directory(second, uri, storage_options=storage_options)
+        _storage.upload_directory(second, uri, storage_options=storage_options)
         raw_fs.invalidate_cache()
         # Removing the stale "w[0].bin" did not take "w0.bin" along as a glob match.
         assert sorted(p.rpartition("/")[2] for p in raw_fs.find(uri)) == [
             COMMIT_MARKER, "w0.bin"
         ]
-        storage.download_directory(uri, out, storage_options=storage_options)
+        _storage.download_directory(uri, out, storage_options=storage_options)
         assert (out / "w0.bin").read_bytes() == b"zero again"
 
     # ------------------------------------------------------------------ plain folders
@@ -326,9 +326,9 @@ class StorageContract:
         sizes = file_sizes(tree)
         raw_fs.put([os.path.join(tree, *rel.split("/")) for rel in sizes],
                    [f"{uri}/{rel}" for rel in sizes])
-        assert storage.uri_status(uri, storage_options=storage_options) == "plain"
-        assert storage.list_files(uri, storage_options=storage_options) == sizes
-        storage.download_directory(uri, out, storage_options=storage_options)
+        assert _storage.uri_status(uri, storage_options=storage_options) == "plain"
+        assert _storage.list_files(uri, storage_options=storage_options) == sizes
+        _storage.download_directory(uri, out, storage_options=storage_options)
         assert files_only(read_tree(out)) == files_only(read_tree(tree))
 
     # ------------------------------------------------------------------ bad input
@@ -336,52 +336,52 @@ class StorageContract:
     def test_missing_prefix_is_not_found(self, base_uri, storage_options, out):
         missing = f"{base_uri}/nothing-here"
         for call in (
-            lambda: storage.uri_status(missing, storage_options=storage_options),
-            lambda: storage.list_files(missing, storage_options=storage_options),
-            lambda: storage.download_directory(missing, out,
+            lambda: _storage.uri_status(missing, storage_options=storage_options),
+            lambda: _storage.list_files(missing, storage_options=storage_options),
+            lambda: _storage.download_directory(missing, out,
                                                storage_options=storage_options),
-            lambda: storage.delete(missing, storage_options=storage_options),
+            lambda: _storage.delete(missing, storage_options=storage_options),
         ):
             with pytest.raises(CheckpointNotFoundError, match="no checkpoint at .*nothing-here"):
                 call()
-        assert storage.read_file(missing, "x", storage_options=storage_options) is None
+        assert _storage.read_file(missing, "x", storage_options=storage_options) is None
         assert os.listdir(out) == []
 
     def test_file_changed_after_commit_is_detected(
         self, tree, uri, raw_fs, storage_options, tmp_path
     ):
-        storage.upload_directory(tree, uri, storage_options=storage_options)
+        _storage.upload_directory(tree, uri, storage_options=storage_options)
         raw_fs.pipe_file(f"{uri}/notes.txt", b"rewritten behind dckpt's back, longer")
         (tmp_path / "a").mkdir()
         with pytest.raises(CheckpointFormatError,
                            match="'notes.txt'.* changed since the checkpoint was committed"):
-            storage.download_directory(uri, tmp_path / "a", storage_options=storage_options)
+            _storage.download_directory(uri, tmp_path / "a", storage_options=storage_options)
 
         raw_fs.rm_file(f"{uri}/notes.txt")
         (tmp_path / "b").mkdir()
         with pytest.raises(CheckpointFormatError, match="'notes.txt'.* is missing"):
-            storage.download_directory(uri, tmp_path / "b", storage_options=storage_options)
+            _storage.download_directory(uri, tmp_path / "b", storage_options=storage_options)
 
     def test_unreadable_manifest_is_a_format_error(self, tree, uri, raw_fs,
                                                    storage_options, out):
-        storage.upload_directory(tree, uri, storage_options=storage_options)
+        _storage.upload_directory(tree, uri, storage_options=storage_options)
         raw_fs.pipe_file(f"{uri}/{COMMIT_MARKER}", b"{not json")
         with pytest.raises(CheckpointFormatError, match="commit marker .* not valid JSON"):
-            storage.download_directory(uri, out, storage_options=storage_options)
+            _storage.download_directory(uri, out, storage_options=storage_options)
         raw_fs.pipe_file(f"{uri}/{COMMIT_MARKER}", b"[" * 100_000)  # RecursionError in json
         with pytest.raises(CheckpointFormatError, match="nested too deeply"):
-            storage.list_files(uri, storage_options=storage_options)
+            _storage.list_files(uri, storage_options=storage_options)
         raw_fs.pipe_file(f"{uri}/{PENDING_MARKER}", b"[" * 100_000)
         # Both unreadable markers are ignored by the next upload, which replaces them.
-        storage.upload_directory(tree, uri, storage_options=storage_options)
-        assert storage.list_files(uri, storage_options=storage_options)
+        _storage.upload_directory(tree, uri, storage_options=storage_options)
+        assert _storage.list_files(uri, storage_options=storage_options)
         raw_fs.pipe_file(f"{uri}/{COMMIT_MARKER}", b"[]")
         with pytest.raises(CheckpointFormatError, match="not a dckpt manifest"):
-            storage.list_files(uri, storage_options=storage_options)
+            _storage.list_files(uri, storage_options=storage_options)
         newer = {"format_version": 99, "files": {}}
         raw_fs.pipe_file(f"{uri}/{COMMIT_MARKER}", json.dumps(newer).encode())
         with pytest.raises(CheckpointFormatError, match="upgrade dckpt"):
-            storage.list_files(uri, storage_options=storage_options)
+            _storage.list_files(uri, storage_options=storage_options)
 
     def test_unsafe_key_in_a_plain_listing_is_refused(
         self, uri, raw_fs, storage_options, out
@@ -390,23 +390,23 @@ class StorageContract:
         raw_fs.pipe_file(f"{uri}/a/../../x", b"evil")
         raw_fs.invalidate_cache()
         assert any("/../" in p for p in raw_fs.find(uri)), "the store normalized the key"
-        assert storage.uri_status(uri, storage_options=storage_options) == "plain"
+        assert _storage.uri_status(uri, storage_options=storage_options) == "plain"
         with pytest.raises(UnsafePathError, match=r"refusing entry 'a/\.\."):
-            storage.list_files(uri, storage_options=storage_options)
+            _storage.list_files(uri, storage_options=storage_options)
         with pytest.raises(UnsafePathError, match="outside the target directory"):
-            storage.download_directory(uri, out, storage_options=storage_options)
+            _storage.download_directory(uri, out, storage_options=storage_options)
         assert os.listdir(out) == []
         assert sorted(os.listdir(out.parent)) == ["out"]
         assert sorted(os.listdir(out.parent.parent)) == ["inner"]
 
     def test_unsafe_name_in_a_manifest_is_refused(self, tree, uri, raw_fs,
                                                   storage_options, out):
-        storage.upload_directory(tree, uri, storage_options=storage_options)
+        _storage.upload_directory(tree, uri, storage_options=storage_options)
         raw_fs.pipe_file(f"{uri}/evil", b"abc")
         manifest = {"format_version": 1, "files": {"../evil": 3}}
         raw_fs.pipe_file(f"{uri}/{COMMIT_MARKER}", json.dumps(manifest).encode())
         with pytest.raises(UnsafePathError, match="outside the target directory"):
-            storage.download_directory(uri, out, storage_options=storage_options)
+            _storage.download_directory(uri, out, storage_options=storage_options)
         assert os.listdir(out) == []
         assert not (out.parent / "evil").exists()
 
@@ -416,9 +416,9 @@ class StorageContract:
                                                       out):
         sizes = file_sizes(tree)
         up = Recorder()
-        storage.upload_directory(tree, uri, storage_options=storage_options, callback=up)
+        _storage.upload_directory(tree, uri, storage_options=storage_options, callback=up)
         down = Recorder()
-        storage.download_directory(uri, out, storage_options=storage_options,
+        _storage.download_directory(uri, out, storage_options=storage_options,
                                    callback=down)
         for recorder in (up, down):
             assert recorder.size == recorder.value == len(sizes)
@@ -468,8 +468,8 @@ class StorageContract:
         track("put_file")
         track("get_file")
         with dask.config.set({"dckpt.storage.max-concurrency": limit}):
-            storage.upload_directory(src, uri, storage_options=storage_options)
-            storage.download_directory(uri, out, storage_options=storage_options)
+            _storage.upload_directory(src, uri, storage_options=storage_options)
+            _storage.download_directory(uri, out, storage_options=storage_options)
         if limit == 1:
             assert peaks == {"put_file": 1, "get_file": 1}
         else:
@@ -480,8 +480,8 @@ class StorageContract:
     # ------------------------------------------------------------- read_file, delete
 
     def test_read_file(self, tree, uri, raw_fs, storage_options):
-        storage.upload_directory(tree, uri, storage_options=storage_options)
-        read = lambda rel: storage.read_file(uri, rel, storage_options=storage_options)
+        _storage.upload_directory(tree, uri, storage_options=storage_options)
+        read = lambda rel: _storage.read_file(uri, rel, storage_options=storage_options)
         assert read("notes.txt") == b"trained for 3 epochs\n"
         assert read("empty_file") == b""
         assert read("no/such/file") is None
@@ -493,13 +493,13 @@ class StorageContract:
 
     def test_read_file_of_a_plain_folder(self, uri, raw_fs, storage_options):
         raw_fs.pipe_file(f"{uri}/sub/meta.json", b"{}")
-        assert storage.read_file(uri, "sub/meta.json",
+        assert _storage.read_file(uri, "sub/meta.json",
                                  storage_options=storage_options) == b"{}"
 
     def test_delete_committed_removes_commit_marker_first(
         self, tree, uri, fs, raw_fs, storage_options, monkeypatch
     ):
-        storage.upload_directory(tree, uri, storage_options=storage_options)
+        _storage.upload_directory(tree, uri, storage_options=storage_options)
         removed: list[str] = []
         original = fs.rm_file
 
@@ -508,39 +508,39 @@ class StorageContract:
             return original(path, *args, **kwargs)
 
         monkeypatch.setattr(fs, "rm_file", wrapper)
-        storage.delete(uri, storage_options=storage_options)
+        _storage.delete(uri, storage_options=storage_options)
         assert removed[0] == COMMIT_MARKER
         assert len(removed) >= 1 + len(file_sizes(tree))
         with pytest.raises(CheckpointNotFoundError):
-            storage.uri_status(uri, storage_options=storage_options)
+            _storage.uri_status(uri, storage_options=storage_options)
         raw_fs.invalidate_cache()
         assert raw_fs.find(uri) == []
 
     def test_delete_leaves_files_no_manifest_listed(self, tree, uri, raw_fs,
                                                     storage_options):
-        storage.upload_directory(tree, uri, storage_options=storage_options)
+        _storage.upload_directory(tree, uri, storage_options=storage_options)
         raw_fs.pipe_file(f"{uri}/foreign.txt", b"not ours")
-        storage.delete(uri, storage_options=storage_options)
+        _storage.delete(uri, storage_options=storage_options)
         raw_fs.invalidate_cache()
         assert [p.rpartition("/")[2] for p in raw_fs.find(uri)] == ["foreign.txt"]
         # What is left is someone else's plain folder.
-        assert storage.uri_status(uri, storage_options=storage_options) == "plain"
+        assert _storage.uri_status(uri, storage_options=storage_options) == "plain"
 
     def test_delete_plain_folder_and_unfinished_upload(
         self, tree, uri, fs, raw_fs, storage_options, monkeypatch
     ):
         raw_fs.pipe_file(f"{uri}/a/b.txt", b"plain")
-        storage.delete(uri, storage_options=storage_options)
+        _storage.delete(uri, storage_options=storage_options)
         with pytest.raises(CheckpointNotFoundError):
-            storage.uri_status(uri, storage_options=storage_options)
+            _storage.uri_status(uri, storage_options=storage_options)
 
         fail_puts_of(fs, monkeypatch, "notes.txt", "interrupted")
         with pytest.raises(OSError, match="interrupted"):
-            storage.upload_directory(tree, uri, storage_options=storage_options)
+            _storage.upload_directory(tree, uri, storage_options=storage_options)
         monkeypatch.undo()
         with pytest.raises(IncompleteCheckpointError):
-            storage.uri_status(uri, storage_options=storage_options)
-        storage.delete(uri, storage_options=storage_options)
+            _storage.uri_status(uri, storage_options=storage_options)
+        _storage.delete(uri, storage_options=storage_options)
         raw_fs.invalidate_cache()
         assert raw_fs.find(uri) == []
 
@@ -551,26 +551,26 @@ class StorageContract:
         self, tmp_path, uri, raw_fs, storage_options, fail_after
     ):
         old, new = _old_and_new_trees(tmp_path)
-        storage.upload_directory(old, uri, storage_options=storage_options)
+        _storage.upload_directory(old, uri, storage_options=storage_options)
         with (dask.config.set({"dckpt.storage.max-concurrency": 1}),
               pytest.raises(StorageError, match="connection dropped") as info):
-            storage.upload_directory(new, uri, storage_options=storage_options,
+            _storage.upload_directory(new, uri, storage_options=storage_options,
                                      callback=FailAfter(fail_after))
         assert isinstance(info.value.__cause__, ConnectionError)
 
         # The old checkpoint, exactly: files, folders, modes, and nothing of the new.
-        assert storage.uri_status(uri, storage_options=storage_options) == "committed"
-        assert storage.list_files(uri, storage_options=storage_options) == file_sizes(old)
-        assert storage.read_file(uri, "a.txt", storage_options=storage_options) == b"old a"
-        assert storage.read_file(uri, "c.txt", storage_options=storage_options) is None
+        assert _storage.uri_status(uri, storage_options=storage_options) == "committed"
+        assert _storage.list_files(uri, storage_options=storage_options) == file_sizes(old)
+        assert _storage.read_file(uri, "a.txt", storage_options=storage_options) == b"old a"
+        assert _storage.read_file(uri, "c.txt", storage_options=storage_options) is None
         (tmp_path / "got_old").mkdir()
-        storage.download_directory(uri, tmp_path / "got_old", storage_options=storage_options)
+        _storage.download_directory(uri, tmp_path / "got_old", storage_options=storage_options)
         assert read_tree(tmp_path / "got_old") == read_tree(old)
         assert modes_of(tmp_path / "got_old") == modes_of(old)
 
-        storage.upload_directory(new, uri, storage_options=storage_options)
+        _storage.upload_directory(new, uri, storage_options=storage_options)
         (tmp_path / "got_new").mkdir()
-        storage.download_directory(uri, tmp_path / "got_new", storage_options=storage_options)
+        _storage.download_directory(uri, tmp_path / "got_new", storage_options=storage_options)
         assert read_tree(tmp_path / "got_new") == read_tree(new)
         # The old files and the failed upload's are gone; a plain folder is left, with
         # the user's files at the top, as another tool would read it.
@@ -606,11 +606,11 @@ class StorageContract:
         """A crash after the switch, while the new files are copied to the top: the
         new checkpoint is read from its versioned folder, and the next upload cleans up."""
         old, new = _old_and_new_trees(tmp_path)
-        storage.upload_directory(old, uri, storage_options=storage_options)
+        _storage.upload_directory(old, uri, storage_options=storage_options)
         original, copied = fs.cp_file, []
 
         def failing(path1: str, path2: str, **kwargs: Any) -> Any:
-            if f"/{storage.VERSIONS_FOLDER}/" not in fs._strip_protocol(path2):
+            if f"/{_storage.VERSIONS_FOLDER}/" not in fs._strip_protocol(path2):
                 if copied:
                     raise OSError("crashed while copying")
                 copied.append(path2)
@@ -619,18 +619,18 @@ class StorageContract:
         monkeypatch.setattr(fs, "cp_file", failing)
         with (dask.config.set({"dckpt.storage.max-concurrency": 1}),
               pytest.raises(StorageError, match="crashed while copying")):
-            storage.upload_directory(new, uri, storage_options=storage_options)
+            _storage.upload_directory(new, uri, storage_options=storage_options)
         monkeypatch.undo()
         (tmp_path / "got").mkdir()
-        storage.download_directory(uri, tmp_path / "got", storage_options=storage_options)
+        _storage.download_directory(uri, tmp_path / "got", storage_options=storage_options)
         assert read_tree(tmp_path / "got") == read_tree(new)
 
-        storage.upload_directory(old, uri, storage_options=storage_options)
+        _storage.upload_directory(old, uri, storage_options=storage_options)
         raw_fs.invalidate_cache()
         top = fs_prefix(raw_fs, uri)
         assert sorted(p.removeprefix(top) for p in raw_fs.find(uri)) == sorted(
             [COMMIT_MARKER, *file_sizes(old)])
-        storage.delete(uri, storage_options=storage_options)
+        _storage.delete(uri, storage_options=storage_options)
         raw_fs.invalidate_cache()
         assert raw_fs.find(uri) == []
 
@@ -641,30 +641,30 @@ class StorageContract:
         (old / "x" / "y").write_text("below")
         new.mkdir()
         (new / "x").write_text("a file now")
-        storage.upload_directory(old, uri, storage_options=storage_options)
-        storage.upload_directory(new, uri, storage_options=storage_options)
-        storage.download_directory(uri, out, storage_options=storage_options)
+        _storage.upload_directory(old, uri, storage_options=storage_options)
+        _storage.upload_directory(new, uri, storage_options=storage_options)
+        _storage.download_directory(uri, out, storage_options=storage_options)
         assert read_tree(out) == {"x": b"a file now"}
 
     def test_version_changes_with_every_commit_only(self, tmp_path, uri, raw_fs,
                                                     storage_options):
         old, new = _old_and_new_trees(tmp_path)
-        storage.upload_directory(old, uri, storage_options=storage_options)
-        first = storage.uri_version(uri, storage_options=storage_options)
-        assert storage.uri_version(uri, storage_options=storage_options) == first
+        _storage.upload_directory(old, uri, storage_options=storage_options)
+        first = _storage.uri_version(uri, storage_options=storage_options)
+        assert _storage.uri_version(uri, storage_options=storage_options) == first
         with (dask.config.set({"dckpt.storage.max-concurrency": 1}),
               pytest.raises(StorageError)):
-            storage.upload_directory(new, uri, storage_options=storage_options,
+            _storage.upload_directory(new, uri, storage_options=storage_options,
                                      callback=FailAfter(1))
-        assert storage.uri_version(uri, storage_options=storage_options) == first
-        storage.upload_directory(old, uri, storage_options=storage_options)
-        assert storage.uri_version(uri, storage_options=storage_options) != first
+        assert _storage.uri_version(uri, storage_options=storage_options) == first
+        _storage.upload_directory(old, uri, storage_options=storage_options)
+        assert _storage.uri_version(uri, storage_options=storage_options) != first
         # A plain folder's version follows its listing.
         plain = f"{uri}-plain"
         raw_fs.pipe_file(f"{plain}/a", b"1")
-        one = storage.uri_version(plain, storage_options=storage_options)
+        one = _storage.uri_version(plain, storage_options=storage_options)
         raw_fs.pipe_file(f"{plain}/b", b"2")
-        assert storage.uri_version(plain, storage_options=storage_options) != one
+        assert _storage.uri_version(plain, storage_options=storage_options) != one
 
     def test_rewrite_during_a_download_is_refused(
         self, tmp_path, uri, fs, storage_options, monkeypatch, out
@@ -675,20 +675,20 @@ class StorageContract:
             root.mkdir()
             for name in ("a.bin", "b.bin", "c.bin"):
                 (root / name).write_bytes(os.urandom(100))
-        storage.upload_directory(old, uri, storage_options=storage_options)
+        _storage.upload_directory(old, uri, storage_options=storage_options)
         original = fs.get_file
 
         def rewriting(rpath: str, lpath: str, **kwargs: Any) -> Any:
             result = original(rpath, lpath, **kwargs)
             if rpath.endswith("a.bin"):  # the first file: someone overwrites the rest
-                storage.upload_directory(new, uri, storage_options=storage_options)
+                _storage.upload_directory(new, uri, storage_options=storage_options)
             return result
 
         monkeypatch.setattr(fs, "get_file", rewriting)
         with (dask.config.set({"dckpt.storage.max-concurrency": 1}),
               pytest.raises(CheckpointFormatError, match="rewritten or deleted while it "
                                                          "was being downloaded")):
-            storage.download_directory(uri, out, storage_options=storage_options)
+            _storage.download_directory(uri, out, storage_options=storage_options)
 
     # ------------------------------------------------------------------ file modes
 
@@ -698,8 +698,8 @@ class StorageContract:
         for name, mode in MODES.items():
             (src / name).write_text(name)
             (src / name).chmod(mode)
-        storage.upload_directory(src, uri, storage_options=storage_options)
-        storage.download_directory(uri, out, storage_options=storage_options)
+        _storage.upload_directory(src, uri, storage_options=storage_options)
+        _storage.download_directory(uri, out, storage_options=storage_options)
         assert modes_of(out) == MODES
 
     def test_format_1_manifest_is_still_read(self, tmp_path, uri, raw_fs,
@@ -707,15 +707,15 @@ class StorageContract:
         raw_fs.pipe_file(f"{uri}/model.bin", b"weights")
         v1 = {"format_version": 1, "files": {"model.bin": 7}, "dirs": []}
         raw_fs.pipe_file(f"{uri}/{COMMIT_MARKER}", json.dumps(v1).encode())
-        assert storage.list_files(uri, storage_options=storage_options) == {"model.bin": 7}
-        version = storage.uri_version(uri, storage_options=storage_options)
-        assert storage.uri_version(uri, storage_options=storage_options) == version
-        storage.download_directory(uri, out, storage_options=storage_options)
+        assert _storage.list_files(uri, storage_options=storage_options) == {"model.bin": 7}
+        version = _storage.uri_version(uri, storage_options=storage_options)
+        assert _storage.uri_version(uri, storage_options=storage_options) == version
+        _storage.download_directory(uri, out, storage_options=storage_options)
         assert read_tree(out) == {"model.bin": b"weights"}
         # Overwriting it keeps it readable until the switch, like any committed one.
-        storage.upload_directory(build_tree(tmp_path / "t"), uri,
+        _storage.upload_directory(build_tree(tmp_path / "t"), uri,
                                  storage_options=storage_options)
-        assert storage.uri_version(uri, storage_options=storage_options) != version
+        assert _storage.uri_version(uri, storage_options=storage_options) != version
         raw_fs.invalidate_cache()
         assert not raw_fs.exists(f"{uri}/model.bin")
 
@@ -724,7 +724,7 @@ class StorageContract:
     def test_failures_are_storage_errors_naming_the_uri(
         self, tree, uri, fs, storage_options, monkeypatch, out
     ):
-        storage.upload_directory(tree, uri, storage_options=storage_options)
+        _storage.upload_directory(tree, uri, storage_options=storage_options)
 
         def broken(*args: Any, **kwargs: Any) -> Any:
             raise RuntimeError("back-end exploded")
@@ -732,7 +732,7 @@ class StorageContract:
         monkeypatch.setattr(fs, "get_file", broken)
         with pytest.raises(StorageError, match=r"cannot download the checkpoint at "
                                                r".*ckpt: RuntimeError: back-end exploded"):
-            storage.download_directory(uri, out, storage_options=storage_options)
+            _storage.download_directory(uri, out, storage_options=storage_options)
 
 
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT])
@@ -741,7 +741,7 @@ def test_a_full_local_disk_is_not_a_storage_error(tmp_path, memory_uri, monkeypa
     tree = tmp_path / "tree"
     tree.mkdir()
     (tree / "a.bin").write_bytes(os.urandom(1000))
-    storage.upload_directory(tree, memory_uri)
+    _storage.upload_directory(tree, memory_uri)
     fs = fsspec.filesystem("memory")
 
     def full(*args: Any, **kwargs: Any) -> Any:
@@ -749,7 +749,7 @@ def test_a_full_local_disk_is_not_a_storage_error(tmp_path, memory_uri, monkeypa
 
     monkeypatch.setattr(fs, "get_file", full)
     with pytest.raises(OSError) as info:
-        storage.download_directory(memory_uri, tmp_path / "out")
+        _storage.download_directory(memory_uri, tmp_path / "out")
     assert info.value.errno == code and not isinstance(info.value, StorageError)
 
 
@@ -802,11 +802,11 @@ class FailAfter(Callback):
 def _calls(tree: str, uri: str, options: dict[str, Any], out: Path) -> dict[str, Any]:
     """One call of each kind of storage operation, by what its errors say it did."""
     return {
-        "upload to": lambda: storage.upload_directory(tree, uri, storage_options=options),
-        "read the checkpoint at": lambda: storage.uri_status(uri, storage_options=options),
-        "download the checkpoint at": lambda: storage.download_directory(
+        "upload to": lambda: _storage.upload_directory(tree, uri, storage_options=options),
+        "read the checkpoint at": lambda: _storage.uri_status(uri, storage_options=options),
+        "download the checkpoint at": lambda: _storage.download_directory(
             uri, out, storage_options=options),
-        "delete the checkpoint at": lambda: storage.delete(uri, storage_options=options),
+        "delete the checkpoint at": lambda: _storage.delete(uri, storage_options=options),
     }
 
 
@@ -865,10 +865,10 @@ class TestS3Storage(StorageContract):
         if plain:
             raw_fs.pipe_file(f"{s3_bucket}/model.bin", b"weights")
         else:
-            storage.upload_directory(tree, s3_bucket, storage_options=storage_options)
-            storage.download_directory(s3_bucket, out, storage_options=storage_options)
+            _storage.upload_directory(tree, s3_bucket, storage_options=storage_options)
+            _storage.download_directory(s3_bucket, out, storage_options=storage_options)
             assert read_tree(out) == read_tree(tree)
-        storage.delete(s3_bucket, storage_options=storage_options)
+        _storage.delete(s3_bucket, storage_options=storage_options)
         raw_fs.invalidate_cache()
         assert raw_fs.exists(s3_bucket)  # s3fs's rm(bucket, recursive=True) would not
         assert raw_fs.find(s3_bucket) == []
@@ -880,7 +880,7 @@ class TestS3Storage(StorageContract):
         self, tree, uri, storage_options, monkeypatch, tmp_path, out, how
     ):
         exceptions = pytest.importorskip("botocore.exceptions")
-        storage.upload_directory(tree, uri, storage_options=storage_options)
+        _storage.upload_directory(tree, uri, storage_options=storage_options)
         if how == "empty-environment":
             monkeypatch.setenv("AWS_ACCESS_KEY_ID", "")
             monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "")
@@ -940,7 +940,7 @@ class TestS3Storage(StorageContract):
         # Writing into a bucket that does not exist: refused, and no bucket is made.
         with pytest.raises(StorageError, match=f"cannot upload to s3://{bucket}/ckpt: "
                                                ".*dckpt creates no buckets") as info:
-            storage.upload_directory(tree, f"s3://{bucket}/ckpt",
+            _storage.upload_directory(tree, f"s3://{bucket}/ckpt",
                                      storage_options=storage_options)
         assert isinstance(info.value.__cause__, FileNotFoundError)
         assert not raw_fs.exists(bucket)
@@ -951,28 +951,28 @@ class TestS3Storage(StorageContract):
         raw_fs.pipe_file(f"{uri}/a", b"file")
         raw_fs.pipe_file(f"{uri}/a/b", b"below")
         with pytest.raises(CheckpointFormatError, match="both a file and a folder named 'a'"):
-            storage.download_directory(uri, out, storage_options=storage_options)
+            _storage.download_directory(uri, out, storage_options=storage_options)
         assert os.listdir(out) == []
 
     def test_plain_folder_with_folder_markers(self, uri, raw_fs, storage_options, out):
         # Consoles and some tools mark folders with empty objects named "d/".
         raw_fs.pipe_file(f"{uri}/d/", b"")
         raw_fs.pipe_file(f"{uri}/model.bin", b"weights")
-        assert storage.list_files(uri, storage_options=storage_options) == {"model.bin": 7}
-        storage.download_directory(uri, out, storage_options=storage_options)
+        assert _storage.list_files(uri, storage_options=storage_options) == {"model.bin": 7}
+        _storage.download_directory(uri, out, storage_options=storage_options)
         assert read_tree(out) == {"d/": None, "model.bin": b"weights"}
-        storage.delete(uri, storage_options=storage_options)
+        _storage.delete(uri, storage_options=storage_options)
         raw_fs.invalidate_cache()
         assert raw_fs.find(uri) == []
 
     def test_listing_is_fresh_after_another_writer(self, uri, raw_fs, storage_options):
         """s3fs caches listings per instance; dckpt must see what others wrote since."""
         raw_fs.pipe_file(f"{uri}/one.txt", b"1")
-        assert storage.list_files(uri, storage_options=storage_options) == {"one.txt": 1}
+        assert _storage.list_files(uri, storage_options=storage_options) == {"one.txt": 1}
         raw_fs.pipe_file(f"{uri}/two.txt", b"22")
         raw_fs.pipe_file(f"{uri}/{PENDING_MARKER}", b"{}")
         with pytest.raises(IncompleteCheckpointError):
-            storage.uri_status(uri, storage_options=storage_options)
+            _storage.uri_status(uri, storage_options=storage_options)
 
 
 # ------------------------------------------------------------------------- URIs
@@ -981,10 +981,10 @@ class TestS3Storage(StorageContract):
 def test_unknown_protocol_is_named():
     with pytest.raises(CheckpointURIError,
                        match="fsspec does not know the protocol 'nosuchproto'") as info:
-        storage.resolve_uri("nosuchproto://bucket/x")
+        _storage.resolve_uri("nosuchproto://bucket/x")
     assert isinstance(info.value.__cause__, ValueError)
     with pytest.raises(CheckpointURIError, match="nosuchproto"):
-        storage.uri_status("nosuchproto://bucket/x")
+        _storage.uri_status("nosuchproto://bucket/x")
 
 
 def test_missing_backend_names_the_package(monkeypatch):
@@ -994,7 +994,7 @@ def test_missing_backend_names_the_package(monkeypatch):
     with pytest.raises(CheckpointURIError,
                        match=r"backend for protocol 's3' is not installed; "
                              r"install it with pip install 'dckpt\[s3\]'.*s3fs") as info:
-        storage.resolve_uri("s3://bucket/x", {"anon": True})
+        _storage.resolve_uri("s3://bucket/x", {"anon": True})
     assert isinstance(info.value.__cause__, ImportError)
 
 
@@ -1003,16 +1003,16 @@ def test_missing_backend_names_the_package(monkeypatch):
     ("local:///abs/path", True), ("memory://x", False), ("s3://bucket/key", False),
 ])
 def test_is_local_uri(uri: str, local: bool):
-    assert storage.is_local_uri(uri) is local
+    assert _storage.is_local_uri(uri) is local
 
 
 def test_local_path_of(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert storage.local_path_of("file:///abs/path/") == "/abs/path"
-    assert storage.local_path_of("/abs/path") == "/abs/path"
-    assert storage.local_path_of("rel/x") == str(tmp_path / "rel" / "x")
+    assert _storage.local_path_of("file:///abs/path/") == "/abs/path"
+    assert _storage.local_path_of("/abs/path") == "/abs/path"
+    assert _storage.local_path_of("rel/x") == str(tmp_path / "rel" / "x")
     with pytest.raises(CheckpointURIError, match="not a local path"):
-        storage.local_path_of("memory://x")
+        _storage.local_path_of("memory://x")
 
 
 # ------------------------------------------------ one download per machine (Ray parity)
@@ -1021,10 +1021,10 @@ def test_local_path_of(tmp_path, monkeypatch):
 # a line; it reports the directory, its files and how many files it fetched itself.
 _HOLDER = """
 import json, os, sys
-from dckpt import Checkpoint, storage
+from dckpt import Checkpoint, _storage
 
 uri, options = sys.argv[1], json.loads(sys.argv[2])
-fs = storage.resolve_uri(uri, options)[0]  # the instance dckpt uses
+fs = _storage.resolve_uri(uri, options)[0]  # the instance dckpt uses
 fetched, get_file = [], fs.get_file
 fs.get_file = lambda rpath, lpath, **kw: (fetched.append(rpath), get_file(rpath, lpath, **kw))
 checkpoint = Checkpoint.from_uri(uri, storage_options=options)

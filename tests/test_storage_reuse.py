@@ -14,7 +14,7 @@ import fsspec
 import pytest
 from fsspec.callbacks import Callback
 
-from dckpt import Checkpoint, storage
+from dckpt import Checkpoint, _storage
 from tests._trees import read_tree
 
 KiB = 1 << 10
@@ -81,7 +81,7 @@ class ReuseContract:
         assert str(local / "head.bin") in second.sources  # the changed file: uploaded
 
         # A plain folder of whole files: it reads alone, also once step 1 is gone.
-        storage.delete(f"{base_uri}/step-1", storage_options=storage_options)
+        _storage.delete(f"{base_uri}/step-1", storage_options=storage_options)
         prefix = f"{base_uri}/step-2".split("://", 1)[-1]
         assert raw_fs.cat_file(f"{prefix}/frozen/base.bin") == (
             local / "frozen" / "base.bin").read_bytes()

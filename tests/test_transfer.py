@@ -1,4 +1,4 @@
-"""dckpt.transfer: manifests, chunk frames, the sender's ChunkSource, receive_directory.
+"""dckpt._transfer: manifests, chunk frames, the sender's ChunkSource, receive_directory.
 
 Real files in ``tmp_path``; the "network" is an async function that calls the
 sender's ``read_chunk``, sometimes damaging what it returns, turned into the stream
@@ -25,8 +25,7 @@ import msgpack
 import pytest
 from fsspec.callbacks import Callback
 
-from dckpt.errors import CheckpointFormatError, CorruptChunkError, UnsafePathError
-from dckpt.transfer import (
+from dckpt._transfer import (
     CHUNK_HEADER,
     ChunkSource,
     ChunkSpec,
@@ -41,6 +40,7 @@ from dckpt.transfer import (
     receive_directory,
     receiving,
 )
+from dckpt.errors import CheckpointFormatError, CorruptChunkError, UnsafePathError
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -335,7 +335,7 @@ def test_corrupted_chunks_are_fetched_again(tmp_path: Path, caplog: pytest.LogCa
             return flip_payload_byte(frame) if fetches[spec] == 1 else frame
         return damaging
 
-    with caplog.at_level(logging.WARNING, logger="dckpt.transfer"):
+    with caplog.at_level(logging.WARNING, logger="dckpt._transfer"):
         manifest = copy(src, tmp_path / "dst", chunk_bytes=MiB, wrap=corrupt_first_time)
     assert snapshot(tmp_path / "dst") == snapshot(src)
     specs = manifest.chunks(MiB)
@@ -522,7 +522,7 @@ def test_the_digest_is_of_the_content_wherever_it_is(tmp_path: Path):
 
 
 def test_a_file_is_hashed_once_per_version(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    from dckpt.transfer import _hashes
+    from dckpt._transfer import _hashes
 
     src = make_tree(tmp_path / "src")
     build_manifest(src)
@@ -769,16 +769,16 @@ def test_a_large_receive_logs_its_progress_and_is_listed_while_it_runs(
     assert [(p.checkpoint_id, p.source, p.total, p.done) for p in first] == [
         (manifest.content_id, "node-0's store", manifest.total_bytes, 0)]
     assert 0 < last[0].done < manifest.total_bytes
-    lines = [r.getMessage() for r in caplog.records if r.name == "dckpt.transfer._progress"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "dckpt._transfer._progress"]
     assert len(lines) == 10, lines  # one per tenth: no chunk of 256 KiB spans two tenths
     assert lines[-1].startswith(f"receiving checkpoint {manifest.content_id} from "
                                 "node-0's store: 100% (")
     assert all(r.levelno == logging.INFO for r in caplog.records
-               if r.name == "dckpt.transfer._progress")
+               if r.name == "dckpt._transfer._progress")
 
 
 def test_a_small_receive_logs_no_progress(tmp_path: Path, caplog: pytest.LogCaptureFixture):
     src = make_tree(tmp_path / "src")
     with caplog.at_level(logging.INFO, logger="dckpt"):  # the default: 64 MiB and up
         copy(src, tmp_path / "dst", chunk_bytes=1 * MiB)
-    assert not [r for r in caplog.records if r.name == "dckpt.transfer._progress"]
+    assert not [r for r in caplog.records if r.name == "dckpt._transfer._progress"]

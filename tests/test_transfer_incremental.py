@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dckpt.transfer import (
+from dckpt._transfer import (
     ChunkSource,
     ChunkSpec,
     ChunkStream,
@@ -125,7 +125,7 @@ def test_a_local_file_changed_with_its_size_and_mtime_kept_is_fetched(
     assert (frozen.stat().st_size, frozen.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
 
     asked: list[ChunkSpec] = []
-    with caplog.at_level(logging.WARNING, "dckpt.transfer._place"):
+    with caplog.at_level(logging.WARNING, "dckpt._transfer._place"):
         manifest, received = receive(new, tmp_path / "dst", offered, asked)
     index = next(i for i, e in enumerate(manifest.files) if e.path == "base/frozen.bin")
     assert {spec.file_index for spec in asked} == {index}

@@ -5,8 +5,8 @@ reads back with ``Checkpoint.from_bytes``, and one that ``to_bytes`` wrote copie
 what ``from_bytes(...).to_directory()`` gives), and it is atomic at DST: a directory
 is built beside its place and renamed, a URI gets its commit marker last, a bytes
 file is written to a hidden sibling and renamed. Bytes files are packed and unpacked
-as streams (:func:`dckpt.formats.pack_directory_to_file`,
-:func:`dckpt.formats.unpack_directory`): memory stays bounded whatever the size.
+as streams (:func:`dckpt._formats.pack_directory_to_file`,
+:func:`dckpt._formats.unpack_directory`): memory stays bounded whatever the size.
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ import os
 import tempfile
 import time
 
-from dckpt import _config, storage
+from dckpt import _config, _storage
+from dckpt._formats import pack_directory_to_file, unpack_directory
 from dckpt.checkpoint import Checkpoint
 from dckpt.cli import _output, _places
 from dckpt.cli._listing import list_place
 from dckpt.cli._progress import progress
-from dckpt.formats import pack_directory_to_file, unpack_directory
 
 NAME = "cp"
 SUMMARY = "copy a checkpoint between directories, URIs and bytes files"
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
 
     if src.kind == "directory":
         _write(src.location, dst, total, hint, args.progress)
-    elif src.kind == "uri" and dst.kind == "directory" and not storage.is_local_uri(src.location):
+    elif src.kind == "uri" and dst.kind == "directory" and not _storage.is_local_uri(src.location):
         # Straight into DST, atomically, by the Checkpoint API.
         with progress("download", total, show=args.progress) as callback:
             _places.load(src).to_directory(dst.location, callback=callback)
@@ -98,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
             if src.kind == "uri":
                 os.mkdir(local)
                 with progress("download", total, show=args.progress) as callback:
-                    storage.download_directory(src.location, local,
+                    _storage.download_directory(src.location, local,
                                                storage_options=src.storage_options,
                                                callback=callback)
             else:
@@ -129,13 +129,13 @@ def _write(
     included, as they are), streaming, so memory stays bounded whatever the size; it
     holds what ``Checkpoint.from_directory(directory).to_bytes()`` would. A local
     folder asked for as a URI (``--to uri``) gets the URI layout of
-    :func:`dckpt.storage.upload_directory`, commit marker last.
+    :func:`dckpt._storage.upload_directory`, commit marker last.
     """
     with progress(_VERBS[dst.kind], total, show=show, size_hint=hint) as callback:
         if dst.kind == "bytes":
             pack_directory_to_file(directory, dst.location, callback=callback)
-        elif dst.kind == "uri" and storage.is_local_uri(dst.location):
-            storage.upload_directory(directory, dst.location, callback=callback)
+        elif dst.kind == "uri" and _storage.is_local_uri(dst.location):
+            _storage.upload_directory(directory, dst.location, callback=callback)
         elif dst.kind == "uri":
             Checkpoint.from_directory(directory).to_uri(
                 dst.location, storage_options=dst.storage_options, callback=callback)

@@ -12,10 +12,7 @@ import argparse
 import json
 from typing import Any
 
-from dckpt.cli import _output, _places
-from dckpt.cli._listing import Listing, list_place
-from dckpt.errors import CheckpointFormatError
-from dckpt.formats._layout import (
+from dckpt._formats._layout import (
     DICT_FILE,
     HEADER_FILE,
     PREPROCESSOR_FILE,
@@ -23,6 +20,9 @@ from dckpt.formats._layout import (
     CheckpointHeader,
     load_pickle,
 )
+from dckpt.cli import _output, _places
+from dckpt.cli._listing import Listing, list_place
+from dckpt.errors import CheckpointFormatError
 
 _PICKLES = (DICT_FILE, PREPROCESSOR_FILE, STATE_FILE)
 #: How the base class is named when a checkpoint records none.

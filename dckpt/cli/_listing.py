@@ -3,7 +3,7 @@
 Each kind of place is read with the least it takes: a directory is walked; a folder
 at a URI is listed from its commit manifest (or a listing of a plain folder) and
 only the control files asked for are fetched; a bytes file is streamed through
-:class:`~dckpt.formats.ArchiveReader`, which checks every checksum on the way (so a
+:class:`~dckpt._formats.ArchiveReader`, which checks every checksum on the way (so a
 damaged file is detected) and keeps the payloads of the control files asked for only.
 """
 
@@ -13,9 +13,9 @@ import os
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
-from dckpt import storage
+from dckpt import _storage
+from dckpt._formats import ArchiveReader
 from dckpt.cli._places import Place
-from dckpt.formats import ArchiveReader
 
 
 @dataclass
@@ -79,15 +79,15 @@ def _list_directory(root: str, read: Collection[str]) -> Listing:
 
 def _list_uri(place: Place, read: Collection[str]) -> Listing:
     options = place.storage_options
-    status = storage.uri_status(place.location, storage_options=options)
+    status = _storage.uri_status(place.location, storage_options=options)
     listing = Listing(status=status)
-    listing.files = storage.list_files(place.location, storage_options=options)
+    listing.files = _storage.list_files(place.location, storage_options=options)
     listing.directories = {
         rel.rsplit("/", i)[0] for rel in listing.files for i in range(1, rel.count("/") + 1)
     }
     for name in read:
         if name in listing.files:
-            raw = storage.read_file(place.location, name, storage_options=options)
+            raw = _storage.read_file(place.location, name, storage_options=options)
             if raw is not None:
                 listing.contents[name] = raw
     return listing

@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from dckpt import storage
+from dckpt import _storage
 from dckpt.checkpoint import Checkpoint
 from dckpt.cli._output import CommandError
 from dckpt.errors import CheckpointNotFoundError, IncompleteCheckpointError
@@ -48,12 +48,12 @@ class Place:
 
 def source(text: str, storage_options: dict[str, Any]) -> Place:
     """The place ``text`` names as a source; :class:`CommandError` if nothing is there."""
-    if not storage.is_local_uri(text):
+    if not _storage.is_local_uri(text):
         return Place("uri", text, storage_options)
-    path = storage.local_path_of(text)
+    path = _storage.local_path_of(text)
     if os.path.isdir(path):
-        if any(os.path.lexists(os.path.join(path, m)) for m in storage.MARKERS):
-            # What `cp --to uri` or storage.upload_directory wrote to a local folder:
+        if any(os.path.lexists(os.path.join(path, m)) for m in _storage.MARKERS):
+            # What `cp --to uri` or _storage.upload_directory wrote to a local folder:
             # read as the folder at a URI it is (markers are no checkpoint files).
             return Place("uri", _file_uri(path), storage_options)
         return Place("directory", path)
@@ -64,7 +64,7 @@ def source(text: str, storage_options: dict[str, Any]) -> Place:
 
 def destination(text: str, to: Kind | None, storage_options: dict[str, Any]) -> Place:
     """The place ``text`` names as a destination (see the module's docstring)."""
-    local = storage.is_local_uri(text)
+    local = _storage.is_local_uri(text)
     if to is None:
         to = ("bytes" if text.endswith(BYTES_SUFFIX)
               else "directory" if local else "uri")
@@ -73,8 +73,8 @@ def destination(text: str, to: Kind | None, storage_options: dict[str, Any]) -> 
     if to == "uri" and local:
         # Asked for: the URI layout (commit marker last) in a local folder, which
         # Checkpoint.to_uri does not write for file:// (it writes a directory).
-        return Place("uri", _file_uri(storage.local_path_of(text)), storage_options)
-    return Place(to, storage.local_path_of(text) if local else text, storage_options)
+        return Place("uri", _file_uri(_storage.local_path_of(text)), storage_options)
+    return Place(to, _storage.local_path_of(text) if local else text, storage_options)
 
 
 def _file_uri(path: str) -> str:
@@ -100,7 +100,7 @@ def exists(place: Place) -> bool:
     if place.kind != "uri":
         return os.path.lexists(place.location)
     try:
-        storage.uri_status(place.location, storage_options=place.storage_options)
+        _storage.uri_status(place.location, storage_options=place.storage_options)
     except IncompleteCheckpointError:
         return True
     except CheckpointNotFoundError:

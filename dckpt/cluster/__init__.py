@@ -26,6 +26,7 @@ from dckpt.cluster._local import (
     isolation_available,
     network_isolation_available,
 )
+from dckpt.cluster._put import put
 from dckpt.cluster._scheduler_plugin import (
     DckptSchedulerPlugin,
     checkpoints,
@@ -33,7 +34,6 @@ from dckpt.cluster._scheduler_plugin import (
     registry,
     who_has,
 )
-from dckpt.cluster._put import put
 from dckpt.cluster._store import NodeStore, stats, store_of
 from dckpt.cluster._worker_plugin import NodeStorePlugin
 

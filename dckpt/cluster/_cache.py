@@ -1,7 +1,7 @@
 """The node cache: checkpoints copied to this node, kept within a byte budget.
 
 A :class:`NodeCache` uses one folder on the node's local disk (by default
-:func:`dckpt.node.cache_directory`) and shares it with every other process of the node
+:func:`dckpt._node.cache_directory`) and shares it with every other process of the node
 that uses the same folder: ``dask worker --nworkers 4`` starts four worker processes
 with one node id, each with a ``NodeStore`` and a ``NodeCache``, and a checkpoint is
 cached once per node, whichever of them fetched it. Checkpoints streamed from other
@@ -69,9 +69,15 @@ from collections.abc import Iterable, Iterator
 import dask.config
 from dask.utils import format_bytes, parse_bytes
 
-from dckpt import node, transfer
+from dckpt import _node, _transfer
 from dckpt._locks import flocked
-from dckpt.cluster._cache_index import INDEX_NAME, CacheEntry, CachedFile, CheckpointId, IndexFile
+from dckpt.cluster._cache_index import (
+    INDEX_NAME,
+    CachedFile,
+    CacheEntry,
+    CheckpointId,
+    IndexFile,
+)
 from dckpt.cluster._cache_names import (
     STAGING_TAG,
     TRASH_TAG,
@@ -121,7 +127,7 @@ class NodeCache:
     ----------
     root
         The folder the cache uses; created if needed. Defaults to
-        :func:`dckpt.node.cache_directory`. A folder that is not empty and holds no
+        :func:`dckpt._node.cache_directory`. A folder that is not empty and holds no
         cache index is refused: the cache removes whatever it does not know about.
     max_bytes
         The byte budget, an int or a string such as ``"10GiB"``. Defaults to the
@@ -163,7 +169,7 @@ class NodeCache:
         max_bytes: int | str | None = None,
     ) -> None:
         self.root = (
-            os.path.abspath(os.fspath(root)) if root is not None else node.cache_directory()
+            os.path.abspath(os.fspath(root)) if root is not None else _node.cache_directory()
         )
         self._index = IndexFile(self.root)
         self._lock_path = os.path.join(self.root, _LOCK_NAME)
@@ -225,7 +231,7 @@ class NodeCache:
             trash = self._make_room_locked(size)
         _remove_all(trash)
 
-    def share(self, manifest: transfer.Manifest | None, size: int) -> SharedFiles:
+    def share(self, manifest: _transfer.Manifest | None, size: int) -> SharedFiles:
         """The cached files that an incoming checkpoint shares, and room for the rest.
 
         For each file of ``manifest`` whose content hash and size a complete entry

@@ -30,7 +30,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, NewType
 
-from dckpt.formats import safe_relpath, write_file_atomically
+from dckpt._formats import safe_relpath, write_file_atomically
 
 __all__ = [
     "INDEX_NAME", "CacheEntry", "CachedFile", "CheckpointId", "CorruptIndexError", "IndexFile",

@@ -16,8 +16,8 @@ import hashlib
 import os
 import re
 
+from dckpt._formats import partial_sibling
 from dckpt._locks import is_alive
-from dckpt.formats import partial_sibling
 
 __all__ = [
     "STAGING_TAG",
@@ -29,7 +29,7 @@ __all__ = [
     "owner_is_alive",
 ]
 
-# Hidden siblings (see dckpt.formats._atomic.partial_sibling): directories being
+# Hidden siblings (see dckpt._formats._atomic.partial_sibling): directories being
 # written, and directories evicted but not yet deleted. Never entries of the index.
 STAGING_TAG = "partial"
 TRASH_TAG = "evicted"

@@ -3,7 +3,7 @@
 Checkpoints of one run differ in a few files (the layers being fine-tuned) and share
 the rest (frozen weights, tokenizers). A transfer into the node cache places the files
 the cache holds already as hard links to the cached copies
-(:func:`dckpt.transfer.receive_directory` with ``have``), so the entries share one set
+(:func:`dckpt._transfer.receive_directory` with ``have``), so the entries share one set
 of bytes on disk. This module holds what the cache needs for that:
 
 - :func:`files_of`: the regular files of a directory about to become an entry, with
@@ -27,8 +27,8 @@ import os
 import stat
 from collections.abc import Callable, Iterable
 
-from dckpt import transfer
-from dckpt.cluster._cache_index import CacheEntry, CachedFile, CheckpointId
+from dckpt import _transfer
+from dckpt.cluster._cache_index import CachedFile, CacheEntry, CheckpointId
 
 __all__ = ["SharedFiles", "check_files", "distinct_bytes", "files_of"]
 
@@ -38,14 +38,14 @@ logger = logging.getLogger(__name__)
 def files_of(directory: str) -> tuple[CachedFile, ...]:
     """The regular files below ``directory``, hashed (thread; blocking I/O).
 
-    Hashes come from :func:`dckpt.transfer.build_manifest`, which reads nothing for
+    Hashes come from :func:`dckpt._transfer.build_manifest`, which reads nothing for
     files this process hashed before (a transfer checks and remembers every file it
     writes); a download from a URI is read once here. A directory that cannot be
     described (a file removed meanwhile, a special file) gives ``()``: its entry is
     then counted by its size and offers nothing to share.
     """
     try:
-        manifest = transfer.build_manifest(directory)
+        manifest = _transfer.build_manifest(directory)
         files = []
         for entry in manifest.files:
             st = os.lstat(os.path.join(directory, *entry.path.split("/")))
@@ -102,7 +102,7 @@ class SharedFiles:
     Made by :meth:`dckpt.cluster._cache.NodeCache.share`, which pins the entries they
     come from (so that no process evicts them while they are linked from) and reserves
     room for the bytes that will be new. Pass :meth:`have` to
-    :func:`dckpt.transfer.receive_directory`; call :meth:`release` once the new entry
+    :func:`dckpt._transfer.receive_directory`; call :meth:`release` once the new entry
     is added, or the transfer failed.
 
     Attributes
@@ -138,7 +138,7 @@ class SharedFiles:
 
 
 def offer(
-    entries: Iterable[CacheEntry], manifest: transfer.Manifest
+    entries: Iterable[CacheEntry], manifest: _transfer.Manifest
 ) -> tuple[dict[str, str], tuple[CheckpointId, ...]]:
     """For each file of ``manifest`` (not empty), a cached file of the same hash and
     size, most recently used entries first; and the entries offered from."""

@@ -44,7 +44,7 @@ it advertises is its own address. The scheduler runs on this machine, bound to t
 bridge's address, which every node reaches over its link and the driver reaches
 directly; nothing listens on, or is sent to, any address outside the cluster's
 ``/24``. The workers get no ``DASK_DCKPT__NODE_ID``: their node id is their host name,
-the default of :func:`dckpt.node.node_id`, as on a real machine. With mount isolation,
+the default of :func:`dckpt._node.node_id`, as on a real machine. With mount isolation,
 ``/etc/hosts`` in each node names every node (and the host as ``dckpt-host``), so a
 node's host name resolves. The namespaces outlive a worker: a restarted node keeps its
 namespace, address and link. :meth:`NodeCluster.close` removes them with the bridge;
@@ -405,7 +405,7 @@ class NodeCluster:
     Examples
     --------
     >>> with NodeCluster(2) as cluster, cluster.client() as client:  # doctest: +SKIP
-    ...     client.run(dckpt.node.node_id)
+    ...     client.run(dckpt._node.node_id)
     {'tcp://127.0.0.1:40611': 'node-0', 'tcp://127.0.0.1:37065': 'node-1'}
     """
 

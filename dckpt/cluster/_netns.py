@@ -17,7 +17,7 @@ names have at most 15 characters, which leaves two digits for the index: at most
 Leftovers. A process killed before it removed its network (SIGKILL, a crashed test run)
 leaves its namespaces, veths and bridge behind; :func:`remove_stale` removes every one
 whose owning process no longer runs (:func:`dckpt._locks.is_alive`), as
-:func:`dckpt.formats._atomic.remove_stale_siblings` does for files, and every new
+:func:`dckpt._formats._atomic.remove_stale_siblings` does for files, and every new
 network calls it first. Names of live processes are never touched. Process ids are
 those of this machine's pid namespace: processes that share its network namespace
 should share one.

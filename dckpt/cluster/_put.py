@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from distributed import Client, get_client
 
-from dckpt import _config, node, transfer
+from dckpt import _config, _node, _transfer
 from dckpt._sources import LocalDirectory
 from dckpt.cluster import _stream
 from dckpt.cluster._core import CheckpointId, NodeRef
@@ -115,7 +115,7 @@ def push_for_pickling(path: str, uris: tuple[str, ...]) -> NodeRef | None:
         workers = sorted(client.scheduler_info(n_workers=-1)["workers"])
         if not workers:
             return None
-        manifest = transfer.build_manifest(path)
+        manifest = _transfer.build_manifest(path)
         address = workers[int(manifest.digest, 16) % len(workers)]
         return _push_directory(client, path, manifest, address, uris)
     except Exception as e:  # noqa: BLE001 - pickling must not fail for want of a push
@@ -134,23 +134,23 @@ def _push(client: Client, checkpoint: Checkpoint, address: str) -> NodeRef:
 
     source = source_of(checkpoint)
     if isinstance(source, LocalDirectory):
-        return _push_directory(client, source.path, transfer.build_manifest(source.path),
+        return _push_directory(client, source.path, _transfer.build_manifest(source.path),
                                address, source.uris)
     scratch = tempfile.mkdtemp(prefix="dckpt-put-", dir=_config.temporary_directory())
     try:
         directory = checkpoint.to_directory(os.path.join(scratch, "data"))
-        return _push_directory(client, directory, transfer.build_manifest(directory),
+        return _push_directory(client, directory, _transfer.build_manifest(directory),
                                address, source.uris)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _push_directory(
-    client: Client, path: str, manifest: transfer.Manifest, address: str,
+    client: Client, path: str, manifest: _transfer.Manifest, address: str,
     uris: tuple[str, ...],
 ) -> NodeRef:
     checkpoint_id = CheckpointId(manifest.content_id)  # the same content is the same checkpoint
-    with transfer.ChunkSource(path, manifest) as source:
+    with _transfer.ChunkSource(path, manifest) as source:
         reply = client.sync(_stream.push, client.rpc, address, checkpoint_id, source)
     logger.info("pushed %s (%d bytes) to the store of %s", path, manifest.total_bytes, address)
     return NodeRef(
@@ -166,7 +166,7 @@ def _push_directory(
 
 def _workers_of(client: Client, nodes: Sequence[str] | None) -> list[tuple[str, str]]:
     """``(node id, worker address)``, one worker per node asked for, in that order."""
-    node_of: dict[str, Any] = client.run(node.node_id)
+    node_of: dict[str, Any] = client.run(_node.node_id)
     by_node: dict[str, str] = {}
     for address in sorted(node_of):
         by_node.setdefault(str(node_of[address]), address)

@@ -5,7 +5,7 @@ node that is fetching it already (``dckpt_holders``, kind ``fetching``), so the 
 travel down a chain — origin → reader 1 → reader 2 → … — and the origin sends each byte
 about once instead of once per reader. A receiving store keeps a :class:`Relay` for the
 transfer: the receiver marks each chunk once it passed its checksum and is written
-(:func:`dckpt.transfer.receive_directory`'s ``on_written``), and a :class:`RelaySource`
+(:func:`dckpt._transfer.receive_directory`'s ``on_written``), and a :class:`RelaySource`
 serves a downstream reader's chunk requests from the staging directory, each as soon
 as its bytes are there.
 
@@ -27,7 +27,7 @@ from types import TracebackType
 import dask.config
 from dask.utils import parse_timedelta
 
-from dckpt import transfer
+from dckpt import _transfer
 from dckpt.errors import CheckpointError
 
 __all__ = ["Relay", "RelaySource"]
@@ -40,14 +40,14 @@ class Relay:
     it was renamed to (:meth:`moved`).
     """
 
-    manifest: transfer.Manifest
+    manifest: _transfer.Manifest
     root: str
     _written: dict[int, list[tuple[int, int]]]  # file index -> merged [start, end) ranges
     _failure: BaseException | None
     _moving: bool  # between the rename into the cache and :meth:`moved`
     _condition: threading.Condition
 
-    def __init__(self, manifest: transfer.Manifest, root: str) -> None:
+    def __init__(self, manifest: _transfer.Manifest, root: str) -> None:
         self.manifest = manifest
         self.root = root
         self._written = {}
@@ -55,7 +55,7 @@ class Relay:
         self._moving = False
         self._condition = threading.Condition()
 
-    def written(self, spec: transfer.ChunkSpec) -> None:
+    def written(self, spec: _transfer.ChunkSpec) -> None:
         """The bytes of ``spec`` are in place and passed their checksum."""
         with self._condition:
             ranges = self._written.setdefault(spec.file_index, [])
@@ -81,7 +81,7 @@ class Relay:
             self._failure = error
             self._condition.notify_all()
 
-    def wait_for(self, spec: transfer.ChunkSpec, timeout: float) -> str:
+    def wait_for(self, spec: _transfer.ChunkSpec, timeout: float) -> str:
         """Block until the bytes of ``spec`` are written; the directory they are in.
 
         Raises :class:`~dckpt.errors.CheckpointError` if the transfer failed, or
@@ -102,7 +102,7 @@ class Relay:
                 ) from self._failure
             return self.root
 
-    def _has(self, spec: transfer.ChunkSpec) -> bool:
+    def _has(self, spec: _transfer.ChunkSpec) -> bool:
         ranges = self._written.get(spec.file_index, ())
         end = spec.offset + spec.length
         i = bisect.bisect_right(ranges, (spec.offset, float("inf"))) - 1
@@ -110,22 +110,22 @@ class Relay:
 
 
 class RelaySource:
-    """A :class:`~dckpt.transfer.ChunkSource` over a :class:`Relay`'s directory.
+    """A :class:`~dckpt._transfer.ChunkSource` over a :class:`Relay`'s directory.
 
     Each read waits until its chunk is written (up to ``dckpt.transfer.stall-timeout``),
     then reads it from wherever the directory is now.
     """
 
-    manifest: transfer.Manifest
+    manifest: _transfer.Manifest
     chunk_bytes: int
     _relay: Relay
-    _source: transfer.ChunkSource | None
+    _source: _transfer.ChunkSource | None
     _lock: threading.Lock
     _timeout: float
 
     def __init__(self, relay: Relay, chunk_bytes: int) -> None:
         self.manifest = relay.manifest
-        self.chunk_bytes = transfer.check_chunk_bytes(chunk_bytes)
+        self.chunk_bytes = _transfer.check_chunk_bytes(chunk_bytes)
         self._relay = relay
         self._source = None
         self._lock = threading.Lock()
@@ -139,9 +139,9 @@ class RelaySource:
         self.close()
 
     def read_parts(
-        self, spec: transfer.ChunkSpec, buffer: bytearray | None = None, *,
+        self, spec: _transfer.ChunkSpec, buffer: bytearray | None = None, *,
         max_ratio: float | None = None,
-    ) -> tuple[bytes, transfer.Buffer]:
+    ) -> tuple[bytes, _transfer.Buffer]:
         """Like :meth:`ChunkSource.read_parts`, once the chunk has arrived.
 
         Any failure is a :class:`~dckpt.errors.CheckpointError` of this relay (its
@@ -164,12 +164,12 @@ class RelaySource:
                 self._source.close()
                 self._source = None
 
-    def _source_at(self, root: str) -> transfer.ChunkSource:
+    def _source_at(self, root: str) -> _transfer.ChunkSource:
         with self._lock:
             if self._source is None or self._source.root != root:
                 if self._source is not None:
                     self._source.close()  # reads in progress finish first
-                self._source = transfer.ChunkSource(root, self.manifest, self.chunk_bytes)
+                self._source = _transfer.ChunkSource(root, self.manifest, self.chunk_bytes)
             return self._source
 
 

@@ -3,7 +3,7 @@
 :func:`make_ref` runs when a directory checkpoint is pickled in a worker process: the
 worker's store registers the directory (so it may serve it) and the checkpoint travels
 as a :class:`~dckpt.cluster._core.NodeRef`. Its id is that of its content
-(:attr:`dckpt.transfer.Manifest.content_id`: relative paths, sizes, modes, link
+(:attr:`dckpt._transfer.Manifest.content_id`: relative paths, sizes, modes, link
 targets and each file's xxh3-128 hash), so copies anywhere have the same id, the same
 bytes in two directories are one checkpoint, and a reference pickled again where only
 a copy is (``Checkpoint.__getstate__``) keeps the original id, origin and URIs.
@@ -23,7 +23,7 @@ from collections.abc import Iterator
 
 from fsspec.callbacks import DEFAULT_CALLBACK, Callback
 
-from dckpt import _compat, node
+from dckpt import _compat, _node
 from dckpt.cluster import _shared
 from dckpt.cluster._core import NodeRef
 from dckpt.cluster._store import (
@@ -45,7 +45,7 @@ def make_ref(path: str, uris: tuple[str, ...] = ()) -> NodeRef | None:
     directory written since gets a new id.
 
     The first pickling hashes every file (about 0.12 s per GiB in the page cache, see
-    :mod:`dckpt.transfer._hashes`) in the thread that pickles: for a task's result
+    :mod:`dckpt._transfer._hashes`) in the thread that pickles: for a task's result
     that may be the worker's event loop. A task that returns a checkpoint of many GiB
     can take that off the loop by pickling it once itself (``pickle.dumps(checkpoint)``
     before returning it): the hashes are remembered.
@@ -56,7 +56,7 @@ def make_ref(path: str, uris: tuple[str, ...] = ()) -> NodeRef | None:
     real = os.path.realpath(path)
     registration = register_directory(real, worker, tuple(uris))
     return NodeRef(
-        node_id=node.node_id(),
+        node_id=_node.node_id(),
         path=real,
         checkpoint_id=registration.checkpoint_id,
         size=registration.manifest.total_bytes,

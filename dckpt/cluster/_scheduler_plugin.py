@@ -10,7 +10,7 @@ it keeps, per worker, the last *snapshot* of what that worker's store holds:
 - ``cached``: complete copies in that node's cache, which it serves on too;
 - ``serving``: how many transfers it is sending now.
 
-Checkpoint ids are ids of content (:mod:`dckpt.transfer._manifest`), so every holder
+Checkpoint ids are ids of content (:mod:`dckpt._transfer._manifest`), so every holder
 of an id holds the same bytes. From the snapshots the registry answers, per checkpoint
 id, which nodes hold a complete copy and at which worker address each node is now
 (``dckpt_holders``: what resolution asks, :meth:`dckpt.cluster._store.NodeStore.materialize`), and per

@@ -2,7 +2,7 @@
 
 A store serves only directories registered with it by code on its own worker
 (:func:`dckpt.cluster._store.register_directory`); each is served under its checkpoint
-id, which is its content's (:attr:`dckpt.transfer.Manifest.content_id`). So that a
+id, which is its content's (:attr:`dckpt._transfer.Manifest.content_id`). So that a
 registration outlives the worker process, every one is also written to an index on
 the node's disk, ``<node root>/served/index.json``: a restarted worker of the node
 (a nanny's restart, a crash and a new ``dask worker``) reads it at start
@@ -33,7 +33,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from dckpt import transfer
+from dckpt import _transfer
 from dckpt._locks import flocked
 from dckpt.cluster._cache_index import CheckpointId
 from dckpt.errors import CheckpointNotFoundError
@@ -54,7 +54,7 @@ class Registration:
 
     checkpoint_id: CheckpointId
     path: str
-    manifest: transfer.Manifest
+    manifest: _transfer.Manifest
     uris: tuple[str, ...] = ()
     restored: bool = field(default=False, compare=False)
 
@@ -83,13 +83,13 @@ class ServedDirectories:
     # -- registering ----------------------------------------------------------------
 
     def add(
-        self, path: str, uris: tuple[str, ...] = (), manifest: transfer.Manifest | None = None
+        self, path: str, uris: tuple[str, ...] = (), manifest: _transfer.Manifest | None = None
     ) -> Registration:
         """Serve the directory ``path`` under the id of its content; its registration.
 
         ``manifest`` is the directory's if the caller has it (a copy just received);
         else it is built, which hashes the files not hashed before
-        (:func:`dckpt.transfer.build_manifest`). A directory registered again with other
+        (:func:`dckpt._transfer.build_manifest`). A directory registered again with other
         content is served under its new id only; the URIs of an earlier registration
         of the same content are kept.
         """
@@ -97,7 +97,7 @@ class ServedDirectories:
         if not os.path.isdir(path):
             raise CheckpointNotFoundError(f"cannot serve {path}: not a directory")
         if manifest is None:
-            manifest = transfer.build_manifest(path)
+            manifest = _transfer.build_manifest(path)
         checkpoint_id = CheckpointId(manifest.content_id)
         with self._lock:
             old = self._by_id.get(checkpoint_id)
@@ -193,7 +193,7 @@ class ServedDirectories:
         for cid, entry in entries.items():
             path = entry["path"]
             try:
-                manifest = transfer.build_manifest(path) if os.path.isdir(path) else None
+                manifest = _transfer.build_manifest(path) if os.path.isdir(path) else None
             except OSError as e:
                 logger.info("not serving %s again: %s", path, e)
                 manifest = None

@@ -58,10 +58,9 @@ from distributed.comm import Comm
 from distributed.core import ConnectionPool, Status
 from distributed.utils import sync
 from distributed.worker import Worker
-
 from fsspec.callbacks import DEFAULT_CALLBACK, Callback
 
-from dckpt import _compat, _config, node, storage, transfer
+from dckpt import _compat, _config, _node, _storage, _transfer
 from dckpt._locks import is_alive
 from dckpt.cluster import _shared, _stream
 from dckpt.cluster._cache import CheckpointId, NodeCache, SharedFiles
@@ -134,10 +133,10 @@ class NodeStore:
         self, address: str | None, cache_root: str | None = None,
         served_root: str | None = None,
     ) -> None:
-        self.node_id = node.node_id()
+        self.node_id = _node.node_id()
         self.address = address
         self._registry = ServedDirectories(
-            served_root if served_root is not None else os.path.join(node.node_root(), "served")
+            served_root if served_root is not None else os.path.join(_node.node_root(), "served")
         )
         self._serving = 0
         self._cache = NodeCache(cache_root)
@@ -184,12 +183,12 @@ class NodeStore:
         self._serving += 1
         try:
             try:
-                source: transfer.ChunkSource | RelaySource
+                source: _transfer.ChunkSource | RelaySource
                 try:
                     # Directory checks, maybe an index write or a manifest: not on the loop.
                     path, manifest, pinned = await asyncio.to_thread(self._source_of,
                                                                      checkpoint_id)
-                    source = transfer.ChunkSource(path, manifest, chunk_bytes)
+                    source = _transfer.ChunkSource(path, manifest, chunk_bytes)
                 except PermissionError:
                     relay = await self._relay_for(checkpoint_id)
                     if relay is None:
@@ -210,7 +209,7 @@ class NodeStore:
             if pinned:
                 await asyncio.to_thread(self._cache.unpin, checkpoint_id)
 
-    def _source_of(self, checkpoint_id: CheckpointId) -> tuple[str, transfer.Manifest, bool]:
+    def _source_of(self, checkpoint_id: CheckpointId) -> tuple[str, _transfer.Manifest, bool]:
         """What to send for ``checkpoint_id``: path, manifest, whether it is a pinned
         cache entry; raises the refusal if this node has nothing of it (thread)."""
         registration = self._registry.find(checkpoint_id)
@@ -222,7 +221,7 @@ class NodeStore:
             return registration.path, registration.manifest, False
         return found[0], found[1], True
 
-    def _open_cached(self, checkpoint_id: CheckpointId) -> tuple[str, transfer.Manifest] | None:
+    def _open_cached(self, checkpoint_id: CheckpointId) -> tuple[str, _transfer.Manifest] | None:
         """The cached copy of ``checkpoint_id``, pinned, and its manifest; or None (thread).
 
         Its files' hashes were remembered as they were received: building the
@@ -232,7 +231,7 @@ class NodeStore:
         try:
             for entry in self._cache.entries():
                 if entry.checkpoint_id == checkpoint_id and os.path.isdir(entry.path):
-                    manifest = transfer.build_manifest(entry.path)
+                    manifest = _transfer.build_manifest(entry.path)
                     if manifest.content_id == checkpoint_id:
                         return entry.path, manifest
         except BaseException:
@@ -337,7 +336,7 @@ class NodeStore:
 
         def unchanged() -> bool:
             try:
-                return transfer.build_manifest(registration.path).content_id == checkpoint_id
+                return _transfer.build_manifest(registration.path).content_id == checkpoint_id
             except OSError:
                 return False
 
@@ -530,11 +529,11 @@ class NodeStore:
         """
         peer = f"the pusher at {comm.peer_address}"
         try:
-            checked = transfer.Manifest.from_dict(manifest)
+            checked = _transfer.Manifest.from_dict(manifest)
             if checked.content_id != checkpoint_id:
                 raise ValueError(f"checkpoint id {checkpoint_id!r} is not the id of the "
                                  f"content pushed ({checked.content_id})")
-            pusher = _FromPusher(comm, peer, checked, transfer.check_chunk_bytes(chunk_bytes))
+            pusher = _FromPusher(comm, peer, checked, _transfer.check_chunk_bytes(chunk_bytes))
             request = _Request(checkpoint_id, checked.digest, f"from {peer}", holders=())
             request.pushed = pusher
             path = await self._obtain(request, self._comms)
@@ -668,7 +667,7 @@ def register_directory(
     """Let this worker's store serve ``path`` under the id of its content (local code only).
 
     ``uris`` are where it is known to be persisted (shown by the registry). Hashes
-    the files not hashed before (:func:`dckpt.transfer.build_manifest`).
+    the files not hashed before (:func:`dckpt._transfer.build_manifest`).
     """
     return local_store(worker)._registry.add(path, tuple(uris))
 
@@ -713,7 +712,7 @@ def _in_place(ref: NodeRef, here: str, tried: list[str]) -> str | None:
         tried.append(f"same node {here}: {ref.path} no longer exists")
     else:
         tried.append(f"same node: this is {here}, not {ref.node_id}")
-    if node.is_shared_path(ref.path):
+    if _node.is_shared_path(ref.path):
         if os.path.isdir(ref.path):
             return ref.path
         tried.append(f"shared path: {ref.path} does not exist here")
@@ -764,11 +763,11 @@ class _Incoming(Protocol):
     size: int
 
     @property
-    def manifest(self) -> transfer.Manifest | None: ...
+    def manifest(self) -> _transfer.Manifest | None: ...
 
     async def receive_into(
-        self, directory: str, have: transfer.Have,
-        on_written: Callable[[transfer.ChunkSpec], None] | None = None,
+        self, directory: str, have: _transfer.Have,
+        on_written: Callable[[_transfer.ChunkSpec], None] | None = None,
         callback: Callback = DEFAULT_CALLBACK,
     ) -> int: ...
 
@@ -805,7 +804,7 @@ class _FromUri:
     entry's files are hashed when it is added, and later transfers link from them).
     """
 
-    manifest: transfer.Manifest | None = None
+    manifest: _transfer.Manifest | None = None
 
     def __init__(self, uri: str, size: int) -> None:
         self.uri, self.size = uri, size
@@ -818,12 +817,12 @@ class _FromUri:
         yield self
 
     async def receive_into(
-        self, directory: str, have: transfer.Have,
-        on_written: Callable[[transfer.ChunkSpec], None] | None = None,
+        self, directory: str, have: _transfer.Have,
+        on_written: Callable[[_transfer.ChunkSpec], None] | None = None,
         callback: Callback = DEFAULT_CALLBACK,
     ) -> int:
         # The download's own callback counts files (children bytes), as to_uri's does.
-        await asyncio.to_thread(storage.download_directory, self.uri, directory,
+        await asyncio.to_thread(_storage.download_directory, self.uri, directory,
                                 callback=callback)
         return self.size
 
@@ -831,7 +830,7 @@ class _FromUri:
 class _FromPusher:
     """A push from the driver (``dckpt_push``): the chunks come when asked for."""
 
-    def __init__(self, comm: Comm, peer: str, manifest: transfer.Manifest,
+    def __init__(self, comm: Comm, peer: str, manifest: _transfer.Manifest,
                  chunk_bytes: int) -> None:
         self._comm, self._peer = comm, peer
         self.manifest, self.size, self.chunk_bytes = manifest, manifest.total_bytes, chunk_bytes
@@ -845,8 +844,8 @@ class _FromPusher:
         yield self
 
     async def receive_into(
-        self, directory: str, have: transfer.Have,
-        on_written: Callable[[transfer.ChunkSpec], None] | None = None,
+        self, directory: str, have: _transfer.Have,
+        on_written: Callable[[_transfer.ChunkSpec], None] | None = None,
         callback: Callback = DEFAULT_CALLBACK,
     ) -> int:
         self.streamed = True

@@ -50,12 +50,12 @@ from typing import Any, Protocol
 import dask.config
 from dask.utils import parse_timedelta
 from distributed.comm import Comm, CommClosedError
-from fsspec.callbacks import DEFAULT_CALLBACK, Callback
 from distributed.core import ConnectionPool
 from distributed.protocol import to_serialize
+from fsspec.callbacks import DEFAULT_CALLBACK, Callback
 from tornado.iostream import IOStream, StreamClosedError
 
-from dckpt import _compat, transfer
+from dckpt import _compat, _transfer
 from dckpt.errors import (
     CheckpointError,
     CheckpointFormatError,
@@ -101,16 +101,16 @@ def raise_error(reply: object, peer: str) -> None:
 
 
 class Chunks(Protocol):
-    """What a sender serves chunks from: a :class:`~dckpt.transfer.ChunkSource`, or a
+    """What a sender serves chunks from: a :class:`~dckpt._transfer.ChunkSource`, or a
     relay's (:class:`~dckpt.cluster._relay.RelaySource`)."""
 
-    manifest: transfer.Manifest
+    manifest: _transfer.Manifest
     chunk_bytes: int
 
     def read_parts(
-        self, spec: transfer.ChunkSpec, buffer: bytearray | None = None, *,
+        self, spec: _transfer.ChunkSpec, buffer: bytearray | None = None, *,
         max_ratio: float | None = None,
-    ) -> tuple[bytes, transfer.Buffer]: ...
+    ) -> tuple[bytes, _transfer.Buffer]: ...
 
 
 async def serve_chunks(
@@ -173,7 +173,7 @@ def _raw_stream(comm: Comm) -> IOStream | None:
     return _compat.tcp_stream(comm)
 
 
-async def _write_raw(stream: IOStream, payload: transfer.Buffer) -> None:
+async def _write_raw(stream: IOStream, payload: _transfer.Buffer) -> None:
     try:
         await stream.write(memoryview(payload))
     except (StreamClosedError, ssl.SSLError) as e:
@@ -194,13 +194,13 @@ class _ReadAhead:
     def __init__(self, source: Chunks) -> None:
         self._source = source
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="dckpt-send")
-        self._ahead: tuple[transfer.ChunkSpec, asyncio.Future[Any]] | None = None
+        self._ahead: tuple[_transfer.ChunkSpec, asyncio.Future[Any]] | None = None
         # Buffers whose bytes are on the wire; two suffice (one sent, one read ahead).
         self._free: list[bytearray] = []
 
     async def read(
-        self, spec: transfer.ChunkSpec, max_ratio: float | None = None
-    ) -> tuple[bytes, transfer.Buffer, bytearray]:
+        self, spec: _transfer.ChunkSpec, max_ratio: float | None = None
+    ) -> tuple[bytes, _transfer.Buffer, bytearray]:
         """``(header, payload, buffer)``: hand ``buffer`` back once the payload is sent.
 
         ``max_ratio`` (when compression pays, :func:`_max_ratio`) applies to this chunk
@@ -213,7 +213,7 @@ class _ReadAhead:
             if ahead is not None:
                 ahead[1].cancel()
             future = self._start(spec, max_ratio)
-        parts: tuple[bytes, transfer.Buffer, bytearray] = await future
+        parts: tuple[bytes, _transfer.Buffer, bytearray] = await future
         following = _following(self._source, spec)
         if following is not None:
             self._ahead = (following, self._start(following, max_ratio))
@@ -230,12 +230,12 @@ class _ReadAhead:
         self._thread.shutdown(wait=False)
         self._free.clear()
 
-    def _start(self, spec: transfer.ChunkSpec, max_ratio: float | None) -> asyncio.Future[Any]:
+    def _start(self, spec: _transfer.ChunkSpec, max_ratio: float | None) -> asyncio.Future[Any]:
         # A chunk shorter than chunk_bytes (a small file's) gets a buffer of its size:
         # a fresh bytearray is zeroed, which costs as much as the read for small files.
         buffer = self._free.pop() if self._free else bytearray(spec.length)
 
-        def read() -> tuple[bytes, transfer.Buffer, bytearray]:
+        def read() -> tuple[bytes, _transfer.Buffer, bytearray]:
             header, payload = self._source.read_parts(spec, buffer, max_ratio=max_ratio)
             return header, payload, buffer
 
@@ -250,39 +250,39 @@ def _max_ratio(request: Mapping[str, Any], raw: IOStream | None) -> float | None
 
     On TCP (raw chunks) the receiver times each chunk's bytes and reports the rate in
     its requests (``"link"``, bytes/s): a chunk compresses only below
-    :func:`dckpt.transfer.max_ratio_for_link` of it; before the first measurement,
+    :func:`dckpt._transfer.max_ratio_for_link` of it; before the first measurement,
     not at all (a cluster's links are mostly fast). Other comms measure nothing: the
-    fixed rule of :func:`dckpt.transfer.encode_parts` (None).
+    fixed rule of :func:`dckpt._transfer.encode_parts` (None).
     """
     if raw is None or not request.get("raw"):
         return None
     link = request.get("link")
     if isinstance(link, (int, float)) and not isinstance(link, bool) and link > 0:
-        return transfer.max_ratio_for_link(float(link))
+        return _transfer.max_ratio_for_link(float(link))
     return 0.0
 
 
-def _following(source: Chunks, spec: transfer.ChunkSpec) -> transfer.ChunkSpec | None:
+def _following(source: Chunks, spec: _transfer.ChunkSpec) -> _transfer.ChunkSpec | None:
     """The chunk after ``spec`` in manifest order (:meth:`Manifest.chunks`), if any."""
     files = source.manifest.files
     index, offset = spec.file_index, spec.offset + spec.length
     while index < len(files):
         if offset < files[index].size:
-            return transfer.ChunkSpec(index, offset,
+            return _transfer.ChunkSpec(index, offset,
                                       min(source.chunk_bytes, files[index].size - offset))
         index, offset = index + 1, 0
     return None
 
 
-def _chunk_spec(value: object) -> transfer.ChunkSpec:
+def _chunk_spec(value: object) -> _transfer.ChunkSpec:
     if (not isinstance(value, (list, tuple)) or len(value) != 3
             or not all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
         raise CheckpointFormatError(f"a chunk request holds {value!r}, not 3 integers")
-    return transfer.ChunkSpec(*value)
+    return _transfer.ChunkSpec(*value)
 
 
 class _Channel:
-    """The receiver's end of a transfer: a :data:`~dckpt.transfer.ChunkStream` on ``comm``.
+    """The receiver's end of a transfer: a :data:`~dckpt._transfer.ChunkStream` on ``comm``.
 
     A stream left early (an error, a cancellation) leaves answers on the way: the comm
     is then aborted by whoever opened it, never reused.
@@ -303,10 +303,10 @@ class _Channel:
         self._link: float | None = None  # bytes/s of raw chunks, a running average
 
     async def stream(
-        self, specs: Sequence[transfer.ChunkSpec]
-    ) -> AsyncGenerator[tuple[transfer.ChunkSpec, transfer.Frame], None]:
+        self, specs: Sequence[_transfer.ChunkSpec]
+    ) -> AsyncGenerator[tuple[_transfer.ChunkSpec, _transfer.Frame], None]:
         pending = iter(specs)
-        asked: list[transfer.ChunkSpec] = []
+        asked: list[_transfer.ChunkSpec] = []
         for spec in pending:
             await self._ask(spec, asked)
             if len(asked) >= self.window:
@@ -331,7 +331,7 @@ class _Channel:
             yield spec, frame
             del frame  # held by the receiver now, and only as long as it needs it
 
-    async def _ask(self, spec: transfer.ChunkSpec, asked: list[transfer.ChunkSpec]) -> None:
+    async def _ask(self, spec: _transfer.ChunkSpec, asked: list[_transfer.ChunkSpec]) -> None:
         request: dict[str, Any] = {"chunk": [spec.file_index, spec.offset, spec.length],
                                    "raw": self._raw is not None}
         if self._link is not None:
@@ -339,7 +339,7 @@ class _Channel:
         await self.comm.write(request)
         asked.append(spec)
 
-    async def _read_raw(self, length: object, spec: transfer.ChunkSpec) -> memoryview:
+    async def _read_raw(self, length: object, spec: _transfer.ChunkSpec) -> memoryview:
         # A frame is never longer than its chunk: the header's length must match it.
         if not isinstance(length, int) or not 0 < length <= spec.length:
             raise CheckpointFormatError(f"{self.peer} announced {length!r} bytes for {spec}")
@@ -378,26 +378,26 @@ class _Channel:
 async def stream_over(
     comm: Comm,
     peer: str,
-    manifest: transfer.Manifest,
+    manifest: _transfer.Manifest,
     target: str,
     *,
     chunk_bytes: int,
     in_place: bool = False,
-    on_written: Callable[[transfer.ChunkSpec], None] | None = None,
+    on_written: Callable[[_transfer.ChunkSpec], None] | None = None,
     callback: Callback = DEFAULT_CALLBACK,
-    have: transfer.Have | None = None,
-) -> transfer.Received:
+    have: _transfer.Have | None = None,
+) -> _transfer.Received:
     """Receive ``manifest`` into ``target`` over ``comm``, then say ``done``.
 
     ``in_place``: ``target`` is an empty directory the caller staged; ``have``: files
     the receiver holds, which are not asked for (see
-    :func:`dckpt.transfer.receive_directory`). Returns what it returns.
+    :func:`dckpt._transfer.receive_directory`). Returns what it returns.
 
-    Raises what :func:`dckpt.transfer.receive_directory` raises, or the sender's
+    Raises what :func:`dckpt._transfer.receive_directory` raises, or the sender's
     error. ``comm`` is left usable only when this returns; after an error, abort it.
     """
     channel = _Channel(comm, peer, chunk_bytes)
-    received = await transfer.receive_directory(
+    received = await _transfer.receive_directory(
         manifest, channel.stream, target, chunk_bytes=chunk_bytes,
         max_in_flight=channel.window, in_place=in_place, have=have,
         on_written=on_written, callback=callback, source=peer)
@@ -439,7 +439,7 @@ class Pull:
     room (or refuse) and stage a directory first.
     """
 
-    def __init__(self, comm: Comm, peer: str, manifest: transfer.Manifest,
+    def __init__(self, comm: Comm, peer: str, manifest: _transfer.Manifest,
                  chunk_bytes: int) -> None:
         self.manifest = manifest
         self.size = manifest.total_bytes
@@ -449,13 +449,13 @@ class Pull:
         self._chunk_bytes = chunk_bytes
 
     async def receive_into(
-        self, directory: str, have: transfer.Have | None = None,
-        on_written: Callable[[transfer.ChunkSpec], None] | None = None,
+        self, directory: str, have: _transfer.Have | None = None,
+        on_written: Callable[[_transfer.ChunkSpec], None] | None = None,
         callback: Callback = DEFAULT_CALLBACK,
     ) -> int:
         """Fill the empty ``directory`` with the checkpoint (once); asks only for the
         files ``have`` does not name; ``on_written`` and ``callback`` as in
-        :func:`dckpt.transfer.receive_directory`. Returns the file bytes that came over
+        :func:`dckpt._transfer.receive_directory`. Returns the file bytes that came over
         the comm."""
         received = await stream_over(self._comm, self._peer, self.manifest, directory,
                                      chunk_bytes=self._chunk_bytes, in_place=True, have=have,
@@ -484,7 +484,7 @@ async def pulling(
     names it.
     """
     timeout = parse_timedelta(dask.config.get(_CONNECT_TIMEOUT))
-    chunk_bytes = transfer.config_chunk_bytes()
+    chunk_bytes = _transfer.config_chunk_bytes()
     peer = store_name(address, node_id)
     # A dead owner is found out here, bounded, so that resolution can go on to the
     # next source (a URI) instead of waiting for the comm's own timeout.
@@ -498,7 +498,7 @@ async def pulling(
         reply = await _answered(comm.read(), timeout, peer,
                                 f"asked for a manifest ({PULL_OP})", _CONNECT_TIMEOUT)
         raise_error(reply, peer)
-        manifest = transfer.Manifest.from_dict(reply["manifest"])
+        manifest = _transfer.Manifest.from_dict(reply["manifest"])
         if manifest.digest != digest:
             raise CheckpointNotFoundError(
                 f"checkpoint {checkpoint_id!r} at {peer} changed since it was referenced "
@@ -513,7 +513,7 @@ async def pulling(
 
 
 async def push(
-    pool: ConnectionPool, address: str, checkpoint_id: str, source: transfer.ChunkSource
+    pool: ConnectionPool, address: str, checkpoint_id: str, source: _transfer.ChunkSource
 ) -> dict[str, Any]:
     """Send the directory behind ``source`` to the store at ``address`` (the driver's side).
 

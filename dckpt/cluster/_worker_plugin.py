@@ -24,7 +24,7 @@ from dask.utils import parse_timedelta
 from distributed import Client, Worker
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from dckpt import _compat, transfer
+from dckpt import _compat, _transfer
 from dckpt.cluster import _metrics
 from dckpt.cluster._store import STORE_KEY, NodeStore
 
@@ -99,14 +99,14 @@ def take_snapshot(store: NodeStore) -> dict[str, Any]:
     (:meth:`NodeStore.stats`) and ``fetching``, the receives into this store's cache in
     progress: ``[{"checkpoint_id", "source", "done", "total"}]``.
 
-    Downloads from a URI are not receives of :mod:`dckpt.transfer` and are not listed.
+    Downloads from a URI are not receives of :mod:`dckpt._transfer` and are not listed.
     """
     stats = store.stats()
     root = os.path.join(stats["cache"]["root"], "")
     fetching = [
         {"checkpoint_id": p.checkpoint_id, "source": p.source, "done": p.done,
          "total": p.total}
-        for p in transfer.receiving() if os.path.join(p.target, "").startswith(root)
+        for p in _transfer.receiving() if os.path.join(p.target, "").startswith(root)
     ]
     return {**store.holdings(), "stats": stats, "fetching": fetching}
 

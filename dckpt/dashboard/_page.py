@@ -20,7 +20,12 @@ from typing import Any
 import dask.config
 from bokeh.document import Document
 from bokeh.layouts import column, row
-from bokeh.models import ColumnDataSource, HoverTool, InlineStyleSheet, NumeralTickFormatter
+from bokeh.models import (
+    ColumnDataSource,
+    HoverTool,
+    InlineStyleSheet,
+    NumeralTickFormatter,
+)
 from bokeh.models.widgets import Button, Div, TextInput
 from bokeh.palettes import Category10_10
 from bokeh.plotting import figure

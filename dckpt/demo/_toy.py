@@ -19,7 +19,7 @@ from typing import Any
 
 import distributed
 
-from dckpt import node
+from dckpt import _node
 from dckpt.checkpoint import Checkpoint
 from dckpt.predict import Predictor
 from dckpt.train import get_checkpoint, get_context, report
@@ -92,7 +92,7 @@ def all_reduce_mean(values: list[float], tag: str) -> list[float]:
 def _save(state: dict[str, Any]) -> Checkpoint:
     """Write ``state`` to a fresh directory on this node and wrap it."""
     context = get_context()
-    path = os.path.join(node.node_root(), "demo-checkpoints", context.run_name,
+    path = os.path.join(_node.node_root(), "demo-checkpoints", context.run_name,
                         f"epoch-{state['epoch']:03d}-attempt-{context.attempt}")
     os.makedirs(path)
     with open(os.path.join(path, STATE_FILE), "w") as f:

@@ -22,7 +22,7 @@ import dask.config
 from dask.utils import parse_timedelta
 from distributed import Client, Future, get_client
 
-from dckpt import node
+from dckpt import _node
 from dckpt.checkpoint import Checkpoint
 from dckpt.cluster import install
 from dckpt.predict import _scorer
@@ -392,7 +392,7 @@ def _workers(client: Client, min_workers: int) -> dict[str, str]:
             f"waiting {timeout} s (dckpt.predict.batch.worker-wait-timeout); add workers "
             "or lower min_scoring_workers"
         ) from e
-    node_of: dict[str, Any] = client.run(node.node_id)
+    node_of: dict[str, Any] = client.run(_node.node_id)
     return {address: str(node_id) for address, node_id in node_of.items()}
 
 

@@ -34,7 +34,7 @@ import distributed
 from dask.utils import parse_timedelta
 from distributed.protocol.serialize import to_serialize
 
-from dckpt import node
+from dckpt import _node
 from dckpt.errors import CheckpointError
 from dckpt.predict._replica import PredictorReplica
 from dckpt.predict._routing import choose_workers, least_busy
@@ -420,6 +420,6 @@ class ReplicaSet:
         """``{address: node id}`` of ``addresses``; asks only workers not seen before."""
         unknown = [a for a in addresses if a not in self._node_ids]
         if unknown:
-            self._node_ids.update(self._client.run(node.node_id, workers=unknown,
+            self._node_ids.update(self._client.run(_node.node_id, workers=unknown,
                                                    on_error="ignore"))
         return {a: self._node_ids[a] for a in addresses if a in self._node_ids}

@@ -27,7 +27,7 @@ from typing import Any
 from distributed import get_worker
 from distributed.actor import Actor
 
-from dckpt import _compat, node
+from dckpt import _compat, _node
 from dckpt.checkpoint import Checkpoint
 from dckpt.predict._batch_errors import ScoringWorkersError
 from dckpt.predict._batches import (
@@ -79,7 +79,7 @@ class PredictorScorer:
         self._lock = threading.Lock()
         self.info = {
             "worker": get_worker().address,
-            "node_id": node.node_id(),
+            "node_id": _node.node_id(),
             "pid": os.getpid(),
             "load_seconds": time.perf_counter() - start,
         }

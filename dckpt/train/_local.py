@@ -24,7 +24,7 @@ from collections.abc import Iterator
 
 import distributed
 
-from dckpt import storage
+from dckpt import _storage
 from dckpt.checkpoint import Checkpoint, node_ref_of
 from dckpt.train._result import Result
 
@@ -89,7 +89,7 @@ def _on_this_machine(checkpoint: Checkpoint, client: distributed.Client) -> Chec
     if ref is None:  # a dict, a URI or a directory of this process: needs no cluster
         return checkpoint
     for uri in reversed(ref.uris):  # the manager's persisted copy is the last one
-        if storage.is_local_uri(uri) and os.path.isdir(storage.local_path_of(uri)):
+        if _storage.is_local_uri(uri) and os.path.isdir(_storage.local_path_of(uri)):
             return type(checkpoint).from_uri(uri)
     with client.as_current():
         path = checkpoint.to_directory()

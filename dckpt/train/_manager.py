@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from dckpt import _config, storage
+from dckpt import _config, _storage
 from dckpt.checkpoint import Checkpoint, node_ref_of
 from dckpt.errors import CheckpointFormatError, CheckpointNotFoundError
 from dckpt.train import _persist
@@ -153,7 +153,7 @@ class CheckpointManager:
         self.run_name = run_name or f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
         self.storage_uri = (self.config.storage_uri or os.path.join(
             _config.temporary_directory(), "dckpt-train", self.run_name)).rstrip("/")
-        storage.resolve_uri(self.storage_uri, self.config.storage_options)  # bad protocols now
+        _storage.resolve_uri(self.storage_uri, self.config.storage_options)  # bad protocols now
         self._client = client
         self._lock = threading.Lock()
         self._entries = []

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import fsspec.core
 
-from dckpt import node, storage
+from dckpt import _node, _storage
 from dckpt.checkpoint import Checkpoint, node_ref_of, with_node_ref
 from dckpt.errors import CheckpointNotFoundError, CheckpointUnavailableError
 
@@ -47,8 +47,8 @@ def uploads_from_node(uri: str) -> bool:
     a local path that is not shared and for ``memory://``: only the driver's process
     sees those, so the driver writes them.
     """
-    if storage.is_local_uri(uri):
-        return node.is_shared_path(storage.local_path_of(uri))
+    if _storage.is_local_uri(uri):
+        return _node.is_shared_path(_storage.local_path_of(uri))
     return fsspec.core.split_protocol(uri)[0] != "memory"
 
 
@@ -87,7 +87,7 @@ def persist(
         return with_node_ref(checkpoint, dataclasses.replace(ref, uris=uris))
     except BaseException:
         with contextlib.suppress(Exception):  # what a failed upload left half-written
-            storage.delete(uri, storage_options=options)
+            _storage.delete(uri, storage_options=options)
         raise
 
 
@@ -151,7 +151,7 @@ def delete(
         forget(ref, _client(client))
     if uri is not None:
         try:
-            storage.delete(uri, storage_options=storage_options)
+            _storage.delete(uri, storage_options=storage_options)
         except CheckpointNotFoundError:
             logger.debug("nothing to delete at %s", uri)
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from dckpt import node
+from dckpt import _node
 from dckpt.checkpoint import Checkpoint
 from dckpt.train import _torch
 from dckpt.train._channel import WorkerChannel
@@ -54,7 +54,7 @@ def run_rank(spec: RankSpec, datasets: ShardArgument | None = None) -> str:
     context = TrainContext(
         world_rank=placement.world_rank, world_size=spec.world_size,
         local_rank=placement.local_rank, local_world_size=placement.local_world_size,
-        node_rank=placement.node_rank, node_id=node.node_id(), run_name=spec.run_name,
+        node_rank=placement.node_rank, node_id=_node.node_id(), run_name=spec.run_name,
         attempt=spec.attempt,
     )
     # Ray calls the function without arguments when it takes none; so do we.

@@ -47,7 +47,7 @@ class TrainContext:
     node_rank
         This node's index among the nodes of the run.
     node_id
-        This node's id (:func:`dckpt.node.node_id`).
+        This node's id (:func:`dckpt._node.node_id`).
     run_name
         The run's name (Ray's trial name); the same in every rank and attempt.
     attempt
@@ -143,7 +143,7 @@ def report(metrics: Mapping[str, Any], checkpoint: Checkpoint | None = None) -> 
         Rank 0's checkpoint is registered with the run's checkpoint manager, and is
         what ranks resume from after a failure; other ranks' checkpoints are dropped
         (see the module notes). Write each checkpoint to a fresh directory (under
-        :func:`dckpt.node.node_root`, say) and leave it alone afterwards: the node's
+        :func:`dckpt._node.node_root`, say) and leave it alone afterwards: the node's
         store serves it from there, its bytes are not copied by this call.
 
     Raises

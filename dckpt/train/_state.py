@@ -15,9 +15,9 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from dckpt import storage
+from dckpt import _storage
+from dckpt._formats import load_json, partial_sibling
 from dckpt.errors import CheckpointFormatError, CheckpointNotFoundError
-from dckpt.formats import load_json, partial_sibling
 
 __all__ = ["STATE_FILE", "STATE_FORMAT", "STATE_VERSION", "read_state", "write_state"]
 
@@ -41,8 +41,8 @@ def write_state(
     data = json.dumps(
         {"format": STATE_FORMAT, "format_version": STATE_VERSION, **state}, indent=1
     ).encode()
-    if storage.is_local_uri(storage_uri):
-        target = os.path.join(storage.local_path_of(storage_uri), STATE_FILE)
+    if _storage.is_local_uri(storage_uri):
+        target = os.path.join(_storage.local_path_of(storage_uri), STATE_FILE)
         os.makedirs(os.path.dirname(target), exist_ok=True)
         partial = partial_sibling(target)
         try:
@@ -56,7 +56,7 @@ def write_state(
                 os.remove(partial)
             raise
         return
-    fs, path = storage.resolve_uri(state_uri(storage_uri), storage_options)
+    fs, path = _storage.resolve_uri(state_uri(storage_uri), storage_options)
     fs.pipe_file(path, data)
 
 
@@ -71,7 +71,7 @@ def read_state(storage_uri: str, storage_options: Mapping[str, Any] | None) -> d
         It is not JSON, not a manager's state, or of a newer format version.
     """
     uri = state_uri(storage_uri)
-    fs, path = storage.resolve_uri(uri, storage_options)
+    fs, path = _storage.resolve_uri(uri, storage_options)
     try:
         raw = fs.cat_file(path)
     except FileNotFoundError as e:

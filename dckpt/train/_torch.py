@@ -17,7 +17,7 @@ import distributed
 from dask.utils import parse_timedelta
 from distributed.comm import get_address_host
 
-from dckpt import node
+from dckpt import _node
 from dckpt.train._session import TrainContext
 
 __all__ = ["destroy_process_group", "init_process_group", "master_address"]
@@ -41,7 +41,7 @@ def _import_torch_distributed(where: str) -> Any:
 
 def _free_port() -> int:
     """A TCP port free on this host now. Runs on rank 0's worker."""
-    _import_torch_distributed(f"rank 0's node {node.node_id()}")
+    _import_torch_distributed(f"rank 0's node {_node.node_id()}")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("", 0))
         return int(sock.getsockname()[1])

@@ -22,7 +22,7 @@ import dask.config
 import distributed
 from dask.utils import parse_timedelta
 
-from dckpt import node
+from dckpt import _node
 from dckpt.checkpoint import Checkpoint
 from dckpt.cluster import install
 from dckpt.train import _local, _torch
@@ -418,7 +418,7 @@ def _wait_for_workers(
         fit_for = _fit_workers(client, scaling)
         if len(fit_for) >= count:
             # A worker that dies in between does not answer; the count is checked again.
-            found: dict[str, str] = client.run(node.node_id, workers=sorted(fit_for),
+            found: dict[str, str] = client.run(_node.node_id, workers=sorted(fit_for),
                                                on_error="ignore")
             if len(found) >= count:
                 return found

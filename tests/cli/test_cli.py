@@ -278,7 +278,7 @@ def _entries(packed: bytes) -> dict[str, tuple[str, int, bytes | str | None]]:
     """Every entry of a packed checkpoint: path -> (kind, mode, payload or target)."""
     import io
 
-    from dckpt.formats import ArchiveReader
+    from dckpt._formats import ArchiveReader
 
     reader = ArchiveReader(io.BytesIO(packed))
     out: dict[str, tuple[str, int, bytes | str | None]] = {}
@@ -341,19 +341,19 @@ def test_cp_to_and_from_a_bytes_file_streams_in_bounded_memory(tmp_path):
 
 
 def test_cp_to_uri_writes_the_uri_layout_into_a_local_folder(directory, tmp_path):
-    from dckpt import storage
+    from dckpt import _storage
 
     expected = read_tree(directory)
     for dst in (f"file://{tmp_path}/as-uri", str(tmp_path / "as-uri-path")):
         ok(dckpt("cp", directory, dst, "--to", "uri", "--quiet"))
         uri = dst if dst.startswith("file://") else f"file://{dst}"
-        folder = storage.local_path_of(uri)
-        assert os.path.isfile(os.path.join(folder, storage.COMMIT_MARKER))
-        assert storage.uri_status(uri) == "committed"
-        assert set(storage.list_files(uri)) == {k for k, v in expected.items() if v is not None}
+        folder = _storage.local_path_of(uri)
+        assert os.path.isfile(os.path.join(folder, _storage.COMMIT_MARKER))
+        assert _storage.uri_status(uri) == "committed"
+        assert set(_storage.list_files(uri)) == {k for k, v in expected.items() if v is not None}
         report = json.loads(ok(dckpt("inspect", uri, "--json")))
         assert report["kind"] == "uri" and report["uri_status"] == "committed"
-        assert storage.COMMIT_MARKER not in report["files"]
+        assert _storage.COMMIT_MARKER not in report["files"]
         # Read back as the URI it is: the markers are no files of the checkpoint.
         back = tmp_path / f"back-{uuid.uuid4().hex[:8]}"
         ok(dckpt("cp", uri, str(back), "--quiet"))
@@ -458,9 +458,9 @@ def test_a_reader_that_stops_early_ends_dckpt_quietly(tmp_path):
 def _write_checkpoint() -> Checkpoint:
     """On a worker: a directory checkpoint under the node root; returning it
     registers it with the node's store."""
-    from dckpt import node
+    from dckpt import _node
 
-    path = os.path.join(node.node_root(), f"ckpt-{uuid.uuid4().hex[:8]}")
+    path = os.path.join(_node.node_root(), f"ckpt-{uuid.uuid4().hex[:8]}")
     return Checkpoint.from_directory(Checkpoint.from_dict({"step": 1}).to_directory(path))
 
 

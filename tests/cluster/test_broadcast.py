@@ -19,6 +19,7 @@ from distributed import Client
 
 import dckpt
 from dckpt import Checkpoint
+from dckpt._transfer import ChunkSpec, build_manifest
 from dckpt.cluster import (
     NodeCluster,
     install,
@@ -29,7 +30,6 @@ from dckpt.cluster import (
 )
 from dckpt.cluster._broadcast import Fetchers
 from dckpt.cluster._relay import Relay
-from dckpt.transfer import ChunkSpec, build_manifest
 from tests._waiting import eventually
 
 SIZE = 16 << 20
@@ -98,9 +98,9 @@ def client(cluster: NodeCluster) -> Client:
 
 def _make_checkpoint(seed: int) -> Checkpoint:
     """On a worker: a 16 MiB directory checkpoint under this node's root."""
-    from dckpt import node
+    from dckpt import _node
 
-    path = os.path.join(node.node_root(), f"broadcast-{uuid.uuid4().hex[:8]}")
+    path = os.path.join(_node.node_root(), f"broadcast-{uuid.uuid4().hex[:8]}")
     os.makedirs(path)
     with open(os.path.join(path, "weights.bin"), "wb") as f:
         f.write(random.Random(seed).randbytes(SIZE))
@@ -135,7 +135,7 @@ def test_a_checkpoint_put_to_every_node_leaves_its_owner_about_once(cluster, cli
 # Installed in the owner's process by the next test: its chunk reads stop after a few
 # until released, so that the chain is caught halfway.
 def _gate_the_owner(after: int) -> None:
-    import dckpt.transfer as transfer_module
+    import dckpt._transfer as transfer_module
 
     original = transfer_module.ChunkSource
     gate = threading.Event()
@@ -153,13 +153,13 @@ def _gate_the_owner(after: int) -> None:
 
 
 def _gate_reads() -> int:
-    import dckpt.transfer as transfer_module
+    import dckpt._transfer as transfer_module
 
     return transfer_module._dckpt_test_gate[2][0]
 
 
 def _open_the_gate() -> None:
-    import dckpt.transfer as transfer_module
+    import dckpt._transfer as transfer_module
 
     original, gate, _ = transfer_module._dckpt_test_gate
     transfer_module.ChunkSource = original

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from dckpt._transfer import build_manifest
 from dckpt.cluster._cache import INDEX_NAME, CheckpointId, NodeCache
 from dckpt.errors import CacheFullError
-from dckpt.transfer import build_manifest
 
 KiB = 1 << 10
 FROZEN = 90 * KiB

@@ -32,9 +32,9 @@ def _content(seed: int) -> bytes:
 
 def _make(data: bytes, name: str | None = None) -> Checkpoint:
     """On a worker: a directory checkpoint of ``data`` under this node's root."""
-    from dckpt import node
+    from dckpt import _node
 
-    path = os.path.join(node.node_root(), name or f"model-{uuid.uuid4().hex[:8]}")
+    path = os.path.join(_node.node_root(), name or f"model-{uuid.uuid4().hex[:8]}")
     os.makedirs(path)
     with open(os.path.join(path, "weights.bin"), "wb") as f:
         f.write(data)
@@ -186,10 +186,10 @@ def test_a_restarted_worker_serves_what_its_node_still_holds(
 
 def _make_persisted(data: bytes) -> tuple[Checkpoint, str]:
     """On a worker: :func:`_make`, persisted to a URI on this node's disk."""
-    from dckpt import node
+    from dckpt import _node
 
     checkpoint = _make(data)
-    uri = f"file://{node.node_root()}/persisted-{uuid.uuid4().hex[:8]}"
+    uri = f"file://{_node.node_root()}/persisted-{uuid.uuid4().hex[:8]}"
     checkpoint.to_uri(uri)
     return checkpoint, uri
 

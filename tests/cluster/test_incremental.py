@@ -32,9 +32,9 @@ def _write_step(seed: int, base: str | None = None) -> tuple[Checkpoint, str]:
     """On a worker: a checkpoint of frozen weights (the same every step, a copy of
     ``base``'s when given, mtimes kept) and a head of its own. Bytes no other test
     writes: the cache of the session's cluster may hold anything else."""
-    from dckpt import node
+    from dckpt import _node
 
-    path = os.path.join(node.node_root(), f"step-{uuid.uuid4().hex[:8]}")
+    path = os.path.join(_node.node_root(), f"step-{uuid.uuid4().hex[:8]}")
     if base is None:
         os.makedirs(os.path.join(path, "frozen"))
         rng = random.Random(f"frozen-{uuid.uuid4()}")  # a run of its own: nothing cached

@@ -9,7 +9,7 @@ import uuid
 import pytest
 from distributed import Client
 
-import dckpt.node
+import dckpt._node
 from dckpt.cluster import (
     IsolationUnavailableWarning,
     NodeCluster,
@@ -23,7 +23,7 @@ from tests._nodes import N_NODES, alive, child_pids
 def _write(path: str, text: str) -> str:
     with open(path, "w") as f:
         f.write(text)
-    return dckpt.node.node_id()
+    return dckpt._node.node_id()
 
 
 def _read(path: str) -> str | None:
@@ -54,7 +54,7 @@ def _force_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_each_worker_is_a_node_with_its_own_id(node_cluster, node_client):
     assert node_cluster.isolated
     assert [n.node_id for n in node_cluster.nodes] == [f"node-{i}" for i in range(N_NODES)]
-    assert node_client.run(dckpt.node.node_id) == {
+    assert node_client.run(dckpt._node.node_id) == {
         n.worker_address: n.node_id for n in node_cluster.nodes
     }
     assert node_client.run(os.getpid) == {n.worker_address: n.pid for n in node_cluster.nodes}
@@ -66,8 +66,8 @@ def test_each_worker_is_a_node_with_its_own_id(node_cluster, node_client):
 
 def test_isolated_nodes_see_their_storage_at_the_same_path(node_cluster, node_client):
     (root,) = {n.root for n in node_cluster.nodes}
-    assert set(node_client.run(dckpt.node.node_root).values()) == {root}
-    caches = node_client.run(dckpt.node.cache_directory)
+    assert set(node_client.run(dckpt._node.node_root).values()) == {root}
+    caches = node_client.run(dckpt._node.cache_directory)
     assert set(caches.values()) == {os.path.join(root, "cache")}
     assert len(caches) == N_NODES
 
@@ -110,7 +110,7 @@ def test_restart_node_finds_the_node_data_again(node_cluster, node_client):
     assert after == node_cluster.nodes[1]
     assert (after.node_id, after.root, after.isolated) == (before.node_id, before.root, True)
     assert (after.worker_address, after.pid) != (before.worker_address, before.pid)
-    assert node_client.run(dckpt.node.node_id, workers=[after.worker_address]) == {
+    assert node_client.run(dckpt._node.node_id, workers=[after.worker_address]) == {
         after.worker_address: "node-1"
     }
     assert _on(node_client, after, _read, path) == "before the crash"
@@ -162,8 +162,8 @@ def test_without_isolation_it_warns_once_and_gives_distinct_roots(monkeypatch):
         roots = [n.root for n in cluster.nodes]
         assert roots == [os.path.join(cluster.root, f"node-{i}") for i in range(2)]
         by_address = {n.worker_address: n for n in cluster.nodes}
-        assert client.run(dckpt.node.node_root) == {a: n.root for a, n in by_address.items()}
-        assert client.run(dckpt.node.node_id) == {a: n.node_id for a, n in by_address.items()}
+        assert client.run(dckpt._node.node_root) == {a: n.root for a, n in by_address.items()}
+        assert client.run(dckpt._node.node_id) == {a: n.node_id for a, n in by_address.items()}
         # Not isolated: the driver sees what a node writes.
         path = os.path.join(roots[0], "visible")
         _on(client, cluster.nodes[0], _write, path, "x")

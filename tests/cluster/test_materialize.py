@@ -28,9 +28,9 @@ SIZE = 1 << 20
 
 def _make_checkpoint(seed: int) -> Checkpoint:
     """On a worker: a directory checkpoint of its own under this node's root."""
-    from dckpt import node
+    from dckpt import _node
 
-    path = os.path.join(node.node_root(), f"materialize-{uuid.uuid4().hex[:8]}")
+    path = os.path.join(_node.node_root(), f"materialize-{uuid.uuid4().hex[:8]}")
     os.makedirs(path)
     with open(os.path.join(path, "weights.bin"), "wb") as f:
         f.write(random.Random(f"test_materialize-{seed}").randbytes(SIZE))

@@ -18,8 +18,8 @@ from dckpt.cluster import (
     stats,
     store_of,
 )
-from tests._web_nodes import client, cluster  # noqa: F401 (fixtures)
 from tests._waiting import eventually
+from tests._web_nodes import client, cluster  # noqa: F401 (fixtures)
 from tests.cluster.test_registry import write
 
 pytestmark = pytest.mark.slow

@@ -20,7 +20,7 @@ import dask.config
 import pytest
 from distributed import Client
 
-import dckpt.node
+import dckpt._node
 from dckpt import Checkpoint
 from dckpt.cluster import (
     NetworkIsolationUnavailableWarning,
@@ -84,7 +84,7 @@ def _connects(port: int) -> bool:
 
 
 def _make_checkpoint(seed: int) -> Checkpoint:
-    path = os.path.join(dckpt.node.node_root(), f"model-{seed}-{uuid.uuid4().hex[:8]}")
+    path = os.path.join(dckpt._node.node_root(), f"model-{seed}-{uuid.uuid4().hex[:8]}")
     os.makedirs(path)
     with open(os.path.join(path, "weights.bin"), "wb") as f:
         f.write(random.Random(seed).randbytes(SIZE))
@@ -154,7 +154,7 @@ def test_host_name_is_the_nodes_and_the_default_node_id(net_cluster, net_client)
     assert net_client.run(socket.gethostname) == expected
     # Not configured: node_id() falls back to the host name, as on a real machine.
     assert set(net_client.run(_configured_node_id).values()) == {(None, None)}
-    assert net_client.run(dckpt.node.node_id) == expected
+    assert net_client.run(dckpt._node.node_id) == expected
     # /etc/hosts in each node names every node.
     node1 = net_cluster.network.links[1]
     assert set(net_client.run(socket.gethostbyname, "node-1").values()) == {node1.address}
@@ -304,7 +304,7 @@ def test_network_none_where_refused_falls_back_to_mount_isolation(monkeypatch):
     with cluster, cluster.client(set_as_default=False) as client:
         assert cluster.network is None and cluster.isolated
         assert cluster.nodes[0].worker_address.startswith("tcp://127.0.0.1:")
-        assert client.run(dckpt.node.node_id) == {cluster.nodes[0].worker_address: "node-0"}
+        assert client.run(dckpt._node.node_id) == {cluster.nodes[0].worker_address: "node-0"}
 
 
 @pytest.mark.parametrize("rate, error, match", [

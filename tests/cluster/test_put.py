@@ -35,17 +35,17 @@ def _driver_checkpoint(tmp_path: Path, seed: int) -> tuple[Checkpoint, bytes]:
 
 def _read(checkpoint: Checkpoint) -> tuple[bytes, dict, str]:
     """On a worker: the weights, the metadata and the node that read them."""
-    from dckpt import node
+    from dckpt import _node
 
     with checkpoint.as_directory() as directory, \
             open(os.path.join(directory, "weights.bin"), "rb") as f:
-        return f.read(), checkpoint.get_metadata(), node.node_id()
+        return f.read(), checkpoint.get_metadata(), _node.node_id()
 
 
 def _make_on_worker(seed: int) -> Checkpoint:
-    from dckpt import node
+    from dckpt import _node
 
-    path = os.path.join(node.node_root(), f"put-{seed}")
+    path = os.path.join(_node.node_root(), f"put-{seed}")
     os.makedirs(path)
     with open(os.path.join(path, "weights.bin"), "wb") as f:
         f.write(random.Random(f"test_put-{seed}").randbytes(SIZE))

@@ -21,9 +21,9 @@ SIZE = 2 << 20
 
 def _make_checkpoint(seed: int, persist_to: str | None = None) -> Checkpoint:
     """On a worker: a directory checkpoint under this node's root."""
-    from dckpt import node
+    from dckpt import _node
 
-    path = os.path.join(node.node_root(), f"model-{seed}")
+    path = os.path.join(_node.node_root(), f"model-{seed}")
     os.makedirs(path)
     with open(os.path.join(path, "weights.bin"), "wb") as f:
         f.write(random.Random(f"test_references-{seed}").randbytes(SIZE))

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
+from dckpt._transfer import build_manifest
 from dckpt.cluster._served import INDEX_NAME, ServedDirectories
 from dckpt.errors import CheckpointNotFoundError
-from dckpt.transfer import build_manifest
 
 
 def _directory(path: Path, data: bytes) -> str:

@@ -22,7 +22,13 @@ from distributed import Client
 
 from dckpt import Checkpoint
 from dckpt.cluster import NodeCluster, install, isolation_available, stats
-from dckpt.cluster._shared import Fingerprint, _mount_of, fingerprint, remembered, same_files
+from dckpt.cluster._shared import (
+    Fingerprint,
+    _mount_of,
+    fingerprint,
+    remembered,
+    same_files,
+)
 
 pytestmark = pytest.mark.slow  # the cluster tests below; the units take milliseconds
 
@@ -168,9 +174,9 @@ def client(shared_cluster: NodeCluster) -> Client:
 
 def _make(folder: str, name: str, seed: int) -> Checkpoint:
     """On a worker: a checkpoint of two files under ``<node root>/<folder>``."""
-    from dckpt import node
+    from dckpt import _node
 
-    path = os.path.join(node.node_root(), folder, name)
+    path = os.path.join(_node.node_root(), folder, name)
     os.makedirs(path)
     with open(os.path.join(path, "weights.bin"), "wb") as f:
         f.write(random.Random(f"test_shared-{seed}").randbytes(SIZE))

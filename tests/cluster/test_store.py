@@ -28,10 +28,10 @@ def _write_checkpoint(size_mib: int, seed: int) -> tuple[str, dict[str, str], st
     """
     import random
 
-    from dckpt import node
+    from dckpt import _node
 
     rng = random.Random(f"test_store-{seed}")
-    path = os.path.join(node.node_root(), f"ckpt-{uuid.uuid4().hex[:8]}")
+    path = os.path.join(_node.node_root(), f"ckpt-{uuid.uuid4().hex[:8]}")
     os.makedirs(os.path.join(path, "sub"))
     os.makedirs(os.path.join(path, "empty"))
     files = {

@@ -14,8 +14,8 @@ from distributed.comm import Comm, connect, listen
 from distributed.security import Security
 
 import dckpt.cluster._stream as stream_module
+from dckpt._transfer import ChunkSource, build_manifest
 from dckpt.cluster._stream import _following, _raw_stream, serve_chunks, stream_over
-from dckpt.transfer import ChunkSource, build_manifest
 
 
 @pytest.mark.parametrize("chunk_bytes", [1, 7, 1024, 1 << 20])
@@ -89,7 +89,7 @@ def _security_for(scheme: str) -> tuple[dict[str, Any], dict[str, Any]]:
 def lz4_speed_of_a_fresh_process(monkeypatch: pytest.MonkeyPatch) -> float:
     """lz4's speed as a fresh process assumes it: the estimate is a running average over
     what this process compressed, and other tests compress zeros (at ~7 GB/s)."""
-    import dckpt.formats._frames as frames
+    import dckpt._formats._frames as frames
 
     monkeypatch.setattr(frames, "_compress_speed", frames._COMPRESS_PRIOR)
     return frames._COMPRESS_PRIOR
@@ -160,7 +160,7 @@ def test_the_receiver_reports_its_link_and_a_fast_one_gets_no_compression(
 
 
 def test_compression_pays_on_a_slow_link_only(lz4_speed_of_a_fresh_process: float):
-    from dckpt.transfer import max_ratio_for_link
+    from dckpt._transfer import max_ratio_for_link
 
     assert max_ratio_for_link(125e6) > 0.5  # 1 Gbit/s: halving the bytes pays
     assert max_ratio_for_link(100e9) == 0  # faster than lz4: never

@@ -8,9 +8,9 @@ import os
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
+from dckpt._transfer import ChunkSource, ChunkSpec, build_manifest, receive_directory
 from dckpt.cluster import NodeStore
 from dckpt.cluster._worker_plugin import take_snapshot
-from dckpt.transfer import ChunkSource, ChunkSpec, build_manifest, receive_directory
 
 MiB = 1 << 20
 

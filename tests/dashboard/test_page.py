@@ -20,8 +20,8 @@ from distributed import Client
 
 from dckpt import Checkpoint
 from dckpt.cluster import NodeCluster
-from tests._web_nodes import client, cluster  # noqa: F401 (fixtures)
 from tests._waiting import eventually
+from tests._web_nodes import client, cluster  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.slow
 

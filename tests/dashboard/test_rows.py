@@ -5,7 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from dckpt.dashboard._rows import checkpoint_page, checkpoint_rows, html_table, node_columns
+from dckpt.dashboard._rows import (
+    checkpoint_page,
+    checkpoint_rows,
+    html_table,
+    node_columns,
+)
 
 A, B = "tcp://127.0.0.1:1", "tcp://127.0.0.1:2"
 

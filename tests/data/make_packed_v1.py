@@ -36,7 +36,7 @@ def build_v1_tree(root: str | os.PathLike[str]) -> Path:
 
 
 if __name__ == "__main__":
-    from dckpt.formats import pack_directory_to_bytes
+    from dckpt._formats import pack_directory_to_bytes
 
     with tempfile.TemporaryDirectory() as tmp:
         data = pack_directory_to_bytes(build_v1_tree(Path(tmp) / "tree"))

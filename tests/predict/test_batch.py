@@ -71,9 +71,9 @@ def _loads() -> int:
 
 def _write_model(name: str) -> Checkpoint:
     """On a worker: a directory checkpoint with a ``model.pkl`` under the node root."""
-    from dckpt import node
+    from dckpt import _node
 
-    path = os.path.join(node.node_root(), name)
+    path = os.path.join(_node.node_root(), name)
     os.makedirs(path)
     with open(os.path.join(path, "model.pkl"), "wb") as f:
         cloudpickle.dump(Linear([1.0, 10.0], b=0.5), f)
@@ -86,9 +86,9 @@ def _write_model(name: str) -> Checkpoint:
 
 def _where(model, batch):
     """FunctionPredictor fn: each row's node and worker process instead of a score."""
-    from dckpt import node
+    from dckpt import _node
 
-    return pd.DataFrame({"node": node.node_id(), "pid": os.getpid()}, index=batch.index)
+    return pd.DataFrame({"node": _node.node_id(), "pid": os.getpid()}, index=batch.index)
 
 
 def _frame(rows: int = 1000) -> pd.DataFrame:

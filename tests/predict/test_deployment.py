@@ -22,7 +22,7 @@ import cloudpickle
 import pytest
 from distributed import Event
 
-import dckpt.node
+import dckpt._node
 from dckpt import Checkpoint
 from dckpt.cluster import isolation_available, stats
 from dckpt.predict import (
@@ -56,7 +56,7 @@ def node_after(model, batch):
         Event(f"{name}-started").set()
         if not Event(name).wait(timeout=HOLD_TIMEOUT):
             raise TimeoutError(f"the test never set the event {name!r}")
-    return np.array([dckpt.node.node_id()] * len(batch["hold"]))
+    return np.array([dckpt._node.node_id()] * len(batch["hold"]))
 
 
 def held(name: str) -> dict:
@@ -232,7 +232,7 @@ def _replica_actors(client) -> set[str]:
 def _model_directory(persist_to: str | None = None) -> Checkpoint:
     """A directory checkpoint on the node that runs this (pickles as a node reference),
     also uploaded to ``persist_to`` when given (the reference then carries that URI)."""
-    path = os.path.join(dckpt.node.node_root(), f"model-{uuid.uuid4().hex[:8]}")
+    path = os.path.join(dckpt._node.node_root(), f"model-{uuid.uuid4().hex[:8]}")
     os.makedirs(path)
     with open(os.path.join(path, "model.pkl"), "wb") as f:
         cloudpickle.dump(Linear([1.0, 10.0], b=0.5), f)

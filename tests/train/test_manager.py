@@ -13,7 +13,7 @@ from typing import Any
 import fsspec
 import pytest
 
-import dckpt.storage
+import dckpt._storage
 from dckpt import Checkpoint, CheckpointFormatError, CheckpointNotFoundError
 from dckpt.train import (
     CheckpointConfig,
@@ -49,7 +49,7 @@ def make_manager() -> Iterator[Callable[..., CheckpointManager]]:
 
 def _folders(uri: str) -> set[str]:
     """The names of the checkpoint folders at ``uri``."""
-    fs, root = dckpt.storage.resolve_uri(uri)
+    fs, root = dckpt._storage.resolve_uri(uri)
     fs.invalidate_cache()
     if not fs.exists(root):
         return set()
@@ -250,14 +250,14 @@ def test_persist_every_nth(make_manager, memory_uri):
 
 
 class HeldUploads:
-    """Replaces dckpt.storage.upload_directory: each upload waits until released."""
+    """Replaces dckpt._storage.upload_directory: each upload waits until released."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.started: list[str] = []
         self.release = threading.Event()
         self.first_started = threading.Event()
-        self._upload = dckpt.storage.upload_directory
-        monkeypatch.setattr(dckpt.storage, "upload_directory", self)
+        self._upload = dckpt._storage.upload_directory
+        monkeypatch.setattr(dckpt._storage, "upload_directory", self)
 
     def __call__(self, local_dir: str, uri: str, **kwargs: Any) -> None:
         self.started.append(uri)
@@ -306,7 +306,7 @@ def test_a_failed_upload_is_raised_by_wait_and_leaves_nothing(make_manager, memo
         fsspec.filesystem("memory").pipe_file(f"{uri}/half-written", b"x")
         raise OSError("the network is down")
 
-    monkeypatch.setattr(dckpt.storage, "upload_directory", failing)
+    monkeypatch.setattr(dckpt._storage, "upload_directory", failing)
     manager = make_manager(storage_uri=memory_uri)
     manager.register(Checkpoint.from_dict({}), {})
     with pytest.raises(OSError, match="the network is down"):
@@ -330,7 +330,7 @@ def test_the_state_is_json_beside_the_checkpoints(make_manager, storage_uri):
     manager.register(Checkpoint.from_dict({}), {"loss": Scalar(), "when": object,
                                                  "shape": (2, 3), "bad": math.inf})
     manager.wait()
-    fs, root = dckpt.storage.resolve_uri(storage_uri)
+    fs, root = dckpt._storage.resolve_uri(storage_uri)
     fs.invalidate_cache()
     state = json.loads(fs.cat_file(f"{root}/{STATE_FILE}"))
     assert state["format_version"] == 1 and state["next_index"] == 3
@@ -407,9 +407,9 @@ def test_restore_from_a_damaged_state_says_so(memory_uri, content, match):
 
 def _write_on_node(seed: int) -> Checkpoint:
     """On a worker: a directory checkpoint under this node's root (returned as a reference)."""
-    from dckpt import node
+    from dckpt import _node
 
-    path = os.path.join(node.node_root(), f"train-model-{seed}")
+    path = os.path.join(_node.node_root(), f"train-model-{seed}")
     os.makedirs(path)
     with open(os.path.join(path, "weights.bin"), "wb") as f:
         f.write(bytes([seed]) * 4096)

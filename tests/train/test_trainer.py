@@ -18,7 +18,7 @@ import dask.config
 import distributed
 import pytest
 
-from dckpt import Checkpoint, node
+from dckpt import Checkpoint, _node
 from dckpt.cluster import isolation_available
 from dckpt.cluster._store import driver_store
 from dckpt.train import (
@@ -39,7 +39,7 @@ pytestmark = pytest.mark.slow
 def _save(epoch: int) -> Checkpoint:
     """A directory checkpoint of ``epoch`` under this node's root."""
     context = get_context()
-    path = os.path.join(node.node_root(), "train-tests", context.run_name,
+    path = os.path.join(_node.node_root(), "train-tests", context.run_name,
                         f"attempt-{context.attempt}-rank-{context.world_rank}-epoch-{epoch}")
     os.makedirs(path)
     with open(os.path.join(path, "state.json"), "w") as f:
@@ -263,7 +263,7 @@ def _save_weights(config):
     for epoch in range(config["epochs"]):
         checkpoint = None
         if context.world_rank == 0:
-            path = os.path.join(node.node_root(), "train-tests", context.run_name,
+            path = os.path.join(_node.node_root(), "train-tests", context.run_name,
                                 f"weights-{epoch}")
             os.makedirs(path)
             with open(os.path.join(path, "weights.bin"), "wb") as f:

@@ -20,11 +20,10 @@ import fsspec
 from fsspec.callbacks import DEFAULT_CALLBACK, Callback
 from fsspec.implementations.local import LocalFileSystem
 
-from dckpt.errors import CheckpointFormatError, CheckpointNotFoundError
-from dckpt.formats import safe_relpath
-from dckpt.storage._folders import remove_empty_folders
-from dckpt.storage._parallel import remove_all, run_parallel, transfer_all
-from dckpt.storage._protocol import (
+from dckpt._formats import safe_relpath
+from dckpt._storage._folders import remove_empty_folders
+from dckpt._storage._parallel import remove_all, run_parallel, transfer_all
+from dckpt._storage._protocol import (
     FORMAT_VERSION,
     PENDING_MARKER,
     VERSIONS_FOLDER,
@@ -38,8 +37,9 @@ from dckpt.storage._protocol import (
     read_manifest_or_none,
     write_manifest,
 )
-from dckpt.storage._reuse import object_token, reusable_files
-from dckpt.storage._uri import resolve_uri, translated
+from dckpt._storage._reuse import object_token, reusable_files
+from dckpt._storage._uri import resolve_uri, translated
+from dckpt.errors import CheckpointFormatError, CheckpointNotFoundError
 
 logger = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ def _stored_name(path: str) -> str:
 def _tokens(
     fs: fsspec.AbstractFileSystem, root: str, prefix: str, hashed: Mapping[str, str]
 ) -> dict[str, str]:
-    """The token (:func:`~dckpt.storage._reuse.object_token`) of each hashed file as
+    """The token (:func:`~dckpt._storage._reuse.object_token`) of each hashed file as
     stored now under ``prefix``; files whose back-end gives none get none."""
     tokens: dict[str, str] = {}
     fs.invalidate_cache(root)

@@ -1,19 +1,19 @@
-"""Chunk frames as the transfer sends them: the codec of :mod:`dckpt.formats`, with
+"""Chunk frames as the transfer sends them: the codec of :mod:`dckpt._formats`, with
 the transfer's settings and links.
 
 The frame layout, the checksum (xxh3_64 of the raw bytes) and the sample rule live in
-one place, :mod:`dckpt.formats._frames`, shared with the packed byte format; see
+one place, :mod:`dckpt._formats._frames`, shared with the packed byte format; see
 there. This module adds what only a transfer knows: the ``dckpt.transfer.compression``
 setting (``"auto"``, ``"lz4"``, ``"none"``), the link a chunk crosses
 (:func:`max_ratio_for_link`: on a fast link nothing pays, on 1 Gbit/s halving the
-bytes does) and the :class:`~dckpt.transfer.ChunkSpec` a frame must match. Its names
+bytes does) and the :class:`~dckpt._transfer.ChunkSpec` a frame must match. Its names
 (``CHUNK_HEADER``, ``Buffer``, ``Frame``, ``compress_speed``, ``encode_chunk``,
 ``encode_parts``, ``decode_chunk``, ``max_ratio_for_link``) stay importable from here.
 """
 
 from __future__ import annotations
 
-from dckpt.formats import (
+from dckpt._formats import (
     CHUNK_HEADER,
     MIN_RATIO,
     Buffer,
@@ -22,8 +22,8 @@ from dckpt.formats import (
     decode_frame,
     encode_frame,
 )
-from dckpt.transfer._manifest import ChunkSpec
-from dckpt.transfer._settings import compression
+from dckpt._transfer._manifest import ChunkSpec
+from dckpt._transfer._settings import compression
 
 __all__ = [
     "CHUNK_HEADER", "Buffer", "Frame", "compress_speed", "decode_chunk", "encode_chunk",

@@ -1,7 +1,7 @@
 """What a folder at a URI holds, found by listing it (for plain folders and clean-up).
 
 A committed checkpoint's files come from its manifest instead
-(:func:`~dckpt.storage._protocol.read_marker`).
+(:func:`~dckpt._storage._protocol.read_marker`).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.implementations.memory import MemoryFileSystem
 
-from dckpt.formats import safe_relpath
-from dckpt.storage._protocol import is_reserved
+from dckpt._formats import safe_relpath
+from dckpt._storage._protocol import is_reserved
 
 # Filesystems where a folder exists apart from the files in it (and may be empty).
 FOLDERS_OF_THEIR_OWN = (LocalFileSystem, MemoryFileSystem)

@@ -6,7 +6,7 @@ files, as another tool would have uploaded them, plus two markers at its top:
 - :data:`PENDING_MARKER` (``.dckpt_pending``): an upload is under way, or failed. It
   lists every file, relative to the folder, that the checkpoint being replaced had
   (``"replaces"``) and that this upload writes (``"uploading"``), so that a later
-  upload or :func:`~dckpt.storage.delete` can clean up after a failed one.
+  upload or :func:`~dckpt._storage.delete` can clean up after a failed one.
 - :data:`COMMIT_MARKER` (``.dckpt_commit``): the manifest of the committed
   checkpoint, a JSON document::
 
@@ -43,7 +43,7 @@ new one (after it), never neither; and once an upload is complete, the folder is
 plain folder of the user's files plus the markers, which any tool can read. The price
 of that is one server-side copy of each file when a checkpoint is overwritten.
 
-Readers go by the markers (:func:`~dckpt.storage.uri_status`): a commit marker means
+Readers go by the markers (:func:`~dckpt._storage.uri_status`): a commit marker means
 a finished upload, whose files are exactly those its manifest lists (stale files are
 never listed, even before they are removed); a pending marker without a commit marker
 means an upload that never finished, which is refused; a folder without markers was
@@ -51,7 +51,7 @@ uploaded by some other tool and is accepted as it is, as Ray AIR does. A plain
 folder is overwritten in place (it reads as an unfinished upload meanwhile).
 
 Every relative path that comes from a listing or a manifest passes
-:func:`~dckpt.formats._paths.safe_relpath` before anything is written locally.
+:func:`~dckpt._formats._paths.safe_relpath` before anything is written locally.
 
 This module holds what the steps share: the markers' names, reading them, and
 writing them. The steps themselves are in :mod:`._upload`, :mod:`._read` and
@@ -71,8 +71,8 @@ from typing import Any
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 
+from dckpt._formats import load_json, safe_relpath
 from dckpt.errors import CheckpointFormatError
-from dckpt.formats import load_json, safe_relpath
 
 logger = logging.getLogger(__name__)
 

@@ -1,20 +1,20 @@
 """How checkpoints look on disk and on the wire.
 
-The packed byte format (:mod:`dckpt.formats._packing`) and the chunk frame codec it
-shares with the transfer (:mod:`dckpt.formats._frames`) are public here. So are the few
+The packed byte format (:mod:`dckpt._formats._packing`) and the chunk frame codec it
+shares with the transfer (:mod:`dckpt._formats._frames`) are public here. So are the few
 helpers the layers above share (``DESIGN.md``: what two layers share is public in the
 lower one): path checks (:func:`safe_relpath`, :class:`EntryIndex`), the walk of a tree
 (:func:`plan_tree`, :func:`copy_tree`), atomic writes (:func:`atomic_directory`,
 :func:`partial_sibling`, :func:`write_file_atomically`) and bounded JSON reading
 (:func:`load_json`); they are dckpt's building blocks, not a user's API. The directory
-layout itself (:mod:`dckpt.formats._layout`) stays private to the façade
+layout itself (:mod:`dckpt._formats._layout`) stays private to the façade
 (``dckpt.checkpoint``) and ``dckpt inspect``.
 """
 
 from __future__ import annotations
 
-from dckpt.formats._atomic import atomic_directory, partial_sibling
-from dckpt.formats._frames import (
+from dckpt._formats._atomic import atomic_directory, partial_sibling
+from dckpt._formats._frames import (
     CHUNK_HEADER,
     MIN_RATIO,
     Buffer,
@@ -23,8 +23,8 @@ from dckpt.formats._frames import (
     decode_frame,
     encode_frame,
 )
-from dckpt.formats._layout import load_json, write_file_atomically
-from dckpt.formats._packing import (
+from dckpt._formats._layout import load_json, write_file_atomically
+from dckpt._formats._packing import (
     FORMAT_VERSION,
     MAGIC,
     ArchiveEntry,
@@ -37,8 +37,8 @@ from dckpt.formats._packing import (
     unpack_directory,
     unpack_to_directory,
 )
-from dckpt.formats._paths import EntryIndex, safe_relpath
-from dckpt.formats._tree import copy_tree, plan_tree
+from dckpt._formats._paths import EntryIndex, safe_relpath
+from dckpt._formats._tree import copy_tree, plan_tree
 
 __all__ = [
     "CHUNK_HEADER",

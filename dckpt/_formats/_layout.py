@@ -29,8 +29,8 @@ from typing import Any
 
 import cloudpickle
 
+from dckpt._formats._atomic import remove_stale_siblings, writer_sibling
 from dckpt.errors import CheckpointFormatError
-from dckpt.formats._atomic import remove_stale_siblings, writer_sibling
 
 DICT_FILE = "dict_checkpoint.pkl"
 PREPROCESSOR_KEY = "_preprocessor"
@@ -155,9 +155,9 @@ def load_pickle(raw: bytes, source: str) -> Any:
     """Unpickle a control file. Checkpoints are pickles: load only those you trust.
 
     A pickle that may name Ray's modules (a checkpoint Ray AIR wrote) is read with
-    Ray's names mapped to dckpt's (:func:`dckpt.formats._ray.load_pickle`).
+    Ray's names mapped to dckpt's (:func:`dckpt._formats._ray.load_pickle`).
     """
-    from dckpt.formats import _ray  # imports this module
+    from dckpt._formats import _ray  # imports this module
 
     if _ray.mentions_ray(raw):
         return _ray.load_pickle(raw, source)
@@ -175,7 +175,7 @@ def read_pickle_file(path: str) -> Any:
 def write_file_atomically(path: str, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary sibling and a rename.
 
-    The sibling names this process (:func:`~dckpt.formats._atomic.writer_sibling`);
+    The sibling names this process (:func:`~dckpt._formats._atomic.writer_sibling`);
     those of earlier writers of ``path`` that were killed are removed first.
     """
     remove_stale_siblings(path)

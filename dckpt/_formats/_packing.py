@@ -15,7 +15,7 @@ contents in pieces, each stored raw or lz4-compressed as the piece's data decide
             extra (L: the UTF-8 link target, ``size`` bytes; Z: 8 bytes, below;
             else none), checksum: uint64 = xxh3_64 of all the record's bytes before it
     F only: pieces whose raw lengths add up to ``size`` (none for an empty file):
-            stored_len: uint32, then one chunk frame of :mod:`dckpt.formats._frames`
+            stored_len: uint32, then one chunk frame of :mod:`dckpt._formats._frames`
             (flags: uint8, raw_len: uint64, xxh3_64 of the raw bytes: uint64,
             payload: ``stored_len`` bytes, raw or one lz4 block)
     Z       path_len 0, mode 0, ``size`` = the number of records before it; its extra
@@ -64,9 +64,8 @@ from dask.utils import parse_bytes
 from fsspec.callbacks import DEFAULT_CALLBACK, Callback
 
 import dckpt._config  # noqa: F401  (loads the dckpt.* defaults into dask.config)
-from dckpt.errors import CheckpointError, CheckpointFormatError, CorruptChunkError
-from dckpt.formats._atomic import atomic_directory, partial_sibling
-from dckpt.formats._frames import (
+from dckpt._formats._atomic import atomic_directory, partial_sibling
+from dckpt._formats._frames import (
     CHUNK_HEADER,
     FLAG_LZ4,
     bytes_view,
@@ -75,8 +74,9 @@ from dckpt.formats._frames import (
     encode_frame,
     lz4_bound,
 )
-from dckpt.formats._paths import EntryIndex, EntryKind, safe_relpath
-from dckpt.formats._tree import plan_tree
+from dckpt._formats._paths import EntryIndex, EntryKind, safe_relpath
+from dckpt._formats._tree import plan_tree
+from dckpt.errors import CheckpointError, CheckpointFormatError, CorruptChunkError
 
 logger = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def is_packed(data: bytes | bytearray | memoryview) -> bool:
 class ArchiveEntry:
     """One entry of an archive, as :class:`ArchiveReader` yields it.
 
-    ``path`` has passed :func:`~dckpt.formats._paths.safe_relpath`; ``mode`` is the
+    ``path`` has passed :func:`~dckpt._formats._paths.safe_relpath`; ``mode`` is the
     record's value as stored (:func:`unpack_to_directory` keeps only permission bits);
     ``size`` is the payload length; ``target`` is set for symlinks only.
     """

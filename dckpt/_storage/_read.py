@@ -16,15 +16,10 @@ from typing import Any, Literal
 import fsspec
 from fsspec.callbacks import DEFAULT_CALLBACK, Callback
 
-from dckpt.errors import (
-    CheckpointFormatError,
-    CheckpointNotFoundError,
-    IncompleteCheckpointError,
-)
-from dckpt.formats import safe_relpath
-from dckpt.storage._folders import fingerprint, has_files, listing
-from dckpt.storage._parallel import transfer_all
-from dckpt.storage._protocol import (
+from dckpt._formats import safe_relpath
+from dckpt._storage._folders import fingerprint, has_files, listing
+from dckpt._storage._parallel import transfer_all
+from dckpt._storage._protocol import (
     COMMIT_MARKER,
     MARKERS,
     PENDING_MARKER,
@@ -33,7 +28,12 @@ from dckpt.storage._protocol import (
     read_manifest,
     read_manifest_or_none,
 )
-from dckpt.storage._uri import resolve_uri, translated
+from dckpt._storage._uri import resolve_uri, translated
+from dckpt.errors import (
+    CheckpointFormatError,
+    CheckpointNotFoundError,
+    IncompleteCheckpointError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def list_files(
 
     From the manifest of a committed checkpoint (so files left over from a checkpoint
     it replaced are never listed), else from a listing of the folder minus the
-    markers. Every name has passed :func:`~dckpt.formats._paths.safe_relpath`.
+    markers. Every name has passed :func:`~dckpt._formats._paths.safe_relpath`.
 
     Raises
     ------
@@ -125,7 +125,7 @@ def download_directory(
     files a format-1 manifest lists, keep the local default). If the checkpoint is
     rewritten meanwhile (its version changes), the download is refused. On error,
     files may have been written to ``local_dir``: pass a partial sibling from
-    :func:`dckpt.formats._atomic.atomic_directory`, which removes it.
+    :func:`dckpt._formats._atomic.atomic_directory`, which removes it.
 
     Parameters
     ----------

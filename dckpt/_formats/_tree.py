@@ -5,7 +5,7 @@ dict form) or copied (``to_directory`` of a directory checkpoint), decided by
 :func:`plan_tree` and independent of the process's working directory:
 
 - a link whose relative target stays inside the tree (decided lexically, see
-  :func:`~dckpt.formats._paths.symlink_stays_inside`) stays a link with the same
+  :func:`~dckpt._formats._paths.symlink_stays_inside`) stays a link with the same
   target, dangling or not;
 - any other link (absolute, or leading out) is followed and what it points to is
   stored, as ``shutil.copytree`` does by default and so Ray AIR; below a followed
@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 from fsspec.callbacks import DEFAULT_CALLBACK, Callback
 
-from dckpt.formats._paths import EntryKind, symlink_stays_inside
+from dckpt._formats._paths import EntryKind, symlink_stays_inside
 
 logger = logging.getLogger(__name__)
 

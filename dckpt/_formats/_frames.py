@@ -1,8 +1,8 @@
 """Chunk frames: one piece of a file, maybe lz4-compressed, with a checksum.
 
 The one codec of dckpt's bytes: the transfer sends each chunk as a frame
-(:mod:`dckpt.transfer`), and the packed format stores each piece of a file as one
-(:mod:`dckpt.formats._packing`). A frame is :data:`CHUNK_HEADER` followed by its
+(:mod:`dckpt._transfer`), and the packed format stores each piece of a file as one
+(:mod:`dckpt._formats._packing`). A frame is :data:`CHUNK_HEADER` followed by its
 payload::
 
     header  17 bytes, big-endian: flags: uint8 (bit 0: lz4-compressed),

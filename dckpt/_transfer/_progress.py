@@ -1,12 +1,12 @@
 """Receives in progress in this process: what they are, how far, and a log line per tenth.
 
-:func:`~dckpt.transfer.receive_directory` keeps one :class:`ReceiveProgress` here for
+:func:`~dckpt._transfer.receive_directory` keeps one :class:`ReceiveProgress` here for
 the time it runs, so that whoever watches this process (a node store reporting to the
 scheduler's registry, the dashboard's transfers table) reads how far each transfer is
 without a callback threaded through every layer. :func:`receiving` gives copies.
 
 A receive of at least ``dckpt.transfer.log-progress-bytes`` also logs its progress at
-INFO under this module's logger (``dckpt.transfer._progress``, below ``dckpt``) each
+INFO under this module's logger (``dckpt._transfer._progress``, below ``dckpt``) each
 time it passes another tenth of its bytes, with its rate since the start: where people
 wait for a large checkpoint, the worker's log says how far it is.
 

@@ -12,7 +12,7 @@ its chunks. :func:`place_file` puts it in the tree being built:
 Either way the placed file's bytes are then read and hashed: a file that changed
 behind its owner's back (written in place, truncated, its mtime set back) does not
 hash to what it promised and is not used; the caller fetches that file instead. See
-:func:`dckpt.transfer.receive_directory` for why the bytes are read rather than a
+:func:`dckpt._transfer.receive_directory` for why the bytes are read rather than a
 remembered hash trusted.
 """
 
@@ -27,8 +27,8 @@ import stat
 from collections.abc import Callable
 from typing import TypeAlias
 
-from dckpt.transfer._hashes import hash_file_now
-from dckpt.transfer._manifest import FileEntry
+from dckpt._transfer._hashes import hash_file_now
+from dckpt._transfer._manifest import FileEntry
 
 __all__ = ["Have", "Placed", "place_file"]
 

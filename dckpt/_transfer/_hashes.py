@@ -1,7 +1,7 @@
 """Content hashes of files, computed once per file version and remembered in memory.
 
 A checkpoint's identity is built from the hash of each of its files
-(:func:`~dckpt.transfer.build_manifest`). :func:`file_hash` reads a file once and
+(:func:`~dckpt._transfer.build_manifest`). :func:`file_hash` reads a file once and
 remembers the hash by ``(device, inode, size, ctime)``: every write to a file, a
 ``chmod``, a ``truncate``, even a rename, sets its ctime, and nothing a process can do
 sets it back, so an unchanged key means unchanged bytes. Pickling the same directory

@@ -23,10 +23,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from dckpt._formats import EntryIndex, plan_tree, safe_relpath
+from dckpt._transfer._hashes import HASH_HEX_LENGTH, file_hash
+from dckpt._transfer._settings import check_chunk_bytes
 from dckpt.errors import CheckpointFormatError
-from dckpt.formats import EntryIndex, plan_tree, safe_relpath
-from dckpt.transfer._hashes import HASH_HEX_LENGTH, file_hash
-from dckpt.transfer._settings import check_chunk_bytes
 
 __all__ = ["ChunkSpec", "FileEntry", "Manifest", "build_manifest", "content_digest"]
 
@@ -237,15 +237,15 @@ def build_manifest(
 ) -> Manifest:
     """The manifest of the directory ``root``, with a content hash of every file.
 
-    The walk is that of the packed format (:func:`~dckpt.formats._tree.plan_tree`):
+    The walk is that of the packed format (:func:`~dckpt._formats._tree.plan_tree`):
     sorted, in-tree relative symlinks kept as links, others dereferenced, special files
     and directory cycles skipped with a warning.
 
-    Each file is hashed with xxh3-128 (:func:`~dckpt.transfer._hashes.file_hash`),
+    Each file is hashed with xxh3-128 (:func:`~dckpt._transfer._hashes.file_hash`),
     once per version of the file: building the manifest of the same directory again
     reads no byte, unless a file was written (or its mode changed) since. The first
     build reads everything, at about 0.12 s per GiB in the page cache (see
-    :mod:`dckpt.transfer._hashes` for the measurement). The digest is of the content
+    :mod:`dckpt._transfer._hashes` for the measurement). The digest is of the content
     (:func:`content_digest`): copies anywhere have the same one, a changed byte gives
     another.
 

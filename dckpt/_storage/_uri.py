@@ -4,7 +4,7 @@ what the back-end's failures become.
 Storage options (endpoint, credentials, ...) go straight to fsspec. When fsspec knows
 a protocol but its backend package is missing, the error names what to install.
 
-Every public function of :mod:`dckpt.storage` that touches a URI is wrapped by
+Every public function of :mod:`dckpt._storage` that touches a URI is wrapped by
 :func:`storage_errors`, the one place where back-end exceptions are translated:
 
 - dckpt's own errors (:class:`~dckpt.errors.CheckpointNotFoundError`,

@@ -2,7 +2,7 @@
 
 A run persists its checkpoints side by side (``s3://bucket/run/step-0009``,
 ``.../step-0010``), and most of their files are often the same bytes (frozen weights,
-tokenizers). When the caller of :func:`~dckpt.storage.upload_directory` gives each
+tokenizers). When the caller of :func:`~dckpt._storage.upload_directory` gives each
 file's content hash, the commit marker records them, and a later upload next to it
 copies a file with the same hash and size from there (``fs.cp_file``: a server-side
 copy on object stores, no byte through this process) instead of uploading it.
@@ -29,7 +29,7 @@ from collections.abc import Mapping
 import dask.config
 import fsspec
 
-from dckpt.storage._protocol import Manifest, join, read_manifest_or_none
+from dckpt._storage._protocol import Manifest, join, read_manifest_or_none
 
 __all__ = ["SIBLINGS_SETTING", "object_token", "reusable_files"]
 

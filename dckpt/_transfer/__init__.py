@@ -16,7 +16,7 @@ A receiver that holds some of the files already (``have``) asks only for the chu
 the others, and places those from its own copies (hard links where it can).
 
 Modules: ``_manifest`` (the manifest and its checks), ``_frames`` (chunk frames: the
-codec of :mod:`dckpt.formats` with the transfer's compression setting and link rule),
+codec of :mod:`dckpt._formats` with the transfer's compression setting and link rule),
 ``_source`` (the sender), ``_receive`` (the receiver), ``_place`` (files placed from
 local copies), ``_progress`` (receives in progress: :func:`receiving`, and their INFO
 log lines), ``_settings``
@@ -25,7 +25,7 @@ log lines), ``_settings``
 
 from __future__ import annotations
 
-from dckpt.transfer._frames import (
+from dckpt._transfer._frames import (
     CHUNK_HEADER,
     Buffer,
     Frame,
@@ -34,12 +34,18 @@ from dckpt.transfer._frames import (
     encode_parts,
     max_ratio_for_link,
 )
-from dckpt.transfer._manifest import ChunkSpec, FileEntry, Manifest, build_manifest, content_digest
-from dckpt.transfer._place import Have
-from dckpt.transfer._progress import ReceiveProgress, receiving
-from dckpt.transfer._receive import ChunkStream, Received, receive_directory
-from dckpt.transfer._settings import check_chunk_bytes, config_chunk_bytes
-from dckpt.transfer._source import ChunkSource
+from dckpt._transfer._manifest import (
+    ChunkSpec,
+    FileEntry,
+    Manifest,
+    build_manifest,
+    content_digest,
+)
+from dckpt._transfer._place import Have
+from dckpt._transfer._progress import ReceiveProgress, receiving
+from dckpt._transfer._receive import ChunkStream, Received, receive_directory
+from dckpt._transfer._settings import check_chunk_bytes, config_chunk_bytes
+from dckpt._transfer._source import ChunkSource
 
 __all__ = [
     "CHUNK_HEADER",

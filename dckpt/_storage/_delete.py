@@ -11,17 +11,17 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from dckpt.errors import CheckpointNotFoundError
-from dckpt.storage._folders import file_paths, remove_empty_folders
-from dckpt.storage._parallel import remove_all
-from dckpt.storage._protocol import (
+from dckpt._storage._folders import file_paths, remove_empty_folders
+from dckpt._storage._parallel import remove_all
+from dckpt._storage._protocol import (
     COMMIT_MARKER,
     PENDING_MARKER,
     files_of_pending,
     join,
     read_manifest_or_none,
 )
-from dckpt.storage._uri import resolve_uri, translated
+from dckpt._storage._uri import resolve_uri, translated
+from dckpt.errors import CheckpointNotFoundError
 
 logger = logging.getLogger(__name__)
 

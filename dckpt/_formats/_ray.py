@@ -50,16 +50,20 @@ from typing import Any
 import dask.config
 
 import dckpt._config  # noqa: F401  (loads the dckpt.* defaults into dask.config)
-from dckpt.errors import CheckpointFormatError, UnsafePathError, UnsupportedRayClassError
-from dckpt.formats._layout import (
+from dckpt._formats._layout import (
     DICT_FILE,
     HEADER_FILE,
     PREPROCESSOR_FILE,
     RESERVED_KEY,
     dump_pickle,
 )
-from dckpt.formats._packing import ArchiveWriter
-from dckpt.formats._paths import safe_relpath
+from dckpt._formats._packing import ArchiveWriter
+from dckpt._formats._paths import safe_relpath
+from dckpt.errors import (
+    CheckpointFormatError,
+    UnsafePathError,
+    UnsupportedRayClassError,
+)
 
 __all__ = [
     "METADATA_FILE",

@@ -1,7 +1,7 @@
 """Checkpoints at fsspec URIs: atomic upload with a commit marker, parallel download.
 
 The protocol (markers, manifest, what readers accept) is described in
-:mod:`dckpt.storage._protocol`. One private module per job:
+:mod:`dckpt._storage._protocol`. One private module per job:
 
 - :mod:`._uri`: the fsspec filesystem for a URI; local paths; what back-end failures
   become (:class:`~dckpt.errors.StorageError`, ...).
@@ -15,17 +15,22 @@ The protocol (markers, manifest, what readers accept) is described in
 
 from __future__ import annotations
 
-from dckpt.storage._delete import delete
-from dckpt.storage._protocol import COMMIT_MARKER, MARKERS, PENDING_MARKER, VERSIONS_FOLDER
-from dckpt.storage._read import (
+from dckpt._storage._delete import delete
+from dckpt._storage._protocol import (
+    COMMIT_MARKER,
+    MARKERS,
+    PENDING_MARKER,
+    VERSIONS_FOLDER,
+)
+from dckpt._storage._read import (
     download_directory,
     list_files,
     read_file,
     uri_status,
     uri_version,
 )
-from dckpt.storage._upload import upload_directory
-from dckpt.storage._uri import is_local_uri, local_path_of, resolve_uri
+from dckpt._storage._upload import upload_directory
+from dckpt._storage._uri import is_local_uri, local_path_of, resolve_uri
 
 __all__ = [
     "COMMIT_MARKER",

@@ -3,7 +3,7 @@
 The receiver does not care how frames travel: it asks a :data:`ChunkStream` for a list
 of chunks and takes ``(spec, frame)`` pairs from it as they come. A node store's
 stream is one Dask comm (:mod:`dckpt.cluster._stream`); tests feed frames straight
-from a :class:`~dckpt.transfer.ChunkSource`.
+from a :class:`~dckpt._transfer.ChunkSource`.
 
 A receiver that already holds some of the files (a node cache holding the previous
 checkpoint of a run) says so with ``have``: those files are placed from the local copy
@@ -18,25 +18,31 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Callable,
+    Collection,
+    Sequence,
+)
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 from fsspec.callbacks import DEFAULT_CALLBACK, Callback
 
-from dckpt.errors import CorruptChunkError
-from dckpt.formats import atomic_directory
-from dckpt.transfer._frames import Frame, decode_chunk
-from dckpt.transfer._hashes import hash_file, remember
-from dckpt.transfer._manifest import ChunkSpec, Manifest
-from dckpt.transfer._progress import ReceiveProgress, track, untrack
-from dckpt.transfer._place import Have, Placed, place_file
-from dckpt.transfer._settings import (
+from dckpt._formats import atomic_directory
+from dckpt._transfer._frames import Frame, decode_chunk
+from dckpt._transfer._hashes import hash_file, remember
+from dckpt._transfer._manifest import ChunkSpec, Manifest
+from dckpt._transfer._place import Have, Placed, place_file
+from dckpt._transfer._progress import ReceiveProgress, track, untrack
+from dckpt._transfer._settings import (
     check_chunk_bytes,
     config_chunk_bytes,
     positive_setting,
 )
+from dckpt.errors import CorruptChunkError
 
 __all__ = ["ChunkStream", "Have", "Received", "receive_directory"]
 
@@ -113,7 +119,7 @@ async def receive_directory(
     a file (same content elsewhere in the manifest: asked for once, then linked to it).
     ``have(hash)``
     names a local file with that content hash (or None), and the file is placed from
-    it (:func:`~dckpt.transfer._place.place_file`: a hard link when it is on the same
+    it (:func:`~dckpt._transfer._place.place_file`: a hard link when it is on the same
     filesystem with the same mode, else a copy) and its bytes hashed there and then.
     Only the chunks of the other files are asked of ``stream``. A local file that does
     not hash to what ``have`` promised (it changed behind its owner's back) is not
@@ -156,8 +162,8 @@ async def receive_directory(
         or None; ``mapping.get`` will do. Files are placed from it only when its size
         is the manifest's.
     source
-        How to name the sender in :func:`~dckpt.transfer.receiving` and in the
-        progress log (:mod:`dckpt.transfer._progress`).
+        How to name the sender in :func:`~dckpt._transfer.receiving` and in the
+        progress log (:mod:`dckpt._transfer._progress`).
 
     Returns
     -------
@@ -322,7 +328,7 @@ def _order(spec: ChunkSpec) -> tuple[int, int]:
 
 @contextlib.asynccontextmanager
 async def _building(target: str | os.PathLike[str], in_place: bool) -> AsyncIterator[str]:
-    """:func:`~dckpt.formats._atomic.atomic_directory`, with its disk work in threads.
+    """:func:`~dckpt._formats._atomic.atomic_directory`, with its disk work in threads.
 
     Removing a large partial directory, or an old ``target``, can take a while; the
     event loop must not wait for it. ``in_place``: ``target`` itself, which must be an
@@ -429,7 +435,7 @@ def _finish_tree(
     The chunk checksums catch damage on the way; the file hashes catch a sender whose
     bytes are not those its manifest names (a file rewritten while it was sent). The
     check reads what was just written (from the page cache, mostly) and leaves the
-    hash remembered (:func:`~dckpt.transfer._hashes.remember`), so building the
+    hash remembered (:func:`~dckpt._transfer._hashes.remember`), so building the
     manifest of the copy later reads nothing. Files placed from a local copy were
     given their mode and checked as they were placed (:func:`place_file`); a linked
     one is not touched again, as a ``chmod`` would change the inode it shares. Those,

@@ -7,10 +7,10 @@ import os
 import stat
 import threading
 
+from dckpt._transfer._frames import Buffer, encode_parts
+from dckpt._transfer._manifest import ChunkSpec, FileEntry, Manifest
+from dckpt._transfer._settings import check_chunk_bytes, config_chunk_bytes
 from dckpt.errors import CheckpointFormatError
-from dckpt.transfer._frames import Buffer, encode_parts
-from dckpt.transfer._manifest import ChunkSpec, FileEntry, Manifest
-from dckpt.transfer._settings import check_chunk_bytes, config_chunk_bytes
 
 __all__ = ["ChunkSource"]
 
@@ -87,7 +87,7 @@ class ChunkSource:
         self.close()
 
     def read_chunk(self, spec: ChunkSpec) -> bytes:
-        """The encoded frame (:func:`~dckpt.transfer.encode_chunk`) of one chunk:
+        """The encoded frame (:func:`~dckpt._transfer.encode_chunk`) of one chunk:
         :meth:`read_parts` joined into one buffer.
 
         Raises
@@ -104,12 +104,12 @@ class ChunkSource:
         self, spec: ChunkSpec, buffer: bytearray | None = None, *,
         max_ratio: float | None = None,
     ) -> tuple[bytes, Buffer]:
-        """One chunk as ``(header, payload)`` (:func:`~dckpt.transfer.encode_parts`).
+        """One chunk as ``(header, payload)`` (:func:`~dckpt._transfer.encode_parts`).
 
         The chunk is read into ``buffer`` (at least ``spec.length`` long), or into a new
         one: an uncompressed payload is a view of it, nothing is copied, and it must
         stay untouched until the payload is sent. ``max_ratio`` goes to
-        :func:`~dckpt.transfer.encode_parts` (when compression pays). Raises as
+        :func:`~dckpt._transfer.encode_parts` (when compression pays). Raises as
         :meth:`read_chunk`, and ValueError for a ``buffer`` too short.
         """
         entry = self._check(spec)  # before allocating what a request asks for
