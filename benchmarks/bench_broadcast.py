@@ -33,7 +33,8 @@ from typing import Any
 
 import dckpt  # noqa: F401  (loads the dckpt.* defaults into dask.config)
 from dckpt import Checkpoint
-from dckpt.cluster import NodeCluster, install, stats, store_of
+from dckpt.cluster import NodeCluster, install, stats
+from dckpt.cluster._store import store_of
 
 MIB = 1 << 20
 

@@ -8,10 +8,10 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from dckpt import _config  # noqa: F401  (loads the dckpt.* defaults into dask.config)
-from dckpt.checkpoint import Checkpoint
+from dckpt._checkpoint import Checkpoint, LargeInlineCheckpointWarning
+from dckpt._node import node_id, node_root
+from dckpt._put import put
 from dckpt.errors import (
     CacheFullError,
     CheckpointError,
@@ -22,6 +22,7 @@ from dckpt.errors import (
     CorruptChunkError,
     IncompatibleCheckpointError,
     IncompleteCheckpointError,
+    IsolationUnavailableError,
     StorageError,
     UnsafePathError,
     UnsupportedRayClassError,
@@ -40,18 +41,14 @@ __all__ = [
     "CorruptChunkError",
     "IncompatibleCheckpointError",
     "IncompleteCheckpointError",
+    "IsolationUnavailableError",
+    "LargeInlineCheckpointWarning",
     "StorageError",
     "UnsafePathError",
     "UnsupportedRayClassError",
     "__version__",
+    "node_id",
+    "node_root",
     "put",
 ]
 
-
-def __getattr__(name: str) -> Any:
-    # dckpt.put needs distributed; import it only for those who use it.
-    if name == "put":
-        from dckpt.cluster import put
-
-        return put
-    raise AttributeError(f"module 'dckpt' has no attribute {name!r}")

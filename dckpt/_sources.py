@@ -1,4 +1,4 @@
-"""Where a :class:`~dckpt.checkpoint.Checkpoint`'s data is: one value, four kinds.
+"""Where a :class:`~dckpt.Checkpoint`'s data is: one value, four kinds.
 
 A checkpoint holds exactly one :data:`Source`; each kind is a small frozen dataclass,
 so "which representation is this" is a ``match`` on one field rather than a question

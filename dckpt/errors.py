@@ -7,6 +7,8 @@ the built-in exception a caller already catches (``FileNotFoundError``,
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "CheckpointError",
     "CheckpointNotFoundError",
@@ -21,6 +23,15 @@ __all__ = [
     "CacheFullError",
     "CheckpointUnavailableError",
     "IsolationUnavailableError",
+    # dckpt.train
+    "TrainingFailedError",
+    "WorkerLostError",
+    "NoBestCheckpointError",
+    "MetricNotFoundError",
+    # dckpt.predict
+    "ScoringWorkersError",
+    "BatchFormatError",
+    "ReplicaUnavailableError",
 ]
 
 
@@ -118,3 +129,81 @@ class IsolationUnavailableError(CheckpointError, RuntimeError):
     container without ``CAP_NET_ADMIN``. The message says which and why; pass ``None``
     instead of ``True`` to fall back with a warning.
     """
+
+
+# -- dckpt.train ------------------------------------------------------------------
+
+
+class TrainingFailedError(CheckpointError, RuntimeError):
+    """Training failed more often than ``max_failures`` allows, or could not start.
+
+    Raised by :meth:`dckpt.train.DataParallelTrainer.fit`, as Ray's ``Trainer.fit`` raises its
+    ``TrainingFailedError``; chained (``__cause__``) from the last failure.
+
+    Attributes
+    ----------
+    result : dckpt.train.Result
+        What the run got to: its metrics history, latest and best checkpoints, with
+        ``result.error`` set. Resume a new run with
+        ``resume_from_checkpoint=err.result.checkpoint``.
+    """
+
+    # Any, not Result: this module is below every layer (Result is dckpt.train's).
+    result: Any
+
+    def __init__(self, message: str, result: Any) -> None:
+        super().__init__(message)
+        self.result = result
+
+    def __reduce__(self) -> tuple[type, tuple[str, Any]]:
+        return type(self), (str(self), self.result)
+
+
+class WorkerLostError(CheckpointError, RuntimeError):
+    """The worker that ran a rank left the cluster (it died or was retired)."""
+
+
+class NoBestCheckpointError(CheckpointError, RuntimeError):
+    """:meth:`dckpt.train.Result.get_best_checkpoint` has nothing to choose from.
+
+    The run kept no checkpoint, or none of the kept ones reported the metric asked
+    for. A ``RuntimeError``, which is what Ray AIR's ``Result.get_best_checkpoint``
+    raises in both cases.
+    """
+
+
+class MetricNotFoundError(CheckpointError, KeyError):
+    """The metrics reported with a checkpoint lack ``checkpoint_score_attribute``
+    (:class:`dckpt.train.CheckpointConfig`).
+
+    A ``KeyError`` (the metric is a missing key); its message names the attribute and
+    the keys that were there. Nothing is registered when it is raised.
+    """
+
+    def __str__(self) -> str:
+        # KeyError's own __str__ shows the repr of its argument, quotes and all.
+        return str(self.args[0]) if self.args else ""
+
+
+# -- dckpt.predict ----------------------------------------------------------------
+
+
+class ScoringWorkersError(CheckpointError, RuntimeError):
+    """:class:`~dckpt.predict.BatchPredictor` has too few workers to score on, or a scoring task found no predictor where it ran.
+
+    Raised when the cluster has fewer than ``min_scoring_workers`` workers after
+    ``dckpt.predict.batch.worker-wait-timeout``: add workers, or lower
+    ``min_scoring_workers``.
+    """
+
+
+class BatchFormatError(CheckpointError, ValueError):
+    """Data that cannot be scored as asked: unknown columns, a column name that would
+    be overwritten by a prediction, columns asked of an array, or predictions whose
+    kind cannot be fitted into the collection they should return in."""
+
+
+class ReplicaUnavailableError(CheckpointError, RuntimeError):
+    """No replica of a :class:`~dckpt.predict.PredictorDeployment` could answer: none became ready within
+    ``dckpt.predict.deployment.start-timeout``, each one tried was lost
+    (``dckpt.predict.deployment.max-attempts``), or the deployment is closed."""

@@ -55,11 +55,11 @@ def partition(index: int, rows: int = 1000) -> pd.DataFrame:
 
 def train_on_this_node() -> Checkpoint:
     """In a task on node 0: fit the model and write it as a directory checkpoint."""
-    from dckpt import _node
+    from dckpt import node_id, node_root
 
     train = partition(10_000)
     w, *_ = np.linalg.lstsq(train[FEATURES].to_numpy(), train["label"].to_numpy(), rcond=None)
-    path = os.path.join(_node.node_root(), "least-squares")
+    path = os.path.join(node_root(), "least-squares")
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "model.pkl"), "wb") as f:
         cloudpickle.dump(LeastSquares(w), f)

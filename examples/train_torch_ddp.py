@@ -29,7 +29,7 @@ import tempfile
 import time
 from typing import Any
 
-from dckpt import Checkpoint, _node
+from dckpt import Checkpoint, node_id, node_root
 from dckpt.cluster import NodeCluster
 from dckpt.demo import (
     KILL_AFTER_EPOCH,
@@ -76,7 +76,7 @@ def train_loop(config: dict[str, Any]) -> None:
         optimizer.step()
         saved = None
         if context.world_rank == 0:
-            path = os.path.join(_node.node_root(), "torch-example", context.run_name,
+            path = os.path.join(node_root(), "torch-example", context.run_name,
                                 f"epoch-{epoch:03d}-attempt-{context.attempt}")
             os.makedirs(path)
             torch.save({"model": model.module.state_dict(),

@@ -25,9 +25,9 @@ from dckpt import (
     IncompatibleCheckpointError,
     _node,
 )
+from dckpt._checkpoint import node_ref_of, source_of, with_node_ref
 from dckpt._formats._layout import HEADER_FILE, RESERVED_KEY
 from dckpt._sources import DictData, LocalDirectory, NodeReference, UriFolder
-from dckpt.checkpoint import node_ref_of, source_of, with_node_ref
 from dckpt.cluster._core import CheckpointId, NodeRef
 from tests._trees import make_tree, read_tree
 from tests.test_checkpoint_contract import (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import importlib
 import re
 import subprocess
 import sys
@@ -137,13 +138,13 @@ def test_mypy_finds_nothing_in_dckpt():
 
 
 # Checkpoint's private names, now and in the past (its seven source fields and their
-# helper, issue 15): reintroducing one outside checkpoint.py fails below too.
+# helper, issue 15): reintroducing one outside _checkpoint.py fails below too.
 _CHECKPOINT_PRIVATES_OF_OLD = {
     "_local_path", "_data_dict", "_files", "_uri", "_storage_options", "_node_ref",
     "_resolved_from", "_known_uris", "_with_node_ref",
 }
 # Where Checkpoint's private state may be touched: its own module and its sources'.
-_CHECKPOINT_HOMES = {"dckpt/checkpoint.py", "dckpt/_sources.py"}
+_CHECKPOINT_HOMES = {"dckpt/_checkpoint.py", "dckpt/_sources.py"}
 
 
 def _checkpoint_privates() -> set[str]:
@@ -184,7 +185,7 @@ def test_no_module_touches_a_checkpoint_private():
         if path.relative_to(ROOT).as_posix() not in _CHECKPOINT_HOMES
         for line, text in _private_uses(ast.parse(path.read_text()), privates)
     ]
-    assert offenders == [], f"Checkpoint privates touched outside checkpoint.py: {offenders}"
+    assert offenders == [], f"Checkpoint privates touched outside _checkpoint.py: {offenders}"
     assert {"_source", "_metadata", "_pickled_state"} <= privates  # the guard sees them
 
 
@@ -220,7 +221,7 @@ _LAYERS: list[tuple[str, set[str]]] = [
     ("transfer", {"dckpt._transfer"}),
     # _compat.py: the touches of distributed's internals, for cluster/ and predict/.
     ("cluster", {"dckpt.cluster", "dckpt._compat"}),
-    ("API", {"dckpt", "dckpt.checkpoint", "dckpt._sources", "dckpt._shared_dir"}),
+    ("API", {"dckpt", "dckpt._checkpoint", "dckpt._sources", "dckpt._shared_dir", "dckpt._put"}),
     # The apps, in the order they build on each other: a framework module of train/
     # gives its framework's predictor too (ray.train.torch.TorchPredictor), the demo
     # trains and predicts, the command line runs the demo.
@@ -231,30 +232,27 @@ _LAYERS: list[tuple[str, set[str]]] = [
 ]
 
 # (importer, imported module): the imports that point up, each with its reason.
-_UPWARD_IMPORTS = {
-    ("dckpt.cluster._put", "dckpt._sources"):
-        "put() is dckpt.put, API: it takes and returns Checkpoints. Its move to the API "
-        "layer belongs to issue 14's public-face part (it reshapes dckpt/__init__ too).",
-    ("dckpt.cluster._put", "dckpt.checkpoint"):
-        "the same put(); checkpoint.py is imported at call time (and for types only).",
-}
+_UPWARD_IMPORTS: dict[tuple[str, str], str] = {}
 
 # (importer, private module of another package): each with its reason. What a package
 # shares with others it exports in its __init__ (formats' helpers, NodeRef and put).
 _PRIVATE_REACHES = {
-    ("dckpt.checkpoint", "dckpt._formats._layout"):
+    ("dckpt._checkpoint", "dckpt._formats._layout"):
         "the directory layout is the façade's own format, kept in formats/ so that the "
         "layers below need not import the façade; its 14 names are no one else's API.",
     ("dckpt.cli._inspect", "dckpt._formats._layout"):
         "dckpt inspect reads the layout without unpickling, which Checkpoint cannot.",
-    ("dckpt.checkpoint", "dckpt._formats._ray"):
+    ("dckpt._checkpoint", "dckpt._formats._ray"):
         "reading checkpoints Ray wrote is the façade's job; formats/ has no public face "
         "for Ray's layout and needs none.",
-    ("dckpt.checkpoint", "dckpt.cluster._resolve"):
+    ("dckpt._checkpoint", "dckpt.cluster._resolve"):
         "node references resolve through the cluster, imported at call time (it imports "
         "distributed); make_ref and pinned_copy are plumbing, not dckpt.cluster's face.",
-    ("dckpt.checkpoint", "dckpt.cluster._put"):
+    ("dckpt._checkpoint", "dckpt.cluster._put"):
         "push_for_pickling: the same plumbing, for a driver's large checkpoint pickled.",
+    ("dckpt._put", "dckpt.cluster._put"):
+        "dckpt.put's cluster half (push a directory, have nodes' stores materialize it): "
+        "plumbing of the one public put, not dckpt.cluster's face.",
     ("dckpt.train._persist", "dckpt.cluster._store"):
         "driver_store(): the persister drops the driver's cached copy once persisted; "
         "the driver's store is no public object.",
@@ -411,12 +409,12 @@ def test_the_architecture_guards_see_what_they_must():
         "from dckpt import _transfer as t\n"
         "from .._storage import _read\n"
         "def f():\n"
-        "    from dckpt.checkpoint import Checkpoint\n"
+        "    from dckpt._checkpoint import Checkpoint\n"
         "    return dckpt.cluster._store.local_store(), t._frames, _node.node_id()\n"
     )
     assert _upward("dckpt._transfer._receive", source, modules) == [
-        (1, "dckpt.cluster"), (7, "dckpt.checkpoint"), (8, "dckpt.cluster._store")]
-    assert _upward("dckpt.cluster._store", source, modules) == [(7, "dckpt.checkpoint")]
+        (1, "dckpt.cluster"), (7, "dckpt._checkpoint"), (8, "dckpt.cluster._store")]
+    assert _upward("dckpt.cluster._store", source, modules) == [(7, "dckpt._checkpoint")]
     assert [(line, private) for line, private, _ in
             _reaches("dckpt._transfer._receive", source, modules)] == [
         (3, "dckpt._formats._atomic"), (5, "dckpt._storage._read"), (8, "dckpt.cluster._store")]
@@ -430,3 +428,86 @@ def test_the_architecture_guards_see_what_they_must():
     assert [private for _, private, _ in _reaches(
         "dckpt.cluster._store", "from dckpt.predict._predictor import _kind\n",
         modules)] == ["dckpt.predict._predictor"]
+
+
+# -- the public face: every name a user imports is in the README's API section ----------
+
+def _public_modules() -> list[str]:
+    """dckpt's modules with no underscore in their dotted name (``__main__`` aside)."""
+    return [name for name in _modules()
+            if not any(part.startswith("_") for part in name.split("."))]
+
+
+def _readme_api() -> dict[str, list[str]]:
+    """``{module: [names]}`` from the README's ``## API`` lines ``- `module`: `a`, ...``."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("\n## API\n", 1)[1].split("\n## ", 1)[0]
+    api = {}
+    for line in section.splitlines():
+        match = re.match(r"- `(dckpt[\w.]*)`: (.*)", line)
+        if match:
+            api[match[1]] = re.findall(r"`(\w+)`", match[2].split(" (the ")[0])
+    return api
+
+
+def _module_level_names(source: str) -> tuple[set[str], set[str]]:
+    """(names a module defines, names it imports from dckpt) without a leading
+    underscore, at module level outside ``if TYPE_CHECKING:`` (what an import of it
+    can get). Names imported from other packages are theirs, not dckpt's face."""
+    defined: set[str] = set()
+    imported: set[str] = set()
+    for node in ast.parse(source).body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            defined.add(node.name)
+        elif isinstance(node, ast.Assign):
+            defined |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            defined.add(node.target.id)
+        elif isinstance(node, ast.ImportFrom) and (node.level or (node.module or "")
+                                                   .split(".")[0] == "dckpt"):
+            imported |= {alias.asname or alias.name for alias in node.names}
+    return ({n for n in defined if not n.startswith("_")},
+            {n for n in imported if not n.startswith("_")})
+
+
+def test_the_readme_lists_every_public_module_and_its_names():
+    api = _readme_api()
+    assert sorted(api) == sorted(_public_modules()), (
+        "the README's API section and dckpt's modules without an underscore differ")
+    for name, names in api.items():
+        module = importlib.import_module(name)
+        assert sorted(module.__all__) == sorted(names), f"{name}: __all__ != README"
+        missing = [n for n in module.__all__ if not hasattr(module, n)]
+        assert missing == [], f"{name}.__all__ names what it lacks: {missing}"
+
+
+def test_nothing_else_is_importable_without_an_underscore():
+    """A public module's names are its __all__, or public names of another module."""
+    api = _readme_api()
+    everywhere = {n for names in api.values() for n in names}
+    modules = _modules()
+    offenders = []
+    for name in _public_modules():
+        defined, imported = _module_level_names(modules[name].read_text())
+        offenders += [f"{name}.{n}" for n in sorted(defined - set(api[name]))]
+        offenders += [f"{name}.{n}" for n in sorted(imported - everywhere)
+                      if f"{name}.{n}" not in modules]  # a subpackage (dckpt.air.session)
+    assert offenders == [], (
+        "importable without an underscore but not in the README's API section (rename "
+        "it with a leading underscore, or move it to a private module): "
+        + ", ".join(offenders))
+
+
+def test_the_public_face_guard_sees_what_it_must():
+    defined, imported = _module_level_names(
+        "from typing import TYPE_CHECKING\n"
+        "from dckpt._node import node_id, cache_directory as _cache\n"
+        "from pathlib import Path\n"
+        "if TYPE_CHECKING:\n"
+        "    from dckpt.cluster import NodeRef\n"
+        "LIMIT = 3\n"
+        "_HIDDEN = 4\n"
+        "def helper(): ...\n"
+        "class Thing: ...\n")
+    assert defined == {"LIMIT", "helper", "Thing"}
+    assert imported == {"node_id"}

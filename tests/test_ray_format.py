@@ -312,7 +312,7 @@ def test_a_subclass_of_rays_mapped_by_the_setting_keeps_its_state_onward(tmp_pat
 def test_the_setting_maps_more_classes(tmp_path):
     path = ray.write_dict_directory(str(tmp_path / "c"), {"x": 1}, "TensorflowCheckpoint")
     mapping = {"ray.train.tensorflow.tensorflow_checkpoint:TensorflowCheckpoint":
-               "dckpt.checkpoint:Checkpoint"}
+               "dckpt._checkpoint:Checkpoint"}
     with dask.config.set({"dckpt.ray.classes": mapping}):
         checkpoint = Checkpoint.from_directory(path)
         assert type(checkpoint) is Checkpoint

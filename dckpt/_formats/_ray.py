@@ -31,7 +31,7 @@ is unpickled: mapped ones are mapped, ``ray.cloudpickle`` becomes ``cloudpickle`
 and a name from Ray that cannot be imported here raises the same error.
 
 Nothing here imports the checkpoint classes: a mapping names them as
-``"module:qualname"``, which :mod:`dckpt.checkpoint` imports as it imports the class
+``"module:qualname"``, which :mod:`dckpt._checkpoint` imports as it imports the class
 of a dckpt checkpoint.
 """
 
@@ -95,7 +95,7 @@ _METADATA_CLASS = ("ray.air.checkpoint", "_CheckpointMetadata")
 #: them), and the dckpt class each is read as.
 RAY_CLASSES: dict[tuple[str, str], str] = {}
 for _modules, _name, _dckpt in (
-    (("ray.air.checkpoint", "ray.air"), "Checkpoint", "dckpt.checkpoint:Checkpoint"),
+    (("ray.air.checkpoint", "ray.air"), "Checkpoint", "dckpt._checkpoint:Checkpoint"),
     (("ray.train.torch.torch_checkpoint", "ray.train.torch"), "TorchCheckpoint",
      "dckpt.train.torch:TorchCheckpoint"),
     (("ray.train.sklearn.sklearn_checkpoint", "ray.train.sklearn"), "SklearnCheckpoint",
@@ -139,7 +139,7 @@ class RayCheckpointMetadata:
                 f"{source}: Ray's checkpoint_state is a "
                 f"{type(self.checkpoint_state).__name__}, not a dict"
             )
-        return None if kind.dckpt_class == "dckpt.checkpoint:Checkpoint" else kind.dckpt_class
+        return None if kind.dckpt_class == "dckpt._checkpoint:Checkpoint" else kind.dckpt_class
 
 
 # ------------------------------------------------------------------ recognising
@@ -422,7 +422,7 @@ def _unsupported(name: str, source: str, installed: bool = True) -> UnsupportedR
         f"classes that dckpt maps to its own ({known}); nothing of it was unpickled. "
         "To read it, "
         "map it to a dckpt Checkpoint class with the setting dckpt.ray.classes, e.g. "
-        "{'ray.module:RayCheckpoint': 'dckpt.checkpoint:Checkpoint'}"
+        "{'ray.module:RayCheckpoint': 'dckpt._checkpoint:Checkpoint'}"
     )
 
 

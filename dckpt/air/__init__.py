@@ -2,7 +2,7 @@
 
 ``from ray.air import session, Checkpoint, ScalingConfig, RunConfig`` becomes
 ``from dckpt.air import ...``. Every name here is re-exported from its one home:
-:class:`~dckpt.Checkpoint` from :mod:`dckpt.checkpoint`, the configs and
+:class:`~dckpt.Checkpoint` from :mod:`dckpt._checkpoint`, the configs and
 :class:`~dckpt.train.Result` from :mod:`dckpt.train`; :mod:`dckpt.air.session` is a
 view of :mod:`dckpt.train`'s session functions. Framework checkpoints, trainers and
 predictors live in ``dckpt.train.<framework>`` (``dckpt.train.torch``), as Ray's do
@@ -12,8 +12,8 @@ in ``ray.train.<framework>``. Where dckpt differs from Ray on purpose, the READM
 
 from __future__ import annotations
 
+from dckpt._checkpoint import Checkpoint
 from dckpt.air import session
-from dckpt.checkpoint import Checkpoint
 from dckpt.train import (
     CheckpointConfig,
     FailureConfig,

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from dckpt.checkpoint import Checkpoint
+from dckpt._checkpoint import Checkpoint
 from dckpt.train import get_checkpoint as _get_checkpoint
 from dckpt.train import get_context
 from dckpt.train import get_dataset_shard as _get_dataset_shard

@@ -17,8 +17,8 @@ import tempfile
 import time
 
 from dckpt import _config, _storage
+from dckpt._checkpoint import Checkpoint
 from dckpt._formats import pack_directory_to_file, unpack_directory
-from dckpt.checkpoint import Checkpoint
 from dckpt.cli import _output, _places
 from dckpt.cli._listing import list_place
 from dckpt.cli._progress import progress

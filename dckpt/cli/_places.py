@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from dckpt import _storage
-from dckpt.checkpoint import Checkpoint
+from dckpt._checkpoint import Checkpoint
 from dckpt.cli._output import CommandError
 from dckpt.errors import CheckpointNotFoundError, IncompleteCheckpointError
 

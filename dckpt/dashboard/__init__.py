@@ -18,6 +18,6 @@ says so at DEBUG. Importing this package does not import bokeh.
 
 from __future__ import annotations
 
-from dckpt.dashboard._routes import PAGE, add_page
+from dckpt.dashboard._routes import add_page
 
-__all__ = ["PAGE", "add_page"]
+__all__ = ["add_page"]

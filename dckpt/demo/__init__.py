@@ -14,26 +14,14 @@ from dckpt.demo._story import (
     run_demo,
     train_with_a_kill,
 )
-from dckpt.demo._toy import (
-    ToyPredictor,
-    accuracy,
-    all_reduce_mean,
-    make_data,
-    offer_node_for_kill,
-    read_state,
-    train_loop,
-)
+from dckpt.demo._toy import offer_node_for_kill, train_loop
 
+# What the examples share with the demo (examples/train_*.py), and the demo itself.
 __all__ = [
     "KILL_AFTER_EPOCH",
     "DemoReport",
-    "ToyPredictor",
-    "accuracy",
-    "all_reduce_mean",
-    "make_data",
     "offer_node_for_kill",
     "print_loss_curve",
-    "read_state",
     "run_demo",
     "train_loop",
     "train_with_a_kill",

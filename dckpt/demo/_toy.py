@@ -20,7 +20,7 @@ from typing import Any
 import distributed
 
 from dckpt import _node
-from dckpt.checkpoint import Checkpoint
+from dckpt._checkpoint import Checkpoint
 from dckpt.predict import Predictor
 from dckpt.train import get_checkpoint, get_context, report
 

@@ -10,8 +10,8 @@ them over HTTP (Ray Serve's ``PredictorDeployment``).
 
 from __future__ import annotations
 
+from dckpt.errors import BatchFormatError, ReplicaUnavailableError, ScoringWorkersError
 from dckpt.predict._batch import BatchPredictor
-from dckpt.predict._batch_errors import BatchFormatError, ScoringWorkersError
 from dckpt.predict._deployment import PredictorDeployment
 from dckpt.predict._predictor import (
     FunctionPredictor,
@@ -20,7 +20,6 @@ from dckpt.predict._predictor import (
     load_model,
     model_checkpoint,
 )
-from dckpt.predict._replicas import ReplicaUnavailableError
 
 __all__ = [
     "BatchFormatError",

@@ -23,10 +23,10 @@ from dask.utils import parse_timedelta
 from distributed import Client, Future, get_client
 
 from dckpt import _node
-from dckpt.checkpoint import Checkpoint
+from dckpt._checkpoint import Checkpoint
 from dckpt.cluster import install
+from dckpt.errors import BatchFormatError, ScoringWorkersError
 from dckpt.predict import _scorer
-from dckpt.predict._batch_errors import BatchFormatError, ScoringWorkersError
 from dckpt.predict._batches import ScoreOptions
 from dckpt.predict._holders import holder_nodes
 from dckpt.predict._placement import choose_scoring_workers
@@ -269,7 +269,7 @@ class BatchPredictor:
         """The checkpoint as the scorers receive it; a local directory is staged once."""
         kind, _ = self._checkpoint.get_internal_representation()
         if kind == "local_path":
-            from dckpt.cluster import put
+            from dckpt import put
 
             # One push to one node, then each node fetches it once through the stores,
             # instead of the whole directory inside every scorer's arguments.

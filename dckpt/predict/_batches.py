@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from dckpt.predict._batch_errors import BatchFormatError
+from dckpt.errors import BatchFormatError
 from dckpt.predict._predictor import _check_batch, _kind
 
 __all__ = [

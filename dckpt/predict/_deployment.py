@@ -15,7 +15,7 @@ from typing import Any
 import cloudpickle
 import distributed
 
-from dckpt.checkpoint import Checkpoint
+from dckpt._checkpoint import Checkpoint
 from dckpt.predict._holders import holder_nodes
 from dckpt.predict._http import PredictionServer
 from dckpt.predict._predictor import Predictor

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 from distributed import Client
 
-from dckpt.checkpoint import Checkpoint
+from dckpt._checkpoint import Checkpoint
 from dckpt.cluster import who_has
 
 __all__ = ["holder_nodes"]

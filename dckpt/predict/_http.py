@@ -35,9 +35,9 @@ from tornado.httpserver import HTTPServer
 from tornado.netutil import bind_sockets
 from tornado.web import Application, HTTPError, RequestHandler
 
+from dckpt.errors import ReplicaUnavailableError
 from dckpt.predict._json import BadRequestError, dump, dump_predictions, load_request
 from dckpt.predict._replica import PredictorFailure
-from dckpt.predict._replicas import ReplicaUnavailableError
 
 logger = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from dckpt.predict._batch_errors import ScoringWorkersError
+from dckpt.errors import ScoringWorkersError
 
 __all__ = ["choose_scoring_workers"]
 

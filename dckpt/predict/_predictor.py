@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import cloudpickle
 
-from dckpt.checkpoint import Checkpoint
+from dckpt._checkpoint import Checkpoint
 from dckpt.errors import CheckpointFormatError
 
 __all__ = ["FunctionPredictor", "Predictor", "SklearnLikePredictor", "model_checkpoint"]

@@ -35,19 +35,13 @@ from dask.utils import parse_timedelta
 from distributed.protocol.serialize import to_serialize
 
 from dckpt import _node
-from dckpt.errors import CheckpointError
+from dckpt.errors import ReplicaUnavailableError
 from dckpt.predict._replica import PredictorReplica
 from dckpt.predict._routing import choose_workers, least_busy
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Replica", "ReplicaSet", "ReplicaUnavailableError"]
-
-
-class ReplicaUnavailableError(CheckpointError, RuntimeError):
-    """No replica of a deployment could answer: none became ready within
-    ``dckpt.predict.deployment.start-timeout``, each one tried was lost
-    (``dckpt.predict.deployment.max-attempts``), or the deployment is closed."""
+__all__ = ["Replica", "ReplicaSet"]
 
 
 class _ReplicaLostError(Exception):

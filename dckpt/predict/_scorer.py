@@ -28,8 +28,8 @@ from distributed import get_worker
 from distributed.actor import Actor
 
 from dckpt import _compat, _node
-from dckpt.checkpoint import Checkpoint
-from dckpt.predict._batch_errors import ScoringWorkersError
+from dckpt._checkpoint import Checkpoint
+from dckpt.errors import ScoringWorkersError
 from dckpt.predict._batches import (
     ScoreOptions,
     concat,

@@ -26,17 +26,17 @@
 
 from __future__ import annotations
 
-from dckpt.train._config import CheckpointConfig
-from dckpt.train._datasets import DatasetShard
-from dckpt.train._errors import (
+from dckpt.errors import (
+    MetricNotFoundError,
     NoBestCheckpointError,
     TrainingFailedError,
     WorkerLostError,
 )
+from dckpt.train._config import CheckpointConfig
+from dckpt.train._datasets import DatasetShard
 from dckpt.train._manager import CheckpointManager, TrackedCheckpoint
 from dckpt.train._result import Result
 from dckpt.train._run_config import FailureConfig, RunConfig, ScalingConfig
-from dckpt.train._scoring import MetricNotFoundError
 from dckpt.train._session import (
     TrainContext,
     get_checkpoint,

@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from dckpt import _config
-from dckpt.checkpoint import Checkpoint
+from dckpt._checkpoint import Checkpoint
 from dckpt.errors import CheckpointFormatError
 
 __all__ = ["checkpoint_from_file", "model_path", "to_frame"]

@@ -16,8 +16,8 @@ from collections.abc import Mapping, Sequence
 
 import distributed
 
+from dckpt.errors import WorkerLostError
 from dckpt.train._datasets import ShardArgument
-from dckpt.train._errors import WorkerLostError
 from dckpt.train._rank import RankSpec, run_rank
 
 logger = logging.getLogger(__name__)

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 import distributed
 
 from dckpt import _storage
-from dckpt.checkpoint import Checkpoint, node_ref_of
+from dckpt._checkpoint import Checkpoint, node_ref_of
 from dckpt.train._result import Result
 
 logger = logging.getLogger(__name__)

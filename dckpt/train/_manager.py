@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from dckpt import _config, _storage
-from dckpt.checkpoint import Checkpoint, node_ref_of
+from dckpt._checkpoint import Checkpoint, node_ref_of
 from dckpt.errors import CheckpointFormatError, CheckpointNotFoundError
 from dckpt.train import _persist
 from dckpt.train._config import CheckpointConfig

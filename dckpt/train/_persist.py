@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import fsspec.core
 
 from dckpt import _node, _storage
-from dckpt.checkpoint import Checkpoint, node_ref_of, with_node_ref
+from dckpt._checkpoint import Checkpoint, node_ref_of, with_node_ref
 from dckpt.errors import CheckpointNotFoundError, CheckpointUnavailableError
 
 if TYPE_CHECKING:

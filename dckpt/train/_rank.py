@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from dckpt import _node
-from dckpt.checkpoint import Checkpoint
+from dckpt._checkpoint import Checkpoint
 from dckpt.train import _torch
 from dckpt.train._channel import WorkerChannel
 from dckpt.train._datasets import ShardArgument, shards_of

@@ -6,9 +6,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from dckpt.checkpoint import Checkpoint
-from dckpt.train._errors import NoBestCheckpointError
-from dckpt.train._scoring import MetricNotFoundError, score_of
+from dckpt._checkpoint import Checkpoint
+from dckpt.errors import MetricNotFoundError, NoBestCheckpointError
+from dckpt.train._scoring import score_of
 
 __all__ = ["Result"]
 

@@ -11,22 +11,12 @@ import numbers
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["MetricNotFoundError", "jsonable_metrics", "rank_key", "score_of"]
+from dckpt.errors import MetricNotFoundError
+
+__all__ = ["jsonable_metrics", "rank_key", "score_of"]
 
 #: A checkpoint's place in the ranking: greater is better.
 RankKey = tuple[bool, float, int]
-
-
-class MetricNotFoundError(KeyError):
-    """The metrics reported with a checkpoint lack ``checkpoint_score_attribute``.
-
-    A ``KeyError`` (the metric is a missing key); its message names the attribute and
-    the keys that were there. Nothing is registered when it is raised.
-    """
-
-    def __str__(self) -> str:
-        # KeyError's own __str__ shows the repr of its argument, quotes and all.
-        return str(self.args[0]) if self.args else ""
 
 
 def score_of(

@@ -22,7 +22,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from dckpt.checkpoint import Checkpoint
+from dckpt._checkpoint import Checkpoint
 
 logger = logging.getLogger(__name__)
 

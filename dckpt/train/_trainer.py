@@ -23,12 +23,12 @@ import distributed
 from dask.utils import parse_timedelta
 
 from dckpt import _node
-from dckpt.checkpoint import Checkpoint
+from dckpt._checkpoint import Checkpoint
 from dckpt.cluster import install
+from dckpt.errors import TrainingFailedError
 from dckpt.train import _local, _torch
 from dckpt.train._channel import ReportChannel
 from dckpt.train._datasets import ShardArgument, dataset_kind, shard_datasets
-from dckpt.train._errors import TrainingFailedError
 from dckpt.train._group import RankGroup
 from dckpt.train._placement import place
 from dckpt.train._rank import RankSpec

@@ -14,9 +14,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from dckpt.checkpoint import Checkpoint
+from dckpt._checkpoint import Checkpoint
 from dckpt.predict import Predictor
-from dckpt.train._framework import checkpoint_from_file, model_path, to_frame
+from dckpt.train import _framework
 
 if TYPE_CHECKING:
     import lightgbm
@@ -25,7 +25,7 @@ __all__ = ["LightGBMCheckpoint", "LightGBMPredictor"]
 
 #: Where the model is, in the order looked for: dckpt's and Ray 2.7+'s name, then
 #: Ray 2.6's (``ray.air.constants.MODEL_KEY``, no extension).
-MODEL_FILES = ("model.txt", "model")
+_MODEL_FILES = ("model.txt", "model")
 
 
 class LightGBMCheckpoint(Checkpoint):
@@ -36,7 +36,7 @@ class LightGBMCheckpoint(Checkpoint):
     """
 
     #: The model's file in the checkpoint's directory (Ray 2.7+'s name).
-    MODEL_FILENAME = MODEL_FILES[0]
+    MODEL_FILENAME = _MODEL_FILES[0]
 
     @classmethod
     def from_model(
@@ -53,7 +53,8 @@ class LightGBMCheckpoint(Checkpoint):
             Applied by :class:`LightGBMPredictor` to every batch before the model.
         """
         booster = getattr(booster, "booster_", booster)
-        return checkpoint_from_file(cls, booster.save_model, cls.MODEL_FILENAME, preprocessor)
+        return _framework.checkpoint_from_file(
+            cls, booster.save_model, cls.MODEL_FILENAME, preprocessor)
 
     def get_model(self) -> lightgbm.Booster:
         """The booster stored in this checkpoint.
@@ -66,7 +67,7 @@ class LightGBMCheckpoint(Checkpoint):
         import lightgbm
 
         with self.as_directory() as directory:
-            return lightgbm.Booster(model_file=model_path(self, directory, MODEL_FILES))
+            return lightgbm.Booster(model_file=_framework.model_path(self, directory, _MODEL_FILES))
 
 
 class LightGBMPredictor(Predictor):
@@ -96,7 +97,7 @@ class LightGBMPredictor(Predictor):
     ) -> Any:
         """``model.predict`` on the batch's ``feature_columns`` (all when ``None``);
         ``predict_kwargs`` go to ``Booster.predict``, as in Ray."""
-        return self.model.predict(to_frame(batch, feature_columns), **predict_kwargs)
+        return self.model.predict(_framework.to_frame(batch, feature_columns), **predict_kwargs)
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(model={self.model!r}, "

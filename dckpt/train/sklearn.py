@@ -22,14 +22,14 @@ from typing import Any
 
 import cloudpickle
 
-from dckpt.checkpoint import Checkpoint
+from dckpt._checkpoint import Checkpoint
 from dckpt.predict import Predictor
-from dckpt.train._framework import checkpoint_from_file, model_path, to_frame
+from dckpt.train import _framework
 
 __all__ = ["SklearnCheckpoint", "SklearnPredictor"]
 
 #: Where the estimator is, in the order looked for: dckpt's and Ray 2.7+'s name, Ray 2.6's.
-MODEL_FILES = ("model.pkl", "model")
+_MODEL_FILES = ("model.pkl", "model")
 
 
 class SklearnCheckpoint(Checkpoint):
@@ -41,7 +41,7 @@ class SklearnCheckpoint(Checkpoint):
     """
 
     #: The estimator's file in the checkpoint's directory (Ray 2.7+'s name).
-    MODEL_FILENAME = MODEL_FILES[0]
+    MODEL_FILENAME = _MODEL_FILES[0]
 
     @classmethod
     def from_estimator(cls, estimator: Any, *, preprocessor: Any = None) -> SklearnCheckpoint:
@@ -60,7 +60,7 @@ class SklearnCheckpoint(Checkpoint):
             with open(path, "wb") as f:
                 cloudpickle.dump(estimator, f, protocol=pickle.HIGHEST_PROTOCOL)
 
-        return checkpoint_from_file(cls, write, cls.MODEL_FILENAME, preprocessor)
+        return _framework.checkpoint_from_file(cls, write, cls.MODEL_FILENAME, preprocessor)
 
     def get_estimator(self) -> Any:
         """The estimator stored in this checkpoint (unpickled: trust its source).
@@ -71,7 +71,7 @@ class SklearnCheckpoint(Checkpoint):
             The checkpoint holds no ``model.pkl`` (nor Ray 2.6's ``model``).
         """
         with self.as_directory() as directory:
-            with open(model_path(self, directory, MODEL_FILES), "rb") as f:
+            with open(_framework.model_path(self, directory, _MODEL_FILES), "rb") as f:
                 return pickle.load(f)
 
 
@@ -110,7 +110,7 @@ class SklearnPredictor(Predictor):
         ``num_estimator_jobs`` sets the estimator's ``n_jobs`` for this call where it
         has one, as in Ray (``None``: leave it as it is).
         """
-        features = to_frame(batch, feature_columns)
+        features = _framework.to_frame(batch, feature_columns)
         with _n_jobs(self.estimator, num_estimator_jobs):
             return self.estimator.predict(features, **predict_kwargs)
 

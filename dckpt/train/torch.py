@@ -37,12 +37,12 @@ import torch
 from torch import nn
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
-from dckpt.checkpoint import Checkpoint
+from dckpt._checkpoint import Checkpoint
 from dckpt.errors import CheckpointFormatError
 from dckpt.predict import Predictor
 from dckpt.train import DataParallelTrainer, get_context
 
-logger = logging.getLogger(__name__)
+_logger = logging.getLogger(__name__)
 
 __all__ = [
     "TorchCheckpoint",
@@ -53,9 +53,9 @@ __all__ = [
 ]
 
 #: The dict key of the model (``ray.air.constants.MODEL_KEY``).
-MODEL_KEY = "model"
+_MODEL_KEY = "model"
 #: The file a Ray 2.7+ ``TorchCheckpoint`` directory holds its model in.
-MODEL_FILENAME = "model.pt"
+_MODEL_FILENAME = "model.pt"
 # Ray's ``PREPROCESSOR_KEY``; dckpt's Checkpoint reads the preprocessor from it.
 _PREPROCESSOR_KEY = "_preprocessor"
 # DistributedDataParallel's prefix of every key of a wrapped model's state dict.
@@ -117,7 +117,7 @@ class TorchCheckpoint(Checkpoint):
         if not isinstance(state_dict, Mapping):
             raise TypeError("from_state_dict() takes a model's state dict (a mapping of "
                             f"names to tensors), not {type(state_dict).__name__}")
-        return cls.from_dict({_PREPROCESSOR_KEY: preprocessor, MODEL_KEY: state_dict})
+        return cls.from_dict({_PREPROCESSOR_KEY: preprocessor, _MODEL_KEY: state_dict})
 
     @classmethod
     def from_model(cls, model: nn.Module, *, preprocessor: Any = None) -> TorchCheckpoint:
@@ -128,7 +128,7 @@ class TorchCheckpoint(Checkpoint):
         """
         if not isinstance(model, nn.Module):
             raise TypeError(f"from_model() takes a torch.nn.Module, not {type(model).__name__}")
-        return cls.from_dict({_PREPROCESSOR_KEY: preprocessor, MODEL_KEY: model})
+        return cls.from_dict({_PREPROCESSOR_KEY: preprocessor, _MODEL_KEY: model})
 
     def get_model(self, model: nn.Module | None = None) -> nn.Module:
         """The model of this checkpoint.
@@ -170,7 +170,7 @@ class TorchCheckpoint(Checkpoint):
             model.load_state_dict(_without_ddp_prefix(saved))
             return model
         raise CheckpointFormatError(
-            f"{self!r} holds a {type(saved).__name__} under {MODEL_KEY!r}; expected a "
+            f"{self!r} holds a {type(saved).__name__} under {_MODEL_KEY!r}; expected a "
             "torch.nn.Module or a state dict (see TorchCheckpoint.from_model and "
             "from_state_dict)"
         )
@@ -178,19 +178,19 @@ class TorchCheckpoint(Checkpoint):
     def _saved_model(self) -> Any:
         """What is stored under ``"model"``, or in a directory's ``model.pt``."""
         kind, data = self.get_internal_representation()
-        if kind == "data_dict" and MODEL_KEY in data:
-            return data[MODEL_KEY]
+        if kind == "data_dict" and _MODEL_KEY in data:
+            return data[_MODEL_KEY]
         with self.as_directory() as directory:
-            path = os.path.join(directory, MODEL_FILENAME)
+            path = os.path.join(directory, _MODEL_FILENAME)
             if os.path.isfile(path):
                 # A whole model is a pickle, which weights_only refuses; see the module notes.
                 return torch.load(path, map_location="cpu", weights_only=False)
             data = Checkpoint.from_directory(directory).to_dict()
-        if MODEL_KEY in data:
-            return data[MODEL_KEY]
+        if _MODEL_KEY in data:
+            return data[_MODEL_KEY]
         raise CheckpointFormatError(
-            f"{self!r} holds no model: expected a dict key {MODEL_KEY!r} (as "
-            f"TorchCheckpoint.from_state_dict writes it) or a file {MODEL_FILENAME!r}"
+            f"{self!r} holds no model: expected a dict key {_MODEL_KEY!r} (as "
+            f"TorchCheckpoint.from_state_dict writes it) or a file {_MODEL_FILENAME!r}"
         )
 
 
@@ -373,7 +373,7 @@ def prepare_model(
 # ---------------------------------------------------------------------- prediction
 
 #: The key (dict) or column (DataFrame) of a model's single tensor output, as in Ray.
-PREDICTIONS = "predictions"
+_PREDICTIONS = "predictions"
 
 _warned_no_gpu = threading.Event()
 
@@ -411,7 +411,7 @@ class TorchPredictor(Predictor):
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         if use_gpu and self.device.type == "cpu" and not _warned_no_gpu.is_set():
             _warned_no_gpu.set()  # once per process: a BatchPredictor makes one per worker
-            logger.warning("TorchPredictor(use_gpu=True) found no GPU in process %d; "
+            _logger.warning("TorchPredictor(use_gpu=True) found no GPU in process %d; "
                            "predicting on the CPU", os.getpid())
         self.model = model.to(self.device)
         self.model.eval()
@@ -453,7 +453,7 @@ class TorchPredictor(Predictor):
         """
         predictions = super().predict(batch, dtype=dtype, **kwargs)
         if type(predictions).__module__.split(".")[0] == "numpy":
-            return {PREDICTIONS: predictions}  # Ray names a numpy batch's predictions too
+            return {_PREDICTIONS: predictions}  # Ray names a numpy batch's predictions too
         if isinstance(predictions, dict) and _is_frame(batch):
             import pandas as pd
 

@@ -15,9 +15,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from dckpt.checkpoint import Checkpoint
+from dckpt._checkpoint import Checkpoint
 from dckpt.predict import Predictor
-from dckpt.train._framework import checkpoint_from_file, model_path, to_frame
+from dckpt.train import _framework
 
 if TYPE_CHECKING:
     import xgboost
@@ -26,7 +26,7 @@ __all__ = ["XGBoostCheckpoint", "XGBoostPredictor"]
 
 #: Where the model is, in the order looked for: dckpt's and Ray 2.7+'s name, UBJSON,
 #: Ray 2.6's (``ray.air.constants.MODEL_KEY``, no extension).
-MODEL_FILES = ("model.json", "model.ubj", "model")
+_MODEL_FILES = ("model.json", "model.ubj", "model")
 
 
 class XGBoostCheckpoint(Checkpoint):
@@ -37,7 +37,7 @@ class XGBoostCheckpoint(Checkpoint):
     """
 
     #: The model's file in the checkpoint's directory (Ray 2.7+'s name).
-    MODEL_FILENAME = MODEL_FILES[0]
+    MODEL_FILENAME = _MODEL_FILES[0]
 
     @classmethod
     def from_model(
@@ -54,7 +54,8 @@ class XGBoostCheckpoint(Checkpoint):
             Applied by :class:`XGBoostPredictor` to every batch before the model.
         """
         booster = booster.get_booster() if hasattr(booster, "get_booster") else booster
-        return checkpoint_from_file(cls, booster.save_model, cls.MODEL_FILENAME, preprocessor)
+        return _framework.checkpoint_from_file(
+            cls, booster.save_model, cls.MODEL_FILENAME, preprocessor)
 
     def get_model(self) -> xgboost.Booster:
         """The booster stored in this checkpoint.
@@ -67,7 +68,7 @@ class XGBoostCheckpoint(Checkpoint):
         import xgboost
 
         with self.as_directory() as directory:
-            with open(model_path(self, directory, MODEL_FILES), "rb") as f:
+            with open(_framework.model_path(self, directory, _MODEL_FILES), "rb") as f:
                 raw = bytearray(f.read())
         booster = xgboost.Booster()
         # From memory, XGBoost tells JSON from UBJSON by the content, whatever the name
@@ -112,7 +113,7 @@ class XGBoostPredictor(Predictor):
         """
         import xgboost
 
-        matrix = xgboost.DMatrix(to_frame(batch, feature_columns), **dict(dmatrix_kwargs or {}))
+        matrix = xgboost.DMatrix(_framework.to_frame(batch, feature_columns), **dict(dmatrix_kwargs or {}))
         return self.model.predict(matrix, **predict_kwargs)
 
     def __repr__(self) -> str:

@@ -20,7 +20,8 @@ from typing import Any
 import pytest
 
 from dckpt import Checkpoint
-from dckpt.cli import SUBCOMMANDS, main
+from dckpt.cli import main
+from dckpt.cli._main import SUBCOMMANDS
 from tests._nodes import child_pids, lines_until_ready
 from tests._trees import make_tree, read_tree
 

@@ -12,7 +12,6 @@ import random
 import threading
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from distributed import Client

@@ -18,8 +18,8 @@ from distributed import Client
 from fsspec.callbacks import Callback
 
 from dckpt import Checkpoint
-from dckpt.cluster import stats, store_of
-from dckpt.cluster._store import driver_store
+from dckpt.cluster import stats
+from dckpt.cluster._store import driver_store, store_of
 
 pytestmark = pytest.mark.slow
 

@@ -110,7 +110,8 @@ def _held_by_each(dask_scheduler: Any) -> dict[str, dict[str, list[str]]]:
 def test_without_prometheus_client_nothing_is_registered(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ):
-    from dckpt.cluster import NodeStore, _metrics
+    from dckpt.cluster import _metrics
+    from dckpt.cluster._store import NodeStore
 
     monkeypatch.setitem(sys.modules, "prometheus_client", None)  # import fails
     monkeypatch.setattr(_metrics, "_worker_collector", None)

@@ -16,7 +16,7 @@ from distributed import Client
 
 import dckpt
 from dckpt import Checkpoint
-from dckpt.checkpoint import LargeInlineCheckpointWarning
+from dckpt._checkpoint import LargeInlineCheckpointWarning
 from dckpt.cluster import NodeCluster, stats
 
 pytestmark = pytest.mark.slow

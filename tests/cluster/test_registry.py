@@ -16,8 +16,8 @@ import pytest
 import yaml
 from distributed import Client
 
-from dckpt.cluster import NodeCluster, NodeStore, install, registry, store_of, who_has
-from dckpt.cluster._store import local_store
+from dckpt.cluster import NodeCluster, install, registry, who_has
+from dckpt.cluster._store import NodeStore, local_store, store_of
 from tests._nodes import alive, cluster_pids
 from tests._waiting import eventually
 from tests.cluster.test_store import _write_checkpoint

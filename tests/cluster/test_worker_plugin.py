@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 from dckpt._transfer import ChunkSource, ChunkSpec, build_manifest, receive_directory
-from dckpt.cluster import NodeStore
+from dckpt.cluster._store import NodeStore
 from dckpt.cluster._worker_plugin import take_snapshot
 
 MiB = 1 << 20

@@ -14,7 +14,8 @@ import pytest
 from distributed import Client, Scheduler
 
 from dckpt.cluster import DckptSchedulerPlugin
-from dckpt.dashboard import PAGE, add_page
+from dckpt.dashboard import add_page
+from dckpt.dashboard._routes import PAGE
 
 PRELOAD = str(Path(__file__).resolve().parents[2] / "scheduler" / "dckpt_scheduler_preload.py")
 

@@ -18,7 +18,6 @@ import textwrap
 
 import pytest
 
-import dckpt.air
 from dckpt import Checkpoint
 from dckpt.air import (
     CheckpointConfig,
