@@ -5,7 +5,7 @@ shares with the transfer (:mod:`dckpt._formats._frames`) are public here. So are
 helpers the layers above share (``DESIGN.md``: what two layers share is public in the
 lower one): path checks (:func:`safe_relpath`, :class:`EntryIndex`), the walk of a tree
 (:func:`plan_tree`, :func:`copy_tree`), atomic writes (:func:`atomic_directory`,
-:func:`partial_sibling`, :func:`write_file_atomically`) and bounded JSON reading
+:func:`partial_sibling`, :func:`atomic_file`, :func:`write_file_atomically`) and bounded JSON reading
 (:func:`load_json`); they are dckpt's building blocks, not a user's API. The directory
 layout itself (:mod:`dckpt._formats._layout`) stays private to the façade
 (``dckpt._checkpoint``) and ``dckpt inspect``.
@@ -13,7 +13,12 @@ layout itself (:mod:`dckpt._formats._layout`) stays private to the façade
 
 from __future__ import annotations
 
-from dckpt._formats._atomic import atomic_directory, partial_sibling
+from dckpt._formats._atomic import (
+    atomic_directory,
+    atomic_file,
+    partial_sibling,
+    write_file_atomically,
+)
 from dckpt._formats._frames import (
     CHUNK_HEADER,
     MIN_RATIO,
@@ -23,7 +28,7 @@ from dckpt._formats._frames import (
     decode_frame,
     encode_frame,
 )
-from dckpt._formats._layout import load_json, write_file_atomically
+from dckpt._formats._layout import load_json
 from dckpt._formats._packing import (
     FORMAT_VERSION,
     MAGIC,
@@ -62,6 +67,7 @@ __all__ = [
     # shared with the layers above
     "EntryIndex",
     "atomic_directory",
+    "atomic_file",
     "copy_tree",
     "load_json",
     "partial_sibling",

@@ -26,6 +26,7 @@ import shutil
 import socket
 import uuid
 from collections.abc import Iterator
+from typing import IO, Any
 
 from dckpt._locks import is_alive
 
@@ -94,6 +95,40 @@ def remove_stale_siblings(target: str) -> None:
             pass  # another writer of the same target removed it first
         except OSError as e:
             logger.warning("could not remove the leftover %s: %s", path, e)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike[str], mode: str = "wb", *,
+                fsync: bool = False) -> Iterator[IO[Any]]:
+    """Yield a file open for writing; on success it replaces ``path`` by a rename.
+
+    ``path`` holds its old content or the whole new one, never a part. The file is a
+    sibling naming this process (:func:`writer_sibling`); those of earlier writers of
+    ``path`` that were killed are removed first. If the block raises, the sibling is
+    removed and ``path`` is left as it was. ``fsync`` flushes the data to the disk
+    before the rename (for state that must survive a crash of the machine).
+    """
+    path = os.path.abspath(os.fspath(path))
+    remove_stale_siblings(path)
+    staging = writer_sibling(path)
+    try:
+        with open(staging, mode) as f:
+            yield f
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(staging, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(staging)
+        raise
+
+
+def write_file_atomically(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary sibling and a rename
+    (:func:`atomic_file`)."""
+    with atomic_file(path) as f:
+        f.write(data)
 
 
 @contextlib.contextmanager

@@ -29,7 +29,6 @@ from typing import Any
 
 import cloudpickle
 
-from dckpt._formats._atomic import remove_stale_siblings, writer_sibling
 from dckpt.errors import CheckpointFormatError
 
 DICT_FILE = "dict_checkpoint.pkl"
@@ -170,21 +169,3 @@ def load_pickle(raw: bytes, source: str) -> Any:
 def read_pickle_file(path: str) -> Any:
     with open(path, "rb") as f:
         return load_pickle(f.read(), path)
-
-
-def write_file_atomically(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary sibling and a rename.
-
-    The sibling names this process (:func:`~dckpt._formats._atomic.writer_sibling`);
-    those of earlier writers of ``path`` that were killed are removed first.
-    """
-    remove_stale_siblings(path)
-    staging = writer_sibling(path)
-    try:
-        with open(staging, "wb") as f:
-            f.write(data)
-        os.replace(staging, path)
-    except BaseException:
-        if os.path.exists(staging):
-            os.unlink(staging)
-        raise

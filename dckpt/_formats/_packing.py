@@ -55,7 +55,7 @@ import stat
 import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import BinaryIO, NamedTuple
+from typing import BinaryIO, NamedTuple, cast
 
 import dask.config
 import lz4.frame
@@ -64,7 +64,7 @@ from dask.utils import parse_bytes
 from fsspec.callbacks import DEFAULT_CALLBACK, Callback
 
 import dckpt._config  # noqa: F401  (loads the dckpt.* defaults into dask.config)
-from dckpt._formats._atomic import atomic_directory, partial_sibling
+from dckpt._formats._atomic import atomic_directory, atomic_file
 from dckpt._formats._frames import (
     CHUNK_HEADER,
     FLAG_LZ4,
@@ -801,16 +801,8 @@ def pack_directory_to_file(
     whole new one, never a part. An existing ``path`` is replaced. See
     :func:`pack_directory` for ``exclude`` and ``callback``.
     """
-    path = os.path.abspath(os.fspath(path))
-    staging = partial_sibling(path)
-    try:
-        with open(staging, "wb") as out:
-            pack_directory(root, out, exclude=exclude, callback=callback)
-        os.replace(staging, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(staging)
-        raise
+    with atomic_file(path) as out:
+        pack_directory(root, cast(BinaryIO, out), exclude=exclude, callback=callback)
 
 
 def unpack_directory(

@@ -5,7 +5,7 @@ distributed serves ``prometheus_client.REGISTRY`` (the process's default registr
 collector registered there shows up beside distributed's own metrics:
 
 - on a worker, :func:`register_worker_metrics` (called by the worker plugin at setup)
-  exports each node store's counters (:meth:`~dckpt.cluster.NodeStore.stats`):
+  exports each node store's counters (:meth:`~dckpt.cluster._store.NodeStore.stats`):
   counters ``dckpt_bytes_sent_total``, ``dckpt_bytes_received_total``,
   ``dckpt_bytes_reused_total``, ``dckpt_transfers_total``, ``dckpt_chunks_sent_total``,
   ``dckpt_cache_hits_total``,

@@ -62,7 +62,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: What a worker holds (:meth:`dckpt.cluster.NodeStore.holdings`):
+#: What a worker holds (:meth:`dckpt.cluster._store.NodeStore.holdings`):
 #: ``{"origin": {id: bytes}, "cached": {id: bytes}, "uris": {id: [uri]},
 #: "restored": [id], "serving": n}``.
 Holdings = dict[str, Any]
@@ -287,7 +287,7 @@ class DckptSchedulerPlugin(SchedulerPlugin):
         ``[{"address", "node_id", "age", "origin", "cached", "pinned", "serving",
         "stats", "fetching"}]`` sorted by node id then address: ``origin`` and
         ``cached`` map ids to bytes, ``pinned`` lists ids, ``stats`` is the store's
-        :meth:`~dckpt.cluster.NodeStore.stats` (empty for a worker whose store sent
+        :meth:`~dckpt.cluster._store.NodeStore.stats` (empty for a worker whose store sent
         none), ``fetching`` its receives in progress. A worker that has not reported
         yet has ``node_id`` and ``age`` None and nothing else.
         """
@@ -441,7 +441,7 @@ def _add_dashboard_page(scheduler: Scheduler) -> None:
 
 def install(client: Client) -> None:
     """Set up dckpt on ``client``'s cluster: the registry on the scheduler and a
-    :class:`~dckpt.cluster.NodeStore` on every worker, present and future.
+    :class:`~dckpt.cluster._store.NodeStore` on every worker, present and future.
 
     Idempotent: a second call, or a call on a cluster started with the scheduler
     preload, changes nothing. The scheduler must be able to import dckpt.

@@ -24,16 +24,15 @@ it), so event-loop code calls them through ``asyncio.to_thread``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import threading
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from dckpt import _transfer
+from dckpt._formats import atomic_file
 from dckpt._locks import flocked
 from dckpt.cluster._cache_index import CheckpointId
 from dckpt.errors import CheckpointNotFoundError
@@ -258,14 +257,6 @@ class ServedDirectories:
 
     def _write_locked(self, entries: dict[str, dict[str, Any]]) -> None:
         assert self.root is not None
-        path = os.path.join(self.root, INDEX_NAME)
-        partial = os.path.join(self.root, f".{INDEX_NAME}.{uuid.uuid4().hex}.partial")
-        try:
-            with open(partial, "w", encoding="utf-8") as f:
-                json.dump({"version": _INDEX_VERSION, "entries": entries}, f)
-            os.replace(partial, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(partial)
-            raise
+        with atomic_file(os.path.join(self.root, INDEX_NAME), "w") as f:
+            json.dump({"version": _INDEX_VERSION, "entries": entries}, f)
 

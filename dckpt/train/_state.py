@@ -9,14 +9,13 @@ index, and for each kept checkpoint its index, metrics and the URI it is persist
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from collections.abc import Mapping
 from typing import Any
 
 from dckpt import _storage
-from dckpt._formats import load_json, partial_sibling
+from dckpt._formats import atomic_file, load_json
 from dckpt.errors import CheckpointFormatError, CheckpointNotFoundError
 
 __all__ = ["STATE_FILE", "STATE_FORMAT", "STATE_VERSION", "read_state", "write_state"]
@@ -44,17 +43,8 @@ def write_state(
     if _storage.is_local_uri(storage_uri):
         target = os.path.join(_storage.local_path_of(storage_uri), STATE_FILE)
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        partial = partial_sibling(target)
-        try:
-            with open(partial, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(partial, target)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(partial)
-            raise
+        with atomic_file(target, fsync=True) as f:
+            f.write(data)
         return
     fs, path = _storage.resolve_uri(state_uri(storage_uri), storage_options)
     fs.pipe_file(path, data)

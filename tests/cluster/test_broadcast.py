@@ -25,10 +25,10 @@ from dckpt.cluster import (
     isolation_available,
     network_isolation_available,
     stats,
-    store_of,
 )
 from dckpt.cluster._broadcast import Fetchers
 from dckpt.cluster._relay import Relay
+from dckpt.cluster._store import store_of
 from tests._waiting import eventually
 
 SIZE = 16 << 20

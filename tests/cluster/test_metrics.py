@@ -16,8 +16,8 @@ from dckpt.cluster import (
     DckptSchedulerPlugin,
     NodeCluster,
     stats,
-    store_of,
 )
+from dckpt.cluster._store import store_of
 from tests._waiting import eventually
 from tests._web_nodes import client, cluster  # noqa: F401 (fixtures)
 from tests.cluster.test_registry import write
