@@ -21,7 +21,7 @@ files, as another tool would have uploaded them, plus two markers at its top:
   empty folders, which object stores cannot hold on their own. ``hashes`` (the
   files' xxh3-128 content hashes, when the uploader gave them) and ``tokens`` (what
   each stored object looked like when committed) are optional: they let a later
-  upload next to this one copy files from here (:mod:`._reuse`). Format 1 (earlier
+  upload next to this one copy files from here (:mod:`._write`). Format 1 (earlier
   dckpt) had neither ``version``, ``prefix`` nor ``modes`` and is still
   read: its files are at the top, its version is a hash of the marker.
 
@@ -53,13 +53,15 @@ folder is overwritten in place (it reads as an unfinished upload meanwhile).
 Every relative path that comes from a listing or a manifest passes
 :func:`~dckpt._formats._paths.safe_relpath` before anything is written locally.
 
-This module holds what the steps share: the markers' names, reading them, and
-writing them. The steps themselves are in :mod:`._upload`, :mod:`._read` and
-:mod:`._delete`.
+This module holds what the steps share: the markers' names, reading them, writing
+them, and what a folder holds when no marker says (a listing, for plain folders and
+clean-up). The steps themselves are in :mod:`._write` (upload, delete) and
+:mod:`._read`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -70,6 +72,7 @@ from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+from fsspec.implementations.memory import MemoryFileSystem
 
 from dckpt._formats import load_json, safe_relpath
 from dckpt.errors import CheckpointFormatError
@@ -77,17 +80,33 @@ from dckpt.errors import CheckpointFormatError
 logger = logging.getLogger(__name__)
 
 PENDING_MARKER = ".dckpt_pending"
+
+
 COMMIT_MARKER = ".dckpt_commit"
+
+
 MARKERS = frozenset({PENDING_MARKER, COMMIT_MARKER})
+
+
 # Where an overwrite stages the new files while the old checkpoint stays readable.
 VERSIONS_FOLDER = ".dckpt_versions"
+
+
 FORMAT_VERSION = 2
 
 
 @dataclasses.dataclass(frozen=True)
-class Manifest:
+class CommitRecord:
     """A parsed commit marker; ``files``, ``modes`` and ``dirs`` are relative to the
-    checkpoint's folder, ``prefix`` is where they are stored (see the module)."""
+    checkpoint's folder, ``prefix`` is where they are stored (see the module).
+
+    Not the transfer's :class:`dckpt._transfer.Manifest`, on purpose: that one says
+    what a local directory holds (symlinks, content ids, the digest a node reference
+    is checked against) and never leaves dckpt's processes; this one is what a folder
+    at a URI holds as stored objects (where, which upload, each object's token), read
+    by anyone who opens the folder. ``hashes`` are the transfer manifest's content
+    hashes, so the two agree on what a file is.
+    """
 
     version: str
     prefix: str
@@ -111,7 +130,7 @@ def new_version() -> str:
     return uuid.uuid4().hex
 
 
-def read_manifest(fs: fsspec.AbstractFileSystem, root: str, uri: str) -> Manifest:
+def read_commit(fs: fsspec.AbstractFileSystem, root: str, uri: str) -> CommitRecord:
     """The commit marker of the checkpoint at ``root``; ``FileNotFoundError`` if none."""
     raw = fs.cat_file(join(root, COMMIT_MARKER))
     doc = load_json(raw, f"the commit marker at {uri}")
@@ -143,20 +162,20 @@ def read_manifest(fs: fsspec.AbstractFileSystem, root: str, uri: str) -> Manifes
     if (any(map(is_reserved, files)) or any(size < 0 for size in files.values())
             or (prefix and not is_reserved(prefix))):
         raise CheckpointFormatError(f"the commit marker at {uri} lists impossible files")
-    return Manifest(content_version, prefix, files, modes, dirs, hashes, tokens)
+    return CommitRecord(content_version, prefix, files, modes, dirs, hashes, tokens)
 
 
-def read_manifest_or_none(
+def read_commit_or_none(
     fs: fsspec.AbstractFileSystem, root: str, uri: str
-) -> Manifest | None:
-    """:func:`read_manifest`, ``None`` when there is no commit marker."""
+) -> CommitRecord | None:
+    """:func:`read_commit`, ``None`` when there is no commit marker."""
     try:
-        return read_manifest(fs, root, uri)
+        return read_commit(fs, root, uri)
     except FileNotFoundError:
         return None
 
 
-def write_manifest(fs: fsspec.AbstractFileSystem, root: str, manifest: Manifest) -> None:
+def write_commit(fs: fsspec.AbstractFileSystem, root: str, manifest: CommitRecord) -> None:
     """Write the commit marker in one step: a single ``PUT`` on object stores and
     ``memory://``, a write to a sibling and a rename on local disks (where
     ``pipe_file`` would truncate the old marker first)."""
@@ -204,3 +223,78 @@ def join_rel(prefix: str, rel: str) -> str:
 def dump_marker(doc: Mapping[str, Any]) -> bytes:
     """The bytes of a marker (pending or commit) holding ``doc``."""
     return json.dumps(doc, indent=1, sort_keys=True).encode()
+
+
+# Filesystems where a folder exists apart from the files in it (and may be empty).
+FOLDERS_OF_THEIR_OWN = (LocalFileSystem, MemoryFileSystem)
+
+
+def listing(
+    fs: fsspec.AbstractFileSystem, root: str, uri: str
+) -> tuple[dict[str, int], list[str]]:
+    """Files and folders found below ``root``, markers left out, names checked."""
+    prefix = root.rstrip("/") + "/"
+    files: dict[str, int] = {}
+    dirs: set[str] = set()
+    # Files come from a listing without folders: with them, s3fs reports a key "a"
+    # that is also the prefix of a key "a/b" as a folder only, and the file is lost.
+    for name, info in fs.find(root, detail=True).items():
+        if not name.startswith(prefix):
+            continue  # the folder itself, or an object named like it
+        rel = name[len(prefix):]
+        if is_reserved(rel.rstrip("/")):
+            continue
+        if rel.endswith("/"):
+            # A folder marker object ("d/", as the S3 console makes them): a folder.
+            dirs.add(safe_relpath(rel))
+        else:
+            files[safe_relpath(rel)] = int(info.get("size") or 0)
+    if isinstance(fs, FOLDERS_OF_THEIR_OWN):
+        # Empty folders exist only here; on object stores folders are implied by keys.
+        for name, info in fs.find(root, withdirs=True, detail=True).items():
+            if (info.get("type") == "directory" and name.startswith(prefix)
+                    and not is_reserved(name[len(prefix):])):
+                dirs.add(safe_relpath(name[len(prefix):]))
+    return files, sorted(dirs)
+
+
+def file_paths(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
+    """Full paths of the files below ``root``, markers included, names unchecked."""
+    prefix = root.rstrip("/") + "/"
+    return [name for name in fs.find(root) if name.startswith(prefix)]
+
+
+def has_files(fs: fsspec.AbstractFileSystem, root: str) -> bool:
+    """Whether any file other than dckpt's (markers, staged versions) lies below ``root``."""
+    prefix = root.rstrip("/") + "/"
+    return any(not is_reserved(name[len(prefix):]) for name in file_paths(fs, root))
+
+
+def fingerprint(fs: fsspec.AbstractFileSystem, root: str) -> str:
+    """A string that changes when a file below ``root`` is added, removed or rewritten:
+    names, sizes and whatever the store says about the content or its age."""
+    prefix = root.rstrip("/") + "/"
+    entries = []
+    for name, info in sorted(fs.find(root, detail=True).items()):
+        if name.startswith(prefix) and not is_reserved(name[len(prefix):]):
+            stamp = next((info[key] for key in ("ETag", "mtime", "LastModified", "created")
+                          if info.get(key) is not None), None)
+            entries.append((name[len(prefix):], info.get("size"), str(stamp)))
+    return repr(entries)
+
+
+def remove_empty_folders(fs: fsspec.AbstractFileSystem, root: str) -> None:
+    """Remove the folders below ``root``, and ``root``, that hold nothing any more.
+
+    Only where folders exist on their own; object stores have none to remove.
+    """
+    if not isinstance(fs, FOLDERS_OF_THEIR_OWN) or not fs.exists(root):
+        return
+    folders = [
+        name for name, info in fs.find(root, withdirs=True, detail=True).items()
+        if info.get("type") == "directory"
+    ]
+    for folder in sorted(set(folders) | {fs._strip_protocol(root)}, key=len, reverse=True):
+        # OSError: not empty (someone else's files are left alone) or already gone.
+        with contextlib.suppress(OSError):
+            fs.rmdir(folder)

@@ -17,18 +17,19 @@ import fsspec
 from fsspec.callbacks import DEFAULT_CALLBACK, Callback
 
 from dckpt._formats import safe_relpath
-from dckpt._storage._folders import fingerprint, has_files, listing
-from dckpt._storage._parallel import transfer_all
+from dckpt._storage._fs import resolve_uri, transfer_all, translated
 from dckpt._storage._protocol import (
     COMMIT_MARKER,
     MARKERS,
     PENDING_MARKER,
-    Manifest,
+    CommitRecord,
+    fingerprint,
+    has_files,
     join,
-    read_manifest,
-    read_manifest_or_none,
+    listing,
+    read_commit,
+    read_commit_or_none,
 )
-from dckpt._storage._uri import resolve_uri, translated
 from dckpt.errors import (
     CheckpointFormatError,
     CheckpointNotFoundError,
@@ -60,7 +61,7 @@ def uri_status(
         Nothing at ``uri`` (a missing bucket too).
     StorageError
         The storage back-end failed: no credentials, no connection, ... (see
-        :mod:`._uri`); the same for every function of this module.
+        :mod:`._fs`); the same for every function of this module.
     """
     fs, root = resolve_uri(uri, storage_options)
     return _status(fs, root, uri)
@@ -182,7 +183,7 @@ def download_directory(
     transfer_all([download(rel) for rel in sorted(files)], callback)
 
     if status == "committed":
-        now = read_manifest_or_none(fs, root, uri)
+        now = read_commit_or_none(fs, root, uri)
         if now is None or now.version != contents.version:
             raise CheckpointFormatError(
                 f"the checkpoint at {uri} was rewritten or deleted while it was being "
@@ -229,7 +230,7 @@ def read_file(
     fs, root = resolve_uri(uri, storage_options)
     rel = safe_relpath(relpath)
     if rel not in MARKERS:
-        manifest = read_manifest_or_none(fs, root, uri)
+        manifest = read_commit_or_none(fs, root, uri)
         if manifest is not None:
             if rel not in manifest.files:
                 return None
@@ -258,19 +259,19 @@ def _status(
     return "plain"
 
 
-def _committed(fs: fsspec.AbstractFileSystem, root: str, uri: str) -> Manifest:
+def _committed(fs: fsspec.AbstractFileSystem, root: str, uri: str) -> CommitRecord:
     try:
-        return read_manifest(fs, root, uri)
+        return read_commit(fs, root, uri)
     except FileNotFoundError as e:  # deleted since _status saw it
         raise CheckpointNotFoundError(f"no checkpoint at {uri}: it was just deleted") from e
 
 
 def _contents(
     fs: fsspec.AbstractFileSystem, root: str, uri: str, status: str
-) -> Manifest:
+) -> CommitRecord:
     """Files (``relpath -> size``), where they are, and folders of a checkpoint whose
     status is known; a plain folder as a manifest of its listing."""
     if status == "committed":
         return _committed(fs, root, uri)
     files, dirs = listing(fs, root, uri)
-    return Manifest(version="", prefix="", files=files, modes={}, dirs=dirs)
+    return CommitRecord(version="", prefix="", files=files, modes={}, dirs=dirs)

@@ -1,8 +1,34 @@
-"""Uploading a local directory to a URI by the marker protocol of :mod:`._protocol`.
+"""Writing at a URI: uploading a local directory, and deleting a checkpoint.
 
-Pending marker first, files in parallel (beside the checkpoint they replace), commit
-marker last, then the move of the files to the top and the clean-up of what the
-overwritten checkpoint had and this one lacks.
+Both follow the marker protocol of :mod:`._protocol`. An upload: pending marker first,
+files in parallel (beside the checkpoint they replace), commit marker last, then the
+move of the files to the top and the clean-up of what the overwritten checkpoint had
+and this one lacks.
+
+**Files an upload need not send.** A run persists its checkpoints side by side
+(``s3://bucket/run/step-0009``, ``.../step-0010``), and most of their files are often
+the same bytes (frozen weights, tokenizers). When the caller of
+:func:`~dckpt._storage.upload_directory` gives each file's content hash, the commit
+marker records them, and a later upload next to it copies a file with the same hash and
+size from there (``fs.cp_file``: a server-side copy on object stores, no byte through
+this process) instead of uploading it.
+
+The result is still a plain folder of whole files: nothing points to the earlier
+checkpoint, which may be deleted or overwritten afterwards. What is trusted, and why
+that is safe: the earlier folder is plain too, so another tool may have rewritten a
+file there since. Its marker therefore also records, per file, a *token* of the stored
+object (:func:`object_token`: its ETag or version, modification or creation time and
+size, whatever the back-end gives) taken when it was committed, and a file is copied
+only while its token is unchanged; a back-end that gives no such field gets no tokens,
+and nothing is ever copied from it.
+
+Only the last :data:`SIBLINGS_SETTING` folders next to the upload, in name order
+(runs name their checkpoints by step or time), are looked at: one listing and one
+small read each.
+
+**Deleting** goes commit marker first, then the files it lists. Only files a dckpt
+marker lists are removed (or every file of a plain folder), one by one, never with a
+recursive or glob ``fs.rm``.
 """
 
 from __future__ import annotations
@@ -16,32 +42,40 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import dask.config
 import fsspec
 from fsspec.callbacks import DEFAULT_CALLBACK, Callback
 from fsspec.implementations.local import LocalFileSystem
 
 from dckpt._formats import safe_relpath
-from dckpt._storage._folders import remove_empty_folders
-from dckpt._storage._parallel import remove_all, run_parallel, transfer_all
+from dckpt._storage._fs import (
+    remove_all,
+    resolve_uri,
+    run_parallel,
+    transfer_all,
+    translated,
+)
 from dckpt._storage._protocol import (
+    COMMIT_MARKER,
     FORMAT_VERSION,
     PENDING_MARKER,
     VERSIONS_FOLDER,
-    Manifest,
+    CommitRecord,
     dump_marker,
+    file_paths,
     files_of_pending,
     is_reserved,
     join,
     join_rel,
     new_version,
-    read_manifest_or_none,
-    write_manifest,
+    read_commit_or_none,
+    remove_empty_folders,
+    write_commit,
 )
-from dckpt._storage._reuse import object_token, reusable_files
-from dckpt._storage._uri import resolve_uri, translated
 from dckpt.errors import CheckpointFormatError, CheckpointNotFoundError
 
 logger = logging.getLogger(__name__)
+
 
 
 @translated("upload to", reading=False)
@@ -93,7 +127,7 @@ def upload_directory(
         caller knows them. They are recorded in the commit marker, and a file with
         the same hash and size in a checkpoint committed next to ``uri`` (a sibling
         folder, ``dckpt.storage.reuse-siblings`` of them at most) is copied from there,
-        server-side, instead of uploaded; see :mod:`._reuse` for what is trusted. The
+        server-side, instead of uploaded; see :mod:`._write` for what is trusted. The
         result is the same plain folder of whole files.
 
     Raises
@@ -140,7 +174,7 @@ def upload_directory(
     started = time.perf_counter()
     fs.invalidate_cache(root)
     try:
-        old = read_manifest_or_none(fs, root, uri)
+        old = read_commit_or_none(fs, root, uri)
     except CheckpointFormatError as e:
         logger.warning("ignoring the unreadable commit marker at %s: %s", uri, e)
         old = None
@@ -187,9 +221,9 @@ def upload_directory(
 
     transfer_all([upload(rel, src) for rel, src in sorted(sources.items())], callback)
 
-    manifest = Manifest(version, prefix, dict(sorted(sizes.items())), modes, empty_dirs,
+    manifest = CommitRecord(version, prefix, dict(sorted(sizes.items())), modes, empty_dirs,
                         known, _tokens(fs, root, prefix, known))
-    write_manifest(fs, root, manifest)  # the switch: from here on, readers see this one
+    write_commit(fs, root, manifest)  # the switch: from here on, readers see this one
     stale = sorted(leftovers - set(sizes))
     remove_all(fs, [join(root, rel) for rel in stale])
     if prefix:
@@ -201,7 +235,7 @@ def upload_directory(
             functools.partial(fs.cp_file, join(root, join_rel(prefix, rel)), join(root, rel))
             for rel in sorted(sizes)
         ])
-        write_manifest(fs, root, dataclasses.replace(manifest, prefix="",
+        write_commit(fs, root, dataclasses.replace(manifest, prefix="",
                                                       tokens=_tokens(fs, root, "", known)))
         remove_all(fs, [join(root, rel) for rel in sorted(staged)])
     with contextlib.suppress(FileNotFoundError):
@@ -222,7 +256,7 @@ def _stored_name(path: str) -> str:
 def _tokens(
     fs: fsspec.AbstractFileSystem, root: str, prefix: str, hashed: Mapping[str, str]
 ) -> dict[str, str]:
-    """The token (:func:`~dckpt._storage._reuse.object_token`) of each hashed file as
+    """The token (:func:`~dckpt._storage._write.object_token`) of each hashed file as
     stored now under ``prefix``; files whose back-end gives none get none."""
     tokens: dict[str, str] = {}
     fs.invalidate_cache(root)
@@ -280,3 +314,135 @@ def _links_to_ancestor(dirpath: str, source: str) -> bool:
             return True
         parent = os.path.dirname(parent)
     return False
+
+
+SIBLINGS_SETTING = "dckpt.storage.reuse-siblings"
+
+
+# Fields of fsspec's info() that change whenever an object is written: S3's ETag (the
+# md5 of the bytes, or of the parts) and version, GCS's generation, local and memory
+# files' times. The size alone is no token.
+_TOKEN_FIELDS = ("ETag", "etag", "VersionId", "generation", "LastModified", "mtime",
+                 "created", "ino")
+
+
+def object_token(fs: fsspec.AbstractFileSystem, path: str) -> str | None:
+    """What tells whether the object at ``path`` was written since; None if the
+    back-end says nothing that would."""
+    info = fs.info(path)
+    fields = [f"{key}={info[key]}" for key in _TOKEN_FIELDS if info.get(key) is not None]
+    if not fields:
+        return None
+    return "|".join([f"size={info.get('size')}", *fields])
+
+
+def reusable_files(
+    fs: fsspec.AbstractFileSystem,
+    root: str,
+    uri: str,
+    hashes: Mapping[str, str],
+    sizes: Mapping[str, int],
+) -> dict[str, str]:
+    """``relpath -> stored path`` of a file with that hash and size in a checkpoint
+    next to ``root``, unchanged since it was committed there.
+
+    Best effort: a sibling that cannot be listed or read is skipped (logged), and
+    nothing is ever copied whose token does not match.
+    """
+    limit = int(dask.config.get(SIBLINGS_SETTING))
+    wanted = {(hashes[rel], sizes[rel]): rel for rel in hashes if rel in sizes and sizes[rel]}
+    if limit <= 0 or not wanted:
+        return {}
+    parent = root.rstrip("/").rpartition("/")[0]
+    if not parent:
+        return {}
+    try:
+        names = sorted(n.rstrip("/") for n in fs.ls(parent, detail=False))
+    except (OSError, ValueError) as e:
+        logger.debug("not reusing files next to %s: cannot list %s (%r)", uri, parent, e)
+        return {}
+    candidates = [n for n in names if n != root.rstrip("/")][-limit:]
+    found: dict[str, str] = {}
+    for sibling in reversed(candidates):  # the newest first
+        try:
+            fs.invalidate_cache(sibling)  # tokens from a fresh look, not an old listing
+            manifest = read_commit_or_none(fs, sibling, sibling)
+        except (OSError, ValueError) as e:
+            logger.debug("not reusing files of %s: %r", sibling, e)
+            continue
+        if manifest is None:
+            continue
+        for rel, stored in _unchanged(fs, sibling, manifest, wanted, found).items():
+            found[rel] = stored
+    logger.debug("upload to %s: %d of %d files are copied from checkpoints next to it",
+                 uri, len(found), len(hashes))
+    return found
+
+
+def _unchanged(
+    fs: fsspec.AbstractFileSystem, sibling: str, manifest: CommitRecord,
+    wanted: Mapping[tuple[str, int], str], found: Mapping[str, str],
+) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for rel, file_hash in manifest.hashes.items():
+        target = wanted.get((file_hash, manifest.files.get(rel, -1)))
+        token = manifest.tokens.get(rel)
+        if target is None or target in found or token is None:
+            continue
+        stored = join(sibling, manifest.stored(rel))
+        try:
+            current = object_token(fs, stored)
+        except (OSError, ValueError):
+            continue
+        if current == token:
+            out[target] = stored
+        else:
+            logger.info("not copying %s: it was written after its checkpoint's commit", stored)
+    return out
+
+
+@translated("delete the checkpoint at", reading=True)
+def delete(uri: str, *, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Remove the checkpoint at ``uri``.
+
+    The commit marker goes first, so that a crash midway leaves an incomplete
+    checkpoint, never a complete-looking one with holes; then every file its manifest
+    (wherever it stores them, see :mod:`._protocol`) or the pending marker of an
+    unfinished upload lists, then the markers. Other files in the folder are left
+    alone. A plain folder is removed as a whole.
+
+    Files are removed one by one (in parallel), never with a recursive or glob
+    ``fs.rm``: s3fs removes the *bucket* when asked to remove a bucket's root
+    recursively, and fsspec expands ``[``, ``*`` and ``?`` in names as patterns.
+    Folders left empty are removed where they exist on their own (``memory://``,
+    local disks).
+
+    Raises
+    ------
+    CheckpointNotFoundError
+        Nothing at ``uri`` (a missing bucket too).
+    StorageError
+        The storage back-end failed (see :mod:`._fs`).
+    """
+    fs, root = resolve_uri(uri, storage_options)
+    fs.invalidate_cache(root)
+    commit_path, pending_path = join(root, COMMIT_MARKER), join(root, PENDING_MARKER)
+    manifest = read_commit_or_none(fs, root, uri)
+    listed = set() if manifest is None else {manifest.stored(rel) for rel in manifest.files}
+    has_pending = fs.exists(pending_path)
+    if manifest is None and not has_pending:
+        found = file_paths(fs, root)
+        if not found:
+            raise CheckpointNotFoundError(f"no checkpoint at {uri}: nothing is there")
+        remove_all(fs, found)
+        remove_empty_folders(fs, root)
+        logger.debug("removed the %d files of the plain folder %s", len(found), uri)
+        return
+    if manifest is not None:
+        fs.rm_file(commit_path)
+    listed |= files_of_pending(fs, root, uri)
+    remove_all(fs, [join(root, rel) for rel in sorted(listed)])
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm_file(pending_path)
+    remove_empty_folders(fs, root)
+    logger.debug("removed %d files of the checkpoint at %s", len(listed), uri)

@@ -1,5 +1,6 @@
-"""Choosing the fsspec filesystem for a URI, telling local paths from remote ones, and
-what the back-end's failures become.
+"""The fsspec filesystem of a URI: choosing it, telling local paths from remote ones,
+what the back-end's failures become, and many small calls to it in parallel.
+
 
 Storage options (endpoint, credentials, ...) go straight to fsspec. When fsspec knows
 a protocol but its backend package is missing, the error names what to install.
@@ -22,23 +23,33 @@ Every public function of :mod:`dckpt._storage` that touches a URI is wrapped by
 
 An exception raised by a progress callback ends the operation like a back-end failure
 and is translated the same way (it is the ``__cause__``).
+
+Many small filesystem calls (transfers with progress, removals) run on a thread pool
+of ``dckpt.storage.max-concurrency`` threads. It works for synchronous filesystems
+(``memory://``, local) and asynchronous ones (``s3fs``, whose sync methods hand the
+call to fsspec's event-loop thread) alike.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import errno
 import functools
 import inspect
 import os
-from collections.abc import Callable, Iterator, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
+import dask.config
 import fsspec
 import fsspec.core
+from fsspec.callbacks import Callback
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.registry import get_filesystem_class, known_implementations
 
+import dckpt._config  # noqa: F401  (loads the dckpt.* defaults into dask.config)
 from dckpt.errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -48,13 +59,19 @@ from dckpt.errors import (
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+
 # Programming errors: translating them would hide the bug behind a storage message.
 _BUGS = (TypeError, AttributeError, NameError, AssertionError)
+
+
 _LOCAL_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
 
 # What to install when fsspec knows a protocol but its backend is not installed;
 # fsspec's own hint ("Install s3fs to access S3") for the others.
 _S3_HINT = "pip install 'dckpt[s3]' (which installs s3fs)"
+
+
 _INSTALL_HINTS = {"s3": _S3_HINT, "s3a": _S3_HINT}
 
 
@@ -178,3 +195,49 @@ def translated(operation: str, *, reading: bool) -> Callable[[F], F]:
         return wrapper  # type: ignore[return-value]
 
     return decorate
+
+
+def transfer_all(
+    jobs: Sequence[tuple[str, str, Callable[[Callback], None]]], callback: Callback
+) -> None:
+    """Run ``(source, destination, fn(child_callback))`` jobs with progress."""
+    callback.set_size(len(jobs))
+    lock = threading.Lock()  # callbacks (tqdm, ...) are not thread-safe
+
+    def run(source: str, destination: str, fn: Callable[[Callback], None]) -> None:
+        with lock:
+            child = callback.branched(source, destination)
+        with child:
+            fn(child)
+        with lock:
+            callback.relative_update(1)
+
+    run_parallel([functools.partial(run, *job) for job in jobs])
+
+
+def remove_all(fs: fsspec.AbstractFileSystem, paths: Sequence[str]) -> None:
+    """Remove files, in parallel; those already gone are fine (also when a file
+    has taken the place of a folder on the way)."""
+
+    def remove(path: str) -> None:
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            fs.rm_file(path)
+
+    run_parallel([functools.partial(remove, path) for path in paths])
+
+
+def run_parallel(tasks: Sequence[Callable[[], None]]) -> None:
+    """Run ``tasks`` on ``dckpt.storage.max-concurrency`` threads; raise the first
+    failure once the running tasks have ended (those not started never start)."""
+    if not tasks:
+        return
+    workers = min(max(1, int(dask.config.get("dckpt.storage.max-concurrency"))), len(tasks))
+    executor = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="dckpt-io")
+    try:
+        futures = [executor.submit(task) for task in tasks]
+        concurrent.futures.wait(futures, return_when=concurrent.futures.FIRST_EXCEPTION)
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+    for future in futures:
+        if not future.cancelled() and (error := future.exception()) is not None:
+            raise error
