@@ -15,7 +15,9 @@ import os
 import random
 import shutil
 import stat
+import time
 import tracemalloc
+import types
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,7 @@ from dckpt._transfer import (
     receive_directory,
     receiving,
 )
+from dckpt._transfer._hashes import file_hash, hash_file
 from dckpt.errors import CheckpointFormatError, CorruptChunkError, UnsafePathError
 
 KiB = 1 << 10
@@ -525,6 +528,8 @@ def test_a_file_is_hashed_once_per_version(tmp_path: Path, monkeypatch: pytest.M
     from dckpt._transfer import _hashes
 
     src = make_tree(tmp_path / "src")
+    # Seen a minute later: every file has settled (see the next test).
+    monkeypatch.setattr(_hashes, "_now_ns", lambda: time.time_ns() + 60 * 10**9)
     build_manifest(src)
     read: list[str] = []
     real = _hashes.hash_file
@@ -536,6 +541,58 @@ def test_a_file_is_hashed_once_per_version(tmp_path: Path, monkeypatch: pytest.M
     changed = build_manifest(src)
     assert [os.path.basename(p) for p in read] == ["run.sh"]
     assert changed.digest != again.digest
+
+
+def test_a_file_just_written_is_hashed_again_next_time(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch):
+    """Its key (inode, size, ctime) may yet be another file's: remembered once settled."""
+    from dckpt._transfer import _hashes
+
+    src = make_tree(tmp_path / "src")
+    files = sum(1 for f in build_manifest(src).files if f.size)  # empty ones need no read
+    read: list[str] = []
+    real = _hashes.hash_file
+    monkeypatch.setattr(_hashes, "hash_file", lambda path: read.append(path) or real(path))
+    build_manifest(src)
+    assert len(read) == files  # read again
+    assert _hashes._settled(10**9 + 1, 10**9 + 1 + _hashes.SETTLE_NS)
+    assert not _hashes._settled(10**9 + 1, 10**9 + _hashes.SETTLE_NS)
+    # A filesystem that keeps whole seconds: two of them.
+    assert not _hashes._settled(10**9, 10**9 + 10**9)
+    assert _hashes._settled(10**9, 10**9 + 2 * 10**9)
+
+
+class _CoarseCtimeOs:
+    """``os`` as :mod:`dckpt._transfer._hashes` sees it on a kernel that stamps ctime
+    from a clock of 10 ms ticks (before Linux 6.13's fine-grained timestamps)."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os, name)
+
+    @staticmethod
+    def stat(path: str) -> types.SimpleNamespace:
+        st = os.stat(path)
+        return types.SimpleNamespace(st_dev=st.st_dev, st_ino=st.st_ino, st_size=st.st_size,
+                                     st_mode=st.st_mode,
+                                     st_ctime_ns=st.st_ctime_ns // 10**7 * 10**7)
+
+
+def test_a_file_in_place_of_a_deleted_one_is_not_taken_for_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Deleted and written again at once, a file of the same size gets the old one's
+    inode (ext4 reuses it) and, within one tick of a coarse clock, its ctime: the old
+    key. Its hash must be read, not remembered from the deleted file."""
+    from dckpt._transfer import _hashes
+
+    monkeypatch.setattr(_hashes, "os", _CoarseCtimeOs())
+    path = tmp_path / "weights.bin"
+    for i in range(50):
+        path.write_bytes(bytes([i % 251]) * 4096)
+        assert file_hash(str(path)) == hash_file(str(path))
+        path.unlink()
+        path.write_bytes(bytes([(i + 1) % 251]) * 4096)
+        assert file_hash(str(path)) == hash_file(str(path)), f"a stale hash, round {i}"
+        path.unlink()
 
 
 def test_build_manifest_excludes_and_refuses_non_directories(tmp_path: Path):

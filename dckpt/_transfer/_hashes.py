@@ -8,6 +8,16 @@ sets it back, so an unchanged key means unchanged bytes. Pickling the same direc
 again, serving it again, or building the manifest of a copy just received (whose hashes
 were checked as it was written) then reads nothing.
 
+A key is remembered only once the file has *settled*: its ctime at least
+:data:`SETTLE_NS` in the past (two seconds where the filesystem keeps whole seconds).
+Filesystems stamp ctime from a clock that moves in ticks (a few milliseconds, or a
+second), so a file deleted and another one of the same size written in the same tick
+may get the same inode and ctime, hence the same key, with other bytes (seen in this
+project's tests: a transfer refused because the manifest named the deleted file's
+hash). A file older than the tick cannot share its key with any file written later.
+The price: a file hashed within :data:`SETTLE_NS` of its last change is read again
+next time (git calls such files "racily clean" and does the same).
+
 The memo lives in the process (a dict bounded at :data:`MEMO_ENTRIES` files, least
 recently used dropped first), not on disk: a memo on disk would have to be trusted across
 processes and restarts, where a restored file or a clock set back could fake a key; a
@@ -30,11 +40,13 @@ import collections
 import os
 import stat
 import threading
+import time
 
 import xxhash
 
 __all__ = [
-    "HASH_HEX_LENGTH", "MEMO_ENTRIES", "file_hash", "hash_file", "hash_file_now", "remember",
+    "HASH_HEX_LENGTH", "MEMO_ENTRIES", "SETTLE_NS", "file_hash", "hash_file", "hash_file_now",
+    "remember",
 ]
 
 #: Files remembered; an entry is ~200 bytes, so the memo stays below ~20 MB.
@@ -42,10 +54,17 @@ MEMO_ENTRIES = 100_000
 #: Hex digits of an xxh3-128 hash.
 HASH_HEX_LENGTH = 32
 
+#: How long after its last change a file's hash may be remembered: several of the
+#: coarse clock's ticks that stamp ctime (1-10 ms); two seconds on a filesystem that
+#: keeps whole seconds (a ctime with no nanoseconds).
+SETTLE_NS = 50_000_000
+_SETTLE_WHOLE_SECONDS_NS = 2_000_000_000
+
 _BLOCK = 4 << 20  # read size: large enough that a call per block costs nothing
 
 _Key = tuple[int, int, int, int]  # st_dev, st_ino, st_size, st_ctime_ns
 
+_now_ns = time.time_ns  # the clock ctime is compared with (a test moves it on)
 _memo: collections.OrderedDict[_Key, str] = collections.OrderedDict()
 _lock = threading.Lock()
 
@@ -104,7 +123,16 @@ def remember(path: str, digest: str) -> None:
     _remember_key(_key(os.stat(path)), digest)
 
 
+def _settled(ctime_ns: int, now_ns: int) -> bool:
+    """Whether a file last changed at ``ctime_ns`` can no longer share its key with a
+    file written from ``now_ns`` on (see the module)."""
+    settle = _SETTLE_WHOLE_SECONDS_NS if ctime_ns % 1_000_000_000 == 0 else SETTLE_NS
+    return now_ns - ctime_ns >= settle
+
+
 def _remember_key(key: _Key, digest: str) -> None:
+    if not _settled(key[3], _now_ns()):
+        return  # racily fresh: hashed again next time
     with _lock:
         _memo[key] = digest
         _memo.move_to_end(key)
