@@ -17,6 +17,7 @@ from dckpt.cluster import (
     isolation_available,
     network_isolation_available,
 )
+from tests._clean import assert_nodes_clean
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +38,8 @@ def client(cluster: NodeCluster) -> Client:
 
 
 @pytest.fixture
-def workers(cluster: NodeCluster, client: Client) -> list[str]:
-    """The workers' addresses, read for each test: a restarted node has a new one."""
-    return [n.worker_address for n in cluster.nodes]
+def workers(cluster: NodeCluster, client: Client) -> Iterator[list[str]]:
+    """The workers' addresses, read for each test: a restarted node has a new one.
+    After the test every node must be clean (:func:`tests._clean.assert_nodes_clean`)."""
+    yield [n.worker_address for n in cluster.nodes]
+    assert_nodes_clean(client, [n.worker_address for n in cluster.nodes])

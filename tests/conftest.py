@@ -29,6 +29,7 @@ from dckpt.cluster import (
     isolation_available,
     network_isolation_available,
 )
+from tests._clean import assert_nodes_clean
 from tests._nodes import N_NODES, alive, cluster_pids
 from tests._waiting import eventually
 
@@ -186,9 +187,12 @@ def node_stores(node_client: Client) -> None:
 
 
 @pytest.fixture
-def nodes(node_cluster: NodeCluster, node_stores: None) -> tuple[str, str]:
+def nodes(node_cluster: NodeCluster, node_client: Client,
+          node_stores: None) -> Iterator[tuple[str, str]]:
     """The addresses of node 0's and node 1's workers, each with a store.
 
-    Read for each test: a test that restarts a node gives it a new address.
+    Read for each test: a test that restarts a node gives it a new address. After the
+    test every node must be clean (:func:`tests._clean.assert_nodes_clean`).
     """
-    return node_cluster.nodes[0].worker_address, node_cluster.nodes[1].worker_address
+    yield node_cluster.nodes[0].worker_address, node_cluster.nodes[1].worker_address
+    assert_nodes_clean(node_client, [node.worker_address for node in node_cluster.nodes])
