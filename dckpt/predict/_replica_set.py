@@ -36,7 +36,7 @@ from distributed.protocol.serialize import to_serialize
 
 from dckpt import _node
 from dckpt.errors import ReplicaUnavailableError
-from dckpt.predict._replica import PredictorReplica
+from dckpt.predict._replica_actor import PredictorReplica
 from dckpt.predict._routing import choose_workers, least_busy
 
 logger = logging.getLogger(__name__)
