@@ -32,7 +32,7 @@ from dckpt.errors import (
     TrainingFailedError,
     WorkerLostError,
 )
-from dckpt.train._config import CheckpointConfig
+from dckpt.train._run_config import CheckpointConfig
 from dckpt.train._datasets import DatasetShard
 from dckpt.train._manager import CheckpointManager, TrackedCheckpoint
 from dckpt.train._result import Result

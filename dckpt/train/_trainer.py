@@ -37,7 +37,7 @@ from dckpt.train._run_config import RunConfig, ScalingConfig, resolve
 from dckpt.train._session import Report
 
 if TYPE_CHECKING:
-    from dckpt.train._config import CheckpointConfig
+    from dckpt.train._run_config import CheckpointConfig
 
 logger = logging.getLogger(__name__)
 
