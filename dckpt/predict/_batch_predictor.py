@@ -22,12 +22,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
 import dask.config
-from dask.utils import parse_timedelta
 from distributed import Client, Future, get_client
 
-from dckpt import _node
 from dckpt._checkpoint import Checkpoint
-from dckpt.cluster import install
+from dckpt.cluster import install, worker_nodes
 from dckpt.errors import BatchFormatError, ScoringWorkersError
 from dckpt.predict import _batch_scorer
 from dckpt.predict._batch_format import ScoreOptions
@@ -436,18 +434,15 @@ def _units(kind: str, data: Any) -> int:
 
 def _workers(client: Client, min_workers: int) -> dict[str, str]:
     """``{address: node id}`` of the workers, once there are ``min_workers`` of them."""
-    timeout = parse_timedelta(dask.config.get("dckpt.predict.batch.worker-wait-timeout"))
+    setting = "dckpt.predict.batch.worker-wait-timeout"
     try:
-        client.wait_for_workers(max(min_workers, 1), timeout=timeout)
+        return worker_nodes(client, max(min_workers, 1), timeout=dask.config.get(setting),
+                            setting=setting)
     except TimeoutError as e:
-        have = len(client.scheduler_info(n_workers=-1)["workers"])
         raise ScoringWorkersError(
-            f"{min_workers} scoring workers are needed and the cluster has {have} after "
-            f"waiting {timeout} s (dckpt.predict.batch.worker-wait-timeout); add workers "
-            "or lower min_scoring_workers"
+            f"{min_workers} scoring workers are needed and {e}; add workers or lower "
+            "min_scoring_workers"
         ) from e
-    node_of: dict[str, Any] = client.run(_node.node_id)
-    return {address: str(node_id) for address, node_id in node_of.items()}
 
 
 def _probe(client: Client, sample: Any, options: ScoreOptions, scorers: list[Future]) -> Any:
