@@ -7,7 +7,8 @@
   chosen nodes ahead of its use. It also sets up the scheduler's
   registry of who holds which checkpoint (:class:`DckptSchedulerPlugin`), read with
   :func:`who_has`, :func:`registry` and :func:`checkpoints` (per checkpoint: its
-  size, holders and URIs).
+  size, holders and URIs). :func:`worker_nodes` gives each worker's node id, waiting
+  for enough workers if asked.
 - :class:`NodeRef` is what a node reference is
   (``Checkpoint.get_internal_representation()`` of an unresolved one).
 - :class:`NodeCluster` is a local Dask cluster whose workers are simulated nodes,
@@ -35,6 +36,7 @@ from dckpt.cluster._scheduler_plugin import (
 )
 from dckpt.cluster._store import stats
 from dckpt.cluster._worker_plugin import NodeStorePlugin
+from dckpt.cluster._workers import worker_nodes
 
 __all__ = [
     "DckptSchedulerPlugin",
@@ -51,4 +53,5 @@ __all__ = [
     "registry",
     "stats",
     "who_has",
+    "worker_nodes",
 ]

@@ -12,14 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from typing import Any
 
 from distributed import Client
 
-from dckpt import _node, _transfer
+from dckpt import _transfer
 from dckpt.cluster import _stream
 from dckpt.cluster._core import CheckpointId, NodeRef
 from dckpt.cluster._store import store_of
+from dckpt.cluster._workers import worker_nodes
 
 __all__ = ["materialize_on", "push_directory", "push_for_pickling", "workers_of"]
 
@@ -87,10 +87,10 @@ def push_directory(
 
 def workers_of(client: Client, nodes: Sequence[str] | None) -> list[tuple[str, str]]:
     """``(node id, worker address)``, one worker per node asked for, in that order."""
-    node_of: dict[str, Any] = client.run(_node.node_id)
+    node_of = worker_nodes(client)
     by_node: dict[str, str] = {}
     for address in sorted(node_of):
-        by_node.setdefault(str(node_of[address]), address)
+        by_node.setdefault(node_of[address], address)
     if nodes is None:
         return sorted(by_node.items())
     if isinstance(nodes, str):
@@ -100,7 +100,7 @@ def workers_of(client: Client, nodes: Sequence[str] | None) -> list[tuple[str, s
         if name in by_node:
             chosen.setdefault(name, by_node[name])
         elif name in node_of:
-            chosen.setdefault(str(node_of[name]), name)
+            chosen.setdefault(node_of[name], name)
         else:
             raise ValueError(
                 f"{name!r} is neither a node id nor a worker address of this cluster; "

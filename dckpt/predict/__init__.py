@@ -11,7 +11,7 @@ them over HTTP (Ray Serve's ``PredictorDeployment``).
 from __future__ import annotations
 
 from dckpt.errors import BatchFormatError, ReplicaUnavailableError, ScoringWorkersError
-from dckpt.predict._batch import BatchPredictor
+from dckpt.predict._batch_predictor import BatchPredictor
 from dckpt.predict._deployment import PredictorDeployment
 from dckpt.predict._predictor import (
     FunctionPredictor,

@@ -1,8 +1,8 @@
 """``PredictorDeployment``: a predictor served by replicas on the cluster, over HTTP too.
 
 The counterpart of Ray Serve's ``PredictorDeployment`` (Ray 2.6) on Dask. Driver side:
-this module is the façade; the replicas live in :mod:`dckpt.predict._replicas` (driver)
-and :mod:`dckpt.predict._replica` (worker), the HTTP server in
+this module is the façade; the replicas live in :mod:`dckpt.predict._replica_set` (driver)
+and :mod:`dckpt.predict._replica_actor` (worker), the HTTP server in
 :mod:`dckpt.predict._http`.
 """
 
@@ -19,8 +19,8 @@ from dckpt._checkpoint import Checkpoint
 from dckpt.predict._holders import holder_nodes
 from dckpt.predict._http import PredictionServer
 from dckpt.predict._predictor import Predictor
-from dckpt.predict._replica import PredictorFailure
-from dckpt.predict._replicas import ReplicaSet
+from dckpt.predict._replica_actor import PredictorFailure
+from dckpt.predict._replica_set import ReplicaSet
 
 logger = logging.getLogger(__name__)
 

@@ -37,7 +37,7 @@ from tornado.web import Application, HTTPError, RequestHandler
 
 from dckpt.errors import ReplicaUnavailableError
 from dckpt.predict._json import BadRequestError, dump, dump_predictions, load_request
-from dckpt.predict._replica import PredictorFailure
+from dckpt.predict._replica_actor import PredictorFailure
 
 logger = logging.getLogger(__name__)
 

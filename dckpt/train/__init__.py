@@ -32,11 +32,15 @@ from dckpt.errors import (
     TrainingFailedError,
     WorkerLostError,
 )
-from dckpt.train._config import CheckpointConfig
 from dckpt.train._datasets import DatasetShard
 from dckpt.train._manager import CheckpointManager, TrackedCheckpoint
 from dckpt.train._result import Result
-from dckpt.train._run_config import FailureConfig, RunConfig, ScalingConfig
+from dckpt.train._run_config import (
+    CheckpointConfig,
+    FailureConfig,
+    RunConfig,
+    ScalingConfig,
+)
 from dckpt.train._session import (
     TrainContext,
     get_checkpoint,

@@ -32,8 +32,8 @@ from dckpt import _config, _storage
 from dckpt._checkpoint import Checkpoint, node_ref_of
 from dckpt.errors import CheckpointFormatError, CheckpointNotFoundError
 from dckpt.train import _persist
-from dckpt.train._config import CheckpointConfig
-from dckpt.train._scoring import RankKey, jsonable_metrics, rank_key, score_of
+from dckpt.train._ranking import RankKey, jsonable_metrics, rank_key, score_of
+from dckpt.train._run_config import CheckpointConfig
 from dckpt.train._state import read_state, write_state
 
 if TYPE_CHECKING:

@@ -8,7 +8,7 @@ from typing import Any
 
 from dckpt._checkpoint import Checkpoint
 from dckpt.errors import MetricNotFoundError, NoBestCheckpointError
-from dckpt.train._scoring import score_of
+from dckpt.train._ranking import score_of
 
 __all__ = ["Result"]
 

@@ -22,9 +22,8 @@ import dask.config
 import distributed
 from dask.utils import parse_timedelta
 
-from dckpt import _node
 from dckpt._checkpoint import Checkpoint
-from dckpt.cluster import install
+from dckpt.cluster import install, worker_nodes
 from dckpt.errors import TrainingFailedError
 from dckpt.train import _local, _torch
 from dckpt.train._channel import ReportChannel
@@ -37,7 +36,7 @@ from dckpt.train._run_config import RunConfig, ScalingConfig, resolve
 from dckpt.train._session import Report
 
 if TYPE_CHECKING:
-    from dckpt.train._config import CheckpointConfig
+    from dckpt.train._run_config import CheckpointConfig
 
 logger = logging.getLogger(__name__)
 
@@ -410,43 +409,14 @@ def _wait_for_workers(
     Raises ``TimeoutError`` after ``dckpt.train.worker-wait-timeout``.
     """
     scaling = scaling or ScalingConfig()
-    timeout = parse_timedelta(dask.config.get("dckpt.train.worker-wait-timeout"), default="s")
+    setting = "dckpt.train.worker-wait-timeout"
     interval = parse_timedelta(dask.config.get("dckpt.train.poll-interval"), default="s")
-    deadline = time.monotonic() + timeout
-    logged = False
-    while True:
-        fit_for = _fit_workers(client, scaling)
-        if len(fit_for) >= count:
-            # A worker that dies in between does not answer; the count is checked again.
-            found: dict[str, str] = client.run(_node.node_id, workers=sorted(fit_for),
-                                               on_error="ignore")
-            if len(found) >= count:
-                return found
-        if time.monotonic() >= deadline:
-            raise TimeoutError(
-                f"{count} ranks need {count} workers{_needs(scaling)}, but only "
-                f"{len(fit_for)} such were alive after waiting {timeout:g} s "
-                "(dckpt.train.worker-wait-timeout)"
-            )
-        if not logged:
-            logger.info("Waiting up to %g s for %d workers to be alive", timeout, count)
-            logged = True
-        time.sleep(interval)
-
-
-def _fit_workers(client: distributed.Client, scaling: ScalingConfig) -> list[str]:
-    """The workers with the threads and Dask resources one rank of ``scaling`` needs."""
-    needed = scaling.dask_resources
-    if not needed and scaling.num_cpus_per_worker <= 1:
-        return list(client.nthreads())  # a small request; every worker has a thread
-    fit = []
-    for address, info in client.scheduler_info(n_workers=-1)["workers"].items():
-        resources = info.get("resources") or {}
-        if info.get("nthreads", 0) >= scaling.num_cpus_per_worker and all(
-            resources.get(name, 0) >= amount for name, amount in needed.items()
-        ):
-            fit.append(address)
-    return fit
+    try:
+        return worker_nodes(client, count, timeout=dask.config.get(setting), setting=setting,
+                            nthreads=scaling.num_cpus_per_worker,
+                            resources=scaling.dask_resources, interval=interval)
+    except TimeoutError as e:
+        raise TimeoutError(f"{count} ranks need {count} workers{_needs(scaling)}, but {e}") from e
 
 
 def _needs(scaling: ScalingConfig) -> str:

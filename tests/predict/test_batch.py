@@ -27,8 +27,8 @@ from dckpt.predict import (
     ScoringWorkersError,
     SklearnLikePredictor,
 )
-from dckpt.predict._batches import concat, keep_columns, split
-from dckpt.predict._placement import choose_scoring_workers
+from dckpt.predict._batch_format import concat, keep_columns, split
+from dckpt.predict._batch_predictor import choose_scoring_workers
 from tests._three_nodes import client, cluster, workers  # noqa: F401 (fixtures)
 from tests._waiting import eventually
 

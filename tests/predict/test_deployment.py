@@ -32,7 +32,7 @@ from dckpt.predict import (
     SklearnLikePredictor,
     model_checkpoint,
 )
-from dckpt.predict._replica import RemoteTraceback
+from dckpt.predict._replica_actor import RemoteTraceback
 from tests._waiting import eventually
 
 np = pytest.importorskip("numpy")

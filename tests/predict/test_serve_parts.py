@@ -14,7 +14,7 @@ import pytest
 from dckpt.predict import ReplicaUnavailableError
 from dckpt.predict._http import PredictionServer, answer
 from dckpt.predict._json import BadRequestError, dump_predictions, load_request
-from dckpt.predict._replica import PredictorFailure, RemoteTraceback
+from dckpt.predict._replica_actor import PredictorFailure, RemoteTraceback
 from dckpt.predict._routing import choose_workers, least_busy
 
 np = pytest.importorskip("numpy")

@@ -7,10 +7,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import uuid
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+import distributed
 import pytest
 from distributed import Client
 
@@ -50,6 +53,37 @@ class FakeManager:
 
     def close(self) -> None:
         self.closed = True
+
+
+
+@contextlib.contextmanager
+def node_1_killed_at(
+    cluster: NodeCluster, client: Client, epoch: int
+) -> Iterator[tuple[str, FakeManager]]:
+    """``(event, manager)``: a :class:`FakeManager` that, once attempt 0 registers
+    ``epoch``, kills node 1 (rank 1's: placement is round-robin over sorted node ids)
+    in a thread, starts it again and then sets the ``distributed.Event`` named
+    ``event``, which the ranks wait on. On exit the thread is joined and the event
+    cleared."""
+    event = f"test-kill-{uuid.uuid4().hex}"
+    killer: list[threading.Thread] = []
+
+    def kill_node_1_then_restart_it() -> None:
+        cluster.kill_node(1)
+        cluster.restart_node(1)
+        distributed.Event(event, client=client).set()
+
+    def on_register(checkpoint: Checkpoint, metrics: dict[str, Any]) -> None:
+        if metrics["attempt"] == 0 and metrics["epoch"] == epoch and not killer:
+            killer.append(threading.Thread(target=kill_node_1_then_restart_it))
+            killer[0].start()
+
+    try:
+        yield event, FakeManager(on_register)
+    finally:
+        for thread in killer:
+            thread.join(60)
+        distributed.Event(event, client=client).clear()
 
 
 @pytest.fixture(scope="module")

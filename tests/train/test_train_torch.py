@@ -25,7 +25,7 @@ from dckpt import Checkpoint
 from dckpt.air import RunConfig, ScalingConfig, session
 from dckpt.errors import CheckpointFormatError
 from dckpt.predict import BatchPredictor, PredictorDeployment
-from tests.train.conftest import FakeManager
+from tests.train.conftest import FakeManager, node_1_killed_at
 
 torch = pytest.importorskip("torch")
 np = pytest.importorskip("numpy")
@@ -408,21 +408,7 @@ def test_torch_trainer_resumes_after_a_node_dies_and_the_loss_keeps_falling(
     client, train_cluster
 ):
     epochs, pause_at = 10, 4
-    event = f"test-torch-kill-{uuid.uuid4().hex}"
-    killer: list[threading.Thread] = []
-
-    def kill_rank_1s_node_then_restart_it():
-        train_cluster.kill_node(1)  # rank i runs on node-i
-        train_cluster.restart_node(1)
-        distributed.Event(event, client=client).set()
-
-    def on_register(checkpoint, metrics):
-        if metrics["attempt"] == 0 and metrics["epoch"] == pause_at - 1 and not killer:
-            killer.append(threading.Thread(target=kill_rank_1s_node_then_restart_it))
-            killer[0].start()
-
-    manager = FakeManager(on_register)
-    try:
+    with node_1_killed_at(train_cluster, client, pause_at - 1) as (event, manager):
         result = TorchTrainer(
             _train_linear,
             train_loop_config={"epochs": epochs, "pause_at": pause_at, "event": event,
@@ -433,10 +419,6 @@ def test_torch_trainer_resumes_after_a_node_dies_and_the_loss_keeps_falling(
             datasets={"train": dd.from_pandas(_frame(), npartitions=2)},
             checkpoint_manager=manager, max_failures=1, client=client,
         ).fit()
-    finally:
-        for thread in killer:
-            thread.join(60)
-        distributed.Event(event, client=client).clear()
 
     assert result.failures == 1
     rank0 = [m for m in result.metrics_history if m["world_rank"] == 0]

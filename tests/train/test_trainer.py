@@ -31,7 +31,7 @@ from dckpt.train import (
     get_context,
     report,
 )
-from tests.train.conftest import N_NODES, FakeManager
+from tests.train.conftest import N_NODES, FakeManager, node_1_killed_at
 
 pytestmark = pytest.mark.slow
 
@@ -179,30 +179,11 @@ def test_resume_after_killing_a_worker_continues_from_the_latest_checkpoint(
     client, train_cluster
 ):
     epochs, pause_at = 6, 3
-    event = f"test-kill-{uuid.uuid4().hex}"
-    killer: list[threading.Thread] = []
-
-    def kill_rank_1s_node_then_restart_it():
-        # Rank i runs on node-i (placement is round-robin over sorted node ids).
-        train_cluster.kill_node(1)
-        train_cluster.restart_node(1)
-        distributed.Event(event, client=client).set()
-
-    def on_register(checkpoint, metrics):
-        if metrics["attempt"] == 0 and metrics["epoch"] == pause_at - 1 and not killer:
-            killer.append(threading.Thread(target=kill_rank_1s_node_then_restart_it))
-            killer[0].start()
-
-    manager = FakeManager(on_register)
-    try:
+    with node_1_killed_at(train_cluster, client, pause_at - 1) as (event, manager):
         result = DataParallelTrainer(
             _train, train_loop_config={"epochs": epochs, "pause_at": pause_at, "event": event},
             num_workers=N_NODES, checkpoint_manager=manager, max_failures=1, client=client,
         ).fit()
-    finally:
-        for thread in killer:
-            thread.join(60)
-        distributed.Event(event, client=client).clear()
     assert result.failures == 1
 
     latest_before = max(m["epoch"] for _, m in manager.registered if m["attempt"] == 0)

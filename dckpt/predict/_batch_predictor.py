@@ -1,39 +1,39 @@
 """``BatchPredictor``: score a Dask collection with a predictor loaded once per worker.
 
 Ray AIR's ``BatchPredictor`` (2.6) scores a Ray Dataset with an autoscaling pool of
-actors. Here the pool is one :class:`~dckpt.predict._scorer.PredictorScorer` actor on
-each scoring worker, placed first where the checkpoint already is, and the scoring
-tasks are restricted to those workers (:mod:`dckpt.predict._restrictions`), where they
-call the local actor: the model loads at most once per worker, the checkpoint comes
-to each node at most once, and a partition is scored where it is computed.
+actors. Here the pool is one :class:`~dckpt.predict._batch_scorer.PredictorScorer`
+actor on each scoring worker, placed first where the checkpoint already is, and the
+scoring tasks are restricted to those workers (:mod:`dckpt.predict._restrictions`),
+where they call the local actor: the model loads at most once per worker, the
+checkpoint comes to each node at most once, and a partition is scored where it is
+computed.
 
 This module is the client side: it checks the request, chooses the workers
-(:mod:`dckpt.predict._placement`), creates the actors and builds the lazy collection.
+(:func:`choose_scoring_workers`, pure), creates the actors and builds the lazy
+collection. The worker side is :mod:`dckpt.predict._batch_scorer`; what it does to
+each batch, :mod:`dckpt.predict._batch_format`.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
 import dask.config
-from dask.utils import parse_timedelta
 from distributed import Client, Future, get_client
 
-from dckpt import _node
 from dckpt._checkpoint import Checkpoint
-from dckpt.cluster import install
+from dckpt.cluster import install, worker_nodes
 from dckpt.errors import BatchFormatError, ScoringWorkersError
-from dckpt.predict import _scorer
-from dckpt.predict._batches import ScoreOptions
+from dckpt.predict import _batch_scorer
+from dckpt.predict._batch_format import ScoreOptions
 from dckpt.predict._holders import holder_nodes
-from dckpt.predict._placement import choose_scoring_workers
 from dckpt.predict._predictor import _check_batch, _kind
 from dckpt.predict._restrictions import SCORER_PREFIX, ScoringRestrictionsPlugin
 
-__all__ = ["BatchPredictor"]
+__all__ = ["BatchPredictor", "choose_scoring_workers"]
 
 B = TypeVar("B", bound="BatchPredictor")
 
@@ -86,7 +86,7 @@ class BatchPredictor:
         self._checkpoint = checkpoint
         self._predictor_cls = predictor_cls
         self._predictor_kwargs = dict(predictor_kwargs)
-        self._preprocessor = _scorer.KEEP
+        self._preprocessor = _batch_scorer.KEEP
         self._token = uuid.uuid4().hex[:16]
         self._client = None
         self._scorers = {}
@@ -100,7 +100,7 @@ class BatchPredictor:
 
     def get_preprocessor(self) -> Any:
         """The preprocessor the predictors apply: one set here, else the checkpoint's."""
-        if isinstance(self._preprocessor, str) and self._preprocessor == _scorer.KEEP:
+        if isinstance(self._preprocessor, str) and self._preprocessor == _batch_scorer.KEEP:
             return self._checkpoint.get_preprocessor()
         return self._preprocessor
 
@@ -202,9 +202,9 @@ class BatchPredictor:
         if kind == "array":
             return self._predict_array(client, data, options, scorers, meta)
         if kind == "bag":
-            return data.map_partitions(_scorer.score_records, options, *scorers)
+            return data.map_partitions(_batch_scorer.score_records, options, *scorers)
         return [
-            client.submit(_scorer.score, batch, options, *scorers, pure=False,
+            client.submit(_batch_scorer.score, batch, options, *scorers, pure=False,
                           key=f"dckpt-predict-{self._token}-{uuid.uuid4().hex[:8]}-{i}")
             for i, batch in enumerate(data)
         ]
@@ -251,7 +251,7 @@ class BatchPredictor:
         for address in chosen:
             if address not in self._scorers:
                 self._scorers[address] = client.submit(
-                    _scorer.PredictorScorer, checkpoint, self._predictor_cls,
+                    _batch_scorer.PredictorScorer, checkpoint, self._predictor_cls,
                     self._predictor_kwargs, self._preprocessor,
                     key=f"{SCORER_PREFIX}{self._token}-{uuid.uuid4().hex[:8]}",
                     workers=[address],
@@ -288,7 +288,7 @@ class BatchPredictor:
                     f"predictions of a DataFrame must be a DataFrame, not {type(meta).__name__}"
                 )
             meta = meta.iloc[:0]
-        return data.map_partitions(_scorer.score, options, *scorers, meta=meta)
+        return data.map_partitions(_batch_scorer.score, options, *scorers, meta=meta)
 
     def _predict_array(
         self, client: Client, data: Any, options: ScoreOptions, scorers: list[Future], meta: Any
@@ -312,7 +312,7 @@ class BatchPredictor:
         trailing = tuple(meta.shape[1:])
         out_ndim = 1 + len(trailing)
         return data.map_blocks(
-            _scorer.score, options, *scorers,
+            _batch_scorer.score, options, *scorers,
             chunks=(data.chunks[0], *((d,) for d in trailing)),
             drop_axis=list(range(out_ndim, data.ndim)) or None,
             new_axis=list(range(data.ndim, out_ndim)) or None,
@@ -332,6 +332,58 @@ def _check_predictor_cls(predictor_cls: Any) -> None:
         )
     if not callable(getattr(predictor_cls, "predict", None)):
         raise TypeError(f"predictor_cls {predictor_cls.__name__} has no predict() method")
+
+
+def choose_scoring_workers(
+    workers: Mapping[str, str],
+    holders: Sequence[str],
+    *,
+    min_workers: int = 1,
+    max_workers: int | None = None,
+) -> list[str]:
+    """The scoring workers, in order of preference.
+
+    Parameters
+    ----------
+    workers
+        ``{worker address: node id}`` of the workers alive.
+    holders
+        Node ids that hold the checkpoint already, best first (the owner, then nodes
+        with a cached copy). Their workers come first: they score without moving a
+        byte of the checkpoint.
+    min_workers, max_workers
+        How many workers to use at least and at most (``None``: all of them).
+
+    Returns
+    -------
+    list of str
+        Workers of holder nodes (in the order of ``holders``), then the other workers
+        grouped by node, so that every further node adds all its workers for the one
+        transfer it costs. Deterministic for the same input.
+
+    Raises
+    ------
+    ScoringWorkersError
+        Fewer than ``min_workers`` workers.
+    ValueError
+        ``min_workers`` below 1, or ``max_workers`` below ``min_workers``.
+    """
+    if min_workers < 1:
+        raise ValueError(f"min_scoring_workers must be at least 1, not {min_workers}")
+    if max_workers is not None and max_workers < min_workers:
+        raise ValueError(
+            f"max_scoring_workers ({max_workers}) is below min_scoring_workers ({min_workers})"
+        )
+    if len(workers) < min_workers:
+        raise ScoringWorkersError(
+            f"{min_workers} scoring workers are needed and the cluster has {len(workers)}; "
+            "add workers or lower min_scoring_workers"
+        )
+    rank = {node_id: i for i, node_id in reversed(list(enumerate(holders)))}
+    order = sorted(
+        workers, key=lambda address: (rank.get(workers[address], len(rank)), workers[address], address)
+    )
+    return order if max_workers is None else order[:max_workers]
 
 
 def _collection_kind(data: Any) -> str:
@@ -382,23 +434,20 @@ def _units(kind: str, data: Any) -> int:
 
 def _workers(client: Client, min_workers: int) -> dict[str, str]:
     """``{address: node id}`` of the workers, once there are ``min_workers`` of them."""
-    timeout = parse_timedelta(dask.config.get("dckpt.predict.batch.worker-wait-timeout"))
+    setting = "dckpt.predict.batch.worker-wait-timeout"
     try:
-        client.wait_for_workers(max(min_workers, 1), timeout=timeout)
+        return worker_nodes(client, max(min_workers, 1), timeout=dask.config.get(setting),
+                            setting=setting)
     except TimeoutError as e:
-        have = len(client.scheduler_info(n_workers=-1)["workers"])
         raise ScoringWorkersError(
-            f"{min_workers} scoring workers are needed and the cluster has {have} after "
-            f"waiting {timeout} s (dckpt.predict.batch.worker-wait-timeout); add workers "
-            "or lower min_scoring_workers"
+            f"{min_workers} scoring workers are needed and {e}; add workers or lower "
+            "min_scoring_workers"
         ) from e
-    node_of: dict[str, Any] = client.run(_node.node_id)
-    return {address: str(node_id) for address, node_id in node_of.items()}
 
 
 def _probe(client: Client, sample: Any, options: ScoreOptions, scorers: list[Future]) -> Any:
     """The predictions of ``sample`` on a scoring worker (loads the model there now)."""
-    status, value = client.submit(_scorer.probe, sample, options, *scorers, pure=False).result()
+    status, value = client.submit(_batch_scorer.probe, sample, options, *scorers, pure=False).result()
     if isinstance(value, BatchFormatError):
         raise value  # the request itself is wrong (e.g. keep_columns over a prediction)
     if status == "error":

@@ -1,8 +1,11 @@
-"""Batch surgery for batch prediction: pick columns, cut, glue, keep columns.
+"""Batch format for batch prediction: pick columns, cut, glue, keep columns, records
+to and from a DataFrame, and the :class:`ScoreOptions` that say which.
 
-Pure and worker-side: it sees one batch (a numpy array, a dict of arrays or a pandas
-DataFrame, as :class:`~dckpt.predict.Predictor` takes them) at a time. numpy and
-pandas are imported only when a batch of theirs is seen.
+Not the predictor (:mod:`dckpt.predict._batch_predictor`): what the scorers
+(:mod:`dckpt.predict._batch_scorer`) do to each batch. Pure and worker-side: it sees
+one batch (a numpy array, a dict of arrays or a pandas DataFrame, as
+:class:`~dckpt.predict.Predictor` takes them) at a time. numpy and pandas are imported
+only when a batch of theirs is seen.
 """
 
 from __future__ import annotations

@@ -34,9 +34,9 @@ import distributed
 from dask.utils import parse_timedelta
 from distributed.protocol.serialize import to_serialize
 
-from dckpt import _node
+from dckpt.cluster import worker_nodes
 from dckpt.errors import ReplicaUnavailableError
-from dckpt.predict._replica import PredictorReplica
+from dckpt.predict._replica_actor import PredictorReplica
 from dckpt.predict._routing import choose_workers, least_busy
 
 logger = logging.getLogger(__name__)
@@ -134,7 +134,6 @@ class ReplicaSet:
     _slots: list[Replica | None]
     _starting: dict[int, str]
     _errors: dict[int, str]
-    _node_ids: dict[str, str]
     _cond: threading.Condition
     _closed: bool
     _stop: threading.Event
@@ -158,7 +157,7 @@ class ReplicaSet:
         self._payload = payload
         self._holders = holders
         self._slots = [None] * num_replicas
-        self._starting, self._errors, self._node_ids = {}, {}, {}
+        self._starting, self._errors = {}, {}
         self._cond = threading.Condition()
         self._closed = False
         self._stop, self._wake = threading.Event(), threading.Event()
@@ -411,9 +410,5 @@ class ReplicaSet:
         logger.warning("Replica slot %d stays empty for now: %s", slot, message)
 
     def _nodes_of(self, addresses: set[str]) -> dict[str, str]:
-        """``{address: node id}`` of ``addresses``; asks only workers not seen before."""
-        unknown = [a for a in addresses if a not in self._node_ids]
-        if unknown:
-            self._node_ids.update(self._client.run(_node.node_id, workers=unknown,
-                                                   on_error="ignore"))
-        return {a: self._node_ids[a] for a in addresses if a in self._node_ids}
+        """``{address: node id}`` of those of ``addresses`` still alive."""
+        return {a: n for a, n in worker_nodes(self._client).items() if a in addresses}

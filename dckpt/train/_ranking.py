@@ -1,7 +1,8 @@
-"""Ranking checkpoints by a metric, and metrics as JSON data.
+"""Ranking checkpoints by a metric (to keep the best K), and metrics as JSON data.
 
 Pure functions, no I/O: what :class:`~dckpt.train.CheckpointManager` keeps follows
-from :func:`rank_key` alone.
+from :func:`rank_key` alone. (Scoring data with a model is batch prediction's:
+:mod:`dckpt.predict._batch_scorer`.)
 """
 
 from __future__ import annotations

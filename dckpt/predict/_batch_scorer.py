@@ -30,7 +30,7 @@ from distributed.actor import Actor
 from dckpt import _compat, _node
 from dckpt._checkpoint import Checkpoint
 from dckpt.errors import ScoringWorkersError
-from dckpt.predict._batches import (
+from dckpt.predict._batch_format import (
     ScoreOptions,
     concat,
     frame_to_records,
