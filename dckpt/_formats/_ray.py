@@ -345,40 +345,40 @@ def bytes_to_dict_form(raw: bytes | bytearray | memoryview) -> dict[Any, Any]:
 # ------------------------------------------------------------------ internals
 
 
-class _MetadataUnpickler(pickle.Unpickler):
+class _RayNamesUnpickler(pickle.Unpickler):
+    """An unpickler that maps Ray's names: its metadata class and the checkpoint classes
+    (:func:`_mapped`); what it does with any other name is :meth:`unmapped`'s."""
+
+    def __init__(self, file: io.BytesIO, source: str) -> None:
+        super().__init__(file)
+        self._source = source
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == _METADATA_CLASS:
+            return RayCheckpointMetadata
+        mapped = _mapped(module, name)
+        return mapped if mapped is not None else self.unmapped(module, name)
+
+    def unmapped(self, module: str, name: str) -> Any:
+        raise NotImplementedError
+
+
+class _MetadataUnpickler(_RayNamesUnpickler):
     """Knows Ray's metadata class and the mapped checkpoint classes; nothing else."""
 
-    def __init__(self, file: io.BytesIO, source: str) -> None:
-        super().__init__(file)
-        self._source = source
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) == _METADATA_CLASS:
-            return RayCheckpointMetadata
-        mapped = _mapped(module, name)
-        if mapped is None:
-            raise _unsupported(f"{module}.{name}", self._source)
-        return mapped
+    def unmapped(self, module: str, name: str) -> Any:
+        raise _unsupported(f"{module}.{name}", self._source)
 
 
-class _UserUnpickler(pickle.Unpickler):
+class _UserUnpickler(_RayNamesUnpickler):
     """The usual unpickler, with Ray's names mapped (see :func:`load_pickle`)."""
 
-    def __init__(self, file: io.BytesIO, source: str) -> None:
-        super().__init__(file)
-        self._source = source
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) == _METADATA_CLASS:
-            return RayCheckpointMetadata
-        mapped = _mapped(module, name)
-        if mapped is not None:
-            return mapped
+    def unmapped(self, module: str, name: str) -> Any:
         if _is_ray(module):
             _check_user_global(module, name, self._source)
             if module == "ray.cloudpickle" or module.startswith("ray.cloudpickle."):
                 module = module[len("ray."):]
-        return super().find_class(module, name)
+        return pickle.Unpickler.find_class(self, module, name)  # the usual lookup
 
 
 def _mapped(module: str, name: str) -> MappedClass | None:
