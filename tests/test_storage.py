@@ -25,7 +25,6 @@ import dask.config
 import fsspec
 import pytest
 from fsspec.callbacks import Callback
-from fsspec.implementations.local import LocalFileSystem
 from fsspec.registry import _registry as fsspec_registry
 
 from dckpt import _storage
@@ -38,6 +37,7 @@ from dckpt.errors import (
     StorageError,
     UnsafePathError,
 )
+from tests._backends import LocalBackend, MemoryBackend, S3Backend
 from tests._trees import make_tree, read_tree
 
 BIG = 3 * 2**20
@@ -91,18 +91,7 @@ class StorageContract:
     # fsspec's LocalFileSystem ignores put_file/get_file callbacks: no byte counts.
     counts_bytes = True
 
-    @pytest.fixture
-    def base_uri(self) -> str:
-        raise NotImplementedError
-
-    @pytest.fixture
-    def storage_options(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-    @pytest.fixture
-    def raw_fs(self, storage_options: dict[str, Any]) -> fsspec.AbstractFileSystem:
-        """A filesystem instance of its own, as another process or tool would have."""
-        raise NotImplementedError
+    FOLDER = "prefix"  # base_uri's folder in the back-end (tests/_backends.py)
 
     @pytest.fixture
     def uri(self, base_uri: str) -> str:
@@ -810,54 +799,19 @@ def _calls(tree: str, uri: str, options: dict[str, Any], out: Path) -> dict[str,
     }
 
 
-class TestMemoryStorage(StorageContract):
-    @pytest.fixture
-    def base_uri(self, memory_uri: str) -> str:
-        return memory_uri
-
-    @pytest.fixture
-    def storage_options(self) -> dict[str, Any]:
-        return {}
-
-    @pytest.fixture
-    def raw_fs(self, storage_options: dict[str, Any]) -> fsspec.AbstractFileSystem:
-        return fsspec.filesystem("memory", skip_instance_cache=True)
+class TestMemoryStorage(MemoryBackend, StorageContract):
+    pass
 
 
-class TestLocalStorage(StorageContract):
+class TestLocalStorage(LocalBackend, StorageContract):
     counts_bytes = False
-
-    @pytest.fixture
-    def base_uri(self, tmp_path: Path) -> str:
-        return f"file://{tmp_path}/remote"
-
-    @pytest.fixture
-    def storage_options(self) -> dict[str, Any]:
-        return {}
-
-    @pytest.fixture
-    def raw_fs(self, storage_options: dict[str, Any]) -> fsspec.AbstractFileSystem:
-        return LocalFileSystem(auto_mkdir=True, skip_instance_cache=True)
 
     def test_unsafe_key_in_a_plain_listing_is_refused(self):
         pytest.skip("a local folder cannot hold a file named 'a/../../x'")
 
 
 @pytest.mark.s3
-class TestS3Storage(StorageContract):
-    @pytest.fixture
-    def base_uri(self, s3_bucket: str) -> str:
-        return f"{s3_bucket}/prefix"
-
-    @pytest.fixture
-    def storage_options(self, s3_storage_options: dict[str, Any]) -> dict[str, Any]:
-        return s3_storage_options
-
-    @pytest.fixture
-    def raw_fs(self, storage_options: dict[str, Any]) -> fsspec.AbstractFileSystem:
-        s3fs = pytest.importorskip("s3fs")
-        return s3fs.S3FileSystem(**storage_options, skip_instance_cache=True)
-
+class TestS3Storage(S3Backend, StorageContract):
     @pytest.mark.parametrize("plain", [False, True])
     def test_checkpoint_at_a_bucket_root_keeps_the_bucket(
         self, tree, s3_bucket, raw_fs, storage_options, out, plain

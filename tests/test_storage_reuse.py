@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import dask.config
-import fsspec
 import pytest
 from fsspec.callbacks import Callback
 
 from dckpt import Checkpoint, _storage
+from tests._backends import MemoryBackend, S3Backend
 from tests._trees import read_tree
 
 KiB = 1 << 10
@@ -50,17 +50,7 @@ def copied(callback: SourcesCallback, sibling: str = "step-1") -> set[str]:
 
 
 class ReuseContract:
-    @pytest.fixture
-    def base_uri(self) -> str:
-        raise NotImplementedError
-
-    @pytest.fixture
-    def storage_options(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-    @pytest.fixture
-    def raw_fs(self, storage_options: dict[str, Any]) -> fsspec.AbstractFileSystem:
-        raise NotImplementedError
+    FOLDER = "run"  # base_uri's folder in the back-end (tests/_backends.py)
 
     def upload(self, tmp_path: Path, base_uri: str, name: str, seed: int,
                options: dict[str, Any]) -> tuple[Path, SourcesCallback]:
@@ -114,19 +104,7 @@ class ReuseContract:
         assert copied(second) == set()
 
 
-class TestMemoryReuse(ReuseContract):
-    @pytest.fixture
-    def base_uri(self, memory_uri: str) -> str:
-        return f"{memory_uri}/run"
-
-    @pytest.fixture
-    def storage_options(self) -> dict[str, Any]:
-        return {}
-
-    @pytest.fixture
-    def raw_fs(self, storage_options: dict[str, Any]) -> fsspec.AbstractFileSystem:
-        return fsspec.filesystem("memory", skip_instance_cache=True)
-
+class TestMemoryReuse(MemoryBackend, ReuseContract):
     def test_an_overwrite_keeps_the_tokens_of_the_files_at_the_top(
         self, tmp_path, base_uri, storage_options
     ):
@@ -141,16 +119,5 @@ class TestMemoryReuse(ReuseContract):
 
 
 @pytest.mark.s3
-class TestS3Reuse(ReuseContract):
-    @pytest.fixture
-    def base_uri(self, s3_bucket: str) -> str:
-        return f"{s3_bucket}/run"
-
-    @pytest.fixture
-    def storage_options(self, s3_storage_options: dict[str, Any]) -> dict[str, Any]:
-        return s3_storage_options
-
-    @pytest.fixture
-    def raw_fs(self, storage_options: dict[str, Any]) -> fsspec.AbstractFileSystem:
-        s3fs = pytest.importorskip("s3fs")
-        return s3fs.S3FileSystem(**storage_options, skip_instance_cache=True)
+class TestS3Reuse(S3Backend, ReuseContract):
+    pass
