@@ -30,26 +30,16 @@ HEAD = MiB
 
 def _write_step(seed: int, base: str | None = None) -> tuple[Checkpoint, str]:
     """On a worker: a checkpoint of frozen weights (the same every step, a copy of
-    ``base``'s when given, mtimes kept) and a head of its own. Bytes no other test
-    writes: the cache of the session's cluster may hold anything else."""
-    from dckpt import _node
+    ``base``'s when given, mtimes kept) and a head of its own, under this node's root.
+    Bytes no other test writes: the cache of the session's cluster may hold anything
+    else."""
+    from dckpt import node_root
 
-    path = os.path.join(_node.node_root(), f"step-{uuid.uuid4().hex[:8]}")
-    if base is None:
-        os.makedirs(os.path.join(path, "frozen"))
-        rng = random.Random(f"frozen-{uuid.uuid4()}")  # a run of its own: nothing cached
-        with open(os.path.join(path, "frozen", "base.bin"), "wb") as f:
-            f.write(rng.randbytes(WEIGHTS))
-        with open(os.path.join(path, "frozen", "tokens.txt"), "wb") as f:
-            f.write(rng.randbytes(TOKENS))
-    else:
-        shutil.copytree(os.path.join(base, "frozen"), os.path.join(path, "frozen"))
-    with open(os.path.join(path, "head.bin"), "wb") as f:
-        f.write(random.Random(f"head-{seed}-{uuid.uuid4()}").randbytes(HEAD))
+    path = _write_step_here(node_root(), base, seed)
     return Checkpoint.from_directory(path), path
 
 
-def _change_in_place_keeping_size_and_mtime(path: str) -> Checkpoint:
+def _change_in_place_keeping_size_and_mtime(path: str) -> None:
     """On a worker: other bytes in the frozen weights, their size and mtime as before."""
     name = os.path.join(path, "frozen", "base.bin")
     st = os.stat(name)
@@ -139,12 +129,12 @@ def test_a_file_changed_with_its_size_and_mtime_kept_is_still_fetched(node_clien
                                      "cached": WEIGHTS + HEAD}
 
 
-def _write_step_here(root: str, base: str | None = None) -> str:
-    """:func:`_write_step` on the driver's disk, under ``root``."""
+def _write_step_here(root: str, base: str | None = None, seed: int = 0) -> str:
+    """The directory of a step under ``root`` (see :func:`_write_step`)."""
     path = os.path.join(root, f"step-{uuid.uuid4().hex[:8]}")
     if base is None:
         os.makedirs(os.path.join(path, "frozen"))
-        rng = random.Random(f"frozen-{uuid.uuid4()}")
+        rng = random.Random(f"frozen-{uuid.uuid4()}")  # a run of its own: nothing cached
         with open(os.path.join(path, "frozen", "base.bin"), "wb") as f:
             f.write(rng.randbytes(WEIGHTS))
         with open(os.path.join(path, "frozen", "tokens.txt"), "wb") as f:
@@ -152,7 +142,7 @@ def _write_step_here(root: str, base: str | None = None) -> str:
     else:
         shutil.copytree(os.path.join(base, "frozen"), os.path.join(path, "frozen"))
     with open(os.path.join(path, "head.bin"), "wb") as f:
-        f.write(random.Random(f"head-{uuid.uuid4()}").randbytes(HEAD))
+        f.write(random.Random(f"head-{seed}-{uuid.uuid4()}").randbytes(HEAD))
     return path
 
 
