@@ -9,6 +9,7 @@ checkpoint on its node (weights, epoch, optimizer state).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import os
@@ -22,7 +23,7 @@ import distributed
 from dckpt import _node
 from dckpt._checkpoint import Checkpoint
 from dckpt.predict import Predictor
-from dckpt.train import get_checkpoint, get_context, report
+from dckpt.train import get_checkpoint, get_context, report, stop_requested
 
 __all__ = [
     "N_FEATURES",
@@ -71,11 +72,24 @@ def loss_and_gradient(weights: list[float], data: list[Example]) -> list[float]:
     return [g / len(data) for g in gradient] + [loss / len(data)]
 
 
+class AttemptStopped(RuntimeError):
+    """A rank of :func:`train_loop` gave up waiting: the driver stopped its attempt."""
+
+
+# How often a waiting rank asks whether its attempt was stopped: a wait, not a timeout.
+_POLL_SECONDS = 0.5
+# How long rank 1 waits to be killed once it offered its node (a driver that never
+# kills it is a bug of the caller: the rank then fails rather than hang the run).
+_KILL_WAIT_SECONDS = 300
+
+
 def all_reduce_mean(values: list[float], tag: str) -> list[float]:
     """The mean over all ranks of ``values``, through one Dask Variable per rank.
 
-    Every rank of the attempt must call it with the same ``tag``. A rank whose peer
-    died gives up after 10 s; by then the trainer has restarted the group anyway.
+    Every rank of the attempt must call it with the same ``tag``. It waits for its
+    peers as long as the attempt lives: a peer slow to start on a busy machine is
+    waited for; once the driver gives up on the attempt (a peer died,
+    :func:`dckpt.train.stop_requested`) it raises :class:`AttemptStopped`.
     """
     context = get_context()
     client = distributed.get_client()
@@ -84,8 +98,16 @@ def all_reduce_mean(values: list[float], tag: str) -> list[float]:
     mine.set(values)
     total = [0.0] * len(values)
     for rank in range(context.world_size):
-        theirs = distributed.Variable(f"{prefix}-rank-{rank}", client=client).get(timeout=10)
-        total = [t + v for t, v in zip(total, theirs)]
+        theirs = distributed.Variable(f"{prefix}-rank-{rank}", client=client)
+        while True:
+            try:
+                value = theirs.get(timeout=_POLL_SECONDS)
+                break
+            except (TimeoutError, asyncio.TimeoutError):  # distinct types in Python 3.10
+                if stop_requested():
+                    raise AttemptStopped(f"attempt {context.attempt} was stopped while "
+                                         f"rank {context.world_rank} waited for rank {rank}")
+        total = [t + v for t, v in zip(total, value)]
     return [t / context.world_size for t in total]
 
 
@@ -145,13 +167,23 @@ def offer_node_for_kill(config: Mapping[str, Any], epoch: int, resumed_from: int
     """Rank 1 of a fresh start names its node after epoch ``config["kill_after"]``.
 
     It sets the Dask Variable ``config["victim"]`` to its node id, which
-    :func:`~dckpt.demo.train_with_a_kill` waits for to kill that node. Does nothing on
-    other ranks, after a resume, or without ``victim`` in ``config``.
+    :func:`~dckpt.demo.train_with_a_kill` waits for to kill that node, and waits for
+    that: the node dies right after epoch ``kill_after``, however long the driver takes
+    to kill it on a busy machine, so no later epoch is checkpointed before the kill and
+    the run resumes at ``kill_after + 1``. Does nothing on other ranks, after a resume,
+    or without ``victim`` in ``config``.
     """
     context = get_context()
     if (context.world_rank == 1 and resumed_from is None
             and epoch == config.get("kill_after") and config.get("victim")):
         distributed.Variable(config["victim"]).set(context.node_id)
+        deadline = time.monotonic() + _KILL_WAIT_SECONDS
+        while not stop_requested():  # the kill ends this task; the stop, its attempt
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{context.node_id} offered itself for a kill after "
+                                   f"epoch {epoch} and was not killed within "
+                                   f"{_KILL_WAIT_SECONDS} s")
+            distributed.Event(f"{config['victim']}-never-set").wait(_POLL_SECONDS)
 
 
 class ToyPredictor(Predictor):

@@ -47,6 +47,7 @@ from dckpt.train._session import (
     get_context,
     get_dataset_shard,
     report,
+    stop_requested,
 )
 from dckpt.train._trainer import DataParallelTrainer, fit
 
@@ -70,4 +71,5 @@ __all__ = [
     "get_context",
     "get_dataset_shard",
     "report",
+    "stop_requested",
 ]

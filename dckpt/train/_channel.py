@@ -18,9 +18,11 @@ the scheduler would keep every run's queue forever. The driver holds the only
 reference and releases it in :meth:`ReportChannel.close`.
 
 The stop signal is one ``distributed.Event`` per attempt: the driver sets it when it
-gives up on an attempt; each rank checks it in every ``report``. A rank that never
-reports again keeps running until it returns (Dask cannot interrupt a running task),
-and keeps its worker's thread busy meanwhile.
+gives up on an attempt; each rank checks it in every ``report`` (and a rank that waits
+on its peers polls it, :func:`dckpt.train.stop_requested`). Once the run is over its
+events are released with its queue, so a queue that is gone also reads as stopped. A
+rank that never reports or polls again keeps running until it returns (Dask cannot
+interrupt a running task), and keeps its worker's thread busy meanwhile.
 """
 
 from __future__ import annotations
@@ -53,9 +55,21 @@ class WorkerChannel:
         client.sync(client.scheduler.queue_put, name=self.queue, data=payload)
 
     def stop_requested(self) -> bool:
-        """Whether the driver has stopped this attempt."""
+        """Whether the driver has stopped this attempt, or the whole run is over.
+
+        A rank still running when its run ended (Dask cannot interrupt a task) finds
+        no stop event: the driver released the run's events with its queue. So a
+        queue that is gone means stopped too; else such a rank, waiting for a peer
+        that died, would wait forever.
+        """
         client = distributed.get_client()
-        return bool(distributed.Event(self.stop_event, client=client).is_set())
+        if distributed.Event(self.stop_event, client=client).is_set():
+            return True
+        try:
+            client.sync(client.scheduler.queue_qsize, name=self.queue)
+        except KeyError:
+            return True
+        return False
 
 
 class ReportChannel:

@@ -27,7 +27,7 @@ from dckpt._checkpoint import Checkpoint
 logger = logging.getLogger(__name__)
 
 __all__ = ["Report", "TrainContext", "get_checkpoint", "get_context", "get_dataset_shard",
-           "report"]
+           "report", "stop_requested"]
 
 
 @dataclass(frozen=True)
@@ -228,6 +228,23 @@ def get_dataset_shard(dataset_name: str | None = None) -> Any:
     if dataset_name not in datasets:
         raise KeyError(f"no dataset {dataset_name!r}; the trainer has {sorted(datasets)}")
     return datasets[dataset_name]
+
+
+def stop_requested() -> bool:
+    """Whether the driver has given up on this rank's attempt (another rank failed).
+
+    Not in Ray (whose collectives are torch's): for a training function that waits on
+    its peers with Dask's own primitives (a ``distributed.Variable`` or ``Event`` per
+    step), which should poll this while it waits and return once it is true, instead of
+    a timeout that a slow peer on a busy machine would also run into. :func:`report`
+    raises when it is true, so a function that reports needs it only while it waits.
+
+    Raises
+    ------
+    RuntimeError
+        Outside a training function run by the trainer.
+    """
+    return _require("stop_requested").sender.stop_requested()
 
 
 def get_context() -> TrainContext:

@@ -7,7 +7,14 @@ import importlib.util
 import pytest
 
 from dckpt import Checkpoint
-from dckpt.train import Result, TrainContext, get_checkpoint, get_context, report
+from dckpt.train import (
+    Result,
+    TrainContext,
+    get_checkpoint,
+    get_context,
+    report,
+    stop_requested,
+)
 from dckpt.train._placement import place
 from dckpt.train._rank import RankSpec, run_rank
 from dckpt.train._session import RankStopped, Report, session
@@ -33,8 +40,8 @@ def _context(rank: int = 0) -> TrainContext:
 
 
 @pytest.mark.parametrize("call", [
-    lambda: report({"loss": 1.0}), get_checkpoint, get_context,
-], ids=["report", "get_checkpoint", "get_context"])
+    lambda: report({"loss": 1.0}), get_checkpoint, get_context, stop_requested,
+], ids=["report", "get_checkpoint", "get_context", "stop_requested"])
 def test_session_functions_outside_a_trainer_raise(call):
     with pytest.raises(RuntimeError, match="only inside a training function run by"):
         call()
@@ -61,6 +68,14 @@ def test_other_ranks_checkpoints_are_dropped_but_their_metrics_sent():
         report({"loss": 0.5}, checkpoint=Checkpoint.from_dict({"epoch": 2}))
     (sent,) = sender.reports
     assert sent.metrics == {"loss": 0.5} and sent.checkpoint is None
+
+
+def test_stop_requested_tells_what_the_driver_said():
+    sender = RecordingSender()
+    with session(_context(0), None, sender):
+        assert stop_requested() is False
+        sender.stop = True
+        assert stop_requested() is True
 
 
 def test_report_checks_its_arguments():

@@ -144,6 +144,32 @@ def test_more_failures_than_max_failures_raise_with_the_result(client):
     assert {e["attempt"] for e in result.metrics_history} <= {0, 1}
 
 
+def _wait_for_a_peer_that_fails(config):
+    """Rank 1 fails at once; rank 0 waits for it in the demo's all-reduce, then says
+    how its wait ended in the Variable ``config["ended"]``."""
+    from dckpt.demo._toy import all_reduce_mean
+
+    if get_context().world_rank == 1:
+        raise ValueError("rank 1 fails before its first all-reduce")
+    try:
+        all_reduce_mean([1.0], "never-complete")
+    except BaseException as e:
+        distributed.Variable(config["ended"]).set(type(e).__name__)
+        raise
+
+
+def test_a_rank_waiting_for_its_peers_stops_with_its_attempt(client):
+    """No timeout in the wait (a slow peer on a busy machine is waited for): the stop
+    the driver sends when the attempt fails ends it (dckpt.train.stop_requested)."""
+    ended = f"ended-{uuid.uuid4().hex}"
+    with pytest.raises(TrainingFailedError, match="rank 1 fails"):
+        fit(_wait_for_a_peer_that_fails, train_loop_config={"ended": ended}, num_workers=2,
+            max_failures=0, client=client, checkpoint_manager=FakeManager())
+    variable = distributed.Variable(ended, client=client)
+    assert variable.get(timeout=60) == "AttemptStopped"
+    variable.delete()
+
+
 def test_too_few_workers_fail_after_the_wait(client):
     with dask.config.set({"dckpt.train.worker-wait-timeout": "200ms"}), \
             pytest.raises(TrainingFailedError, match=f"{N_NODES + 1} workers") as info:
