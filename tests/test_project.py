@@ -221,7 +221,9 @@ _LAYERS: list[tuple[str, set[str]]] = [
     ("transfer", {"dckpt._transfer"}),
     # _compat.py: the touches of distributed's internals, for cluster/ and predict/.
     ("cluster", {"dckpt.cluster", "dckpt._compat"}),
-    ("API", {"dckpt", "dckpt._checkpoint", "dckpt._sources", "dckpt._shared_dir", "dckpt._put"}),
+    ("API", {"dckpt", "dckpt._checkpoint", "dckpt._checkpoint_reading",
+             "dckpt._checkpoint_writing", "dckpt._checkpoint_travel", "dckpt._sources",
+             "dckpt._shared_dir", "dckpt._put"}),
     # The apps, in the order they build on each other: a framework module of train/
     # gives its framework's predictor too (ray.train.torch.TorchPredictor), the demo
     # trains and predicts, the command line runs the demo.
@@ -240,15 +242,25 @@ _PRIVATE_REACHES = {
     ("dckpt._checkpoint", "dckpt._formats._layout"):
         "the directory layout is the façade's own format, kept in formats/ so that the "
         "layers below need not import the façade; its 14 names are no one else's API.",
+    ("dckpt._checkpoint_reading", "dckpt._formats._layout"):
+        "the façade's own format, as above: the constructors' reading of it.",
+    ("dckpt._checkpoint_writing", "dckpt._formats._layout"):
+        "the façade's own format, as above: the conversions' writing of it.",
     ("dckpt.cli._inspect", "dckpt._formats._layout"):
         "dckpt inspect reads the layout without unpickling, which Checkpoint cannot.",
     ("dckpt._checkpoint", "dckpt._formats._ray"):
         "reading checkpoints Ray wrote is the façade's job; formats/ has no public face "
         "for Ray's layout and needs none.",
+    ("dckpt._checkpoint_reading", "dckpt._formats._ray"):
+        "the façade's reading of what Ray wrote, as above.",
+    ("dckpt._checkpoint_writing", "dckpt._formats._ray"):
+        "a copy of what Ray wrote gets dckpt's control files: the façade's job, as above.",
     ("dckpt._checkpoint", "dckpt.cluster._resolve"):
         "node references resolve through the cluster, imported at call time (it imports "
         "distributed); make_ref and pinned_copy are plumbing, not dckpt.cluster's face.",
-    ("dckpt._checkpoint", "dckpt.cluster._put"):
+    ("dckpt._checkpoint_travel", "dckpt.cluster._resolve"):
+        "make_ref, for a directory pickled on a worker: the same plumbing.",
+    ("dckpt._checkpoint_travel", "dckpt.cluster._put"):
         "push_for_pickling: the same plumbing, for a driver's large checkpoint pickled.",
     ("dckpt._put", "dckpt.cluster._put"):
         "dckpt.put's cluster half (push a directory, have nodes' stores materialize it): "
@@ -511,3 +523,4 @@ def test_the_public_face_guard_sees_what_it_must():
         "class Thing: ...\n")
     assert defined == {"LIMIT", "helper", "Thing"}
     assert imported == {"node_id"}
+

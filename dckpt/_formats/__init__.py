@@ -8,7 +8,7 @@ lower one): path checks (:func:`safe_relpath`, :class:`EntryIndex`), the walk of
 :func:`partial_sibling`, :func:`atomic_file`, :func:`write_file_atomically`) and bounded JSON reading
 (:func:`load_json`); they are dckpt's building blocks, not a user's API. The directory
 layout itself (:mod:`dckpt._formats._layout`) stays private to the façade
-(``dckpt._checkpoint``) and ``dckpt inspect``.
+(``dckpt._checkpoint`` and its reading and writing modules) and ``dckpt inspect``.
 """
 
 from __future__ import annotations
