@@ -221,7 +221,9 @@ _LAYERS: list[tuple[str, set[str]]] = [
     ("transfer", {"dckpt._transfer"}),
     # _compat.py: the touches of distributed's internals, for cluster/ and predict/.
     ("cluster", {"dckpt.cluster", "dckpt._compat"}),
-    ("API", {"dckpt", "dckpt._checkpoint", "dckpt._sources", "dckpt._shared_dir", "dckpt._put"}),
+    ("API", {"dckpt", "dckpt._checkpoint", "dckpt._checkpoint_reading",
+             "dckpt._checkpoint_writing", "dckpt._checkpoint_travel", "dckpt._sources",
+             "dckpt._shared_dir", "dckpt._put"}),
     # The apps, in the order they build on each other: a framework module of train/
     # gives its framework's predictor too (ray.train.torch.TorchPredictor), the demo
     # trains and predicts, the command line runs the demo.
@@ -240,15 +242,25 @@ _PRIVATE_REACHES = {
     ("dckpt._checkpoint", "dckpt._formats._layout"):
         "the directory layout is the façade's own format, kept in formats/ so that the "
         "layers below need not import the façade; its 14 names are no one else's API.",
+    ("dckpt._checkpoint_reading", "dckpt._formats._layout"):
+        "the façade's own format, as above: the constructors' reading of it.",
+    ("dckpt._checkpoint_writing", "dckpt._formats._layout"):
+        "the façade's own format, as above: the conversions' writing of it.",
     ("dckpt.cli._inspect", "dckpt._formats._layout"):
         "dckpt inspect reads the layout without unpickling, which Checkpoint cannot.",
     ("dckpt._checkpoint", "dckpt._formats._ray"):
         "reading checkpoints Ray wrote is the façade's job; formats/ has no public face "
         "for Ray's layout and needs none.",
+    ("dckpt._checkpoint_reading", "dckpt._formats._ray"):
+        "the façade's reading of what Ray wrote, as above.",
+    ("dckpt._checkpoint_writing", "dckpt._formats._ray"):
+        "a copy of what Ray wrote gets dckpt's control files: the façade's job, as above.",
     ("dckpt._checkpoint", "dckpt.cluster._resolve"):
         "node references resolve through the cluster, imported at call time (it imports "
         "distributed); make_ref and pinned_copy are plumbing, not dckpt.cluster's face.",
-    ("dckpt._checkpoint", "dckpt.cluster._put"):
+    ("dckpt._checkpoint_travel", "dckpt.cluster._resolve"):
+        "make_ref, for a directory pickled on a worker: the same plumbing.",
+    ("dckpt._checkpoint_travel", "dckpt.cluster._put"):
         "push_for_pickling: the same plumbing, for a driver's large checkpoint pickled.",
     ("dckpt._put", "dckpt.cluster._put"):
         "dckpt.put's cluster half (push a directory, have nodes' stores materialize it): "
@@ -511,3 +523,46 @@ def test_the_public_face_guard_sees_what_it_must():
         "class Thing: ...\n")
     assert defined == {"LIMIT", "helper", "Thing"}
     assert imported == {"node_id"}
+
+
+# -- module size: a module stays under ~600 lines (STYLE.md), split along its seams ------
+
+_MAX_MODULE_LINES = 600
+
+# module -> why it cannot be split; none today. An entry names one module and its reason.
+_LONG_MODULES: dict[str, str] = {}
+
+
+def _too_long(modules: dict[str, Path], root: Path = ROOT,
+              limit: int = _MAX_MODULE_LINES) -> list[str]:
+    """``"path: N lines"`` (relative to ``root``) for each module of ``modules`` longer
+    than ``limit`` lines that :data:`_LONG_MODULES` does not excuse, longest first."""
+    counts = {name: len(path.read_text().splitlines()) for name, path in modules.items()}
+    return [f"{modules[name].relative_to(root)}: {count} lines"
+            for name, count in sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+            if count > limit and name not in _LONG_MODULES]
+
+
+def test_every_module_stays_under_600_lines():
+    """STYLE.md: modules of about 100-400 lines; one that passes ~600 is split where
+    its jobs part (e.g. the façade's reading, writing and pickling)."""
+    offenders = _too_long(_modules())
+    assert offenders == [], (
+        f"modules over {_MAX_MODULE_LINES} lines (split each along a seam, one job per "
+        "module): " + "; ".join(offenders))
+    stale = set(_LONG_MODULES) - set(_modules())
+    assert not stale, f"listed in _LONG_MODULES but gone, remove them: {sorted(stale)}"
+
+
+def test_the_module_size_guard_sees_what_it_must(tmp_path: Path):
+    (tmp_path / "short.py").write_text("x = 1\n" * 600)
+    (tmp_path / "long.py").write_text("x = 1\n" * 601)
+    (tmp_path / "longer.py").write_text("x = 1\n" * 900)
+    modules = {name: tmp_path / f"{name}.py" for name in ("short", "long", "longer")}
+    assert _too_long(modules, tmp_path) == ["longer.py: 900 lines", "long.py: 601 lines"]
+    # The counts are of lines, not of statements: blank lines and docstrings count too.
+    (tmp_path / "short.py").write_text('"""\n' + "\n" * 600 + '"""\n')
+    assert "short.py: 602 lines" in _too_long(modules, tmp_path)
+    # ... and every module of dckpt/ is counted, packages by their __init__.py.
+    assert _modules()["dckpt.cluster"].name == "__init__.py"
+    assert len(_modules()) > 100

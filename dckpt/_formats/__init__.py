@@ -8,11 +8,18 @@ lower one): path checks (:func:`safe_relpath`, :class:`EntryIndex`), the walk of
 :func:`partial_sibling`, :func:`atomic_file`, :func:`write_file_atomically`) and bounded JSON reading
 (:func:`load_json`); they are dckpt's building blocks, not a user's API. The directory
 layout itself (:mod:`dckpt._formats._layout`) stays private to the façade
-(``dckpt._checkpoint``) and ``dckpt inspect``.
+(``dckpt._checkpoint`` and its reading and writing modules) and ``dckpt inspect``.
 """
 
 from __future__ import annotations
 
+from dckpt._formats._archive_reader import ArchiveReader, unpack_directory, unpack_to_directory
+from dckpt._formats._archive_writer import (
+    ArchiveWriter,
+    pack_directory,
+    pack_directory_to_bytes,
+    pack_directory_to_file,
+)
 from dckpt._formats._atomic import (
     atomic_directory,
     atomic_file,
@@ -29,19 +36,7 @@ from dckpt._formats._frames import (
     encode_frame,
 )
 from dckpt._formats._layout import load_json
-from dckpt._formats._packing import (
-    FORMAT_VERSION,
-    MAGIC,
-    ArchiveEntry,
-    ArchiveReader,
-    ArchiveWriter,
-    is_packed,
-    pack_directory,
-    pack_directory_to_bytes,
-    pack_directory_to_file,
-    unpack_directory,
-    unpack_to_directory,
-)
+from dckpt._formats._packing import FORMAT_VERSION, MAGIC, ArchiveEntry, is_packed
 from dckpt._formats._paths import EntryIndex, safe_relpath
 from dckpt._formats._tree import copy_tree, plan_tree
 

@@ -50,6 +50,7 @@ from typing import Any
 import dask.config
 
 import dckpt._config  # noqa: F401  (loads the dckpt.* defaults into dask.config)
+from dckpt._formats._archive_writer import ArchiveWriter
 from dckpt._formats._layout import (
     DICT_FILE,
     HEADER_FILE,
@@ -57,7 +58,6 @@ from dckpt._formats._layout import (
     RESERVED_KEY,
     dump_pickle,
 )
-from dckpt._formats._packing import ArchiveWriter
 from dckpt._formats._paths import safe_relpath
 from dckpt.errors import (
     CheckpointFormatError,

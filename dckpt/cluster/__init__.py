@@ -19,14 +19,13 @@
 from __future__ import annotations
 
 from dckpt.cluster._core import NodeRef
-from dckpt.cluster._local import (
+from dckpt.cluster._isolation import (
     IsolationUnavailableWarning,
     NetworkIsolationUnavailableWarning,
-    NodeCluster,
-    NodeInfo,
     isolation_available,
     network_isolation_available,
 )
+from dckpt.cluster._local import NodeCluster, NodeInfo
 from dckpt.cluster._scheduler_plugin import (
     DckptSchedulerPlugin,
     checkpoints,

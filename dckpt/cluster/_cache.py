@@ -26,25 +26,14 @@ Identical files are stored once (:mod:`dckpt.cluster._cache_sharing`). The index
 each entry's files with their content hashes and inodes; :meth:`NodeCache.share` offers
 the cached files a new checkpoint shares with earlier ones (for a transfer to hard-link
 instead of fetch), pins the entries they are in while it runs, and reserves only the
-bytes that will be new. The budget counts bytes on disk: ``used_bytes`` is the sum of
-the entries' sizes less every file whose inode an entry listed already, so a file linked
-into two entries counts once, and evicting either of them leaves the figure right, as
-the other still lists that inode (nothing is re-attributed: the figure is computed from
-the entries that remain). An entry's ``size`` stays the size of its checkpoint. Eviction
-frees what only the evicted entry holds; making room evicts until the entries that
-remain, and the incoming one, fit. Files are only linked, never changed, so the entries
+bytes that will be new. Files are only linked, never changed, so the entries
 sharing one stay intact; a user who writes into a cached directory (which is the
 cache's, read-only by contract) changes every entry that shares the file, and the next
-transfer that checks it (every placed file is hashed) fetches it instead.
+transfer that checks it (every placed file is hashed) fetches it instead. How bytes
+count against the budget is :mod:`dckpt.cluster._cache_budget`.
 
-Hidden directories name the process that made them: ``.{name}.{pid}.{token}.partial``
-for staging, ``.{name}.{pid}.{token}.evicted`` for directories set aside to delete (see
-:mod:`dckpt.cluster._cache_names`). On
-start, the index is trusted only as far as it checks out: entries whose directory is
-gone are dropped; hidden leftovers of processes that are gone (a crash) are removed,
-those of live processes are theirs to finish; anything else that no entry names is
-removed; an index that cannot be read or does not validate is logged and rebuilt
-empty. Entries that other processes added are kept, whatever this one knew of them.
+Hidden directories, what a cache starting on the folder trusts of the index and what
+it removes are in :mod:`dckpt.cluster._cache_folder`.
 
 Threads and processes: every public method may be called from any thread of any
 process. Slow deletions (``rmtree`` of an evicted checkpoint, a staging directory that
@@ -61,16 +50,35 @@ import contextlib
 import dataclasses
 import logging
 import os
-import shutil
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 import dask.config
-from dask.utils import format_bytes, parse_bytes
+from dask.utils import format_bytes
 
 from dckpt import _node, _transfer
 from dckpt._locks import flocked
+from dckpt.cluster._cache_budget import (
+    MAX_BYTES_SETTING,
+    MAX_BYTES_VARIABLE,
+    choose_evictions,
+    parse_budget,
+)
+from dckpt.cluster._cache_folder import (
+    BOOKKEEPING_NAMES,
+    LOCK_NAME,
+    PINS_NAME,
+    TRANSFERS_NAME,
+    check_staging,
+    is_real_directory,
+    refuse_foreign,
+    remove_all,
+    set_aside,
+    strays,
+    transfer_lock_file,
+    unusable_entries,
+)
 from dckpt.cluster._cache_index import (
     INDEX_NAME,
     CachedFile,
@@ -80,35 +88,25 @@ from dckpt.cluster._cache_index import (
 )
 from dckpt.cluster._cache_names import (
     STAGING_TAG,
-    TRASH_TAG,
     checkpoint_key,
     entry_dirname,
-    is_leftover,
     owned_sibling,
-    owner_is_alive,
 )
 from dckpt.cluster._cache_pins import CachePins
 from dckpt.cluster._cache_sharing import (
     SharedFiles,
-    check_files,
     distinct_bytes,
     files_of,
     offer,
+    with_room,
 )
-from dckpt.errors import CacheFullError
 
-__all__ = ["INDEX_NAME", "CacheEntry", "CheckpointId", "NodeCache", "SharedFiles"]
+# Re-exported for the modules and tests that know them from here: the names of the
+# folder, the setting of the budget.
+__all__ = ["BOOKKEEPING_NAMES", "INDEX_NAME", "MAX_BYTES_SETTING", "MAX_BYTES_VARIABLE",
+           "CacheEntry", "CheckpointId", "NodeCache", "SharedFiles"]
 
 logger = logging.getLogger(__name__)
-
-MAX_BYTES_SETTING = "dckpt.cache.max-bytes"
-MAX_BYTES_VARIABLE = "DASK_DCKPT__CACHE__MAX_BYTES"
-
-# The folder's bookkeeping, shared by its processes (see the module docstring).
-_LOCK_NAME = ".lock"
-_PINS_NAME = ".pins"
-_TRANSFERS_NAME = ".transfers"
-BOOKKEEPING_NAMES = frozenset({_LOCK_NAME, _PINS_NAME, _TRANSFERS_NAME})
 
 _Key = tuple[CheckpointId, str]  # (checkpoint id, digest)
 
@@ -141,14 +139,7 @@ class NodeCache:
     TypeError
         If ``max_bytes`` is neither an int nor a string.
 
-    Examples
-    --------
-    >>> cache = NodeCache(root, max_bytes="1GiB")  # doctest: +SKIP
-    >>> staging = cache.staging_directory(checkpoint_id)  # doctest: +SKIP
-    >>> ...  # write the checkpoint's files into staging
-    >>> path = cache.add(checkpoint_id, digest, staging, size)  # doctest: +SKIP
-    >>> with cache.pinned(checkpoint_id):  # doctest: +SKIP
-    ...     assert cache.lookup(checkpoint_id, digest) == path
+    See :meth:`transfer_lock` for how a node adds a checkpoint once.
     """
 
     root: str
@@ -172,23 +163,23 @@ class NodeCache:
             os.path.abspath(os.fspath(root)) if root is not None else _node.cache_directory()
         )
         self._index = IndexFile(self.root)
-        self._lock_path = os.path.join(self.root, _LOCK_NAME)
-        self._transfers_dir = os.path.join(self.root, _TRANSFERS_NAME)
-        self._max_bytes = None if max_bytes is None else _parse_budget(max_bytes, "max_bytes")
+        self._lock_path = os.path.join(self.root, LOCK_NAME)
+        self._transfers_dir = os.path.join(self.root, TRANSFERS_NAME)
+        self._max_bytes = None if max_bytes is None else parse_budget(max_bytes, "max_bytes")
         self._lock = threading.Lock()
         self._entries = collections.OrderedDict()
         self._dirty = False
         self._evictions = 0
         os.makedirs(self.root, exist_ok=True)
-        _refuse_foreign(self.root)  # before writing anything into it
+        refuse_foreign(self.root)  # before writing anything into it
         with self._lock, flocked(self._lock_path) as lock_fd:
-            self._pins = CachePins(os.path.join(self.root, _PINS_NAME))
+            self._pins = CachePins(os.path.join(self.root, PINS_NAME))
             os.makedirs(self._transfers_dir, exist_ok=True)
             try:
                 trash = self._start_locked(lock_fd)
             finally:
                 self._flush_locked(lock_fd)
-        _remove_all(trash)
+        remove_all(trash)
 
     def __repr__(self) -> str:
         with self._shared():
@@ -202,7 +193,7 @@ class NodeCache:
         """The byte budget: ``max_bytes`` if given, else ``dckpt.cache.max-bytes``."""
         if self._max_bytes is not None:
             return self._max_bytes
-        return _parse_budget(dask.config.get(MAX_BYTES_SETTING), MAX_BYTES_SETTING)
+        return parse_budget(dask.config.get(MAX_BYTES_SETTING), MAX_BYTES_SETTING)
 
     @property
     def used_bytes(self) -> int:
@@ -229,7 +220,7 @@ class NodeCache:
         """
         with self._shared():
             trash = self._make_room_locked(size)
-        _remove_all(trash)
+        remove_all(trash)
 
     def share(self, manifest: _transfer.Manifest | None, size: int) -> SharedFiles:
         """The cached files that an incoming checkpoint shares, and room for the rest.
@@ -255,7 +246,7 @@ class NodeCache:
         if manifest is not None:
             with self._shared():
                 entries = [e for e in reversed(self._entries.values())  # most recent first
-                           if _is_real_directory(e.path)]
+                           if is_real_directory(e.path)]
                 offered, pinned = offer(entries, manifest)
                 for checkpoint_id in pinned:
                     self._pins.pin(checkpoint_id)
@@ -266,22 +257,8 @@ class NodeCache:
                 for checkpoint_id in pinned:
                     self._pins.unpin(checkpoint_id)
 
-        shared = SharedFiles(offered, max(0, new_bytes), pinned, unpin)
-        try:
-            self.reserve(shared.new_bytes)
-        except CacheFullError:
-            shared.release()
-            if not offered:
-                raise
-            logger.info("no room for %d new bytes with the %d cached checkpoints they share "
-                        "files with kept; receiving all %d bytes", shared.new_bytes,
-                        len(pinned), size)
-            self.reserve(size)
-            return SharedFiles({}, size, ())
-        except BaseException:
-            shared.release()
-            raise
-        return shared
+        return with_room(SharedFiles(offered, max(0, new_bytes), pinned, unpin), size,
+                         self.reserve)
 
     # -- lookup and pins --------------------------------------------------------------
 
@@ -303,7 +280,7 @@ class NodeCache:
         path: str | None = None
         with self._shared():
             entry = self._entries.get(key)
-            if entry is not None and not _is_real_directory(entry.path):
+            if entry is not None and not is_real_directory(entry.path):
                 logger.warning(
                     "the cached checkpoint %r at %s was removed behind the cache's back; "
                     "forgetting it", checkpoint_id, entry.path,
@@ -315,7 +292,7 @@ class NodeCache:
             if entry is not None:
                 self._touch_locked(key)
                 path = entry.path
-        _remove_all(trash)
+        remove_all(trash)
         return path
 
     def pin(self, checkpoint_id: CheckpointId) -> None:
@@ -384,16 +361,8 @@ class NodeCache:
         ...             path = cache.add(checkpoint_id, digest, staging, size)
         ...     ...  # use path
         """
-        os.makedirs(self._transfers_dir, exist_ok=True)
-        lock_path = os.path.join(self._transfers_dir, f"{checkpoint_key(checkpoint_id)}.lock")
-        with flocked(lock_path):
-            try:
-                yield
-            finally:
-                # Unlinked while held (flocked allows it): waiters move on to a fresh
-                # file, and no lock file per checkpoint ever fetched piles up.
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(lock_path)
+        with transfer_lock_file(self._transfers_dir, checkpoint_id):
+            yield
 
     def staging_directory(self, checkpoint_id: CheckpointId) -> str:
         """A fresh, empty directory inside the cache folder to write a checkpoint into.
@@ -446,7 +415,7 @@ class NodeCache:
             negative.
         """
         staging = os.path.abspath(os.fspath(staging))
-        self._check_staging(staging)
+        check_staging(self.root, staging)
         key = (checkpoint_id, digest)
         trash: list[str] = []
         placed = False
@@ -454,7 +423,7 @@ class NodeCache:
             files = files_of(staging)  # hashes remembered from the transfer: no reads
             with self._shared():
                 existing = self._entries.get(key)
-                if existing is not None and _is_real_directory(existing.path):
+                if existing is not None and is_real_directory(existing.path):
                     logger.debug(
                         "checkpoint %r is cached already; dropping %s", checkpoint_id, staging
                     )
@@ -468,7 +437,7 @@ class NodeCache:
                 final = os.path.join(self.root, entry_dirname(checkpoint_id, digest))
                 if os.path.lexists(final):
                     # No entry names it (checked above): a leftover. Move it aside.
-                    trash += self._set_aside_locked(final)
+                    trash += set_aside(self.root, final)
                 os.replace(staging, final)
                 placed = True
                 self._entries[key] = CacheEntry(
@@ -481,7 +450,7 @@ class NodeCache:
         finally:
             if not placed:
                 trash.append(staging)
-            _remove_all(trash)
+            remove_all(trash)
 
     # -- eviction and introspection ---------------------------------------------------
 
@@ -501,7 +470,7 @@ class NodeCache:
             keys = [key for key in self._entries if key[0] == checkpoint_id]
             for key in keys:
                 trash += self._evict_locked(key)
-        _remove_all(trash)
+        remove_all(trash)
         return bool(keys)
 
     def entries(self) -> list[CacheEntry]:
@@ -568,28 +537,13 @@ class NodeCache:
         self._entries.move_to_end(key)
         self._dirty = True
 
-    def _set_aside_locked(self, path: str) -> list[str]:
-        """Rename ``path`` to a trash name of this process; returns what to delete.
-
-        Under the flock, so that exactly one process deletes it, after the locks.
-        """
-        aside = owned_sibling(self.root, os.path.basename(path), TRASH_TAG)
-        try:
-            os.replace(path, aside)
-        except FileNotFoundError:
-            return []
-        except OSError as e:
-            logger.warning("could not remove %s from the node cache: %s", path, e)
-            return []
-        return [aside]
-
     def _evict_locked(self, key: _Key) -> list[str]:
         """Forget an entry and rename its directory aside; returns what to delete."""
         entry = self._entries.pop(key)
         self._dirty = True
         self._evictions += 1
         logger.debug("evicted checkpoint %r (%d bytes)", entry.checkpoint_id, entry.size)
-        return self._set_aside_locked(entry.path)
+        return set_aside(self.root, entry.path)
 
     def _evict_stale_locked(self, checkpoint_id: CheckpointId, digest: str) -> list[str]:
         stale = [k for k in self._entries if k[0] == checkpoint_id and k[1] != digest]
@@ -606,91 +560,26 @@ class NodeCache:
         inodes of ``files`` with them) fit the budget; returns what to delete."""
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
             raise ValueError(f"size must be a number of bytes >= 0, not {size!r}")
-        budget = self.max_bytes
-        incoming = CacheEntry(CheckpointId(""), "", size, "", 0.0, files=files)
-
-        def used_with(entries: list[CacheEntry]) -> int:
-            return distinct_bytes([*entries, incoming])
-
-        remaining = list(self._entries.values())  # least recently used first
-        if used_with(remaining) <= budget:
-            return []
-        pinned_ids = self._pins.live_keys()
-        kept = [e for e in remaining if checkpoint_key(e.checkpoint_id) in pinned_ids]
-        pinned = distinct_bytes(kept)
-        if distinct_bytes([incoming]) > budget:
-            raise CacheFullError(
-                f"a checkpoint of {size} bytes ({format_bytes(size)}) is larger than the "
-                f"whole node cache at {self.root}, which may hold {budget} bytes "
-                f"({format_bytes(budget)}); {pinned} bytes are pinned by checkpoints in "
-                f"use. Raise `{MAX_BYTES_SETTING}` ({MAX_BYTES_VARIABLE}) on the workers."
-            )
-        if used_with(kept) > budget:
-            raise CacheFullError(
-                f"no room for {size} bytes ({format_bytes(size)}) in the node cache at "
-                f"{self.root}: it may hold {budget} bytes ({format_bytes(budget)}) and "
-                f"{pinned} bytes of it are pinned by checkpoints in use. Raise "
-                f"`{MAX_BYTES_SETTING}` ({MAX_BYTES_VARIABLE}) on the workers, or release "
-                "checkpoints sooner."
-            )
+        victims = choose_evictions(list(self._entries.values()), size, files, self.max_bytes,
+                                   self._pins.live_keys, self.root)
         trash: list[str] = []
-        for entry in list(remaining):
-            if used_with(remaining) <= budget:
-                break
-            if checkpoint_key(entry.checkpoint_id) in pinned_ids:
-                continue
-            remaining.remove(entry)
+        for entry in victims:
             trash += self._evict_locked((entry.checkpoint_id, entry.digest))
-        assert used_with(remaining) <= budget, (used_with(remaining), size, budget)
         return trash
 
     def _reload_locked(self, lock_fd: int) -> None:
-        """Replace ``_entries`` by the index on disk; flock held."""
-        try:
-            records = self._index.read(lock_fd)
-            self._dirty = False
-        except (OSError, ValueError, RecursionError) as e:
-            logger.warning(
-                "the node cache index %s is unusable (%s); starting over with an empty "
-                "index: the directories in %s become strays, removed by the next cache "
-                "to start there", self._index.path, e, self.root,
-            )
-            records = []
-            self._dirty = True
+        """Replace ``_entries`` by the index on disk, or by none when it is unusable (it
+        is then rewritten); flock held."""
+        records = self._index.read_usable(lock_fd)
+        self._dirty = records is None
         self._entries = collections.OrderedDict(
-            ((record.checkpoint_id, record.digest), record)
-            for record in sorted(records, key=lambda r: r.last_used)  # stable: file order
-        )
+            ((record.checkpoint_id, record.digest), record) for record in records or ())
 
     def _flush_locked(self, lock_fd: int) -> None:
-        if not self._dirty:
-            return
-        try:
-            self._index.write(lock_fd, list(self._entries.values()))
-        except OSError as e:
-            # The cache still works; only a restart would forget the newest entries
-            # (their directories are then removed as strays).
-            logger.warning("could not write the node cache index %s: %s", self._index.path, e)
-            return
-        self._dirty = False
-
-    def _check_staging(self, staging: str) -> None:
-        # A staging directory, or a directory inside one (a transfer may build its
-        # result there and rename it once complete).
-        rel = os.path.relpath(staging, self.root)
-        first = rel.split(os.sep, 1)[0]
-        real_root = os.path.realpath(self.root)
-        if (
-            rel.startswith("..")
-            or not (first.startswith(".") and first.endswith(f".{STAGING_TAG}"))
-            or not os.path.realpath(staging).startswith(real_root + os.sep)
-        ):
-            raise ValueError(
-                f"{staging!r} is not (inside) a staging directory of the node cache at "
-                f"{self.root}; get one from NodeCache.staging_directory()"
-            )
-        if not _is_real_directory(staging):
-            raise FileNotFoundError(f"the staging directory {staging!r} does not exist")
+        # A failed write leaves the cache working; only a restart would forget the
+        # newest entries (their directories are then removed as strays).
+        if self._dirty and self._index.write_or_warn(lock_fd, list(self._entries.values())):
+            self._dirty = False
 
     def _start_locked(self, lock_fd: int) -> list[str]:
         """Read the index and tidy the folder; returns what to delete. Flock held."""
@@ -698,92 +587,14 @@ class NodeCache:
             self._reload_locked(lock_fd)
         else:
             self._dirty = True  # the index marks the folder as the cache's
-        for key, entry in list(self._entries.items()):
-            if not _is_real_directory(entry.path):
-                logger.info(
-                    "dropping checkpoint %r from the node cache: %s is gone",
-                    entry.checkpoint_id, entry.path,
-                )
-                del self._entries[key]
-                self._dirty = True
-            elif entry.files and not check_files(entry):
-                logger.info("the files of cached checkpoint %r at %s are not those the index "
-                            "lists; counting it by its size, sharing none of them",
-                            entry.checkpoint_id, entry.path)
-                entry.files = ()
-                self._dirty = True
-        keep = {os.path.basename(entry.path) for entry in self._entries.values()}
-        keep |= BOOKKEEPING_NAMES
-        if os.path.isfile(self._index.path) and not os.path.islink(self._index.path):
-            keep.add(INDEX_NAME)  # rewritten by the flush when it was unusable
+        gone, changed = unusable_entries(self._entries)
+        for key in gone:
+            del self._entries[key]
+        self._dirty = self._dirty or changed or bool(gone)
         trash: list[str] = []
-        for name in os.listdir(self.root):
-            if name in keep:
-                continue
-            if is_leftover(name):
-                if owner_is_alive(name):
-                    continue  # a live process's staging or trash: it finishes it
-            else:
-                logger.info("removing %s from the node cache: no index entry names it", name)
-            trash += self._set_aside_locked(os.path.join(self.root, name))
+        for name in strays(self.root, self._entries.values(), self._index.path):
+            trash += set_aside(self.root, os.path.join(self.root, name))
         # A smaller budget than before a restart, or than the other processes': shrink
         # now. Pins of live processes are respected.
         trash += self._make_room_locked(0)
         return trash
-
-
-# -- helpers --------------------------------------------------------------------------
-
-
-def _refuse_foreign(root: str) -> None:
-    """Raise ValueError if ``root`` holds files but is no node cache."""
-    # Listed before the index is looked for: a cache writes its index before anything
-    # else, so a concurrent first start is never taken for a foreign folder.
-    names = os.listdir(root)
-    if os.path.lexists(os.path.join(root, INDEX_NAME)):
-        return
-    foreign = sorted(n for n in names if not is_leftover(n) and n not in BOOKKEEPING_NAMES)
-    if foreign:
-        raise ValueError(
-            f"{root} is not empty ({', '.join(foreign[:5])}) and holds no "
-            f"{INDEX_NAME}: it is not a dckpt node cache, and the cache removes "
-            "what it does not know. Give the cache a folder of its own "
-            "(see `dckpt.node-root`)."
-        )
-
-
-
-def _parse_budget(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise TypeError(
-            f"{name} must be a size in bytes such as 10737418240 or '10GiB', not "
-            f"{type(value).__name__} {value!r}"
-        )
-    try:
-        parsed = parse_bytes(value)
-    except ValueError as e:
-        raise ValueError(
-            f"{name} must be a size in bytes such as 10737418240 or '10GiB', not {value!r}"
-        ) from e
-    if parsed < 0:
-        raise ValueError(f"{name} must not be negative, got {value!r}")
-    return int(parsed)
-
-
-def _is_real_directory(path: str) -> bool:
-    return os.path.isdir(path) and not os.path.islink(path)
-
-
-def _remove_all(paths: Iterable[str]) -> None:
-    """Delete files and directories; never follows a symbolic link out."""
-    for path in paths:
-        try:
-            if _is_real_directory(path):
-                shutil.rmtree(path)
-            else:
-                os.unlink(path)
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            logger.warning("could not remove %s: %s", path, e)
-

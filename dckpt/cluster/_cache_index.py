@@ -24,6 +24,7 @@ file to share.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -35,6 +36,8 @@ from dckpt._formats import safe_relpath, write_file_atomically
 __all__ = [
     "INDEX_NAME", "CacheEntry", "CachedFile", "CheckpointId", "CorruptIndexError", "IndexFile",
 ]
+
+logger = logging.getLogger(__name__)
 
 CheckpointId = NewType("CheckpointId", str)
 """The id of a checkpoint, unique across the cluster (free text)."""
@@ -130,6 +133,29 @@ class IndexFile:
         """
         self._seen = self._signature(lock_fd)
         return _parse(self.path, self._root)
+
+    def read_usable(self, lock_fd: int) -> list[CacheEntry] | None:
+        """The entries of the index, least recently used first (as listed where equal);
+        None, with a warning, when the index cannot be read or does not validate."""
+        try:
+            records = self.read(lock_fd)
+        except (OSError, ValueError, RecursionError) as e:
+            logger.warning(
+                "the node cache index %s is unusable (%s); starting over with an empty "
+                "index: the directories in %s become strays, removed by the next cache "
+                "to start there", self.path, e, self._root,
+            )
+            return None
+        return sorted(records, key=lambda r: r.last_used)  # stable: file order
+
+    def write_or_warn(self, lock_fd: int, entries: list[CacheEntry]) -> bool:
+        """:meth:`write`; False, with a warning, when it could not be written."""
+        try:
+            self.write(lock_fd, entries)
+        except OSError as e:
+            logger.warning("could not write the node cache index %s: %s", self.path, e)
+            return False
+        return True
 
     def write(self, lock_fd: int, entries: list[CacheEntry]) -> None:
         """Replace the index atomically by ``entries`` (in that order).

@@ -29,8 +29,9 @@ from collections.abc import Callable, Iterable
 
 from dckpt import _transfer
 from dckpt.cluster._cache_index import CachedFile, CacheEntry, CheckpointId
+from dckpt.errors import CacheFullError
 
-__all__ = ["SharedFiles", "check_files", "distinct_bytes", "files_of"]
+__all__ = ["SharedFiles", "check_files", "distinct_bytes", "files_of", "with_room"]
 
 logger = logging.getLogger(__name__)
 
@@ -151,3 +152,29 @@ def offer(
                 offered[cached.hash] = os.path.join(entry.path, *cached.path.split("/"))
                 sources[entry.checkpoint_id] = None
     return offered, tuple(sources)
+
+
+def with_room(
+    shared: SharedFiles, size: int, reserve: Callable[[int], None]
+) -> SharedFiles:
+    """``shared``, once ``reserve`` made room for the bytes it leaves new.
+
+    If that room cannot be had with the entries it pins kept, nothing is shared: their
+    pins go and room is made for all ``size`` bytes (evicting them if need be), as
+    without sharing; :class:`~dckpt.errors.CacheFullError` if even that fails.
+    """
+    try:
+        reserve(shared.new_bytes)
+    except CacheFullError:
+        shared.release()
+        if not shared.offered:
+            raise
+        logger.info("no room for %d new bytes with the %d cached checkpoints they share "
+                    "files with kept; receiving all %d bytes", shared.new_bytes,
+                    len(shared.pinned), size)
+        reserve(size)
+        return SharedFiles({}, size, ())
+    except BaseException:
+        shared.release()
+        raise
+    return shared

@@ -12,7 +12,7 @@ import asyncio
 import errno
 from typing import Any
 
-from dckpt.cluster._cache import MAX_BYTES_SETTING, MAX_BYTES_VARIABLE
+from dckpt.cluster._cache_budget import MAX_BYTES_SETTING, MAX_BYTES_VARIABLE
 from dckpt.cluster._core import NodeRef
 from dckpt.errors import (
     CacheFullError,

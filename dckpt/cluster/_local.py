@@ -6,65 +6,19 @@ isolation on, each worker also runs in a mount namespace of its own, so a file o
 writes under its root does not exist on any other node, nor in the driver: the only
 honest way to test "no shared filesystem" on one machine.
 
-How isolation is done. Every node sees its storage at the *same* path, the mount point
-``<cluster root>/node``; what is behind it differs per node. Each worker starts as::
-
-    unshare --mount --propagation private -- sh -c '
-        mount --bind BACKING MOUNTPOINT &&
-        mount -t tmpfs dckpt-hidden BACKINGS &&
-        exec dask worker ...'
-
-``BACKING`` is the node's own folder ``<cluster root>/backing/node-<i>`` (on disk, so a
-restarted worker of the same node finds its data again), and the tmpfs over
-``<cluster root>/backing`` hides every node's backing folder from every worker, so the
-mount point is the only way a node reaches its data. A *shared folder* (``shared_folders``)
-is one more bind mount before the tmpfs: the one folder ``<cluster root>/backing/shared/<name>``
-at ``MOUNTPOINT/<name>`` in every node, the same files at the same path on every node, as an
-NFS export that every machine mounts at one place — while the rest of each node's root stays
-its own. Folders of the machine outside the cluster root are not hidden from any node. "Private" propagation keeps the
-mounts out of the driver's namespace: in the driver, ``<cluster root>/node`` stays an
-empty folder. The namespace, and its mounts, disappear with the worker process. Not
-root? The same works inside a user namespace (``unshare --user --map-root-user``)
-where the kernel allows those.
-
 Without isolation (unavailable, or ``isolate=False``) each node gets a distinct root,
 ``<cluster root>/node-<i>``, and nothing stops one node from reading another's files.
-
-Network isolation (``network=True``). The nodes then also stop sharing the loopback:
-:mod:`dckpt.cluster._netns` makes a bridge on this machine with an address of its own
-(``host_address``, ``.1`` of a free ``/24`` in 10.220.0.0/16) and per node a network
-namespace whose ``eth0`` (one end of a veth pair, the other a port of the bridge) has the
-node's address, optionally rate-limited with ``tc tbf``. Each worker starts as::
-
-    nsenter --net=/run/netns/NS -- unshare --uts --mount --propagation private -- sh -c '
-        printf node-<i> > /proc/sys/kernel/hostname && exec sh -c "<mounts as above>" ...'
-
-so it has its own host name (a UTS namespace) and binds ``--host <its address>``: what
-it advertises is its own address. The scheduler runs on this machine, bound to the
-bridge's address, which every node reaches over its link and the driver reaches
-directly; nothing listens on, or is sent to, any address outside the cluster's
-``/24``. The workers get no ``DASK_DCKPT__NODE_ID``: their node id is their host name,
-the default of :func:`dckpt._node.node_id`, as on a real machine. With mount isolation,
-``/etc/hosts`` in each node names every node (and the host as ``dckpt-host``), so a
-node's host name resolves. The namespaces outlive a worker: a restarted node keeps its
-namespace, address and link. :meth:`NodeCluster.close` removes them with the bridge;
-what a killed driver left behind is removed by the next network cluster on the machine.
-
-Process model: one scheduler and one worker process per node, each started in a session
-of its own (``start_new_session``) so that Ctrl-C in a terminal reaches only the driver,
-which then shuts them down in order. Workers run without a nanny: a nanny would restart
-a killed worker behind :meth:`NodeCluster.kill_node`'s back, and the worker process is
-then the node (its pid is :attr:`NodeInfo.pid`).
+How the nodes are isolated, in mount namespaces and with ``network=True`` in network
+namespaces too, is described in :mod:`dckpt.cluster._isolation`; the processes the
+cluster starts, and how they end, in :mod:`dckpt.cluster._cluster_processes`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -73,7 +27,7 @@ import time
 import warnings
 import weakref
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -81,38 +35,28 @@ import distributed
 
 from dckpt import _config
 from dckpt.cluster import _netns
+from dckpt.cluster._cluster_processes import (
+    ClusterProcesses,
+    log_tail,
+    release,
+    signal_group,
+    spawn,
+)
+from dckpt.cluster._isolation import (
+    IsolationUnavailableWarning,
+    mount_namespace_command,
+    network_namespace_command,
+    network_plan,
+)
+
+# Looked up in this module when a cluster starts, so that a test can force isolation
+# off (tests/cluster/test_local.py).
+from dckpt.cluster._isolation import probe_isolation as _probe_isolation
 from dckpt.errors import IsolationUnavailableError
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "IsolationUnavailableWarning",
-    "NetworkIsolationUnavailableWarning",
-    "NodeCluster",
-    "NodeInfo",
-    "isolation_available",
-    "network_isolation_available",
-]
-
-
-class IsolationUnavailableWarning(UserWarning):
-    """Nodes of a :class:`NodeCluster` share this machine's file system.
-
-    Raised as a warning when ``isolate=None`` and mount namespaces cannot be had (not
-    Linux, not root and no user namespaces, or a container that forbids ``unshare``).
-    Each node still has a root of its own, but a test that should prove "no shared
-    filesystem" may pass by reading another node's files.
-    """
-
-
-class NetworkIsolationUnavailableWarning(IsolationUnavailableWarning):
-    """Nodes of a :class:`NodeCluster` share this machine's network (its loopback).
-
-    Raised as a warning when ``network=None`` and network namespaces (or, for
-    ``link_rate``, ``tc tbf``) cannot be had: not Linux, not root, no ``ip`` or ``tc``
-    on the PATH, or a container without ``CAP_NET_ADMIN``. The cluster then runs as with
-    ``network=False``: mount isolation only, every node on 127.0.0.1, no link limit.
-    """
+__all__ = ["NodeCluster", "NodeInfo"]
 
 
 @dataclass(frozen=True)
@@ -141,176 +85,8 @@ class NodeInfo:
     isolated: bool
 
 
-# Mount the node's backing folder ($1) at the shared mount point ($2), bind each pair of
-# (shared folder, mount point) that follows up to a "--", hide the folder of all backing
-# folders ($3), then become the worker (what follows the "--"). `exec` keeps one process,
-# so the pid that Popen knows is the worker's pid.
-_ISOLATE_SCRIPT = (
-    'mount --bind "$1" "$2" && hidden="$3" && shift 3 && '
-    'while [ "$1" != "--" ]; do mount --bind "$1" "$2" || exit 1; shift 2; done && shift && '
-    'mount -t tmpfs -o size=1m,mode=0755 dckpt-hidden "$hidden" && '
-    'exec "$@"'
-)
-# Set the host name of a fresh UTS namespace ($1), then become what follows. /proc
-# rather than hostname(1), which not every image has.
-_HOST_NAME_SCRIPT = 'printf "%s" "$1" > /proc/sys/kernel/hostname && shift && exec "$@"'
 # Names a shared folder may not take: what dckpt and the worker keep in a node's root.
 _RESERVED_NAMES = frozenset({"cache", "tmp", "dask-worker-space"})
-_ROOT_PREFIX = ("unshare", "--mount", "--propagation", "private")
-_USER_PREFIX = ("unshare", "--user", "--map-root-user", "--mount", "--propagation", "private")
-# How long a worker or the scheduler may take to shut down after SIGTERM before SIGKILL.
-_TERMINATE_GRACE = 5.0
-_LOG_TAIL_BYTES = 3000
-
-
-@functools.cache
-def _probe_isolation() -> tuple[tuple[str, ...] | None, str]:
-    """The ``unshare`` prefix that isolates a worker here, or None and why not.
-
-    Runs the very mount script that workers run, in a throwaway namespace, and checks
-    both that the bind mount is seen inside and that nothing leaked into ours. Cached:
-    this costs a few tens of milliseconds and the answer does not change.
-    """
-    if not sys.platform.startswith("linux"):
-        return None, f"mount namespaces need Linux (this is {sys.platform})"
-    missing = [tool for tool in ("unshare", "mount", "sh") if shutil.which(tool) is None]
-    if missing:
-        return None, f"{', '.join(missing)} not found on PATH"
-    candidates = [_ROOT_PREFIX, _USER_PREFIX] if os.geteuid() == 0 else [_USER_PREFIX]
-    reasons = []
-    with tempfile.TemporaryDirectory(prefix="dckpt-isolation-probe-") as probe:
-        hidden = os.path.join(probe, "backing")
-        backing = os.path.join(hidden, "node")
-        mount_point = os.path.join(probe, "node")
-        os.makedirs(backing)
-        os.makedirs(mount_point)
-        marker = os.path.join(mount_point, "marker")
-        open(os.path.join(backing, "marker"), "w").close()
-        for prefix in candidates:
-            command = [*prefix, "--", "sh", "-c", _ISOLATE_SCRIPT, "sh", backing,
-                       mount_point, hidden, "--", "test", "-f", marker]
-            try:
-                result = subprocess.run(
-                    command, stdin=subprocess.DEVNULL, capture_output=True, timeout=10
-                )
-            except (OSError, subprocess.TimeoutExpired) as e:
-                reasons.append(f"`{' '.join(prefix)}`: {e}")
-                continue
-            if os.path.exists(marker):
-                reasons.append(f"`{' '.join(prefix)}`: the mount leaked into this namespace")
-                break
-            if result.returncode == 0:
-                logger.debug("Node isolation available with %s", " ".join(prefix))
-                return prefix, ""
-            error = result.stderr.decode(errors="replace").strip() or f"exit {result.returncode}"
-            reasons.append(f"`{' '.join(prefix)}`: {error}")
-    return None, "; ".join(reasons)
-
-
-def isolation_available() -> bool:
-    """Whether :class:`NodeCluster` can isolate its nodes in mount namespaces here.
-
-    Returns
-    -------
-    bool
-        True on Linux when ``unshare --mount`` (as root) or ``unshare --user
-        --map-root-user --mount`` (user namespaces) lets a process bind-mount a folder
-        without the mount showing in this process. Probed once per process.
-    """
-    return _probe_isolation()[0] is not None
-
-
-def network_isolation_available(link_rate: bool = False) -> bool:
-    """Whether :class:`NodeCluster` can give its nodes network namespaces here.
-
-    Parameters
-    ----------
-    link_rate
-        Also require ``tc tbf``, which ``link_rate=`` needs.
-
-    Returns
-    -------
-    bool
-        True on Linux when this process may create network namespaces, bridges and
-        veth pairs (root, ``ip`` and ``nsenter`` on the PATH), and with ``link_rate``
-        a ``tbf`` qdisc. Probed once per process in a throwaway namespace.
-    """
-    no_netns, no_tbf = _netns.probe()
-    return not no_netns and not (link_rate and no_tbf)
-
-
-@dataclass
-class _Processes:
-    """What a cluster must release; kept apart from it so a finalizer can hold it."""
-
-    root: str
-    owns_root: bool
-    network: _netns.ClusterNetwork | None = None
-    scheduler: subprocess.Popen[bytes] | None = None
-    workers: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
-    clients: list[distributed.Client] = field(default_factory=list)
-
-
-def _signal_group(process: subprocess.Popen[bytes], signum: int) -> None:
-    # Each process leads a session of its own, so its group holds it and anything it
-    # started (processes a task forked, say).
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, signum)
-
-
-def _stop(processes: list[subprocess.Popen[bytes]], grace: float) -> None:
-    """SIGTERM each process group, SIGKILL what still runs after ``grace`` seconds."""
-    running = [p for p in processes if p.poll() is None]
-    for process in running:
-        _signal_group(process, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    for process in running:
-        try:
-            process.wait(max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            logger.warning("Process %d ignored SIGTERM for %.0fs; killing it", process.pid, grace)
-            _signal_group(process, signal.SIGKILL)
-            process.wait()
-    for process in running:
-        # The leaders are gone; SIGKILL whatever is left in their groups. A group id
-        # stays taken while the group has members, and these leaders were reaped just
-        # now, so their ids cannot have gone to a stranger in between.
-        _signal_group(process, signal.SIGKILL)
-
-
-def _release(state: _Processes) -> None:
-    """Close clients, stop workers then the scheduler, remove an owned root. Idempotent."""
-    for client in state.clients:
-        try:
-            client.close(timeout=10)
-        except Exception:  # noqa: BLE001 - shutting down; the processes go anyway
-            logger.debug("Closing a client failed", exc_info=True)
-    state.clients.clear()
-    _stop(list(state.workers.values()), _TERMINATE_GRACE)
-    state.workers.clear()
-    if state.scheduler is not None:
-        _stop([state.scheduler], _TERMINATE_GRACE)
-        state.scheduler = None
-    if state.network is not None:
-        # After the processes: a namespace deleted under a running worker lives on.
-        _netns.remove(state.network)
-        state.network = None
-    if state.owns_root:
-        # The bind mounts lived in the workers' namespaces, gone with them: from here
-        # the backing folders are ordinary folders.
-        shutil.rmtree(state.root, ignore_errors=True)
-        if os.path.exists(state.root):
-            logger.warning("Could not remove the cluster root %s", state.root)
-
-
-def _tail(path: str) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - _LOG_TAIL_BYTES))
-            return f.read().decode(errors="replace")
-    except OSError as e:
-        return f"(no log: {e})"
 
 
 class NodeCluster:
@@ -423,9 +199,9 @@ class NodeCluster:
     _env: dict[str, str]
     _startup_timeout: float
     _shared_folders: tuple[str, ...]
-    _state: _Processes
+    _state: ClusterProcesses
     _admin: distributed.Client
-    _finalizer: weakref.finalize[[_Processes], NodeCluster]
+    _finalizer: weakref.finalize[[ClusterProcesses], NodeCluster]
 
     def __init__(
         self,
@@ -444,8 +220,7 @@ class NodeCluster:
     ) -> None:
         if n_nodes < 1:
             raise ValueError(f"NodeCluster needs at least one node, got n_nodes={n_nodes}")
-        self._network_wanted, self._rate_bits = self._check_network(
-            n_nodes, network, link_rate)
+        self._network_wanted, self._rate_bits = network_plan(n_nodes, network, link_rate)
         self.network = None
         self._shared_folders = tuple(dict.fromkeys(shared_folders))
         for name in self._shared_folders:
@@ -497,10 +272,10 @@ class NodeCluster:
         if root is None:
             root = tempfile.mkdtemp(prefix="dckpt-cluster-", dir=_config.temporary_directory())
         self.root = os.path.abspath(root)
-        self._state = _Processes(root=self.root, owns_root=owns_root)
+        self._state = ClusterProcesses(root=self.root, owns_root=owns_root)
         # Safety net for a cluster that is never closed: runs at garbage collection or
         # at interpreter exit, whichever comes first.
-        self._finalizer = weakref.finalize(self, _release, self._state)
+        self._finalizer = weakref.finalize(self, release, self._state)
         try:
             self._start(n_nodes)
         except BaseException:
@@ -508,58 +283,6 @@ class NodeCluster:
             raise
 
     # -- start-up -------------------------------------------------------------------
-
-    @staticmethod
-    def _check_network(
-        n_nodes: int, network: bool | None, link_rate: str | int | None
-    ) -> tuple[bool, int | None]:
-        """Whether to make a network, and its rate in bit/s; raise or warn as documented."""
-        rate_bits = None if link_rate is None else _netns.parse_rate(link_rate)
-        if network is False:
-            if rate_bits is not None:
-                raise ValueError(
-                    f"NodeCluster(link_rate={link_rate!r}) limits each node's own link, "
-                    "which needs network=True (or None); with network=False the nodes "
-                    "share the loopback"
-                )
-            return False, None
-        if n_nodes > _netns.MAX_NODES:
-            raise ValueError(
-                f"NodeCluster(network={network}) makes at most {_netns.MAX_NODES} node "
-                f"namespaces, got n_nodes={n_nodes}"
-            )
-        no_netns, no_tbf = _netns.probe()
-        fallback = "; pass network=None to fall back to nodes on the loopback with a warning"
-        if no_netns:
-            if network:
-                raise IsolationUnavailableError(
-                    "NodeCluster(network=True) needs network namespaces, which are not "
-                    f"available here ({no_netns}). Run as root with iproute2 (ip, tc) "
-                    "and util-linux (nsenter, unshare) installed" + fallback
-                )
-            warnings.warn(
-                f"NodeCluster cannot give its nodes network namespaces ({no_netns}); "
-                "every node runs on 127.0.0.1"
-                + (f" and link_rate={link_rate!r} is not applied" if rate_bits else ""),
-                NetworkIsolationUnavailableWarning,
-                stacklevel=3,
-            )
-            return False, None
-        if rate_bits is not None and no_tbf:
-            if network:
-                raise IsolationUnavailableError(
-                    f"NodeCluster(link_rate={link_rate!r}) needs `tc ... tbf`, which is "
-                    f"not available here ({no_tbf}); install iproute2's tc, or pass "
-                    "link_rate=None for unlimited links"
-                )
-            warnings.warn(
-                f"NodeCluster cannot limit its nodes' links ({no_tbf}); link_rate="
-                f"{link_rate!r} is not applied",
-                NetworkIsolationUnavailableWarning,
-                stacklevel=3,
-            )
-            rate_bits = None
-        return True, rate_bits
 
     def _start_network(self, n_nodes: int) -> None:
         try:
@@ -625,19 +348,7 @@ class NodeCluster:
         self, command: list[str], log_name: str, env: Mapping[str, str],
         unset: Sequence[str] = (),
     ) -> subprocess.Popen[bytes]:
-        logger.debug("Starting %s: %s", log_name, " ".join(command))
-        with open(self._log(log_name), "ab") as log:
-            log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n".encode())
-            log.flush()
-            inherited = {k: v for k, v in os.environ.items() if k not in unset}
-            return subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env={**inherited, **env, **self._env},
-                start_new_session=True,
-            )
+        return spawn(command, self._log(log_name), {**env, **self._env}, unset)
 
     def _dashboard_options(self, host: str) -> list[str]:
         """A process's HTTP server (dashboard, ``/metrics``) on a free port of ``host``,
@@ -685,9 +396,9 @@ class NodeCluster:
                      for path in (self.shared_folder(name), os.path.join(node_root, name))]
             if link is not None and os.path.isfile("/etc/hosts"):  # a bind needs a target
                 binds += [self._hosts_file(), "/etc/hosts"]
-            command = ["sh", "-c", _ISOLATE_SCRIPT, "sh",
-                       self._backing(index), node_root, os.path.join(self.root, "backing"),
-                       *binds, "--", *command]
+            command = mount_namespace_command(
+                self._backing(index), node_root, os.path.join(self.root, "backing"),
+                binds, command)
         env = {
             "DASK_DCKPT__NODE_ROOT": node_root,
             "DASK_DCKPT__TEMPORARY_DIRECTORY": os.path.join(node_root, "tmp"),
@@ -698,12 +409,8 @@ class NodeCluster:
             env["DASK_DCKPT__NODE_ID"] = node_id
             self._state.workers[index] = self._spawn(command, node_id, env)
             return
-        # A UTS namespace for the host name; the mount namespace as without a network
-        # (root is needed for the network anyway, so never the user-namespace prefix).
-        mounts = ("--mount", "--propagation", "private") if self._prefix is not None else ()
-        command = ["nsenter", f"--net={link.namespace_path}", "--",
-                   "unshare", "--uts", *mounts, "--",
-                   "sh", "-c", _HOST_NAME_SCRIPT, "sh", link.host_name, *command]
+        # A UTS namespace for the host name; the mount namespace as without a network.
+        command = network_namespace_command(link, command, mounts=self._prefix is not None)
         # No node id: the default, the host name, is the node's (an inherited
         # DASK_DCKPT__NODE_ID would override it; env= still may).
         self._state.workers[index] = self._spawn(
@@ -717,12 +424,12 @@ class NodeCluster:
         if process.poll() is not None:
             raise RuntimeError(
                 f"{who} exited with code {process.returncode} before {step}. "
-                f"End of its log:\n{_tail(self._log(log))}"
+                f"End of its log:\n{log_tail(self._log(log))}"
             )
         if time.monotonic() > deadline:
             raise TimeoutError(
                 f"{who} did not finish {step} within startup_timeout="
-                f"{self._startup_timeout}s. End of its log:\n{_tail(self._log(log))}"
+                f"{self._startup_timeout}s. End of its log:\n{log_tail(self._log(log))}"
             )
 
     def _workers_by_name(self) -> dict[str, tuple[str, str]]:
@@ -796,7 +503,7 @@ class NodeCluster:
         process = self._process(index)
         if process.poll() is None:
             logger.info("Killing %s (pid %d)", self.nodes[index].node_id, process.pid)
-            _signal_group(process, signal.SIGKILL)
+            signal_group(process, signal.SIGKILL)
             process.wait()
         # Closing the dead worker's sockets tells the scheduler at once; waiting here
         # spares callers a race with the scheduler's bookkeeping.

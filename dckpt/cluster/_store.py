@@ -30,6 +30,12 @@ can be called from any process, and letting a remote caller register ``/etc`` wo
 "serves only registered directories" meaningless. Code on the worker registers through
 :func:`register_directory`.
 
+The materialization path after the in-place steps (cache, single flight, sources,
+staging, commit) is :mod:`dckpt.cluster._materialize`, a base class of the store; the
+sources it copies from are :mod:`dckpt.cluster._copy_sources`. This module keeps the
+actor itself (its handlers and the methods a proxy calls) and how code finds a store:
+:func:`store_of`, :func:`local_store`, :func:`this_process_store`, :func:`driver_store`.
+
 Everything async runs on the event loop of the store's worker (or of the driver's
 client); file reads, decoding and writes go to threads.
 """
@@ -41,35 +47,32 @@ import atexit
 import collections
 import concurrent.futures
 import contextlib
-import dataclasses
 import functools
 import logging
 import os
 import shutil
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Iterator
+from typing import Any
 
-import dask.config
-from dask.utils import parse_timedelta
 from distributed import Client, get_worker
 from distributed.actor import Actor
 from distributed.comm import Comm
-from distributed.core import ConnectionPool, Status
+from distributed.core import Status
 from distributed.utils import sync
 from distributed.worker import Worker
 from fsspec.callbacks import DEFAULT_CALLBACK, Callback
 
-from dckpt import _compat, _config, _node, _storage, _transfer
+from dckpt import _compat, _config, _node, _transfer
 from dckpt._locks import is_alive
-from dckpt.cluster import _shared, _stream
-from dckpt.cluster._cache import CheckpointId, NodeCache, SharedFiles
+from dckpt.cluster import _stream
+from dckpt.cluster._cache import CheckpointId, NodeCache
+from dckpt.cluster._copy_sources import Comms, FromPusher
 from dckpt.cluster._core import NodeRef
-from dckpt.cluster._failures import describe, raise_unless_fixable_elsewhere
-from dckpt.cluster._holders import Holder, order_holders
-from dckpt.cluster._relay import Relay, RelaySource
+from dckpt.cluster._holders import Holder
+from dckpt.cluster._materialize import Materializer, Request, in_place
+from dckpt.cluster._relay import RelaySource
 from dckpt.cluster._served import Registration, ServedDirectories
-from dckpt.errors import CheckpointUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -77,19 +80,7 @@ logger = logging.getLogger(__name__)
 STORE_KEY = "dckpt-node-store"
 
 
-@dataclasses.dataclass(frozen=True)
-class Comms:
-    """How a store reaches the others: a pool of comms to stores, an rpc to the scheduler.
-
-    A worker's own (``worker.rpc``, ``worker.scheduler``) for its store; the client's for
-    the driver's. ``scheduler`` is None where there is no registry to ask.
-    """
-
-    pool: ConnectionPool
-    scheduler: Any = None
-
-
-class NodeStore:
+class NodeStore(Materializer):
     """Serves what this node holds and materializes node references on it.
 
     Counters (:meth:`stats`), one set per store: ``bytes_sent``, ``chunks_sent``,
@@ -115,19 +106,10 @@ class NodeStore:
     address: str | None
     _registry: ServedDirectories
     _serving: int  # pulls being served now (event loop only)
-    _cache: NodeCache
-    _counters: collections.Counter[str]
-    _counter_lock: threading.Lock
-    # Single flight, per event loop: futures belong to one loop (a driver may use several).
-    _in_flight: dict[tuple[int, CheckpointId], asyncio.Future[str]]
-    # Broadcast (:mod:`dckpt.cluster._relay`): transfers in progress that readers
-    # downstream may pull from, and checkpoints this store is about to copy in (set
-    # once a relay exists or the copy ended), so that a reader the registry sent here
-    # a moment early waits instead of being refused.
-    _relays: dict[CheckpointId, Relay]
-    _obtaining: dict[CheckpointId, asyncio.Event]
     _comms: Comms | None
     _loop: Any  # the worker's IOLoop once attached
+    # The copy-in path's state (_cache, the counters, single flight, relays) is
+    # declared in Materializer, which uses it.
 
     def __init__(
         self, address: str | None, cache_root: str | None = None,
@@ -296,11 +278,11 @@ class NodeStore:
         ``comms``: the store's own when None. ``callback`` as in :meth:`open`.
         """
         tried: list[str] = []
-        path = await asyncio.to_thread(_in_place, ref, self.node_id, tried)
+        path = await asyncio.to_thread(in_place, ref, self.node_id, tried)
         if path is None:
             path = await self.served(ref.checkpoint_id)
         if path is None:
-            request = _Request.of(ref, tried)
+            request = Request.of(ref, tried)
             request.callback = callback
             path = await self._obtain(request, comms or self._comms)
         return path
@@ -319,7 +301,7 @@ class NodeStore:
         error is raised as it is. ``holder_node``, if known, names it in messages.
         """
         holder = Holder(holder_address, holder_node or "a node not named", "given")
-        request = _Request(checkpoint_id, digest, f"from {holder.describe()}", holders=(holder,))
+        request = Request(checkpoint_id, digest, f"from {holder.describe()}", holders=(holder,))
         return await self._obtain(request, self._comms)
 
     def evict(self, checkpoint_id: CheckpointId) -> bool:
@@ -341,170 +323,6 @@ class NodeStore:
                 return False
 
         return registration.path if await asyncio.to_thread(unchanged) else None
-
-    async def _obtain(self, request: _Request, comms: Comms | None) -> str:
-        """Step 3 (the cache) and, on a miss, steps 4-6, once per node."""
-        loop = asyncio.get_running_loop()
-        key = (id(loop), request.checkpoint_id)
-        waiting = self._in_flight.get(key)
-        if waiting is not None:
-            path = await asyncio.shield(waiting)
-            self._count(cache_hits=1)
-            return path
-        done: asyncio.Future[str] = loop.create_future()
-        self._in_flight[key] = done
-        try:
-            path = await self._obtain_once_per_node(request, comms)
-        except BaseException as e:
-            done.set_exception(e)
-            done.exception()  # mark retrieved: waiters, if any, re-raise it themselves
-            raise
-        else:
-            done.set_result(path)
-            return path
-        finally:
-            del self._in_flight[key]
-
-    async def _obtain_once_per_node(self, request: _Request, comms: Comms | None) -> str:
-        """The cached copy, else a copy in, unless another process of the node makes it.
-
-        Several workers of one node (``dask worker --nworkers N``) share its cache: the
-        cache's transfer lock lets one of them copy while the others wait, then find it.
-        """
-        cache = self._cache
-        path = await asyncio.to_thread(cache.lookup, request.checkpoint_id, request.digest)
-        if path is None:
-            lock = cache.transfer_lock(request.checkpoint_id)
-            await asyncio.to_thread(lock.__enter__)  # blocks while another process copies
-            try:
-                path = await asyncio.to_thread(cache.lookup, request.checkpoint_id,
-                                               request.digest)
-                if path is None:
-                    self._count(cache_misses=1)
-                    self._obtaining[request.checkpoint_id] = asyncio.Event()
-                    try:
-                        return await self._copy_in(request, await self._sources(request, comms))
-                    finally:
-                        self._obtaining.pop(request.checkpoint_id).set()
-            finally:
-                await asyncio.to_thread(lock.__exit__, None, None, None)
-        self._count(cache_hits=1)
-        return path
-
-    async def _sources(self, request: _Request, comms: Comms | None) -> list[_Source]:
-        """Steps 4 and 5: the holders to pull from, then the URIs to download."""
-        if request.pushed is not None:
-            return [request.pushed]
-        holders = request.holders
-        ref = request.ref
-        if holders is None:
-            assert ref is not None
-            request.tried.append(f"this node's cache: no copy of {ref.checkpoint_id}")
-            if comms is None:
-                request.tried.append("holders: no Dask client in this process to reach them")
-                holders = ()
-            else:
-                # Broadcast: say who asks, so that later readers pull from this store.
-                asker = self.address if dask.config.get("dckpt.transfer.broadcast") else None
-                answer = await _ask_registry(ref, comms, asker, self.node_id)
-                ordered, notes = order_holders(answer, ref, self.node_id)
-                request.tried.extend(notes)
-                holders = tuple(ordered)
-        sources: list[_Source] = []
-        if holders and comms is not None:
-            sources += [_FromHolder(comms.pool, h, request.checkpoint_id, request.digest)
-                        for h in holders]
-        if ref is not None:
-            sources += [_FromUri(uri, ref.size) for uri in ref.uris]
-            if not ref.uris:
-                request.tried.append("uri: the reference carries none (persist it with to_uri())")
-        return sources
-
-    async def _copy_in(self, request: _Request, sources: Sequence[_Source]) -> str:
-        """Copy the checkpoint from the first source that works into one staging
-        directory of the cache, and commit it there.
-
-        A request for one given source (:meth:`fetch`, a push) raises its error as it
-        is; a reference's request moves on as :meth:`materialize` says.
-        """
-        staging: str | None = None
-        try:
-            for source in sources:
-                relay: Relay | None = None
-                shared: SharedFiles | None = None  # files of the cache to link, pinned
-                try:
-                    async with source.open() as incoming:
-                        shared = await asyncio.to_thread(self._cache.share, incoming.manifest,
-                                                         incoming.size)
-                        staging = await asyncio.to_thread(self._empty_staging, staging,
-                                                          request.checkpoint_id)
-                        relay = self._start_relay(request.checkpoint_id, incoming, staging)
-                        with request.callback.branched(
-                                request.what_repr, self._cache.root) as progress:
-                            fetched = await incoming.receive_into(
-                                staging, shared.have,
-                                on_written=None if relay is None else relay.written,
-                                callback=progress)
-                    if relay is not None:
-                        relay.moving()  # its readers must not open files mid-rename
-                    path = await asyncio.to_thread(self._cache.add, request.checkpoint_id,
-                                                   request.digest, staging, incoming.size)
-                    if relay is not None:
-                        relay.moved(path)
-                except Exception as e:
-                    if relay is not None:
-                        relay.fail(e)  # its readers go on to their next holder
-                        self._relays.pop(request.checkpoint_id, None)
-                    if request.ref is None:
-                        raise
-                    raise_unless_fixable_elsewhere(e, request.ref, self.node_id,
-                                                   source.describe())
-                    request.tried.append(f"{source.describe()}: {describe(e)}")
-                    continue
-                finally:
-                    if shared is not None:
-                        await asyncio.to_thread(shared.release)
-                self._count(bytes_received=fetched, bytes_reused=incoming.size - fetched,
-                            transfers=1)
-                logger.debug("received %s (%d bytes, %d of them from this node's cache) "
-                             "from %s", request.checkpoint_id, incoming.size,
-                             incoming.size - fetched, source.describe())
-                return path
-        finally:
-            self._relays.pop(request.checkpoint_id, None)
-            if staging is not None:  # renamed into the cache unless a source failed
-                await asyncio.to_thread(shutil.rmtree, staging, True)
-        raise CheckpointUnavailableError(request.unavailable(self.node_id))
-
-    def _start_relay(
-        self, checkpoint_id: CheckpointId, incoming: _Incoming, staging: str
-    ) -> Relay | None:
-        """Let readers downstream pull this transfer as it arrives (event loop)."""
-        manifest = getattr(incoming, "manifest", None)
-        if manifest is None or self.address is None:  # a URI download; a driver
-            return None
-        relay = Relay(manifest, staging)
-        self._relays[checkpoint_id] = relay
-        waiting = self._obtaining.get(checkpoint_id)
-        if waiting is not None:
-            waiting.set()
-        return relay
-
-    async def _relay_for(self, checkpoint_id: CheckpointId) -> Relay | None:
-        """The transfer of ``checkpoint_id`` in progress here, if any; waits a little
-        for one that this store is about to start."""
-        waiting = self._obtaining.get(checkpoint_id)
-        if checkpoint_id not in self._relays and waiting is not None:
-            timeout = parse_timedelta(dask.config.get("dckpt.transfer.connect-timeout"))
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(waiting.wait(), timeout)
-        return self._relays.get(checkpoint_id)
-
-    def _empty_staging(self, staging: str | None, checkpoint_id: CheckpointId) -> str:
-        """The request's one staging directory, emptied of a failed source's files (thread)."""
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-        return self._cache.staging_directory(checkpoint_id)
 
     def _runner(self) -> tuple[Callable[..., Any], Comms | None]:
         """How :meth:`open` runs a coroutine function here, and the comms it has."""
@@ -533,8 +351,8 @@ class NodeStore:
             if checked.content_id != checkpoint_id:
                 raise ValueError(f"checkpoint id {checkpoint_id!r} is not the id of the "
                                  f"content pushed ({checked.content_id})")
-            pusher = _FromPusher(comm, peer, checked, _transfer.check_chunk_bytes(chunk_bytes))
-            request = _Request(checkpoint_id, checked.digest, f"from {peer}", holders=())
+            pusher = FromPusher(comm, peer, checked, _transfer.check_chunk_bytes(chunk_bytes))
+            request = Request(checkpoint_id, checked.digest, f"from {peer}", holders=())
             request.pushed = pusher
             path = await self._obtain(request, self._comms)
             if not pusher.streamed:  # cached already, or by a concurrent push
@@ -588,9 +406,6 @@ class NodeStore:
                       **self._cache.stats()},
         }
 
-    def _count(self, **amounts: int) -> None:
-        with self._counter_lock:
-            self._counters.update(amounts)
 
 
 _COUNTERS = ("bytes_sent", "bytes_received", "bytes_reused", "transfers", "chunks_sent",
@@ -702,183 +517,6 @@ def _local_stats(dask_worker: Worker) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------ helpers
-
-
-def _in_place(ref: NodeRef, here: str, tried: list[str]) -> str | None:
-    """Steps 1 and 2: the reference's own path, if this node sees it (thread)."""
-    if ref.node_id == here:
-        if os.path.isdir(ref.path):
-            return ref.path
-        tried.append(f"same node {here}: {ref.path} no longer exists")
-    else:
-        tried.append(f"same node: this is {here}, not {ref.node_id}")
-    if _node.is_shared_path(ref.path):
-        if os.path.isdir(ref.path):
-            return ref.path
-        tried.append(f"shared path: {ref.path} does not exist here")
-        return None
-    same, why_not = _shared.same_files(ref.path, ref.fingerprint, ref.node_id)
-    if same:
-        return ref.path
-    tried.append(f"shared path: {ref.path} is not under dckpt.shared-paths, and {why_not}")
-    return None
-
-
-@dataclasses.dataclass
-class _Request:
-    """One checkpoint to materialize, what was tried so far, and where to ask."""
-
-    checkpoint_id: CheckpointId
-    digest: str
-    what: str  # for the error message
-    holders: tuple[Holder, ...] | None = None  # None: ask the registry about ``ref``
-    ref: NodeRef | None = None
-    tried: list[str] = dataclasses.field(default_factory=list)
-    pushed: _FromPusher | None = None
-    callback: Callback = DEFAULT_CALLBACK  # follows the copy in (fsspec Callback)
-
-    @property
-    def what_repr(self) -> str:
-        return repr(self.ref) if self.ref is not None else f"checkpoint {self.checkpoint_id}"
-
-    @classmethod
-    def of(cls, ref: NodeRef, tried: list[str]) -> _Request:
-        return cls(ref.checkpoint_id, ref.digest, f"of node {ref.node_id}", ref=ref, tried=tried)
-
-    def unavailable(self, here: str) -> str:
-        steps = "\n".join(f"  {i}. {step}" for i, step in enumerate(self.tried, 1))
-        if self.ref is not None:
-            what = (f"checkpoint {self.checkpoint_id} of node {self.ref.node_id} "
-                    f"({self.ref.path}, {self.ref.size} bytes)")
-        else:
-            what = f"checkpoint {self.checkpoint_id} {self.what}"
-        return f"{what} cannot be had here (node {here}). Tried:\n{steps}"
-
-
-class _Incoming(Protocol):
-    """A source opened: how many bytes will come, its manifest if known before they
-    do, and a way to write them (the files ``have`` names need not come; returns the
-    bytes that came)."""
-
-    size: int
-
-    @property
-    def manifest(self) -> _transfer.Manifest | None: ...
-
-    async def receive_into(
-        self, directory: str, have: _transfer.Have,
-        on_written: Callable[[_transfer.ChunkSpec], None] | None = None,
-        callback: Callback = DEFAULT_CALLBACK,
-    ) -> int: ...
-
-
-class _Source(Protocol):
-    """Somewhere a checkpoint's bytes can come from (a holder, a URI, a pusher)."""
-
-    def describe(self) -> str: ...
-
-    def open(self) -> contextlib.AbstractAsyncContextManager[_Incoming]: ...
-
-
-class _FromHolder:
-    """Step 4: a pull from a holder's store."""
-
-    def __init__(self, pool: ConnectionPool, holder: Holder, checkpoint_id: CheckpointId,
-                 digest: str) -> None:
-        self._pool, self._holder = pool, holder
-        self._checkpoint_id, self._digest = checkpoint_id, digest
-
-    def describe(self) -> str:
-        return self._holder.describe()
-
-    def open(self) -> contextlib.AbstractAsyncContextManager[_Incoming]:
-        return _stream.pulling(self._pool, self._holder.address, self._checkpoint_id,
-                               self._digest, node_id=self._holder.node_id)
-
-
-class _FromUri:
-    """Step 5: a download of the checkpoint persisted at a URI.
-
-    Always a full download: what files a URI holds is known only once they are
-    listed and read, so none can be placed from the cache instead (the downloaded
-    entry's files are hashed when it is added, and later transfers link from them).
-    """
-
-    manifest: _transfer.Manifest | None = None
-
-    def __init__(self, uri: str, size: int) -> None:
-        self.uri, self.size = uri, size
-
-    def describe(self) -> str:
-        return f"uri {self.uri}"
-
-    @contextlib.asynccontextmanager
-    async def open(self) -> AsyncIterator[_Incoming]:
-        yield self
-
-    async def receive_into(
-        self, directory: str, have: _transfer.Have,
-        on_written: Callable[[_transfer.ChunkSpec], None] | None = None,
-        callback: Callback = DEFAULT_CALLBACK,
-    ) -> int:
-        # The download's own callback counts files (children bytes), as to_uri's does.
-        await asyncio.to_thread(_storage.download_directory, self.uri, directory,
-                                callback=callback)
-        return self.size
-
-
-class _FromPusher:
-    """A push from the driver (``dckpt_push``): the chunks come when asked for."""
-
-    def __init__(self, comm: Comm, peer: str, manifest: _transfer.Manifest,
-                 chunk_bytes: int) -> None:
-        self._comm, self._peer = comm, peer
-        self.manifest, self.size, self.chunk_bytes = manifest, manifest.total_bytes, chunk_bytes
-        self.streamed = False  # whether the pusher was asked for chunks (and told "done")
-
-    def describe(self) -> str:
-        return self._peer
-
-    @contextlib.asynccontextmanager
-    async def open(self) -> AsyncIterator[_Incoming]:
-        yield self
-
-    async def receive_into(
-        self, directory: str, have: _transfer.Have,
-        on_written: Callable[[_transfer.ChunkSpec], None] | None = None,
-        callback: Callback = DEFAULT_CALLBACK,
-    ) -> int:
-        self.streamed = True
-        received = await _stream.stream_over(self._comm, self._peer, self.manifest, directory,
-                                             chunk_bytes=self.chunk_bytes, in_place=True,
-                                             have=have, on_written=on_written,
-                                             callback=callback)
-        return received.fetched_bytes
-
-
-async def _ask_registry(
-    ref: NodeRef, comms: Comms, asker: str | None, asker_node: str
-) -> Mapping[str, Any] | None:
-    """The registry's ``dckpt_holders`` answer, or None if there is no registry.
-
-    ``asker``, the address of a store that will serve what it receives on (None for
-    the driver's), is recorded as fetching, so that readers after it pull from it.
-    """
-    if comms.scheduler is None:
-        return None
-    timeout = parse_timedelta(dask.config.get("dckpt.transfer.connect-timeout"))
-    try:
-        answer = await asyncio.wait_for(
-            comms.scheduler.dckpt_holders(checkpoint_id=ref.checkpoint_id,
-                                          node_id=ref.node_id, address=ref.store_address,
-                                          asker=asker, asker_node=asker_node),
-            timeout,
-        )
-    except Exception as e:  # noqa: BLE001 - no registry to ask: the reference's store
-        logger.info("could not ask the scheduler who holds %s (%r); trying %s",
-                    ref.checkpoint_id, e, ref.store_address)
-        return None
-    return answer if isinstance(answer, Mapping) else None
 
 
 def _current_sync_client() -> Client | None:
