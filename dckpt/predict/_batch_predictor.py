@@ -29,7 +29,7 @@ from dckpt.cluster import install, worker_nodes
 from dckpt.errors import BatchFormatError, ScoringWorkersError
 from dckpt.predict import _batch_scorer
 from dckpt.predict._batch_format import ScoreOptions
-from dckpt.predict._holders import holder_nodes
+from dckpt.predict._holder_nodes import holder_nodes
 from dckpt.predict._predictor import _check_batch, _kind
 from dckpt.predict._restrictions import SCORER_PREFIX, ScoringRestrictionsPlugin
 

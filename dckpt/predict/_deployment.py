@@ -16,7 +16,7 @@ import cloudpickle
 import distributed
 
 from dckpt._checkpoint import Checkpoint
-from dckpt.predict._holders import holder_nodes
+from dckpt.predict._holder_nodes import holder_nodes
 from dckpt.predict._http import PredictionServer
 from dckpt.predict._predictor import Predictor
 from dckpt.predict._replica_actor import PredictorFailure

@@ -1,4 +1,8 @@
-"""Which nodes already hold a checkpoint, so that predictors can be placed there first."""
+"""Which nodes already hold a checkpoint, so that predictors can be placed there first.
+
+Asked of the scheduler's registry through the public :func:`dckpt.cluster.who_has`; not
+:mod:`dckpt.cluster._holders`, which orders the holders a store fetches from.
+"""
 
 from __future__ import annotations
 
