@@ -45,7 +45,12 @@ from dckpt import _config, _storage
 from dckpt._checkpoint_travel import LargeInlineCheckpointWarning
 from dckpt._formats import _ray as ray_format
 from dckpt._formats import atomic_directory, is_packed, write_file_atomically
-from dckpt._formats._layout import PREPROCESSOR_KEY, check_metadata, dump_pickle, split_reserved
+from dckpt._formats._layout import (
+    PREPROCESSOR_KEY,
+    check_metadata,
+    dump_pickle,
+    split_reserved,
+)
 from dckpt._shared_dir import shared_directory
 from dckpt._sources import (
     DictData,

@@ -6,7 +6,7 @@ travels for each source; for a directory of this machine the choice is
 (:func:`dckpt.cluster._resolve.make_ref`: the store registers the directory and serves
 it to the nodes that use it), else the data inline up to ``dckpt.inline-max-bytes``,
 else, with a (synchronous) default Dask client, a copy pushed to one worker's store
-(:func:`dckpt.cluster._put.push_for_pickling`), else an upload to
+(:func:`dckpt.cluster._push.push_for_pickling`), else an upload to
 ``dckpt.staging-uri``, else inline with a :class:`LargeInlineCheckpointWarning`.
 :func:`constructor_arguments` gives the arguments a copy is built with, as Ray builds
 one, and :func:`serialized_state` the subclass state that travels with it. The cluster
@@ -56,7 +56,7 @@ def travelling_source(
         return NodeReference(ref)
     size = _directory_size(source.path)
     if size > parse_bytes(dask.config.get("dckpt.inline-max-bytes")):
-        from dckpt.cluster._put import push_for_pickling
+        from dckpt.cluster._push import push_for_pickling
 
         ref = push_for_pickling(source.path, source.uris)
         if ref is not None:

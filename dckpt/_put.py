@@ -1,7 +1,7 @@
 """``dckpt.put``: stage a checkpoint on chosen nodes before tasks there use it.
 
 The API half: it reads the checkpoint (its source, its node reference) and writes a
-driver's data to a directory; the cluster half (:mod:`dckpt.cluster._put`) pushes a
+driver's data to a directory; the cluster half (:mod:`dckpt.cluster._push`) pushes a
 directory to a store and has each node's store materialize a reference.
 """
 
@@ -69,36 +69,36 @@ def put(
     # Both import distributed: only for those who call put.
     from distributed import get_client
 
-    from dckpt.cluster import _put
+    from dckpt.cluster import _push
 
     client = client or get_client()
-    targets = _put.workers_of(client, nodes)
+    targets = _push.workers_of(client, nodes)
     # A worker's checkpoint the driver has read already still comes from its owner.
     ref = node_ref_of(checkpoint)
     if ref is None:
-        ref = _push(client, checkpoint, targets[0][1])
+        ref = _push_from_driver(client, checkpoint, targets[0][1])
     # Each node's store materializes it as a task there would: from any holder.
-    _put.materialize_on(client, ref, targets)
+    _push.materialize_on(client, ref, targets)
     return with_node_ref(checkpoint, ref)
 
 
 
-def _push(client: Client, checkpoint: Checkpoint, address: str) -> NodeRef:
+def _push_from_driver(client: Client, checkpoint: Checkpoint, address: str) -> NodeRef:
     """Push the driver-side ``checkpoint`` to the store at ``address``.
 
     A directory is pushed as it is; a dict or URI checkpoint is written to a scratch
     directory first. The reference carries the URIs the checkpoint is persisted at.
     """
-    from dckpt.cluster import _put
+    from dckpt.cluster import _push
 
     source = source_of(checkpoint)
     if isinstance(source, LocalDirectory):
-        return _put.push_directory(client, source.path,
+        return _push.push_directory(client, source.path,
                                    _transfer.build_manifest(source.path), address, source.uris)
     scratch = tempfile.mkdtemp(prefix="dckpt-put-", dir=_config.temporary_directory())
     try:
         directory = checkpoint.to_directory(os.path.join(scratch, "data"))
-        return _put.push_directory(client, directory, _transfer.build_manifest(directory),
+        return _push.push_directory(client, directory, _transfer.build_manifest(directory),
                                    address, source.uris)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -260,9 +260,9 @@ _PRIVATE_REACHES = {
         "distributed); make_ref and pinned_copy are plumbing, not dckpt.cluster's face.",
     ("dckpt._checkpoint_travel", "dckpt.cluster._resolve"):
         "make_ref, for a directory pickled on a worker: the same plumbing.",
-    ("dckpt._checkpoint_travel", "dckpt.cluster._put"):
+    ("dckpt._checkpoint_travel", "dckpt.cluster._push"):
         "push_for_pickling: the same plumbing, for a driver's large checkpoint pickled.",
-    ("dckpt._put", "dckpt.cluster._put"):
+    ("dckpt._put", "dckpt.cluster._push"):
         "dckpt.put's cluster half (push a directory, have nodes' stores materialize it): "
         "plumbing of the one public put, not dckpt.cluster's face.",
     ("dckpt.train._persist", "dckpt.cluster._store"):

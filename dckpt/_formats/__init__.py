@@ -13,7 +13,11 @@ layout itself (:mod:`dckpt._formats._layout`) stays private to the façade
 
 from __future__ import annotations
 
-from dckpt._formats._archive_reader import ArchiveReader, unpack_directory, unpack_to_directory
+from dckpt._formats._archive_reader import (
+    ArchiveReader,
+    unpack_directory,
+    unpack_to_directory,
+)
 from dckpt._formats._archive_writer import (
     ArchiveWriter,
     pack_directory,

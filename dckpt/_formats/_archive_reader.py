@@ -18,7 +18,13 @@ from fsspec.callbacks import DEFAULT_CALLBACK, Callback
 
 from dckpt._formats._archive_v1 import FrameBody
 from dckpt._formats._atomic import atomic_directory
-from dckpt._formats._frames import CHUNK_HEADER, FLAG_LZ4, check_checksum, decode_frame, lz4_bound
+from dckpt._formats._frames import (
+    CHUNK_HEADER,
+    FLAG_LZ4,
+    check_checksum,
+    decode_frame,
+    lz4_bound,
+)
 from dckpt._formats._packing import (
     CHECKSUM,
     HEADER,

@@ -12,7 +12,14 @@ from typing import BinaryIO
 
 import lz4.frame
 
-from dckpt._formats._packing import RECORD, RawRecord, check_lengths, corrupted, damaged, truncated
+from dckpt._formats._packing import (
+    RECORD,
+    RawRecord,
+    check_lengths,
+    corrupted,
+    damaged,
+    truncated,
+)
 
 # One input chunk plus one output chunk bounds the reader's memory.
 _INPUT_CHUNK = 1 << 20

@@ -21,7 +21,7 @@ from dckpt._checkpoint import Checkpoint
 from dckpt._formats import pack_directory_to_file, unpack_directory
 from dckpt.cli import _output, _places
 from dckpt.cli._listing import list_place
-from dckpt.cli._progress import progress
+from dckpt.cli._progress_bar import progress
 
 NAME = "cp"
 SUMMARY = "copy a checkpoint between directories, URIs and bytes files"

@@ -25,7 +25,7 @@ from dckpt.cluster._isolation import (
     isolation_available,
     network_isolation_available,
 )
-from dckpt.cluster._local import NodeCluster, NodeInfo
+from dckpt.cluster._node_cluster import NodeCluster, NodeInfo
 from dckpt.cluster._scheduler_plugin import (
     DckptSchedulerPlugin,
     checkpoints,

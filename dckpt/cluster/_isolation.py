@@ -3,7 +3,7 @@
 Whether mount and network namespaces can be had here (probed once per process, with a
 warning type for each when they cannot), and the command line that puts a worker into
 them. :mod:`dckpt.cluster._netns` makes the network itself; the cluster
-(:mod:`dckpt.cluster._local`) decides what each node gets.
+(:mod:`dckpt.cluster._node_cluster`) decides what each node gets.
 
 How isolation is done. Every node sees its storage at the *same* path, the mount point
 ``<cluster root>/node``; what is behind it differs per node. Each worker starts as::

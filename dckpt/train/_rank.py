@@ -14,7 +14,7 @@ from typing import Any
 
 from dckpt import _node
 from dckpt._checkpoint import Checkpoint
-from dckpt.train import _torch
+from dckpt.train import _torch_distributed
 from dckpt.train._channel import WorkerChannel
 from dckpt.train._datasets import ShardArgument, shards_of
 from dckpt.train._placement import Placement
@@ -61,7 +61,7 @@ def run_rank(spec: RankSpec, datasets: ShardArgument | None = None) -> str:
     args = () if _takes_no_arguments(spec.train_loop) else (dict(spec.config or {}),)
     with session(context, spec.checkpoint, spec.channel, shards_of(datasets)):
         if spec.torch_master is not None:
-            _torch.init_process_group(context, spec.torch_master)
+            _torch_distributed.init_process_group(context, spec.torch_master)
         try:
             spec.train_loop(*args)
         except RankStopped:
@@ -70,7 +70,7 @@ def run_rank(spec: RankSpec, datasets: ShardArgument | None = None) -> str:
             return "stopped"
         finally:
             if spec.torch_master is not None:
-                _torch.destroy_process_group()
+                _torch_distributed.destroy_process_group()
     return "finished"
 
 

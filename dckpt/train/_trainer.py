@@ -25,7 +25,7 @@ from dask.utils import parse_timedelta
 from dckpt._checkpoint import Checkpoint
 from dckpt.cluster import install, worker_nodes
 from dckpt.errors import TrainingFailedError
-from dckpt.train import _local, _torch
+from dckpt.train import _default_cluster, _torch_distributed
 from dckpt.train._channel import ReportChannel
 from dckpt.train._datasets import ShardArgument, dataset_kind, shard_datasets
 from dckpt.train._group import RankGroup
@@ -211,7 +211,7 @@ class DataParallelTrainer:
         checkpoints of the :class:`Result` then outlive that cluster: each is a
         directory on this machine, the persisted copy at the run's ``storage_uri``
         when that is local (as by default), else a copy made with
-        :meth:`Checkpoint.to_directory` (see :mod:`dckpt.train._local`); an injected
+        :meth:`Checkpoint.to_directory` (see :mod:`dckpt.train._default_cluster`); an injected
         ``checkpoint_manager`` is waited for (``wait()``) before the cluster closes.
 
         Returns
@@ -228,7 +228,7 @@ class DataParallelTrainer:
         client = self.client or _default_client()
         if client is not None:
             return self._fit(client, own_cluster=False)
-        with _local.local_cluster(self.num_workers, self.run_name) as client:
+        with _default_cluster.local_cluster(self.num_workers, self.run_name) as client:
             return self._fit(client, own_cluster=True)
 
     # ------------------------------------------------------------------ internals
@@ -260,7 +260,7 @@ class DataParallelTrainer:
         result = dataclasses.replace(result, checkpoint=manager.latest_checkpoint,
                                      best_checkpoints=list(manager.best_checkpoints))
         if own_cluster:
-            result = _local.without_cluster(result, client)
+            result = _default_cluster.without_cluster(result, client)
         if failure is not None:
             failure.result = result
             raise failure
@@ -320,7 +320,7 @@ class DataParallelTrainer:
         placements = place(self.num_workers, workers)
         latest = manager.latest_checkpoint
         checkpoint = latest if latest is not None else self.resume_from_checkpoint
-        master = (_torch.master_address(client, placements[0].worker)
+        master = (_torch_distributed.master_address(client, placements[0].worker)
                   if self.setup_torch_distributed else None)
         logger.info("Training run %r: attempt %d on %s, resuming from %r", self.run_name,
                     attempt, [p.node_id for p in placements], checkpoint)

@@ -14,7 +14,7 @@ from dckpt.cluster import (
     IsolationUnavailableWarning,
     NodeCluster,
     NodeInfo,
-    _local,
+    _node_cluster,
     isolation_available,
 )
 from tests._nodes import N_NODES, alive, child_pids
@@ -45,7 +45,7 @@ def _start_sleeper() -> int:
 
 
 def _force_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(_local, "_probe_isolation", lambda: (None, "forced by the test"))
+    monkeypatch.setattr(_node_cluster, "_probe_isolation", lambda: (None, "forced by the test"))
 
 
 # -- the shared, isolated cluster -----------------------------------------------------

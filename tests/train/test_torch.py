@@ -1,4 +1,4 @@
-"""dckpt.train._torch in one process: joining torch.distributed after a failed attempt.
+"""dckpt.train._torch_distributed in one process: joining torch.distributed after a failed attempt.
 
 torch==2.13.0 is a test dependency, so these run in CI (no importorskip).
 """
@@ -12,7 +12,7 @@ import threading
 import dask.config
 import pytest
 
-from dckpt.train import _torch
+from dckpt.train import _torch_distributed
 from dckpt.train._session import TrainContext
 
 dist = pytest.importorskip("torch.distributed")
@@ -31,7 +31,7 @@ def test_a_new_attempts_rank_waits_for_the_failed_attempts_rank_to_leave(monkeyp
     old = TrainContext(world_rank=0, world_size=1, local_rank=0, local_world_size=1,
                        node_rank=0, node_id="node-0", run_name="run", attempt=0)
     new = dataclasses.replace(old, attempt=1)
-    _torch.init_process_group(old, _master())  # the failed attempt's rank, not gone yet
+    _torch_distributed.init_process_group(old, _master())  # the failed attempt's rank, not gone yet
     try:
         asked, errors = threading.Event(), []
         real = dist.is_initialized
@@ -43,7 +43,7 @@ def test_a_new_attempts_rank_waits_for_the_failed_attempts_rank_to_leave(monkeyp
 
         def join() -> None:
             try:
-                _torch.init_process_group(new, _master())
+                _torch_distributed.init_process_group(new, _master())
             except Exception as e:  # noqa: BLE001 - reported by the assertion below
                 errors.append(e)
 
@@ -51,12 +51,12 @@ def test_a_new_attempts_rank_waits_for_the_failed_attempts_rank_to_leave(monkeyp
         joiner = threading.Thread(target=join)
         joiner.start()
         assert asked.wait(timeout=60), errors
-        _torch.destroy_process_group()  # the old rank leaves: the new one may join
+        _torch_distributed.destroy_process_group()  # the old rank leaves: the new one may join
         joiner.join(timeout=60)
         assert not joiner.is_alive() and errors == []
         assert real() and dist.get_world_size() == 1
     finally:
-        _torch.destroy_process_group()
+        _torch_distributed.destroy_process_group()
 
 
 def test_a_group_never_left_is_a_clear_error(monkeypatch):
@@ -65,11 +65,11 @@ def test_a_group_never_left_is_a_clear_error(monkeypatch):
         monkeypatch.setenv(name, "")
     context = TrainContext(world_rank=0, world_size=1, local_rank=0, local_world_size=1,
                            node_rank=0, node_id="node-0", run_name="run", attempt=0)
-    _torch.init_process_group(context, _master())
+    _torch_distributed.init_process_group(context, _master())
     try:
         with dask.config.set({"dckpt.train.worker-wait-timeout": "50ms"}), \
                 pytest.raises(RuntimeError, match="earlier attempt in this worker process "
                                                   "still holds its process group"):
-            _torch.init_process_group(dataclasses.replace(context, attempt=1), _master())
+            _torch_distributed.init_process_group(dataclasses.replace(context, attempt=1), _master())
     finally:
-        _torch.destroy_process_group()
+        _torch_distributed.destroy_process_group()
