@@ -182,6 +182,10 @@ def test_dckpt_air_has_rays_names_from_their_one_home():
     import dckpt.train
 
     assert dckpt.air.Checkpoint is Checkpoint
+    # Ray's other path to it: from ray.air.checkpoint import Checkpoint
+    from dckpt.air.checkpoint import Checkpoint as from_the_module
+
+    assert from_the_module is Checkpoint
     for name in ("CheckpointConfig", "FailureConfig", "Result", "RunConfig", "ScalingConfig"):
         assert getattr(dckpt.air, name) is getattr(dckpt.train, name)
     assert sorted(dckpt.air.__all__) == sorted(
