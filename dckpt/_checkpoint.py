@@ -6,7 +6,7 @@ them so that every round trip gives back what went in. Ray code ports by changin
 import: ``from dckpt import Checkpoint``.
 
 The file layout and what travels beside a dict are described in
-:mod:`dckpt._formats._layout`; the byte format of :meth:`Checkpoint.to_bytes` in
+:mod:`dckpt._formats.layout`; the byte format of :meth:`Checkpoint.to_bytes` in
 :mod:`dckpt._formats._packing`; storage at URIs in :mod:`dckpt._storage`.
 
 Which representation a checkpoint holds (or a node reference, on a cluster) is one
@@ -43,9 +43,13 @@ from dckpt import _checkpoint_travel as travel
 from dckpt import _checkpoint_writing as writing
 from dckpt import _config, _storage
 from dckpt._checkpoint_travel import LargeInlineCheckpointWarning
-from dckpt._formats import _ray as ray_format
-from dckpt._formats import atomic_directory, is_packed, write_file_atomically
-from dckpt._formats._layout import (
+from dckpt._formats import (
+    atomic_directory,
+    is_packed,
+    ray_format,
+    write_file_atomically,
+)
+from dckpt._formats.layout import (
     PREPROCESSOR_KEY,
     check_metadata,
     dump_pickle,
@@ -192,7 +196,7 @@ class Checkpoint:
         Raises :class:`~dckpt.errors.CheckpointNotFoundError` (a ``FileNotFoundError``)
         if ``path`` does not exist and ``NotADirectoryError`` if it is a file.
 
-        A directory Ray AIR 2.x wrote is read as such (:mod:`dckpt._formats._ray`): its
+        A directory Ray AIR 2.x wrote is read as such (:mod:`dckpt._formats.ray_format`): its
         class from Ray's ``.metadata.pkl``, mapped to dckpt's, or
         :class:`~dckpt.errors.UnsupportedRayClassError` for a class dckpt does not map.
         """
@@ -243,7 +247,7 @@ class Checkpoint:
         Ray AIR 2.x's ``to_bytes()`` (a pickle of its dict form) is recognised from its
         opcodes, also before anything is unpickled: a pickled dict naming Ray's
         checkpoint metadata or holding ``"fs_checkpoint"``. It gives a dict checkpoint
-        of the class Ray's maps to (see :mod:`dckpt._formats._ray`); other pickles are
+        of the class Ray's maps to (see :mod:`dckpt._formats.ray_format`); other pickles are
         refused as before.
         """
         if not isinstance(data, (bytes, bytearray, memoryview)):

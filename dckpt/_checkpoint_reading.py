@@ -3,7 +3,7 @@
 What a directory, a folder at a URI or packed bytes say of the checkpoint they hold is
 read in two steps, so that the class they name is checked before anything is unpickled
 (:class:`Saved`): first the header (the class and metadata, JSON), or Ray AIR's
-metadata in what Ray wrote (:mod:`dckpt._formats._ray`); then, once the caller checked
+metadata in what Ray wrote (:mod:`dckpt._formats.ray_format`); then, once the caller checked
 the class, the pickled subclass state. Also here: the class a saved checkpoint loads as
 (:func:`class_to_load`), the source that ``Checkpoint(...)``'s arguments make
 (:func:`initial_source`), a source's metadata and preprocessor, and the dict form of a
@@ -25,9 +25,8 @@ from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
 from dckpt import _storage
-from dckpt._formats import ArchiveReader, ArchiveWriter, is_packed
-from dckpt._formats import _ray as ray_format
-from dckpt._formats._layout import (
+from dckpt._formats import ArchiveReader, ArchiveWriter, is_packed, ray_format
+from dckpt._formats.layout import (
     CONTROL_FILES,
     DICT_FILE,
     HEADER_FILE,

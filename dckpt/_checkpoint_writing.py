@@ -28,9 +28,8 @@ import fsspec.callbacks
 
 from dckpt import _config, _storage, _transfer
 from dckpt._checkpoint_reading import copy_archive
-from dckpt._formats import ArchiveWriter, copy_tree, unpack_to_directory
-from dckpt._formats import _ray as ray_format
-from dckpt._formats._layout import (
+from dckpt._formats import ArchiveWriter, copy_tree, ray_format, unpack_to_directory
+from dckpt._formats.layout import (
     DICT_FILE,
     HEADER_FILE,
     PREPROCESSOR_FILE,

@@ -42,7 +42,7 @@ class DictData:
     """An in-memory dict checkpoint.
 
     ``data`` is the user's dict with the reserved ``"_dckpt"`` key already split off
-    (:func:`dckpt._formats._layout.split_reserved`); ``files`` are the files added to
+    (:func:`dckpt._formats.layout.split_reserved`); ``files`` are the files added to
     its directory form, packed (:mod:`dckpt._formats._packing`), or ``None``.
     """
 

@@ -26,7 +26,7 @@ from dckpt import (
     _node,
 )
 from dckpt._checkpoint import node_ref_of, source_of, with_node_ref
-from dckpt._formats._layout import HEADER_FILE, RESERVED_KEY
+from dckpt._formats.layout import HEADER_FILE, RESERVED_KEY
 from dckpt._sources import DictData, LocalDirectory, NodeReference, UriFolder
 from dckpt.cluster._core import CheckpointId, NodeRef
 from tests._trees import make_tree, read_tree
@@ -543,7 +543,7 @@ class TestBadInput:
 
     def test_from_bytes_checks_the_class_before_unpickling(self, tmp_path):
         from dckpt._formats import ArchiveWriter
-        from dckpt._formats._layout import DICT_FILE, CheckpointHeader
+        from dckpt._formats.layout import DICT_FILE, CheckpointHeader
 
         canary = tmp_path / "unpickled"
         evil_dict = pickle.dumps({"evil": _Evil(str(canary))})

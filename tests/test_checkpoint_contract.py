@@ -18,7 +18,7 @@ import cloudpickle
 import pytest
 
 from dckpt import Checkpoint
-from dckpt._formats._layout import CONTROL_FILES, RESERVED_KEY
+from dckpt._formats.layout import CONTROL_FILES, RESERVED_KEY
 from tests._trees import make_tree, read_tree
 
 # A "hop" turns a checkpoint into another representation and reads it back through the

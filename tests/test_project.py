@@ -239,22 +239,6 @@ _UPWARD_IMPORTS: dict[tuple[str, str], str] = {}
 # (importer, private module of another package): each with its reason. What a package
 # shares with others it exports in its __init__ (formats' helpers, NodeRef and put).
 _PRIVATE_REACHES = {
-    ("dckpt._checkpoint", "dckpt._formats._layout"):
-        "the directory layout is the façade's own format, kept in formats/ so that the "
-        "layers below need not import the façade; its 14 names are no one else's API.",
-    ("dckpt._checkpoint_reading", "dckpt._formats._layout"):
-        "the façade's own format, as above: the constructors' reading of it.",
-    ("dckpt._checkpoint_writing", "dckpt._formats._layout"):
-        "the façade's own format, as above: the conversions' writing of it.",
-    ("dckpt.cli._inspect", "dckpt._formats._layout"):
-        "dckpt inspect reads the layout without unpickling, which Checkpoint cannot.",
-    ("dckpt._checkpoint", "dckpt._formats._ray"):
-        "reading checkpoints Ray wrote is the façade's job; formats/ has no public face "
-        "for Ray's layout and needs none.",
-    ("dckpt._checkpoint_reading", "dckpt._formats._ray"):
-        "the façade's reading of what Ray wrote, as above.",
-    ("dckpt._checkpoint_writing", "dckpt._formats._ray"):
-        "a copy of what Ray wrote gets dckpt's control files: the façade's job, as above.",
     ("dckpt._checkpoint", "dckpt.cluster._resolve"):
         "node references resolve through the cluster, imported at call time (it imports "
         "distributed); make_ref and pinned_copy are plumbing, not dckpt.cluster's face.",

@@ -1,4 +1,4 @@
-"""Checkpoints that Ray AIR 2.6 wrote, read without Ray (dckpt._formats._ray).
+"""Checkpoints that Ray AIR 2.6 wrote, read without Ray (dckpt._formats.ray_format).
 
 The layouts are written by hand from Ray 2.6's source (:mod:`tests._ray_layouts`): a
 dict checkpoint's directory, a directory with ``<key>.meta.pkl`` keys, ``to_bytes()``

@@ -1,14 +1,15 @@
-"""How checkpoints look on disk and on the wire.
+"""How checkpoints look on disk and on the wire: dckpt's building blocks, not a user's API.
 
 The packed byte format (:mod:`dckpt._formats._packing`) and the chunk frame codec it
-shares with the transfer (:mod:`dckpt._formats._frames`) are public here. So are the few
-helpers the layers above share (``DESIGN.md``: what two layers share is public in the
-lower one): path checks (:func:`safe_relpath`, :class:`EntryIndex`), the walk of a tree
-(:func:`plan_tree`, :func:`copy_tree`), atomic writes (:func:`atomic_directory`,
-:func:`partial_sibling`, :func:`atomic_file`, :func:`write_file_atomically`) and bounded JSON reading
-(:func:`load_json`); they are dckpt's building blocks, not a user's API. The directory
-layout itself (:mod:`dckpt._formats._layout`) stays private to the façade
-(``dckpt._checkpoint`` and its reading and writing modules) and ``dckpt inspect``.
+shares with the transfer (:mod:`dckpt._formats._frames`) are exported here, as are the
+few helpers the layers above share (``DESIGN.md``: what two layers share is public in
+the lower one): path checks (:func:`safe_relpath`, :class:`EntryIndex`), the walk of a
+tree (:func:`plan_tree`, :func:`copy_tree`), atomic writes (:func:`atomic_directory`,
+:func:`partial_sibling`, :func:`atomic_file`, :func:`write_file_atomically`) and bounded
+JSON reading (:func:`load_json`). Two modules of many names are imported as modules,
+not through this one: :mod:`~dckpt._formats.layout` (the directory layout of the
+``Checkpoint`` façade, which ``dckpt inspect`` reads too) and
+:mod:`~dckpt._formats.ray_format` (what Ray AIR wrote).
 """
 
 from __future__ import annotations
@@ -39,10 +40,10 @@ from dckpt._formats._frames import (
     decode_frame,
     encode_frame,
 )
-from dckpt._formats._layout import load_json
 from dckpt._formats._packing import FORMAT_VERSION, MAGIC, ArchiveEntry, is_packed
 from dckpt._formats._paths import EntryIndex, safe_relpath
 from dckpt._formats._tree import copy_tree, plan_tree
+from dckpt._formats.layout import load_json
 
 __all__ = [
     "CHUNK_HEADER",

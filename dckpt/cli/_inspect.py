@@ -12,7 +12,7 @@ import argparse
 import json
 from typing import Any
 
-from dckpt._formats._layout import (
+from dckpt._formats.layout import (
     DICT_FILE,
     HEADER_FILE,
     PREPROCESSOR_FILE,

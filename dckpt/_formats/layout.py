@@ -154,12 +154,12 @@ def load_pickle(raw: bytes, source: str) -> Any:
     """Unpickle a control file. Checkpoints are pickles: load only those you trust.
 
     A pickle that may name Ray's modules (a checkpoint Ray AIR wrote) is read with
-    Ray's names mapped to dckpt's (:func:`dckpt._formats._ray.load_pickle`).
+    Ray's names mapped to dckpt's (:func:`dckpt._formats.ray_format.load_pickle`).
     """
-    from dckpt._formats import _ray  # imports this module
+    from dckpt._formats import ray_format  # imports this module
 
-    if _ray.mentions_ray(raw):
-        return _ray.load_pickle(raw, source)
+    if ray_format.mentions_ray(raw):
+        return ray_format.load_pickle(raw, source)
     try:
         return pickle.loads(raw)
     except (pickle.UnpicklingError, EOFError) as e:

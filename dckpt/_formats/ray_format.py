@@ -51,14 +51,14 @@ import dask.config
 
 import dckpt._config  # noqa: F401  (loads the dckpt.* defaults into dask.config)
 from dckpt._formats._archive_writer import ArchiveWriter
-from dckpt._formats._layout import (
+from dckpt._formats._paths import safe_relpath
+from dckpt._formats.layout import (
     DICT_FILE,
     HEADER_FILE,
     PREPROCESSOR_FILE,
     RESERVED_KEY,
     dump_pickle,
 )
-from dckpt._formats._paths import safe_relpath
 from dckpt.errors import (
     CheckpointFormatError,
     UnsafePathError,
