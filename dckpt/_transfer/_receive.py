@@ -14,6 +14,7 @@ change: it serves whatever chunks it is asked for.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -276,7 +277,10 @@ async def _receive_round(
     """Ask ``stream`` for ``wanted`` and write what it yields; the chunks that failed."""
     missing = set(wanted)
     failed: list[tuple[ChunkSpec, CorruptChunkError]] = []
-    writing: set[asyncio.Task[None]] = set()
+    # In the order the chunks came: the stream reads each chunk into the buffer of the
+    # one that came ``max_in_flight`` before it, so the oldest write must be done first,
+    # not any one of them (a slow write would have its buffer overwritten).
+    writing: collections.deque[asyncio.Task[None]] = collections.deque()
 
     async def write(spec: ChunkSpec, frame: Frame) -> None:
         try:
@@ -291,12 +295,10 @@ async def _receive_round(
                 on_written(spec)
 
     async def settle(limit: int) -> None:
-        # Waits until fewer than ``limit`` writes run; re-raises what a write raised.
+        # Waits until fewer than ``limit`` writes run, oldest first; re-raises what a
+        # write raised.
         while len(writing) >= limit:
-            done, _ = await asyncio.wait(writing, return_when=asyncio.FIRST_COMPLETED)
-            writing.difference_update(done)
-            for task in done:
-                task.result()
+            await writing.popleft()
 
     try:
         async with contextlib.aclosing(stream(wanted)) as frames:
@@ -306,7 +308,7 @@ async def _receive_round(
                         f"the sender sent chunk {spec}, which was not asked for or came twice"
                     )
                 missing.discard(spec)
-                writing.add(asyncio.ensure_future(write(spec, frame)))
+                writing.append(asyncio.ensure_future(write(spec, frame)))
                 del frame
                 await settle(max_in_flight)
         await settle(1)

@@ -296,8 +296,9 @@ class _Channel:
         self._raw = _raw_stream(comm)
         self._chunk_bytes = chunk_bytes
         # Raw chunks land in a ring of buffers. receive_directory holds at most
-        # ``window`` frames, and asks for the next only when fewer are in use, so a
-        # ring one longer than that never overwrites a frame still being written.
+        # ``window`` frames, finishes their writes oldest first, and asks for the next
+        # only when fewer are in use, so a ring one longer than that never overwrites
+        # a frame still being written (tests/cluster/test_stream_buffers.py).
         self._ring: list[bytearray] = []
         self._next = 0
         self._link: float | None = None  # bytes/s of raw chunks, a running average
