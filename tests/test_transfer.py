@@ -664,6 +664,63 @@ def test_a_file_rewritten_after_the_manifest_is_caught_by_its_hash(tmp_path: Pat
     assert os.listdir(out) == []
 
 
+def _reading_back(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The files the receiver reads back to hash them, as it reads them."""
+    from dckpt._transfer import _receive
+
+    read: list[str] = []
+    real = _receive.hash_file
+    monkeypatch.setattr(_receive, "hash_file", lambda path: read.append(path) or real(path))
+    return read
+
+
+@pytest.mark.parametrize("in_flight", [1, 3])
+def test_files_are_hashed_as_their_chunks_arrive_not_read_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, in_flight: int
+):
+    """In order (as a comm answers), no file is read again after it is written: its
+    hash comes from its chunks, also with several chunks of one file written at once."""
+    src = make_tree(tmp_path / "src")
+    read = _reading_back(monkeypatch)
+    manifest = copy(src, tmp_path / "dst", chunk_bytes=256 * KiB, fetcher=threaded_fetch,
+                    max_in_flight=in_flight)
+    assert snapshot(tmp_path / "dst") == snapshot(src)
+    assert read == []
+    assert build_manifest(tmp_path / "dst").digest == manifest.digest
+
+
+def test_chunks_out_of_order_still_check_each_file(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch):
+    """Answers in another order (a chunk fetched again comes last): the file is read back
+    to be hashed, and a file whose bytes are not its manifest's is still refused."""
+    src = make_tree(tmp_path / "src")
+    read = _reading_back(monkeypatch)
+    manifest = build_manifest(src)
+
+    def shuffled(source: ChunkSource) -> ChunkStream:
+        async def stream(specs: Sequence[ChunkSpec]) -> AsyncIterator[tuple[ChunkSpec, bytes]]:
+            for spec in sorted(specs, key=lambda s: (s.file_index, -s.offset)):
+                yield spec, source.read_chunk(spec)
+        return stream
+
+    with ChunkSource(str(src), manifest, MiB) as source:
+        asyncio.run(receive_directory(manifest, shuffled(source), tmp_path / "dst",
+                                      chunk_bytes=MiB))
+    assert snapshot(tmp_path / "dst") == snapshot(src)
+    assert sorted(os.path.basename(p) for p in read) == ["text.log", "weights.bin"]
+
+    weights = src / "model" / "weights.bin"
+    data = bytearray(weights.read_bytes())
+    data[3 * MiB + 1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with ChunkSource(str(src), manifest, MiB) as source, pytest.raises(
+        CorruptChunkError, match=r"'model/weights.bin': its bytes hash to [0-9a-f]{32}, not to"
+    ):
+        asyncio.run(receive_directory(manifest, shuffled(source), tmp_path / "out" / "dst",
+                                      chunk_bytes=MiB))
+    assert os.listdir(tmp_path / "out") == []
+
+
 def test_a_file_removed_after_the_manifest_is_refused(tmp_path: Path):
     src = make_tree(tmp_path / "src")
     manifest = build_manifest(src)
