@@ -4,7 +4,9 @@ and the sender's guess of the chunk a receiver asks for next."""
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +16,15 @@ from distributed.comm import Comm, connect, listen
 from distributed.security import Security
 
 import dckpt.cluster._stream as stream_module
-from dckpt._transfer import ChunkSource, build_manifest
-from dckpt.cluster._stream import _following, _raw_stream, serve_chunks, stream_over
+from dckpt._transfer import ChunkSource, ChunkSpec, build_manifest, encode_parts
+from dckpt.cluster._stream import (
+    _FileSender,
+    _following,
+    _raw_stream,
+    serve_chunks,
+    stream_over,
+)
+from dckpt.errors import CheckpointFormatError
 
 
 @pytest.mark.parametrize("chunk_bytes", [1, 7, 1024, 1 << 20])
@@ -74,6 +83,104 @@ def test_a_directory_crosses_a_comm_intact(tmp_path: Path, scheme: str, in_fligh
     assert used_raw == [not scheme.startswith("inproc")]
     for name in ("weights.bin", "sub/log.txt", "empty"):
         assert (dst / name).read_bytes() == (src / name).read_bytes()
+
+
+class _CountingSource(ChunkSource):
+    """A ChunkSource that counts how its chunks were read: into buffers or as regions."""
+
+    parts = 0
+    regions = 0
+
+    def read_parts(self, *args: Any, **kwargs: Any) -> Any:
+        self.parts += 1
+        return super().read_parts(*args, **kwargs)
+
+    def read_region(self, *args: Any, **kwargs: Any) -> Any:
+        self.regions += 1
+        return super().read_region(*args, **kwargs)
+
+
+@pytest.mark.parametrize("scheme", ["tcp://127.0.0.1", "tls://127.0.0.1", "inproc://"])
+def test_on_plain_tcp_chunks_go_from_the_file_to_the_socket(tmp_path: Path, scheme: str):
+    """No chunk of an uncompressed transfer is read into a buffer on TCP (os.sendfile);
+    TLS and in-process comms, which sendfile cannot feed, read each into one."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _tree(src, seed=7)
+    manifest = build_manifest(src)
+    chunk_bytes = 64 * 1024
+    sources: list[_CountingSource] = []
+
+    async def main() -> None:
+        async def serve(comm: Comm) -> None:
+            with _CountingSource(str(src), manifest, chunk_bytes) as source:
+                sources.append(source)
+                await serve_chunks(comm, source)
+            await comm.close()
+
+        listen_args, connect_args = _security_for(scheme)
+        listener = await listen(scheme, serve, **listen_args)
+        try:
+            comm = await connect(listener.contact_address, **connect_args)
+            await stream_over(comm, "the test sender", manifest, str(dst), chunk_bytes=chunk_bytes)
+            await comm.close()
+        finally:
+            listener.stop()
+
+    with dask.config.set({"dckpt.transfer.compression": "none", "dckpt.transfer.retries": 0}):
+        asyncio.run(main())
+    for name in ("weights.bin", "sub/log.txt", "empty"):
+        assert (dst / name).read_bytes() == (src / name).read_bytes()
+    [source] = sources
+    chunks = len(manifest.chunks(chunk_bytes))
+    if scheme.startswith("tcp"):
+        assert (source.regions, source.parts) == (chunks, 0)
+    else:
+        assert (source.regions, source.parts) == (0, chunks)
+
+
+def test_a_region_has_the_header_of_its_uncompressed_frame(tmp_path: Path):
+    data = random.Random(4).randbytes(3 * 1024 * 1024 + 5)  # more than one checksum block
+    (tmp_path / "data").write_bytes(data)
+    manifest = build_manifest(tmp_path)
+    spec = ChunkSpec(0, 7, len(data) - 7)
+    with ChunkSource(str(tmp_path), manifest, len(data)) as source:
+        header, region = source.read_region(spec)
+        with region:
+            assert header == encode_parts(data[7:], compress=False)[0]
+            assert (region.offset, region.length) == (7, len(data) - 7)
+            assert os.pread(region.fd, 5, region.offset) == data[7:12]
+        os.truncate(tmp_path / "data", 1000)
+        with pytest.raises(CheckpointFormatError, match=r"ends at byte 1000"):
+            source.read_region(spec)
+
+
+def test_a_file_cut_short_while_it_is_sent_ends_the_send(tmp_path: Path):
+    """sendfile returning 0 before the region's end: the file shrank after its checksum;
+    the send fails at once instead of leaving the receiver waiting."""
+    data = random.Random(5).randbytes(256 * 1024)
+    (tmp_path / "data").write_bytes(data)
+    manifest = build_manifest(tmp_path)
+    left, right = socket.socketpair()
+    left.setblocking(False)
+
+    async def main() -> None:
+        from tornado.iostream import IOStream
+
+        stream = IOStream(left)
+        sender = _FileSender(left, stall_timeout=10)
+        with ChunkSource(str(tmp_path), manifest, len(data)) as source:
+            _, region = source.read_region(ChunkSpec(0, 0, len(data)))
+            os.truncate(tmp_path / "data", 1000)
+            with pytest.raises(CheckpointFormatError, match=r"ends at byte 1000, within a chunk"):
+                await sender.send(stream, region)
+        sender.close()
+        stream.close()
+
+    try:
+        asyncio.run(main())
+        assert right.recv(2000) == data[:1000]
+    finally:
+        right.close()
 
 
 def _security_for(scheme: str) -> tuple[dict[str, Any], dict[str, Any]]:
