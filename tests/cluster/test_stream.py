@@ -266,6 +266,19 @@ def test_the_receiver_reports_its_link_and_a_fast_one_gets_no_compression(
     assert recording.flags and set(recording.flags) == {0}
 
 
+def test_the_link_is_as_fast_as_its_fastest_chunk():
+    """A chunk that waited for a core says nothing about the link: one slow chunk after
+    fast ones must not make a loopback look like a 1 Gbit/s link (compression would
+    follow, and only cost)."""
+    from dckpt.cluster._stream import _link_rate
+
+    rate = None
+    for elapsed in (0.004, 0.005, 0.2, 0.3):  # 8 MiB: ~2 GB/s twice, then two stalls
+        rate = _link_rate(rate, 8 << 20, elapsed)
+    assert rate == pytest.approx((8 << 20) / 0.004)
+    assert _link_rate(None, 1000, 1.0) is None  # too short to time a link by
+
+
 def test_compression_pays_on_a_slow_link_only(lz4_speed_of_a_fresh_process: float):
     from dckpt._transfer import max_ratio_for_link
 
