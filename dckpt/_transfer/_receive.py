@@ -14,6 +14,7 @@ change: it serves whatever chunks it is asked for.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -109,10 +110,13 @@ async def receive_directory(
     removes it.
 
     Each file is created at its full size (``os.ftruncate``), so chunks land in any
-    order with ``os.pwrite``. At most ``max_in_flight`` frames are held at once (being
-    decoded and written): the next one is taken from ``stream`` only when one of them
-    is done, so a stream that waits to be asked (as a Dask comm does) keeps memory at
-    about that many chunks. Chunks that fail their checks are asked for again, in a
+    order with ``os.pwrite``. At most ``max_in_flight`` frames are decoded and written
+    at once, in threads, and one more is taken from ``stream`` meanwhile (received
+    while the others are written, so that receiving and writing overlap); it waits
+    until the oldest write is done. A stream that waits to be asked (as a Dask comm
+    does) thus keeps memory at ``max_in_flight + 1`` chunks, and one that reuses
+    ``max_in_flight + 1`` buffers in turn (a comm's raw chunks) never has one
+    overwritten while its frame is written. Chunks that fail their checks are asked for again, in a
     new call of ``stream`` once the current one ends, ``retries`` times at most, with
     a warning each time. Symlinks are created last, then file modes (``mode & 0o777``)
     applied; directories get the default mode.
@@ -284,7 +288,7 @@ async def _receive_round(
     """Ask ``stream`` for ``wanted`` and write what it yields; the chunks that failed."""
     missing = set(wanted)
     failed: list[tuple[ChunkSpec, CorruptChunkError]] = []
-    writing: set[asyncio.Task[None]] = set()
+    writing: collections.deque[asyncio.Future[None]] = collections.deque()
     hashing = _Hashing({}) if hashing is None else hashing
 
     async def write(spec: ChunkSpec, frame: Frame) -> None:
@@ -305,12 +309,13 @@ async def _receive_round(
                 on_written(spec)
 
     async def settle(limit: int) -> None:
-        # Waits until fewer than ``limit`` writes run; re-raises what a write raised.
+        # Waits until fewer than ``limit`` writes run, retiring them oldest first (a
+        # comm's ring of buffers is reused in that order); re-raises what a write raised.
         while len(writing) >= limit:
-            done, _ = await asyncio.wait(writing, return_when=asyncio.FIRST_COMPLETED)
-            writing.difference_update(done)
-            for task in done:
-                task.result()
+            oldest = writing[0]
+            await asyncio.wait([oldest])
+            writing.popleft()
+            oldest.result()
 
     try:
         async with contextlib.aclosing(stream(wanted)) as frames:
@@ -320,9 +325,11 @@ async def _receive_round(
                         f"the sender sent chunk {spec}, which was not asked for or came twice"
                     )
                 missing.discard(spec)
-                writing.add(asyncio.ensure_future(write(spec, frame)))
-                del frame
+                # This frame came while the ones before it were written; it waits for
+                # room, not the stream: receiving and writing overlap.
                 await settle(max_in_flight)
+                writing.append(asyncio.ensure_future(write(spec, frame)))
+                del frame
         await settle(1)
     finally:
         for task in writing:

@@ -462,9 +462,10 @@ class _Channel:
         self.stall_timeout = parse_timedelta(dask.config.get("dckpt.transfer.stall-timeout"))
         self._raw = _raw_stream(comm)
         self._chunk_bytes = chunk_bytes
-        # Raw chunks land in a ring of buffers. receive_directory holds at most
-        # ``window`` frames, and asks for the next only when fewer are in use, so a
-        # ring one longer than that never overwrites a frame still being written.
+        # Raw chunks land in a ring of buffers. receive_directory writes at most
+        # ``window`` frames at once and takes one more meanwhile, retiring writes oldest
+        # first, so a ring one longer than the window, reused in order, never
+        # overwrites a frame still being written.
         self._ring: list[bytearray] = []
         self._next = 0
         self._link: float | None = None  # bytes/s of raw chunks: the fastest seen
