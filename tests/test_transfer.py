@@ -690,6 +690,23 @@ def test_files_are_hashed_as_their_chunks_arrive_not_read_back(
     assert build_manifest(tmp_path / "dst").digest == manifest.digest
 
 
+def test_chunks_are_written_in_pieces_of_a_mebibyte_at_most(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch):
+    """Larger writes get page-cache folios of 2 MiB, slow to fault in on a VM that hands
+    free memory back (see WRITE_PIECE_BYTES)."""
+    from dckpt._transfer._receive import WRITE_PIECE_BYTES
+
+    src = make_tree(tmp_path / "src")
+    writes: list[int] = []
+    real = os.pwrite
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: writes.append(len(data))
+                        or real(fd, data, offset))
+    copy(src, tmp_path / "dst", chunk_bytes=8 * MiB)
+    assert snapshot(tmp_path / "dst") == snapshot(src)
+    assert WRITE_PIECE_BYTES <= MiB and max(writes) == WRITE_PIECE_BYTES
+    assert sum(writes) == sum(f.size for f in build_manifest(src).files)
+
+
 def test_chunks_out_of_order_still_check_each_file(tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch):
     """Answers in another order (a chunk fetched again comes last): the file is read back
