@@ -266,6 +266,46 @@ def test_the_receiver_reports_its_link_and_a_fast_one_gets_no_compression(
     assert recording.flags and set(recording.flags) == {0}
 
 
+@pytest.mark.parametrize("in_flight", [1, 3])
+def test_the_receivers_chunk_buffers_serve_the_next_transfer_and_stay_few(
+    tmp_path: Path, in_flight: int
+):
+    """Three transfers in a row reuse the first one's ring of buffers (fresh memory is
+    slow where glibc returns it at once), and the process keeps two chunks at most."""
+    src = tmp_path / "src"
+    _tree(src, seed=11)
+    manifest = build_manifest(src)
+    chunk_bytes = 64 * 1024
+    pool = stream_module._RING_BUFFERS
+    pool.give([])  # nothing from earlier tests of this process matters: the limit does
+    rings: list[set[int]] = []
+
+    async def main() -> None:
+        async def serve(comm: Comm) -> None:
+            with ChunkSource(str(src), manifest, chunk_bytes) as source:
+                await serve_chunks(comm, source)
+            await comm.close()
+
+        listener = await listen("tcp://127.0.0.1", serve)
+        try:
+            for round_ in range(3):
+                comm = await connect(listener.contact_address)
+                await stream_over(comm, "the test sender", manifest,
+                                  str(tmp_path / f"dst{round_}"), chunk_bytes=chunk_bytes)
+                rings.append({id(b) for b in pool._free})
+                await comm.close()
+        finally:
+            listener.stop()
+
+    with dask.config.set({"dckpt.transfer.max-in-flight": in_flight}):
+        asyncio.run(main())
+    for round_ in range(3):
+        assert (tmp_path / f"dst{round_}" / "weights.bin").read_bytes() == (
+            src / "weights.bin").read_bytes()
+    assert pool.held() == 2 * chunk_bytes
+    assert rings[0] == rings[1] == rings[2]  # the same two buffers each time
+
+
 def test_the_link_is_as_fast_as_its_fastest_chunk():
     """A chunk that waited for a core says nothing about the link: one slow chunk after
     fast ones must not make a loopback look like a 1 Gbit/s link (compression would
