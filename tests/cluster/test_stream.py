@@ -225,8 +225,10 @@ class _Recording:
         return getattr(self._comm, name)
 
 
+@pytest.mark.parametrize("over_a_link", [True, False], ids=["link", "loopback"])
 def test_the_receiver_reports_its_link_and_a_fast_one_gets_no_compression(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lz4_speed_of_a_fresh_process: float
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lz4_speed_of_a_fresh_process: float,
+    over_a_link: bool,
 ):
     """Zeros compress 100-fold, yet over loopback (faster than lz4) sending them raw is
     quicker: the sender compresses only where the link the receiver measures makes it pay."""
@@ -257,13 +259,29 @@ def test_the_receiver_reports_its_link_and_a_fast_one_gets_no_compression(
     real = stream_module._raw_stream
     monkeypatch.setattr(stream_module, "_raw_stream",
                         lambda c: real(c._comm if isinstance(c, _Recording) else c))
+    if over_a_link:  # as if 127.0.0.1 were another machine's address
+        monkeypatch.setattr(stream_module, "_is_loopback", lambda address: False)
     with dask.config.set({"dckpt.transfer.compression": "auto"}):
         asyncio.run(main())
     assert (dst / "zeros.bin").read_bytes() == bytes(4 << 20)
     [recording] = seen
     links = [r["link"] for r in recording.requests if "link" in r]
-    assert links and all(rate > 0 for rate in links)
+    if over_a_link:
+        assert links and all(rate > 0 for rate in links)
+    else:
+        assert links == []  # nothing to measure: the sender never compresses
     assert recording.flags and set(recording.flags) == {0}
+
+
+@pytest.mark.parametrize("address, loopback", [
+    ("tcp://127.0.0.1:8786", True), ("tcp://127.0.5.1:1", True), ("tcp://[::1]:8786", True),
+    ("tls://localhost:1", True), ("tcp://10.0.0.2:8786", False), ("tcp://node-1:1", False),
+    ("inproc://10.1.2.3/1/2", False),
+])
+def test_a_loopback_peer_is_no_link(address: str, loopback: bool):
+    from dckpt.cluster._stream import _is_loopback
+
+    assert _is_loopback(address) is loopback
 
 
 @pytest.mark.parametrize("in_flight", [1, 3])
