@@ -324,6 +324,68 @@ def test_the_receivers_chunk_buffers_serve_the_next_transfer_and_stay_few(
     assert rings[0] == rings[1] == rings[2]  # the same two buffers each time
 
 
+class _Asking:
+    """The receiver's comm, counting the chunk requests not yet answered."""
+
+    def __init__(self, comm: Comm) -> None:
+        self._comm = comm
+        self.waiting = 0
+        self.most = 0
+
+    async def write(self, message: Any) -> Any:
+        if isinstance(message, dict) and "chunk" in message:
+            self.waiting += 1
+            self.most = max(self.most, self.waiting)
+        return await self._comm.write(message)
+
+    async def read(self) -> Any:
+        message = await self._comm.read()
+        if isinstance(message, dict) and "header" in message:
+            self.waiting -= 1
+        return message
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._comm, name)
+
+
+@pytest.mark.parametrize("scheme, most", [("tcp://127.0.0.1", 2), ("inproc://", 1)])
+def test_raw_chunks_are_asked_for_one_beyond_the_window(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scheme: str, most: int
+):
+    """On TCP a chunk asked for waits in the kernel's buffers, not in memory: one more
+    request than max-in-flight keeps the sender busy between two chunks. A comm whose
+    answers are messages gets no more than the window."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _tree(src, seed=12)
+    manifest = build_manifest(src)
+    chunk_bytes = 64 * 1024
+    asking: list[_Asking] = []
+
+    async def main() -> None:
+        async def serve(comm: Comm) -> None:
+            with ChunkSource(str(src), manifest, chunk_bytes) as source:
+                await serve_chunks(comm, source)
+            await comm.close()
+
+        listener = await listen(scheme, serve)
+        try:
+            comm = _Asking(await connect(listener.contact_address))
+            asking.append(comm)
+            await stream_over(comm, "the test sender", manifest, str(dst),  # type: ignore[arg-type]
+                              chunk_bytes=chunk_bytes)
+            await comm.close()
+        finally:
+            listener.stop()
+
+    real = stream_module._raw_stream
+    monkeypatch.setattr(stream_module, "_raw_stream",
+                        lambda c: real(c._comm if isinstance(c, _Asking) else c))
+    with dask.config.set({"dckpt.transfer.max-in-flight": 1}):
+        asyncio.run(main())
+    assert (dst / "weights.bin").read_bytes() == (src / "weights.bin").read_bytes()
+    assert asking[0].most == most and asking[0].waiting == 0
+
+
 def test_the_link_is_as_fast_as_its_fastest_chunk():
     """A chunk that waited for a core says nothing about the link: one slow chunk after
     fast ones must not make a loopback look like a 1 Gbit/s link (compression would
