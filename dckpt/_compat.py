@@ -13,7 +13,8 @@ over the cluster and predict layers. Checked against distributed 2026.8.
   unreachable; the future is cleared so that calls fail with the comm's own error.
 - :func:`tcp_stream`: the tornado ``IOStream`` under a TCP or TLS comm
   (``TCP.stream``), which transfers write chunk bytes to and read them from directly
-  (see :mod:`dckpt.cluster._stream` for why).
+  (see :mod:`dckpt.cluster._stream` for why); :func:`plain_tcp_socket`, its socket when
+  no TLS wraps it, which a sender hands file bytes to with ``os.sendfile``.
 - :func:`process_worker`: the worker of this process outside a task (``Worker._instances``):
   a task's result is pickled on the event loop or a comm thread, where
   ``get_worker()`` knows no worker.
@@ -21,6 +22,7 @@ over the cluster and predict layers. Checked against distributed 2026.8.
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from dask.typing import Key
@@ -28,9 +30,10 @@ from distributed import Client, Worker, get_worker
 from distributed.actor import Actor
 from distributed.comm import Comm
 from distributed.comm.tcp import TCP
-from tornado.iostream import IOStream
+from tornado.iostream import IOStream, SSLIOStream
 
-__all__ = ["actor_instance", "actor_proxy", "process_worker", "set_actor_instance", "tcp_stream"]
+__all__ = ["actor_instance", "actor_proxy", "process_worker", "plain_tcp_socket", "set_actor_instance",
+           "tcp_stream"]
 
 
 def actor_instance(worker: Worker, key: Key) -> Any:
@@ -62,6 +65,15 @@ def actor_proxy(cls: type, worker_address: str, key: str, client: Client | None 
 def tcp_stream(comm: Comm) -> IOStream | None:
     """The TCP (or TLS) stream under ``comm``, or None for other comms."""
     return comm.stream if isinstance(comm, TCP) and comm.stream is not None else None
+
+
+def plain_tcp_socket(comm: Comm) -> socket.socket | None:
+    """The socket under a TCP comm without TLS (``IOStream.socket``), or None."""
+    stream = tcp_stream(comm)
+    if stream is None or isinstance(stream, SSLIOStream):
+        return None
+    sock: socket.socket = stream.socket
+    return sock
 
 
 def process_worker() -> Worker | None:

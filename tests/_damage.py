@@ -4,7 +4,9 @@ It stands for a bad network: receivers must detect each damaged chunk by its che
 and fetch it again (``dckpt.transfer.retries``). The library has no hook for this; the
 helper patches, inside the worker's process (through ``client.run``), the sender's
 step between reading a chunk and writing it to the comm
-(``dckpt.cluster._stream._ReadAhead.read``, awaited once per chunk sent), much as
+(``dckpt.cluster._stream._ReadAhead.read``, awaited once per chunk sent from a buffer,
+and ``_ReadAhead.region`` for a chunk sent from its file with ``os.sendfile``, whose
+bytes the process never sees: there the header's checksum is damaged), much as
 ``tests/cluster/test_broadcast.py`` gates ``dckpt._transfer.ChunkSource`` in an owner.
 Every sender of that process is affected (one store per worker process).
 """
@@ -17,7 +19,8 @@ from typing import Any
 
 from distributed import Client
 
-# Set in the worker's process while a patch is installed: [the original read, chunks left].
+# Set in the worker's process while a patch is installed:
+# [the original read, chunks left, the original region].
 _PATCH_ATTRIBUTE = "_dckpt_test_damage"
 
 
@@ -27,7 +30,8 @@ def _damage_next_chunks(count: int) -> None:
 
     _stop_damaging()
     original = stream._ReadAhead.read
-    state: list[Any] = [original, int(count)]
+    original_region = stream._ReadAhead.region
+    state: list[Any] = [original, int(count), original_region]
 
     async def read(self: Any, spec: Any, max_ratio: float | None = None) -> Any:
         header, payload, buffer = await original(self, spec, max_ratio)
@@ -38,7 +42,17 @@ def _damage_next_chunks(count: int) -> None:
             payload = damaged
         return header, payload, buffer
 
+    async def region(self: Any, spec: Any) -> Any:
+        header, file_region = await original_region(self, spec)
+        if state[1] > 0:
+            state[1] -= 1
+            damaged = bytearray(header)
+            damaged[-1] ^= 0x01  # the checksum's last byte: the bytes no longer match it
+            header = bytes(damaged)
+        return header, file_region
+
     stream._ReadAhead.read = read  # type: ignore[method-assign]
+    stream._ReadAhead.region = region  # type: ignore[method-assign]
     setattr(stream, _PATCH_ATTRIBUTE, state)
 
 
@@ -50,6 +64,7 @@ def _stop_damaging() -> int:
     if state is None:
         return 0
     stream._ReadAhead.read = state[0]  # type: ignore[method-assign]
+    stream._ReadAhead.region = state[2]  # type: ignore[method-assign]
     delattr(stream, _PATCH_ATTRIBUTE)
     return int(state[1])
 

@@ -6,7 +6,8 @@ symlinks the directory holds), cuts the files into :class:`ChunkSpec`\\ s and as
 stream for them; the sender answers each with one frame (:mod:`._frames`: a 17-byte
 header with flags, length and checksum, then the raw or lz4-compressed bytes).
 
-- sender: :class:`ChunkSource`, thread-safe, reading with ``os.preadv``;
+- sender: :class:`ChunkSource`, thread-safe, reading with ``os.preadv``, or handing out
+  a :class:`FileRegion` for ``os.sendfile`` (:meth:`ChunkSource.read_region`);
 - receiver: :func:`receive_directory`, a coroutine that takes frames from a
   :data:`ChunkStream` and hands the CPU and disk work of each (decode, checksum,
   ``os.pwrite``) to a thread, a bounded number at a time.
@@ -33,6 +34,7 @@ from dckpt._transfer._frames import (
     encode_chunk,
     encode_parts,
     max_ratio_for_link,
+    never_compresses,
 )
 from dckpt._transfer._manifest import (
     ChunkSpec,
@@ -45,7 +47,7 @@ from dckpt._transfer._place import Have
 from dckpt._transfer._progress import ReceiveProgress, receiving
 from dckpt._transfer._receive import ChunkStream, Received, receive_directory
 from dckpt._transfer._settings import check_chunk_bytes, config_chunk_bytes
-from dckpt._transfer._source import ChunkSource
+from dckpt._transfer._source import ChunkSource, FileRegion
 
 __all__ = [
     "CHUNK_HEADER",
@@ -54,6 +56,7 @@ __all__ = [
     "ChunkSpec",
     "ChunkStream",
     "FileEntry",
+    "FileRegion",
     "Frame",
     "Have",
     "Manifest",
@@ -67,6 +70,7 @@ __all__ = [
     "encode_chunk",
     "encode_parts",
     "max_ratio_for_link",
+    "never_compresses",
     "receive_directory",
     "receiving",
 ]

@@ -13,6 +13,8 @@ bytes does) and the :class:`~dckpt._transfer.ChunkSpec` a frame must match. Its 
 
 from __future__ import annotations
 
+import xxhash
+
 from dckpt._formats import (
     CHUNK_HEADER,
     MIN_RATIO,
@@ -27,7 +29,7 @@ from dckpt._transfer._settings import compression
 
 __all__ = [
     "CHUNK_HEADER", "Buffer", "Frame", "compress_speed", "decode_chunk", "encode_chunk",
-    "encode_parts", "max_ratio_for_link",
+    "encode_parts", "max_ratio_for_link", "never_compresses", "raw_checksum", "raw_header",
 ]
 
 
@@ -43,6 +45,29 @@ def max_ratio_for_link(link_bytes_per_second: float) -> float:
     speed = compress_speed()
     limit = 1.0 - link_bytes_per_second * (1.0 / speed + 1.0 / (2.0 * speed))
     return max(0.0, min(MIN_RATIO, limit))
+
+
+def never_compresses(max_ratio: float | None) -> bool:
+    """Whether :func:`encode_parts` with this ``max_ratio`` sends every chunk raw:
+    ``dckpt.transfer.compression`` is ``"none"``, or ``"auto"`` with ``max_ratio`` 0.
+
+    A sender that knows this can send a chunk straight from its file
+    (:meth:`~dckpt._transfer.ChunkSource.read_region`) instead of through a buffer.
+    """
+    mode = compression()
+    return mode == "none" or (mode == "auto" and max_ratio is not None and max_ratio <= 0)
+
+
+def raw_checksum() -> xxhash.xxh3_64:
+    """A fresh checksum of a frame's raw bytes, to be fed in pieces (``update``):
+    xxh3_64, as :func:`dckpt._formats.encode_frame` computes it in one go."""
+    return xxhash.xxh3_64()
+
+
+def raw_header(length: int, checksum: int) -> bytes:
+    """The header of an uncompressed frame of ``length`` bytes whose
+    :func:`raw_checksum` is ``checksum`` (its ``intdigest()``)."""
+    return CHUNK_HEADER.pack(0, length, checksum)
 
 
 def encode_chunk(raw: Buffer, *, compress: bool | None = None) -> bytes:

@@ -18,6 +18,7 @@ import collections
 import contextlib
 import logging
 import os
+import threading
 import time
 from collections.abc import (
     AsyncGenerator,
@@ -30,6 +31,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
+import xxhash
 from fsspec.callbacks import DEFAULT_CALLBACK, Callback
 
 from dckpt._formats import atomic_directory
@@ -81,6 +83,20 @@ class Received:
 _O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
+WRITE_PIECE_BYTES = 256 << 10
+"""The most one ``os.pwrite`` of a chunk writes.
+
+A write of 2 MiB or more at once lets the kernel (ext4 with large folios, Linux 6.x)
+put it in page-cache folios of 2 MiB, which come from the 2 MiB blocks of free memory:
+the very blocks a VM with free page reporting has handed back to its host, so that each
+is faulted in again. Measured on this project's machine, 1 GiB into a new file, 3 s
+after as much was freed: 2.4 to 3.0 s of CPU in 8 MiB or 2 MiB writes, 0.24 to 0.45 s
+in 1 MiB writes and 0.35 s in 256 KiB ones (0.3 s each right after the free). In the
+receiving worker of ``benchmarks/bench_transfer.py`` 256 KiB writes did better than
+1 MiB ones (1.0-1.2 against 1.4-1.9 s of receiver CPU per GiB, three runs each). The
+socket copy there writes what each ``recv`` brings, 1 MiB at most.
+"""
+
 
 async def receive_directory(
     manifest: Manifest,
@@ -108,10 +124,13 @@ async def receive_directory(
     removes it.
 
     Each file is created at its full size (``os.ftruncate``), so chunks land in any
-    order with ``os.pwrite``. At most ``max_in_flight`` frames are held at once (being
-    decoded and written): the next one is taken from ``stream`` only when one of them
-    is done, so a stream that waits to be asked (as a Dask comm does) keeps memory at
-    about that many chunks. Chunks that fail their checks are asked for again, in a
+    order with ``os.pwrite``. At most ``max_in_flight`` frames are decoded and written
+    at once, in threads, and one more is taken from ``stream`` meanwhile (received
+    while the others are written, so that receiving and writing overlap); it waits
+    until the oldest write is done. A stream that waits to be asked (as a Dask comm
+    does) thus keeps memory at ``max_in_flight + 1`` chunks, and one that reuses
+    ``max_in_flight + 1`` buffers in turn (a comm's raw chunks) never has one
+    overwritten while its frame is written. Chunks that fail their checks are asked for again, in a
     new call of ``stream`` once the current one ends, ``retries`` times at most, with
     a warning each time. Symlinks are created last, then file modes (``mode & 0o777``)
     applied; directories get the default mode.
@@ -200,6 +219,10 @@ async def receive_directory(
             wanted = [spec for spec in manifest.chunks(chunk_bytes)
                       if spec.file_index not in placed and spec.file_index not in twins]
             fetched = sum(spec.length for spec in wanted)
+            hashing = _Hashing({i: manifest.files[i].size for i in
+                                {spec.file_index for spec in wanted}
+                                | {i for i, e in enumerate(manifest.files)
+                                   if not e.size and i not in placed}})
             # Threads of its own rather than asyncio's default pool: glibc gives each thread
             # that allocates an arena, which keeps the chunks freed in it; a few writer
             # threads keep the memory a transfer leaves behind to a few chunks.
@@ -207,7 +230,7 @@ async def receive_directory(
             try:
                 for attempt in range(retries + 1):
                     failed = await _receive_round(stream, wanted, paths, writers, max_in_flight,
-                                                  callback, on_written)
+                                                  callback, on_written, hashing)
                     if not failed:
                         break
                     for spec, error in failed:
@@ -222,7 +245,8 @@ async def receive_directory(
                     wanted = [spec for spec, _ in failed]
             finally:
                 writers.shutdown(wait=False)  # nothing runs: every write was awaited
-            await asyncio.to_thread(_finish_tree, staging, manifest, paths, placed.keys() | twins)
+            await asyncio.to_thread(_finish_tree, staging, manifest, paths, placed.keys() | twins,
+                                    hashing.digests())
             for index, how in (await asyncio.to_thread(_place_twins, manifest, paths, twins)).items():
                 placed[index] = how
                 _placed_one(manifest, index, callback, on_written)
@@ -273,32 +297,39 @@ async def _receive_round(
     max_in_flight: int,
     callback: Callback,
     on_written: Callable[[ChunkSpec], None] | None = None,
+    hashing: _Hashing | None = None,
 ) -> list[tuple[ChunkSpec, CorruptChunkError]]:
     """Ask ``stream`` for ``wanted`` and write what it yields; the chunks that failed."""
     missing = set(wanted)
     failed: list[tuple[ChunkSpec, CorruptChunkError]] = []
-    # In the order the chunks came: the stream reads each chunk into the buffer of the
-    # one that came ``max_in_flight`` before it, so the oldest write must be done first,
-    # not any one of them (a slow write would have its buffer overwritten).
-    writing: collections.deque[asyncio.Task[None]] = collections.deque()
+    writing: collections.deque[asyncio.Future[None]] = collections.deque()
+    hashing = _Hashing({}) if hashing is None else hashing
 
     async def write(spec: ChunkSpec, frame: Frame) -> None:
+        hashing.begin(spec)
         try:
             await asyncio.get_running_loop().run_in_executor(
-                writers, _write_chunk, frame, spec, paths[spec.file_index]
+                writers, _write_chunk, frame, spec, paths[spec.file_index], hashing
             )
         except CorruptChunkError as e:
+            hashing.drop(spec)
             failed.append((spec, e))
+        except BaseException:
+            hashing.drop(spec)  # a chunk after it must not wait for it
+            raise
         else:
             callback.relative_update(spec.length)
             if on_written is not None:
                 on_written(spec)
 
     async def settle(limit: int) -> None:
-        # Waits until fewer than ``limit`` writes run, oldest first; re-raises what a
-        # write raised.
+        # Waits until fewer than ``limit`` writes run, retiring them oldest first (a
+        # comm's ring of buffers is reused in that order); re-raises what a write raised.
         while len(writing) >= limit:
-            await writing.popleft()
+            oldest = writing[0]
+            await asyncio.wait([oldest])
+            writing.popleft()
+            oldest.result()
 
     try:
         async with contextlib.aclosing(stream(wanted)) as frames:
@@ -308,9 +339,11 @@ async def _receive_round(
                         f"the sender sent chunk {spec}, which was not asked for or came twice"
                     )
                 missing.discard(spec)
+                # This frame came while the ones before it were written; it waits for
+                # room, not the stream: receiving and writing overlap.
+                await settle(max_in_flight)
                 writing.append(asyncio.ensure_future(write(spec, frame)))
                 del frame
-                await settle(max_in_flight)
         await settle(1)
     finally:
         for task in writing:
@@ -396,8 +429,11 @@ def _create_tree(
     return placed
 
 
-def _write_chunk(frame: Frame, spec: ChunkSpec, path: str) -> None:
-    """Decode one frame and write it in place (thread)."""
+def _write_chunk(frame: Frame, spec: ChunkSpec, path: str, hashing: _Hashing) -> None:
+    """Decode one frame, write it in place, and hash it into its file's hash (thread).
+
+    Raises CorruptChunkError before writing anything of a frame that fails its checks.
+    """
     data = decode_chunk(frame, spec)
     # No O_CREAT: a write that outlives a cancelled transfer cannot recreate anything
     # in the partial directory being removed.
@@ -405,9 +441,82 @@ def _write_chunk(frame: Frame, spec: ChunkSpec, path: str) -> None:
     try:
         done = 0
         while done < len(data):
-            done += os.pwrite(fd, data[done:], spec.offset + done)
+            done += os.pwrite(fd, data[done : done + WRITE_PIECE_BYTES], spec.offset + done)
     finally:
         os.close(fd)
+    hashing.add(spec, data)
+
+
+class _Hashing:
+    """Each fetched file's xxh3-128, computed from its chunks as they are written.
+
+    Hashing a chunk while it is in memory spares reading every file back once it is
+    complete (0.1 s per GiB from the page cache, after the last chunk: time no other
+    work overlaps). A file's hash needs its bytes in order: a chunk waits for the chunk
+    before it in its file while that one is being written (``max-in-flight`` above 1),
+    and a file whose chunks came out of order anyway (a chunk fetched again, a stream
+    that answers in another order) is left out of :meth:`digests` and read back as
+    before. Only chunks that passed their checksum and were written are hashed, each
+    once: the hash is of the bytes the file holds.
+    """
+
+    # A chunk waits at most this long for the one before it (which ends by being written,
+    # failing or being cancelled, each of which wakes it); past it, the file is read back.
+    _WAIT_SECONDS = 60.0
+
+    def __init__(self, sizes: dict[int, int]) -> None:
+        """``sizes``: the files to hash, index -> size."""
+        self._condition = threading.Condition()
+        self._sizes = sizes
+        self._hashers = {index: xxhash.xxh3_128() for index in sizes}
+        self._next = dict.fromkeys(sizes, 0)  # the offset each file's hash has reached
+        self._in_flight: dict[int, set[int]] = {index: set() for index in sizes}
+
+    def begin(self, spec: ChunkSpec) -> None:
+        """``spec`` is on its way to be written (event loop)."""
+        with self._condition:
+            if spec.file_index in self._hashers:
+                self._in_flight[spec.file_index].add(spec.offset)
+
+    def drop(self, spec: ChunkSpec) -> None:
+        """``spec`` will not be hashed (it failed, or was cancelled): its file is read back."""
+        with self._condition:
+            self._end(spec, broken=True)
+
+    def add(self, spec: ChunkSpec, data: memoryview) -> None:
+        """The bytes of ``spec``, written and checked: into its file's hash (thread)."""
+        index = spec.file_index
+        with self._condition:
+            if index not in self._hashers:
+                return
+            # The chunk before this one is being written: its bytes go first.
+            self._condition.wait_for(
+                lambda: index not in self._hashers or self._next[index] == spec.offset
+                or self._next[index] not in self._in_flight[index],
+                self._WAIT_SECONDS,
+            )
+            if index in self._hashers and self._next[index] == spec.offset:
+                self._hashers[index].update(data)
+                self._next[index] += spec.length
+                self._end(spec, broken=False)
+            else:
+                self._end(spec, broken=True)
+
+    def digests(self) -> dict[int, str]:
+        """The hash of each file whose every byte was hashed in order (hex), by index;
+        the others must be read back."""
+        with self._condition:
+            return {index: hasher.hexdigest() for index, hasher in self._hashers.items()
+                    if self._next[index] == self._sizes[index]}
+
+    def _end(self, spec: ChunkSpec, *, broken: bool) -> None:
+        index = spec.file_index
+        if index not in self._hashers:
+            return
+        self._in_flight[index].discard(spec.offset)
+        if broken:
+            del self._hashers[index], self._next[index], self._in_flight[index]
+        self._condition.notify_all()
 
 
 def _place_twins(
@@ -429,16 +538,19 @@ def _place_twins(
 
 
 def _finish_tree(
-    staging: str, manifest: Manifest, paths: list[str], placed: Collection[int]
+    staging: str, manifest: Manifest, paths: list[str], placed: Collection[int],
+    hashed: dict[int, str] | None = None,
 ) -> None:
     """Symlinks (only now that every file is written), file modes, then each file's
     content checked against its hash (thread).
 
     The chunk checksums catch damage on the way; the file hashes catch a sender whose
     bytes are not those its manifest names (a file rewritten while it was sent). The
-    check reads what was just written (from the page cache, mostly) and leaves the
-    hash remembered (:func:`~dckpt._transfer._hashes.remember`), so building the
-    manifest of the copy later reads nothing. Files placed from a local copy were
+    hash of a file is the one computed from its chunks as they were written
+    (``hashed``, by index: :class:`_Hashing`), else read from what was written (the
+    page cache, mostly); either way it is left remembered
+    (:func:`~dckpt._transfer._hashes.remember`), so building the manifest of the copy
+    later reads nothing. Files placed from a local copy were
     given their mode and checked as they were placed (:func:`place_file`); a linked
     one is not touched again, as a ``chmod`` would change the inode it shares. Those,
     and the twins placed after this from their first copy, are in ``placed``.
@@ -451,7 +563,9 @@ def _finish_tree(
         if index in placed:
             continue
         os.chmod(path, entry.mode & 0o777)
-        actual = hash_file(path)
+        actual = hashed.get(index) if hashed is not None else None
+        if actual is None:
+            actual = hash_file(path)
         if actual != entry.hash:
             raise CorruptChunkError(
                 f"{entry.path!r}: its bytes hash to {actual}, not to {entry.hash} as the "

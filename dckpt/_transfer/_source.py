@@ -6,18 +6,55 @@ import collections
 import os
 import stat
 import threading
+from collections.abc import Callable
 
-from dckpt._transfer._frames import Buffer, encode_parts
+from dckpt._transfer._frames import Buffer, encode_parts, raw_checksum, raw_header
 from dckpt._transfer._manifest import ChunkSpec, FileEntry, Manifest
 from dckpt._transfer._settings import check_chunk_bytes, config_chunk_bytes
 from dckpt.errors import CheckpointFormatError
 
-__all__ = ["ChunkSource"]
+__all__ = ["ChunkSource", "FileRegion"]
 
 # A sender keeps at most this many files open at once; a checkpoint of thousands of
 # small files must not exhaust a worker's descriptors (often 1024, sockets included).
 _MAX_OPEN_FILES = 64
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+# read_region checksums a chunk through a buffer this large, one per reading thread: small
+# enough to stay in the core's cache, so the bytes come from memory once.
+_CHECKSUM_BLOCK = 1 << 20
+_blocks = threading.local()
+
+
+class FileRegion:
+    """Bytes of a served file, to be sent from the file itself (``os.sendfile``).
+
+    ``fd`` stays open until :meth:`close`, whatever happens to its :class:`ChunkSource`
+    meanwhile; call it once the bytes are sent (or not sent after all).
+    """
+
+    __slots__ = ("fd", "offset", "length", "path", "_release")
+
+    fd: int
+    offset: int
+    length: int
+    path: str
+
+    def __init__(self, fd: int, offset: int, length: int, path: str,
+                 release: Callable[[], None]) -> None:
+        self.fd, self.offset, self.length, self.path = fd, offset, length, path
+        self._release: Callable[[], None] | None = release
+
+    def close(self) -> None:
+        """Let the source close ``fd`` (once no read uses it)."""
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+    def __enter__(self) -> FileRegion:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 class _OpenFile:
@@ -121,6 +158,26 @@ class ChunkSource:
         self._read(spec, entry, view)
         return encode_parts(view, max_ratio=max_ratio)
 
+    def read_region(self, spec: ChunkSpec) -> tuple[bytes, FileRegion]:
+        """One chunk as the header of an uncompressed frame and the :class:`FileRegion`
+        of its bytes, for a sender that sends them from the file (``os.sendfile``).
+
+        The checksum is computed now, reading the chunk through a small buffer; what
+        goes out later is read again by the kernel. A file changed in between is
+        caught by the receiver (the checksum, else the file hash), a file cut short by
+        the sender's ``os.sendfile`` returning 0. Raises as :meth:`read_chunk`.
+        """
+        entry = self._check(spec)
+        handle = self._acquire(spec.file_index, entry)
+        try:
+            checksum = self._checksum(handle.fd, spec, entry)
+        except BaseException:
+            self._release(handle)
+            raise
+        return raw_header(spec.length, checksum), FileRegion(
+            handle.fd, spec.offset, spec.length, self._path(entry),
+            lambda: self._release(handle))
+
     def close(self) -> None:
         """Close the files; reads in progress finish first, later ones raise."""
         with self._lock:
@@ -203,6 +260,25 @@ class ChunkSource:
             handle.users -= 1
             if handle.retired and handle.users == 0:
                 os.close(handle.fd)
+
+    def _checksum(self, fd: int, spec: ChunkSpec, entry: FileEntry) -> int:
+        block = getattr(_blocks, "view", None)
+        if block is None:
+            block = _blocks.view = memoryview(bytearray(_CHECKSUM_BLOCK))
+        checksum = raw_checksum()
+        done = 0
+        while done < spec.length:
+            piece = block[: min(len(block), spec.length - done)]
+            n = os.preadv(fd, [piece], spec.offset + done)
+            if n == 0:
+                raise _changed(
+                    self._path(entry),
+                    f"ends at byte {spec.offset + done}, before the {entry.size} bytes "
+                    "of the manifest",
+                )
+            checksum.update(piece[:n])
+            done += n
+        return checksum.intdigest()
 
     def _read_into(self, fd: int, view: memoryview, spec: ChunkSpec, entry: FileEntry) -> None:
         done = 0

@@ -158,6 +158,22 @@ class RelaySource:
         except CheckpointError as e:
             raise CheckpointError(f"this relay could not read {spec} it received: {e}") from e
 
+    def read_region(
+        self, spec: _transfer.ChunkSpec
+    ) -> tuple[bytes, _transfer.FileRegion]:
+        """Like :meth:`ChunkSource.read_region`, once the chunk has arrived; fails as
+        :meth:`read_parts` does."""
+        root = self._relay.wait_for(spec, self._timeout)
+        try:
+            return self._source_at(root).read_region(spec)
+        except CheckpointError:
+            pass  # renamed into the cache between the wait and the open: read it there
+        moved = self._relay.wait_for(spec, self._timeout)
+        try:
+            return self._source_at(moved).read_region(spec)
+        except CheckpointError as e:
+            raise CheckpointError(f"this relay could not read {spec} it received: {e}") from e
+
     def close(self) -> None:
         with self._lock:
             if self._source is not None:

@@ -32,9 +32,15 @@ transfer; the receiver raises it as the matching dckpt error (:func:`raise_error
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import ipaddress
 import logging
+import os
+import select
+import socket
 import ssl
+import threading
 import time
 from collections.abc import (
     AsyncGenerator,
@@ -49,7 +55,7 @@ from typing import Any, Protocol
 
 import dask.config
 from dask.utils import parse_timedelta
-from distributed.comm import Comm, CommClosedError
+from distributed.comm import Comm, CommClosedError, get_address_host
 from distributed.core import ConnectionPool
 from distributed.protocol import to_serialize
 from fsspec.callbacks import DEFAULT_CALLBACK, Callback
@@ -112,6 +118,10 @@ class Chunks(Protocol):
         max_ratio: float | None = None,
     ) -> tuple[bytes, _transfer.Buffer]: ...
 
+    def read_region(
+        self, spec: _transfer.ChunkSpec
+    ) -> tuple[bytes, _transfer.FileRegion]: ...
+
 
 async def serve_chunks(
     comm: Comm,
@@ -124,38 +134,65 @@ async def serve_chunks(
     An error message from the receiver ends it too, raised here.
 
     Each chunk is read in a thread, the next one ahead of its request (:class:`_ReadAhead`),
-    and sent without a copy (:meth:`ChunkSource.read_parts`).
+    and sent without a copy (:meth:`ChunkSource.read_parts`). On a TCP comm without
+    TLS, a chunk that goes uncompressed (:func:`dckpt._transfer.never_compresses`: on a
+    fast link, always) is not read into memory at all: its checksum is computed through
+    a small buffer, and its bytes go from the file to the socket with ``os.sendfile``
+    (:class:`_FileSender`), which spares the sender two copies of every byte.
     A chunk that cannot be read ends the transfer with an error reply, which is also
     raised here. ``sent(length)`` is called for every chunk as it goes out, so that the
     sender's counters move during a long transfer, not only at its end.
     """
     reader = _ReadAhead(source)
     raw = _raw_stream(comm)
+    files = _FileSender.over(comm)
     try:
         while True:
             request = await comm.read()
             raise_error(request, "the receiver")
             if request.get("status") == "done":
                 return
+            asked_raw = raw is not None and bool(request.get("raw"))
+            max_ratio = _max_ratio(request, raw)
+            region: _transfer.FileRegion | None = None
             try:
                 spec = _chunk_spec(request.get("chunk"))
-                header, payload, buffer = await reader.read(spec, _max_ratio(request, raw))
+                if asked_raw and files is not None and _transfer.never_compresses(max_ratio):
+                    header, region = await reader.region(spec)
+                else:
+                    header, payload, buffer = await reader.read(spec, max_ratio)
             except Exception as e:
                 await comm.write(error_reply(e))
                 raise
             if sent is not None:
                 sent(spec.length)
-            if raw is not None and request.get("raw"):
+            if region is not None:
+                assert raw is not None and files is not None
+                try:
+                    await comm.write({"header": header, "length": region.length})
+                except BaseException:
+                    region.close()
+                    raise
+                try:
+                    await files.send(raw, region)
+                except BaseException:
+                    comm.abort()  # the receiver waits for bytes that will not come
+                    raise
+            elif asked_raw:
+                assert raw is not None
                 await comm.write({"header": header, "length": len(payload)})
                 await _write_raw(raw, payload)
                 reader.give_back(buffer)  # on the wire: free to read the next chunk into
+                del payload, buffer
             else:
                 # A memoryview travels as a frame of its own; bytes would be pickled.
                 # comm.write does not wait for it to leave: the buffer is not reused.
                 await comm.write({"header": header, "payload": to_serialize(memoryview(payload))})
-            del payload, buffer
+                del payload, buffer
     finally:
         reader.close()
+        if files is not None:
+            files.close()
 
 
 def _raw_stream(comm: Comm) -> IOStream | None:
@@ -180,6 +217,93 @@ async def _write_raw(stream: IOStream, payload: _transfer.Buffer) -> None:
         raise CommClosedError(f"the receiver went away while a chunk was sent: {e}") from e
 
 
+class _FileSender:
+    """Sends chunk bytes from their file to a comm's socket with ``os.sendfile`` (thread).
+
+    Only once everything the comm queued before (the chunk's header message) has left:
+    the bytes go behind tornado's back, straight to the socket, which is non-blocking,
+    so the thread waits for room with ``poll``. Nothing else writes to the comm
+    meanwhile (:func:`serve_chunks` awaits each send). The thread uses a duplicate of
+    the socket's descriptor, so that tornado closing the socket (the receiver went
+    away) cannot hand its number to another file under the thread's feet.
+    """
+
+    _POLL_SECONDS = 0.25  # how soon a send notices that it was stopped
+
+    def __init__(self, sock: socket.socket, stall_timeout: float) -> None:
+        self._fd = os.dup(sock.fileno())
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="dckpt-sendfile")
+        self._stop = threading.Event()
+        self._stall_timeout = stall_timeout
+
+    @classmethod
+    def over(cls, comm: Comm) -> _FileSender | None:
+        """A sender for ``comm``, or None when it is no TCP comm without TLS."""
+        sock = _compat.plain_tcp_socket(comm)
+        if sock is None or not hasattr(os, "sendfile"):
+            return None
+        return cls(sock, parse_timedelta(dask.config.get(_STALL_TIMEOUT)))
+
+    async def send(self, stream: IOStream, region: _transfer.FileRegion) -> None:
+        """Send the bytes of ``region`` after what ``stream`` has queued; closes ``region``
+        (once the thread is done with it, also when this is cancelled)."""
+        try:
+            await stream.write(b"")  # resolves once everything queued before is sent
+        except (StreamClosedError, ssl.SSLError) as e:
+            region.close()
+            raise CommClosedError(f"the receiver went away while a chunk was sent: {e}") from e
+        except BaseException:
+            region.close()
+            raise
+        job = self._thread.submit(self._send, region)
+        try:
+            await asyncio.wrap_future(job)
+        except asyncio.CancelledError:
+            self._stop.set()  # the thread stops within _POLL_SECONDS, then closes region
+            raise
+
+    def close(self) -> None:
+        """Stop; the descriptor is closed once a send in progress has stopped."""
+        self._stop.set()
+        self._thread.submit(os.close, self._fd)
+        self._thread.shutdown(wait=False)
+
+    def _send(self, region: _transfer.FileRegion) -> None:
+        try:
+            poller = select.poll()
+            poller.register(self._fd, select.POLLOUT)
+            offset, left, idle = region.offset, region.length, 0.0
+            while left:
+                if self._stop.is_set():
+                    raise CommClosedError("the transfer stopped while a chunk was sent")
+                try:
+                    n = os.sendfile(self._fd, region.fd, offset, left)
+                except BlockingIOError:
+                    if poller.poll(self._POLL_SECONDS * 1000):
+                        idle = 0.0
+                    else:
+                        idle += self._POLL_SECONDS
+                        if idle >= self._stall_timeout:
+                            raise TimeoutError(
+                                f"the receiver took nothing for {self._stall_timeout:g} s "
+                                "(dckpt.transfer.stall-timeout)"
+                            ) from None
+                    continue
+                except OSError as e:  # EPIPE, ECONNRESET: the receiver went away
+                    raise CommClosedError(
+                        f"the receiver went away while a chunk was sent: {e}") from e
+                if n == 0:
+                    raise CheckpointFormatError(
+                        f"{region.path!r} ends at byte {offset}, within a chunk being sent: "
+                        "the directory changed after its manifest was built; register it "
+                        "again (a checkpoint must not change once registered)"
+                    )
+                offset += n
+                left -= n
+        finally:
+            region.close()
+
+
 class _ReadAhead:
     """Reads chunks in a thread of its own, and the chunk after each one in advance.
 
@@ -195,6 +319,8 @@ class _ReadAhead:
         self._source = source
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="dckpt-send")
         self._ahead: tuple[_transfer.ChunkSpec, asyncio.Future[Any]] | None = None
+        self._ahead_region: tuple[_transfer.ChunkSpec, concurrent.futures.Future[Any]] | None
+        self._ahead_region = None
         # Buffers whose bytes are on the wire; two suffice (one sent, one read ahead).
         self._free: list[bytearray] = []
 
@@ -206,6 +332,8 @@ class _ReadAhead:
         ``max_ratio`` (when compression pays, :func:`_max_ratio`) applies to this chunk
         if it is not read ahead already, and to the one read ahead next.
         """
+        _drop_region(self._ahead_region)
+        self._ahead_region = None
         ahead, self._ahead = self._ahead, None
         if ahead is not None and ahead[0] == spec:
             future = ahead[1]
@@ -219,12 +347,40 @@ class _ReadAhead:
             self._ahead = (following, self._start(following, max_ratio))
         return parts
 
+    async def region(
+        self, spec: _transfer.ChunkSpec
+    ) -> tuple[bytes, _transfer.FileRegion]:
+        """``(header, region)`` of ``spec`` (:meth:`ChunkSource.read_region`), read in
+        the thread, and the region of the chunk after it ahead of its request (its
+        checksum: there is no buffer to fill); close the region once sent."""
+        if self._ahead is not None:
+            self._ahead[1].cancel()
+            self._ahead = None
+        ahead, self._ahead_region = self._ahead_region, None
+        if ahead is not None and ahead[0] == spec:
+            job = ahead[1]
+        else:
+            _drop_region(ahead)
+            job = self._thread.submit(self._source.read_region, spec)
+        try:
+            result: tuple[bytes, _transfer.FileRegion] = await asyncio.wrap_future(job)
+        except asyncio.CancelledError:
+            job.add_done_callback(_close_region)  # if the read finishes after all
+            raise
+        following = _following(self._source, spec)
+        if following is not None:
+            self._ahead_region = (following,
+                                  self._thread.submit(self._source.read_region, following))
+        return result
+
     def give_back(self, buffer: bytearray) -> None:
         """``buffer``'s chunk has left: the next read may overwrite it."""
         if len(self._free) < 2 and len(buffer) == self._source.chunk_bytes:
             self._free.append(buffer)
 
     def close(self) -> None:
+        _drop_region(self._ahead_region)
+        self._ahead_region = None
         if self._ahead is not None:
             self._ahead[1].cancel()
         self._thread.shutdown(wait=False)
@@ -243,6 +399,18 @@ class _ReadAhead:
         # A read ahead that nobody asks for may fail unseen (the receiver stopped).
         future.add_done_callback(lambda f: f.cancelled() or f.exception())
         return future
+
+
+def _close_region(job: concurrent.futures.Future[Any]) -> None:
+    if not job.cancelled() and job.exception() is None:
+        job.result()[1].close()
+
+
+def _drop_region(ahead: tuple[_transfer.ChunkSpec, concurrent.futures.Future[Any]] | None) -> None:
+    """A region read ahead that nobody will send: not read, or closed once read."""
+    if ahead is not None:
+        ahead[1].cancel()
+        ahead[1].add_done_callback(_close_region)
 
 
 def _max_ratio(request: Mapping[str, Any], raw: IOStream | None) -> float | None:
@@ -281,6 +449,45 @@ def _chunk_spec(value: object) -> _transfer.ChunkSpec:
     return _transfer.ChunkSpec(*value)
 
 
+class _BufferPool:
+    """Chunk buffers kept from one transfer to the next in this process (thread-safe).
+
+    A receiver's ring of raw chunk buffers is touched once per transfer; allocated
+    anew each time it would be fresh memory each time where glibc hands large blocks
+    back to the system at once (``mmap``: a nanny's ``MALLOC_TRIM_THRESHOLD_`` fixes the
+    threshold at 128 KiB), which on a VM with free page reporting costs 1 to 3 s per
+    GiB to touch. The price: a process that received a checkpoint keeps ``limit``
+    buffers (16 MiB with the default 8 MiB chunks) for the next one.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._free: list[bytearray] = []
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> bytearray:
+        """A buffer of ``size`` bytes: a kept one if there is one, else a new one."""
+        with self._lock:
+            for i, buffer in enumerate(self._free):
+                if len(buffer) == size:
+                    return self._free.pop(i)
+        return bytearray(size)
+
+    def give(self, buffers: Sequence[bytearray]) -> None:
+        """Keep ``buffers`` (the latest first) for later transfers, up to the limit."""
+        with self._lock:
+            self._free = [*buffers, *self._free][: self._limit]
+
+    def held(self) -> int:
+        """Bytes kept now."""
+        with self._lock:
+            return sum(len(buffer) for buffer in self._free)
+
+
+# Two: the ring of a transfer at the default max-in-flight of 1.
+_RING_BUFFERS = _BufferPool(2)
+
+
 class _Channel:
     """The receiver's end of a transfer: a :data:`~dckpt._transfer.ChunkStream` on ``comm``.
 
@@ -294,23 +501,33 @@ class _Channel:
         self.window = int(dask.config.get("dckpt.transfer.max-in-flight"))
         self.stall_timeout = parse_timedelta(dask.config.get("dckpt.transfer.stall-timeout"))
         self._raw = _raw_stream(comm)
+        # No link to measure between two processes of one machine: its cores, which
+        # lz4 would take from both sides, are the limit (see _is_loopback).
+        self._loopback = _is_loopback(comm.peer_address)
         self._chunk_bytes = chunk_bytes
-        # Raw chunks land in a ring of buffers. receive_directory holds at most
-        # ``window`` frames, finishes their writes oldest first, and asks for the next
-        # only when fewer are in use, so a ring one longer than that never overwrites
-        # a frame still being written (tests/cluster/test_stream_buffers.py).
+        # Raw chunks land in a ring of buffers. receive_directory writes at most
+        # ``window`` frames at once and takes one more meanwhile, retiring writes oldest
+        # first, so a ring one longer than the window, reused in order, never
+        # overwrites a frame still being written (tests/cluster/test_stream_buffers.py).
         self._ring: list[bytearray] = []
         self._next = 0
-        self._link: float | None = None  # bytes/s of raw chunks, a running average
+        self._link: float | None = None  # bytes/s of raw chunks: the fastest seen
 
     async def stream(
         self, specs: Sequence[_transfer.ChunkSpec]
     ) -> AsyncGenerator[tuple[_transfer.ChunkSpec, _transfer.Frame], None]:
         pending = iter(specs)
         asked: list[_transfer.ChunkSpec] = []
+        # Raw chunks wait in the kernel's socket buffers until read into the ring, so on
+        # TCP one more request than the window costs no memory on either side (the
+        # sender holds no buffer for a chunk it sends from the file) and keeps the
+        # sender busy while this side turns round between two chunks; without it, the
+        # pipe ran dry at every chunk (16 MiB chunks took 0.2-0.3 s less CPU per GiB
+        # on either side than 8 MiB ones).
+        ahead = self.window + (1 if self._raw is not None else 0)
         for spec in pending:
             await self._ask(spec, asked)
-            if len(asked) >= self.window:
+            if len(asked) >= ahead:
                 break
         answered = 0
         while answered < len(asked):
@@ -332,10 +549,15 @@ class _Channel:
             yield spec, frame
             del frame  # held by the receiver now, and only as long as it needs it
 
+    def release_ring(self) -> list[bytearray]:
+        """The ring's buffers, no longer this channel's."""
+        ring, self._ring = self._ring, []
+        return ring
+
     async def _ask(self, spec: _transfer.ChunkSpec, asked: list[_transfer.ChunkSpec]) -> None:
         request: dict[str, Any] = {"chunk": [spec.file_index, spec.offset, spec.length],
                                    "raw": self._raw is not None}
-        if self._link is not None:
+        if self._link is not None and not self._loopback:
             request["link"] = self._link  # the sender compresses only where it pays
         await self.comm.write(request)
         asked.append(spec)
@@ -345,7 +567,7 @@ class _Channel:
         if not isinstance(length, int) or not 0 < length <= spec.length:
             raise CheckpointFormatError(f"{self.peer} announced {length!r} bytes for {spec}")
         if len(self._ring) <= self.window:
-            self._ring.append(bytearray(self._chunk_bytes))
+            self._ring.append(_RING_BUFFERS.take(self._chunk_bytes))
             buffer = self._ring[-1]
         else:
             buffer = self._ring[self._next]
@@ -359,11 +581,7 @@ class _Channel:
         except (StreamClosedError, ssl.SSLError) as e:
             raise CommClosedError(f"{self.peer} went away while sending a chunk: {e}") from e
         elapsed = time.perf_counter() - started
-        # The sender has the whole payload ready before its header goes out, so this is
-        # the link's time for these bytes; short reads say more about latency.
-        if length >= _LINK_SAMPLE_BYTES and elapsed > 0:
-            rate = length / elapsed
-            self._link = rate if self._link is None else 0.5 * self._link + 0.5 * rate
+        self._link = _link_rate(self._link, length, elapsed)
         return view
 
     async def _read(self, reading: Awaitable[Any]) -> Any:
@@ -402,6 +620,9 @@ async def stream_over(
         manifest, channel.stream, target, chunk_bytes=chunk_bytes,
         max_in_flight=channel.window, in_place=in_place, have=have,
         on_written=on_written, callback=callback, source=peer)
+    # Every write is done: the ring may serve the next transfer. (After a failure a
+    # cancelled write may still read its buffer; those buffers are dropped instead.)
+    _RING_BUFFERS.give(channel.release_ring())
     await comm.write({"status": "done"})
     return received
 
@@ -429,6 +650,42 @@ async def _answered(
 
 
 _LINK_SAMPLE_BYTES = 256 * 1024
+
+
+def _is_loopback(address: str) -> bool:
+    """Whether ``address`` (a comm's peer) is on a loopback interface of this machine.
+
+    A loopback is no link: what limits it are the cores the two sides share, and on a
+    busy machine chunks arrive slowly for want of a core, which would look like a slow
+    link to the rate a receiver measures and make the sender compress (0.47x the socket
+    copy against 0.78x without, one run each under load). Such a receiver reports no
+    link rate, so its sender never compresses.
+    """
+    try:
+        host = get_address_host(address)
+    except (ValueError, TypeError):
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _link_rate(known: float | None, length: int, elapsed: float) -> float | None:
+    """The link's rate (bytes/s) as known after a raw chunk of ``length`` bytes took
+    ``elapsed`` seconds to read.
+
+    The sender has the whole payload ready before its header goes out, so ``elapsed`` is
+    at least the link's time for these bytes; short reads say more about latency and
+    are left out. The fastest chunk so far, not an average: a chunk is slow also when
+    either side waited for a core (both nodes on one loaded machine), and an average of
+    those made the sender compress on a loopback, where compressing only costs.
+    """
+    if length < _LINK_SAMPLE_BYTES or elapsed <= 0:
+        return known
+    return max(known or 0.0, length / elapsed)
 _CONNECT_TIMEOUT = "dckpt.transfer.connect-timeout"
 _STALL_TIMEOUT = "dckpt.transfer.stall-timeout"
 

@@ -4,7 +4,9 @@ and the sender's guess of the chunk a receiver asks for next."""
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +16,15 @@ from distributed.comm import Comm, connect, listen
 from distributed.security import Security
 
 import dckpt.cluster._stream as stream_module
-from dckpt._transfer import ChunkSource, build_manifest
-from dckpt.cluster._stream import _following, _raw_stream, serve_chunks, stream_over
+from dckpt._transfer import ChunkSource, ChunkSpec, build_manifest, encode_parts
+from dckpt.cluster._stream import (
+    _FileSender,
+    _following,
+    _raw_stream,
+    serve_chunks,
+    stream_over,
+)
+from dckpt.errors import CheckpointFormatError
 
 
 @pytest.mark.parametrize("chunk_bytes", [1, 7, 1024, 1 << 20])
@@ -76,6 +85,104 @@ def test_a_directory_crosses_a_comm_intact(tmp_path: Path, scheme: str, in_fligh
         assert (dst / name).read_bytes() == (src / name).read_bytes()
 
 
+class _CountingSource(ChunkSource):
+    """A ChunkSource that counts how its chunks were read: into buffers or as regions."""
+
+    parts = 0
+    regions = 0
+
+    def read_parts(self, *args: Any, **kwargs: Any) -> Any:
+        self.parts += 1
+        return super().read_parts(*args, **kwargs)
+
+    def read_region(self, *args: Any, **kwargs: Any) -> Any:
+        self.regions += 1
+        return super().read_region(*args, **kwargs)
+
+
+@pytest.mark.parametrize("scheme", ["tcp://127.0.0.1", "tls://127.0.0.1", "inproc://"])
+def test_on_plain_tcp_chunks_go_from_the_file_to_the_socket(tmp_path: Path, scheme: str):
+    """No chunk of an uncompressed transfer is read into a buffer on TCP (os.sendfile);
+    TLS and in-process comms, which sendfile cannot feed, read each into one."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _tree(src, seed=7)
+    manifest = build_manifest(src)
+    chunk_bytes = 64 * 1024
+    sources: list[_CountingSource] = []
+
+    async def main() -> None:
+        async def serve(comm: Comm) -> None:
+            with _CountingSource(str(src), manifest, chunk_bytes) as source:
+                sources.append(source)
+                await serve_chunks(comm, source)
+            await comm.close()
+
+        listen_args, connect_args = _security_for(scheme)
+        listener = await listen(scheme, serve, **listen_args)
+        try:
+            comm = await connect(listener.contact_address, **connect_args)
+            await stream_over(comm, "the test sender", manifest, str(dst), chunk_bytes=chunk_bytes)
+            await comm.close()
+        finally:
+            listener.stop()
+
+    with dask.config.set({"dckpt.transfer.compression": "none", "dckpt.transfer.retries": 0}):
+        asyncio.run(main())
+    for name in ("weights.bin", "sub/log.txt", "empty"):
+        assert (dst / name).read_bytes() == (src / name).read_bytes()
+    [source] = sources
+    chunks = len(manifest.chunks(chunk_bytes))
+    if scheme.startswith("tcp"):
+        assert (source.regions, source.parts) == (chunks, 0)
+    else:
+        assert (source.regions, source.parts) == (0, chunks)
+
+
+def test_a_region_has_the_header_of_its_uncompressed_frame(tmp_path: Path):
+    data = random.Random(4).randbytes(3 * 1024 * 1024 + 5)  # more than one checksum block
+    (tmp_path / "data").write_bytes(data)
+    manifest = build_manifest(tmp_path)
+    spec = ChunkSpec(0, 7, len(data) - 7)
+    with ChunkSource(str(tmp_path), manifest, len(data)) as source:
+        header, region = source.read_region(spec)
+        with region:
+            assert header == encode_parts(data[7:], compress=False)[0]
+            assert (region.offset, region.length) == (7, len(data) - 7)
+            assert os.pread(region.fd, 5, region.offset) == data[7:12]
+        os.truncate(tmp_path / "data", 1000)
+        with pytest.raises(CheckpointFormatError, match=r"ends at byte 1000"):
+            source.read_region(spec)
+
+
+def test_a_file_cut_short_while_it_is_sent_ends_the_send(tmp_path: Path):
+    """sendfile returning 0 before the region's end: the file shrank after its checksum;
+    the send fails at once instead of leaving the receiver waiting."""
+    data = random.Random(5).randbytes(256 * 1024)
+    (tmp_path / "data").write_bytes(data)
+    manifest = build_manifest(tmp_path)
+    left, right = socket.socketpair()
+    left.setblocking(False)
+
+    async def main() -> None:
+        from tornado.iostream import IOStream
+
+        stream = IOStream(left)
+        sender = _FileSender(left, stall_timeout=10)
+        with ChunkSource(str(tmp_path), manifest, len(data)) as source:
+            _, region = source.read_region(ChunkSpec(0, 0, len(data)))
+            os.truncate(tmp_path / "data", 1000)
+            with pytest.raises(CheckpointFormatError, match=r"ends at byte 1000, within a chunk"):
+                await sender.send(stream, region)
+        sender.close()
+        stream.close()
+
+    try:
+        asyncio.run(main())
+        assert right.recv(2000) == data[:1000]
+    finally:
+        right.close()
+
+
 def _security_for(scheme: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """Listen and connect arguments: a throwaway certificate for TLS, none otherwise."""
     if not scheme.startswith("tls"):
@@ -118,8 +225,10 @@ class _Recording:
         return getattr(self._comm, name)
 
 
+@pytest.mark.parametrize("over_a_link", [True, False], ids=["link", "loopback"])
 def test_the_receiver_reports_its_link_and_a_fast_one_gets_no_compression(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lz4_speed_of_a_fresh_process: float
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lz4_speed_of_a_fresh_process: float,
+    over_a_link: bool,
 ):
     """Zeros compress 100-fold, yet over loopback (faster than lz4) sending them raw is
     quicker: the sender compresses only where the link the receiver measures makes it pay."""
@@ -150,13 +259,144 @@ def test_the_receiver_reports_its_link_and_a_fast_one_gets_no_compression(
     real = stream_module._raw_stream
     monkeypatch.setattr(stream_module, "_raw_stream",
                         lambda c: real(c._comm if isinstance(c, _Recording) else c))
+    if over_a_link:  # as if 127.0.0.1 were another machine's address
+        monkeypatch.setattr(stream_module, "_is_loopback", lambda address: False)
     with dask.config.set({"dckpt.transfer.compression": "auto"}):
         asyncio.run(main())
     assert (dst / "zeros.bin").read_bytes() == bytes(4 << 20)
     [recording] = seen
     links = [r["link"] for r in recording.requests if "link" in r]
-    assert links and all(rate > 0 for rate in links)
+    if over_a_link:
+        assert links and all(rate > 0 for rate in links)
+    else:
+        assert links == []  # nothing to measure: the sender never compresses
     assert recording.flags and set(recording.flags) == {0}
+
+
+@pytest.mark.parametrize("address, loopback", [
+    ("tcp://127.0.0.1:8786", True), ("tcp://127.0.5.1:1", True), ("tcp://[::1]:8786", True),
+    ("tls://localhost:1", True), ("tcp://10.0.0.2:8786", False), ("tcp://node-1:1", False),
+    ("inproc://10.1.2.3/1/2", False),
+])
+def test_a_loopback_peer_is_no_link(address: str, loopback: bool):
+    from dckpt.cluster._stream import _is_loopback
+
+    assert _is_loopback(address) is loopback
+
+
+@pytest.mark.parametrize("in_flight", [1, 3])
+def test_the_receivers_chunk_buffers_serve_the_next_transfer_and_stay_few(
+    tmp_path: Path, in_flight: int
+):
+    """Three transfers in a row reuse the first one's ring of buffers (fresh memory is
+    slow where glibc returns it at once), and the process keeps two chunks at most."""
+    src = tmp_path / "src"
+    _tree(src, seed=11)
+    manifest = build_manifest(src)
+    chunk_bytes = 64 * 1024
+    pool = stream_module._RING_BUFFERS
+    pool.give([])  # nothing from earlier tests of this process matters: the limit does
+    rings: list[set[int]] = []
+
+    async def main() -> None:
+        async def serve(comm: Comm) -> None:
+            with ChunkSource(str(src), manifest, chunk_bytes) as source:
+                await serve_chunks(comm, source)
+            await comm.close()
+
+        listener = await listen("tcp://127.0.0.1", serve)
+        try:
+            for round_ in range(3):
+                comm = await connect(listener.contact_address)
+                await stream_over(comm, "the test sender", manifest,
+                                  str(tmp_path / f"dst{round_}"), chunk_bytes=chunk_bytes)
+                rings.append({id(b) for b in pool._free})
+                await comm.close()
+        finally:
+            listener.stop()
+
+    with dask.config.set({"dckpt.transfer.max-in-flight": in_flight}):
+        asyncio.run(main())
+    for round_ in range(3):
+        assert (tmp_path / f"dst{round_}" / "weights.bin").read_bytes() == (
+            src / "weights.bin").read_bytes()
+    assert pool.held() == 2 * chunk_bytes
+    assert rings[0] == rings[1] == rings[2]  # the same two buffers each time
+
+
+class _Asking:
+    """The receiver's comm, counting the chunk requests not yet answered."""
+
+    def __init__(self, comm: Comm) -> None:
+        self._comm = comm
+        self.waiting = 0
+        self.most = 0
+
+    async def write(self, message: Any) -> Any:
+        if isinstance(message, dict) and "chunk" in message:
+            self.waiting += 1
+            self.most = max(self.most, self.waiting)
+        return await self._comm.write(message)
+
+    async def read(self) -> Any:
+        message = await self._comm.read()
+        if isinstance(message, dict) and "header" in message:
+            self.waiting -= 1
+        return message
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._comm, name)
+
+
+@pytest.mark.parametrize("scheme, most", [("tcp://127.0.0.1", 2), ("inproc://", 1)])
+def test_raw_chunks_are_asked_for_one_beyond_the_window(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scheme: str, most: int
+):
+    """On TCP a chunk asked for waits in the kernel's buffers, not in memory: one more
+    request than max-in-flight keeps the sender busy between two chunks. A comm whose
+    answers are messages gets no more than the window."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _tree(src, seed=12)
+    manifest = build_manifest(src)
+    chunk_bytes = 64 * 1024
+    asking: list[_Asking] = []
+
+    async def main() -> None:
+        async def serve(comm: Comm) -> None:
+            with ChunkSource(str(src), manifest, chunk_bytes) as source:
+                await serve_chunks(comm, source)
+            await comm.close()
+
+        listener = await listen(scheme, serve)
+        try:
+            comm = _Asking(await connect(listener.contact_address))
+            asking.append(comm)
+            await stream_over(comm, "the test sender", manifest, str(dst),  # type: ignore[arg-type]
+                              chunk_bytes=chunk_bytes)
+            await comm.close()
+        finally:
+            listener.stop()
+
+    real = stream_module._raw_stream
+    monkeypatch.setattr(stream_module, "_raw_stream",
+                        lambda c: real(c._comm if isinstance(c, _Asking) else c))
+    with dask.config.set({"dckpt.transfer.max-in-flight": 1}):
+        asyncio.run(main())
+    assert (dst / "weights.bin").read_bytes() == (src / "weights.bin").read_bytes()
+    assert asking[0].most == most and asking[0].waiting == 0
+
+
+def test_the_link_is_as_fast_as_its_fastest_chunk():
+    """A chunk that waited for a core says nothing about the link: one slow chunk after
+    fast ones must not make a loopback look like a 1 Gbit/s link (compression would
+    follow, and only cost)."""
+    from dckpt.cluster._stream import _link_rate
+
+    rate = None
+    for elapsed in (0.004, 0.005, 0.2, 0.3):  # 8 MiB: ~2 GB/s twice, then two stalls
+        rate = _link_rate(rate, 8 << 20, elapsed)
+    assert rate == pytest.approx((8 << 20) / 0.004)
+    assert _link_rate(None, 1000, 1.0) is None  # too short to time a link by
 
 
 def test_compression_pays_on_a_slow_link_only(lz4_speed_of_a_fresh_process: float):

@@ -27,18 +27,23 @@ def test_a_slow_first_write_keeps_its_buffer(tmp_path: Path, monkeypatch: Any):
     full run: a file whose bytes did not hash to its manifest's hash)."""
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
-    (src / "weights.bin").write_bytes(b"".join(bytes([i]) * CHUNK for i in range(8)))
+    # A file a chunk: writes of one file wait for each other (its hash is taken in
+    # order), those of different files do not.
+    for i in range(8):
+        (src / f"shard-{i}.bin").write_bytes(bytes([i]) * CHUNK)
     manifest = build_manifest(src)
+    first, fifth = (manifest.files.index(next(e for e in manifest.files
+                                               if e.path == f"shard-{i}.bin")) for i in (0, 4))
     fifth_written = threading.Event()
     real = receive_module._write_chunk
 
-    def write(frame: Any, spec: Any, path: str) -> None:
-        if spec.offset == 0:
+    def write(frame: Any, spec: Any, *args: Any) -> None:
+        if spec.file_index == first:
             # Until chunk 5 is written, or long enough for it to be had if the receiver
             # would read it now: the pass of a correct receiver costs this wait.
             fifth_written.wait(timeout=2)
-        real(frame, spec, path)
-        if spec.offset == 4 * CHUNK:
+        real(frame, spec, *args)
+        if spec.file_index == fifth:
             fifth_written.set()
 
     monkeypatch.setattr(receive_module, "_write_chunk", write)
@@ -60,4 +65,5 @@ def test_a_slow_first_write_keeps_its_buffer(tmp_path: Path, monkeypatch: Any):
     with dask.config.set({"dckpt.transfer.max-in-flight": IN_FLIGHT,
                           "dckpt.transfer.retries": 0}):
         asyncio.run(main())
-    assert (dst / "weights.bin").read_bytes() == (src / "weights.bin").read_bytes()
+    for i in range(8):
+        assert (dst / f"shard-{i}.bin").read_bytes() == bytes([i]) * CHUNK

@@ -36,12 +36,18 @@ def test_a_receive_into_the_cache_is_reported_with_how_far_it_is(tmp_path: Path)
                     yield spec, source.read_chunk(spec)
 
             staging = os.path.join(store.stats()["cache"]["root"], ".staging-test")
-            # One frame in flight: the third is asked for once the first two are written.
+            # One frame written at a time: the third is asked for once the first is
+            # written and while the second is (receiving overlaps writing), so the
+            # second is done soon after, and nothing more until the stream goes on.
             into_cache = asyncio.ensure_future(receive_directory(
                 manifest, stream, staging, chunk_bytes=MiB, max_in_flight=1,
                 source="the store of node-0"))
             await half_way.wait()
-            during = take_snapshot(store)["fetching"]
+            for _ in range(2000):  # bounded: the second write needs nothing from us
+                during = take_snapshot(store)["fetching"]
+                if during and during[0]["done"] == 2 * MiB:
+                    break
+                await asyncio.sleep(0.005)
             go_on.set()
             await into_cache
             # A receive elsewhere (not into this store's cache) is not this store's.
