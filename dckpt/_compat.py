@@ -13,7 +13,7 @@ over the cluster and predict layers. Checked against distributed 2026.8.
   unreachable; the future is cleared so that calls fail with the comm's own error.
 - :func:`tcp_stream`: the tornado ``IOStream`` under a TCP or TLS comm
   (``TCP.stream``), which transfers write chunk bytes to and read them from directly
-  (see :mod:`dckpt.cluster._stream` for why); :func:`plain_tcp_socket`, its socket when
+  (see :func:`dckpt.cluster._wire.raw_stream` for why); :func:`plain_tcp_socket`, its socket when
   no TLS wraps it, which a sender hands file bytes to with ``os.sendfile``.
 - :func:`process_worker`: the worker of this process outside a task (``Worker._instances``):
   a task's result is pickled on the event loop or a comm thread, where

@@ -4,7 +4,7 @@ It stands for a bad network: receivers must detect each damaged chunk by its che
 and fetch it again (``dckpt.transfer.retries``). The library has no hook for this; the
 helper patches, inside the worker's process (through ``client.run``), the sender's
 step between reading a chunk and writing it to the comm
-(``dckpt.cluster._stream._ReadAhead.read``, awaited once per chunk sent from a buffer,
+(``dckpt.cluster._chunk_sender._ReadAhead.read``, awaited once per chunk sent from a buffer,
 and ``_ReadAhead.region`` for a chunk sent from its file with ``os.sendfile``, whose
 bytes the process never sees: there the header's checksum is damaged), much as
 ``tests/cluster/test_broadcast.py`` gates ``dckpt._transfer.ChunkSource`` in an owner.
@@ -26,7 +26,7 @@ _PATCH_ATTRIBUTE = "_dckpt_test_damage"
 
 def _damage_next_chunks(count: int) -> None:
     """In a worker: flip the last byte of each of the next ``count`` chunks sent."""
-    import dckpt.cluster._stream as stream
+    import dckpt.cluster._chunk_sender as stream
 
     _stop_damaging()
     original = stream._ReadAhead.read
@@ -58,7 +58,7 @@ def _damage_next_chunks(count: int) -> None:
 
 def _stop_damaging() -> int:
     """In a worker: undo :func:`_damage_next_chunks`; how many chunks were left undamaged."""
-    import dckpt.cluster._stream as stream
+    import dckpt.cluster._chunk_sender as stream
 
     state = getattr(stream, _PATCH_ATTRIBUTE, None)
     if state is None:

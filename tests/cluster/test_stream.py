@@ -15,15 +15,13 @@ import pytest
 from distributed.comm import Comm, connect, listen
 from distributed.security import Security
 
-import dckpt.cluster._stream as stream_module
+import dckpt.cluster._chunk_receiver as receiver_module
+import dckpt.cluster._wire as wire
 from dckpt._transfer import ChunkSource, ChunkSpec, build_manifest, encode_parts
-from dckpt.cluster._stream import (
-    _FileSender,
-    _following,
-    _raw_stream,
-    serve_chunks,
-    stream_over,
-)
+from dckpt.cluster._chunk_receiver import link_rate
+from dckpt.cluster._chunk_sender import _FileSender, next_chunk
+from dckpt.cluster._stream import serve_chunks, stream_over
+from dckpt.cluster._wire import is_loopback, raw_stream
 from dckpt.errors import CheckpointFormatError
 
 
@@ -37,7 +35,7 @@ def test_following_walks_the_chunks_in_manifest_order(tmp_path: Path, chunk_byte
     expected = manifest.chunks(chunk_bytes)
     with ChunkSource(str(tmp_path), manifest, chunk_bytes) as source:
         walked = [expected[0]]
-        while (step := _following(source, walked[-1])) is not None:
+        while (step := next_chunk(source, walked[-1])) is not None:
             walked.append(step)
     assert walked == expected
 
@@ -71,7 +69,7 @@ def test_a_directory_crosses_a_comm_intact(tmp_path: Path, scheme: str, in_fligh
         listener = await listen(scheme, serve, **listen_args)  # awaiting one starts it
         try:
             comm = await connect(listener.contact_address, **connect_args)
-            used_raw.append(_raw_stream(comm) is not None)
+            used_raw.append(raw_stream(comm) is not None)
             await stream_over(comm, "the test sender", manifest, str(dst), chunk_bytes=chunk_bytes)
             await comm.close()
         finally:
@@ -256,11 +254,11 @@ def test_the_receiver_reports_its_link_and_a_fast_one_gets_no_compression(
             listener.stop()
 
     # The recording wrapper is no TCP comm: let the sender see the stream beneath it.
-    real = stream_module._raw_stream
-    monkeypatch.setattr(stream_module, "_raw_stream",
+    real = wire.raw_stream
+    monkeypatch.setattr(wire, "raw_stream",
                         lambda c: real(c._comm if isinstance(c, _Recording) else c))
     if over_a_link:  # as if 127.0.0.1 were another machine's address
-        monkeypatch.setattr(stream_module, "_is_loopback", lambda address: False)
+        monkeypatch.setattr(wire, "is_loopback", lambda address: False)
     with dask.config.set({"dckpt.transfer.compression": "auto"}):
         asyncio.run(main())
     assert (dst / "zeros.bin").read_bytes() == bytes(4 << 20)
@@ -279,9 +277,8 @@ def test_the_receiver_reports_its_link_and_a_fast_one_gets_no_compression(
     ("inproc://10.1.2.3/1/2", False),
 ])
 def test_a_loopback_peer_is_no_link(address: str, loopback: bool):
-    from dckpt.cluster._stream import _is_loopback
 
-    assert _is_loopback(address) is loopback
+    assert is_loopback(address) is loopback
 
 
 @pytest.mark.parametrize("in_flight", [1, 3])
@@ -294,7 +291,7 @@ def test_the_receivers_chunk_buffers_serve_the_next_transfer_and_stay_few(
     _tree(src, seed=11)
     manifest = build_manifest(src)
     chunk_bytes = 64 * 1024
-    pool = stream_module._RING_BUFFERS
+    pool = receiver_module.RING_BUFFERS
     pool.give([])  # nothing from earlier tests of this process matters: the limit does
     rings: list[set[int]] = []
 
@@ -377,8 +374,8 @@ def test_raw_chunks_are_asked_for_one_beyond_the_window(
         finally:
             listener.stop()
 
-    real = stream_module._raw_stream
-    monkeypatch.setattr(stream_module, "_raw_stream",
+    real = wire.raw_stream
+    monkeypatch.setattr(wire, "raw_stream",
                         lambda c: real(c._comm if isinstance(c, _Asking) else c))
     with dask.config.set({"dckpt.transfer.max-in-flight": 1}):
         asyncio.run(main())
@@ -390,13 +387,12 @@ def test_the_link_is_as_fast_as_its_fastest_chunk():
     """A chunk that waited for a core says nothing about the link: one slow chunk after
     fast ones must not make a loopback look like a 1 Gbit/s link (compression would
     follow, and only cost)."""
-    from dckpt.cluster._stream import _link_rate
 
     rate = None
     for elapsed in (0.004, 0.005, 0.2, 0.3):  # 8 MiB: ~2 GB/s twice, then two stalls
-        rate = _link_rate(rate, 8 << 20, elapsed)
+        rate = link_rate(rate, 8 << 20, elapsed)
     assert rate == pytest.approx((8 << 20) / 0.004)
-    assert _link_rate(None, 1000, 1.0) is None  # too short to time a link by
+    assert link_rate(None, 1000, 1.0) is None  # too short to time a link by
 
 
 def test_compression_pays_on_a_slow_link_only(lz4_speed_of_a_fresh_process: float):
