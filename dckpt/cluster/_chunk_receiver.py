@@ -96,7 +96,7 @@ class ChunkChannel:
         # Raw chunks land in a ring of buffers. receive_directory writes at most
         # ``window`` frames at once and takes one more meanwhile, retiring writes oldest
         # first, so a ring one longer than the window, reused in order, never
-        # overwrites a frame still being written (tests/cluster/test_stream_buffers.py).
+        # overwrites a frame still being written (test_a_slow_first_write_keeps_its_buffer).
         self._ring: list[bytearray] = []
         self._next = 0
         self._link: float | None = None  # bytes/s of raw chunks: the fastest seen

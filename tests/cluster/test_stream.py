@@ -7,6 +7,8 @@ import asyncio
 import os
 import random
 import socket
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ import pytest
 from distributed.comm import Comm, connect, listen
 from distributed.security import Security
 
+import dckpt._transfer._receive as receive_module
 import dckpt.cluster._chunk_receiver as receiver_module
 import dckpt.cluster._wire as wire
 from dckpt._transfer import ChunkSource, ChunkSpec, build_manifest, encode_parts
@@ -48,6 +51,36 @@ def _tree(root: Path, seed: int) -> None:
     (root / "empty").write_bytes(b"")
 
 
+def _transfer(src: Path, manifest: Any, dst: Path, chunk_bytes: int, *,
+              scheme: str = "tcp://127.0.0.1", source_class: type[ChunkSource] = ChunkSource,
+              served: Callable[[Comm], Any] = lambda comm: comm,
+              receiving: Callable[[Comm], Any] = lambda comm: comm) -> list[Any]:
+    """Copy ``src`` to ``dst`` across one comm of ``scheme`` in this process: a listener
+    serves chunks of a ``source_class`` on ``served(comm)``, a connection receives on
+    ``receiving(comm)``. The sources and the receivers' comms: ``[source, comm]``."""
+    seen: list[Any] = []
+
+    async def main() -> None:
+        async def serve(comm: Comm) -> None:
+            with source_class(str(src), manifest, chunk_bytes) as source:
+                seen.insert(0, source)
+                await serve_chunks(served(comm), source)
+            await comm.close()
+
+        listen_args, connect_args = _security_for(scheme)
+        listener = await listen(scheme, serve, **listen_args)  # awaiting one starts it
+        try:
+            comm = receiving(await connect(listener.contact_address, **connect_args))
+            seen.append(comm)
+            await stream_over(comm, "the test sender", manifest, str(dst), chunk_bytes=chunk_bytes)
+            await comm.close()
+        finally:
+            listener.stop()
+
+    asyncio.run(main())
+    return seen
+
+
 @pytest.mark.parametrize("in_flight", [1, 3])
 @pytest.mark.parametrize("scheme", ["tcp://127.0.0.1", "tls://127.0.0.1", "inproc://"])
 def test_a_directory_crosses_a_comm_intact(tmp_path: Path, scheme: str, in_flight: int):
@@ -56,28 +89,15 @@ def test_a_directory_crosses_a_comm_intact(tmp_path: Path, scheme: str, in_fligh
     src, dst = tmp_path / "src", tmp_path / "dst"
     _tree(src, seed=in_flight)
     manifest = build_manifest(src)
-    chunk_bytes = 64 * 1024
     used_raw: list[bool] = []
 
-    async def main() -> None:
-        async def serve(comm: Comm) -> None:
-            with ChunkSource(str(src), manifest, chunk_bytes) as source:
-                await serve_chunks(comm, source)
-            await comm.close()
-
-        listen_args, connect_args = _security_for(scheme)
-        listener = await listen(scheme, serve, **listen_args)  # awaiting one starts it
-        try:
-            comm = await connect(listener.contact_address, **connect_args)
-            used_raw.append(raw_stream(comm) is not None)
-            await stream_over(comm, "the test sender", manifest, str(dst), chunk_bytes=chunk_bytes)
-            await comm.close()
-        finally:
-            listener.stop()
+    def receiving(comm: Comm) -> Comm:
+        used_raw.append(raw_stream(comm) is not None)
+        return comm
 
     with dask.config.set({"dckpt.transfer.max-in-flight": in_flight,
                           "dckpt.transfer.retries": 0}):
-        asyncio.run(main())
+        _transfer(src, manifest, dst, 64 * 1024, scheme=scheme, receiving=receiving)
     assert used_raw == [not scheme.startswith("inproc")]
     for name in ("weights.bin", "sub/log.txt", "empty"):
         assert (dst / name).read_bytes() == (src / name).read_bytes()
@@ -106,29 +126,11 @@ def test_on_plain_tcp_chunks_go_from_the_file_to_the_socket(tmp_path: Path, sche
     _tree(src, seed=7)
     manifest = build_manifest(src)
     chunk_bytes = 64 * 1024
-    sources: list[_CountingSource] = []
-
-    async def main() -> None:
-        async def serve(comm: Comm) -> None:
-            with _CountingSource(str(src), manifest, chunk_bytes) as source:
-                sources.append(source)
-                await serve_chunks(comm, source)
-            await comm.close()
-
-        listen_args, connect_args = _security_for(scheme)
-        listener = await listen(scheme, serve, **listen_args)
-        try:
-            comm = await connect(listener.contact_address, **connect_args)
-            await stream_over(comm, "the test sender", manifest, str(dst), chunk_bytes=chunk_bytes)
-            await comm.close()
-        finally:
-            listener.stop()
-
     with dask.config.set({"dckpt.transfer.compression": "none", "dckpt.transfer.retries": 0}):
-        asyncio.run(main())
+        source, _ = _transfer(src, manifest, dst, chunk_bytes, scheme=scheme,
+                              source_class=_CountingSource)
     for name in ("weights.bin", "sub/log.txt", "empty"):
         assert (dst / name).read_bytes() == (src / name).read_bytes()
-    [source] = sources
     chunks = len(manifest.chunks(chunk_bytes))
     if scheme.startswith("tcp"):
         assert (source.regions, source.parts) == (chunks, 0)
@@ -237,21 +239,9 @@ def test_the_receiver_reports_its_link_and_a_fast_one_gets_no_compression(
     chunk_bytes = 512 * 1024
     seen: list[_Recording] = []
 
-    async def main() -> None:
-        async def serve(comm: Comm) -> None:
-            recording = _Recording(comm)
-            seen.append(recording)
-            with ChunkSource(str(src), manifest, chunk_bytes) as source:
-                await serve_chunks(recording, source)  # type: ignore[arg-type]
-            await comm.close()
-
-        listener = await listen("tcp://127.0.0.1", serve)
-        try:
-            comm = await connect(listener.contact_address)
-            await stream_over(comm, "the test sender", manifest, str(dst), chunk_bytes=chunk_bytes)
-            await comm.close()
-        finally:
-            listener.stop()
+    def served(comm: Comm) -> _Recording:
+        seen.append(_Recording(comm))
+        return seen[-1]
 
     # The recording wrapper is no TCP comm: let the sender see the stream beneath it.
     real = wire.raw_stream
@@ -260,7 +250,7 @@ def test_the_receiver_reports_its_link_and_a_fast_one_gets_no_compression(
     if over_a_link:  # as if 127.0.0.1 were another machine's address
         monkeypatch.setattr(wire, "is_loopback", lambda address: False)
     with dask.config.set({"dckpt.transfer.compression": "auto"}):
-        asyncio.run(main())
+        _transfer(src, manifest, dst, chunk_bytes, served=served)
     assert (dst / "zeros.bin").read_bytes() == bytes(4 << 20)
     [recording] = seen
     links = [r["link"] for r in recording.requests if "link" in r]
@@ -356,31 +346,13 @@ def test_raw_chunks_are_asked_for_one_beyond_the_window(
     _tree(src, seed=12)
     manifest = build_manifest(src)
     chunk_bytes = 64 * 1024
-    asking: list[_Asking] = []
-
-    async def main() -> None:
-        async def serve(comm: Comm) -> None:
-            with ChunkSource(str(src), manifest, chunk_bytes) as source:
-                await serve_chunks(comm, source)
-            await comm.close()
-
-        listener = await listen(scheme, serve)
-        try:
-            comm = _Asking(await connect(listener.contact_address))
-            asking.append(comm)
-            await stream_over(comm, "the test sender", manifest, str(dst),  # type: ignore[arg-type]
-                              chunk_bytes=chunk_bytes)
-            await comm.close()
-        finally:
-            listener.stop()
-
     real = wire.raw_stream
     monkeypatch.setattr(wire, "raw_stream",
                         lambda c: real(c._comm if isinstance(c, _Asking) else c))
     with dask.config.set({"dckpt.transfer.max-in-flight": 1}):
-        asyncio.run(main())
+        _, asking = _transfer(src, manifest, dst, chunk_bytes, scheme=scheme, receiving=_Asking)
     assert (dst / "weights.bin").read_bytes() == (src / "weights.bin").read_bytes()
-    assert asking[0].most == most and asking[0].waiting == 0
+    assert asking.most == most and asking.waiting == 0
 
 
 def test_the_link_is_as_fast_as_its_fastest_chunk():
@@ -402,3 +374,44 @@ def test_compression_pays_on_a_slow_link_only(lz4_speed_of_a_fresh_process: floa
     assert max_ratio_for_link(100e9) == 0  # faster than lz4: never
     assert max_ratio_for_link(1e3) == pytest.approx(0.9, abs=1e-3)  # capped
     assert max_ratio_for_link(125e6) > max_ratio_for_link(400e6)
+
+
+# A chunk's buffer is not read into again before its write is done, in whatever order the
+# writes end (the receiver's ring of buffers, written by receive_directory's threads).
+_BUFFER_TEST_CHUNK = 64 * 1024
+_BUFFER_TEST_IN_FLIGHT = 3
+
+
+def test_a_slow_first_write_keeps_its_buffer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The first chunk's write waits while the later ones finish: with FIRST_COMPLETED
+    the receiver read chunk 5 into chunk 1's buffer (a ring of _BUFFER_TEST_IN_FLIGHT + 1) before
+    chunk 1 was written, and wrote chunk 5's bytes at chunk 1's place (seen once in a
+    full run: a file whose bytes did not hash to its manifest's hash)."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    # A file a chunk: writes of one file wait for each other (its hash is taken in
+    # order), those of different files do not.
+    for i in range(8):
+        (src / f"shard-{i}.bin").write_bytes(bytes([i]) * _BUFFER_TEST_CHUNK)
+    manifest = build_manifest(src)
+    first, fifth = (manifest.files.index(next(e for e in manifest.files
+                                               if e.path == f"shard-{i}.bin")) for i in (0, 4))
+    fifth_written = threading.Event()
+    real = receive_module._write_chunk
+
+    def write(frame: Any, spec: Any, *args: Any) -> None:
+        if spec.file_index == first:
+            # Until chunk 5 is written, or long enough for it to be had if the receiver
+            # would read it now: the pass of a correct receiver costs this wait.
+            fifth_written.wait(timeout=2)
+        real(frame, spec, *args)
+        if spec.file_index == fifth:
+            fifth_written.set()
+
+    monkeypatch.setattr(receive_module, "_write_chunk", write)
+
+    with dask.config.set({"dckpt.transfer.max-in-flight": _BUFFER_TEST_IN_FLIGHT,
+                          "dckpt.transfer.retries": 0}):
+        _transfer(src, manifest, dst, _BUFFER_TEST_CHUNK)
+    for i in range(8):
+        assert (dst / f"shard-{i}.bin").read_bytes() == bytes([i]) * _BUFFER_TEST_CHUNK
