@@ -5,16 +5,17 @@ A checkpoint's identity is built from the hash of each of its files
 remembers the hash by ``(device, inode, size, ctime)``: every write to a file, a
 ``chmod``, a ``truncate``, even a rename, sets its ctime, and nothing a process can do
 sets it back, so an unchanged key means unchanged bytes. Pickling the same directory
-again, serving it again, or building the manifest of a copy just received (whose hashes
-were checked as it was written) then reads nothing.
+again, serving it again, or building the manifest of a copy received a while ago (whose
+hashes were checked as it was written) then reads nothing.
 
 A key is remembered only once the file has *settled*: its ctime at least
 :data:`SETTLE_NS` in the past (two seconds where the filesystem keeps whole seconds).
 Filesystems stamp ctime from a clock that moves in ticks (a few milliseconds, or a
 second), so a file deleted and another one of the same size written in the same tick
-may get the same inode and ctime, hence the same key, with other bytes (seen in this
-project's tests: a transfer refused because the manifest named the deleted file's
-hash). A file older than the tick cannot share its key with any file written later.
+may get the same inode and ctime, hence the same key, with other bytes (ext4 reuses a
+freed inode at once; Linux stamps ctime from a coarse clock before 6.13 — this
+project's machine runs 6.18, so its tests simulate such a clock). A file older than
+the tick cannot share its key with any file written later.
 The price: a file hashed within :data:`SETTLE_NS` of its last change is read again
 next time (git calls such files "racily clean" and does the same).
 
