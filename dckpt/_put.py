@@ -82,7 +82,6 @@ def put(
     return with_node_ref(checkpoint, ref)
 
 
-
 def _push_from_driver(client: Client, checkpoint: Checkpoint, address: str) -> NodeRef:
     """Push the driver-side ``checkpoint`` to the store at ``address``.
 
@@ -94,11 +93,11 @@ def _push_from_driver(client: Client, checkpoint: Checkpoint, address: str) -> N
     source = source_of(checkpoint)
     if isinstance(source, LocalDirectory):
         return _push.push_directory(client, source.path,
-                                   _transfer.build_manifest(source.path), address, source.uris)
+                                    _transfer.build_manifest(source.path), address, source.uris)
     scratch = tempfile.mkdtemp(prefix="dckpt-put-", dir=_config.temporary_directory())
     try:
         directory = checkpoint.to_directory(os.path.join(scratch, "data"))
         return _push.push_directory(client, directory, _transfer.build_manifest(directory),
-                                   address, source.uris)
+                                    address, source.uris)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
