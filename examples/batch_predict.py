@@ -55,7 +55,7 @@ def partition(index: int, rows: int = 1000) -> pd.DataFrame:
 
 def train_on_this_node() -> Checkpoint:
     """In a task on node 0: fit the model and write it as a directory checkpoint."""
-    from dckpt import node_id, node_root
+    from dckpt import node_root
 
     train = partition(10_000)
     w, *_ = np.linalg.lstsq(train[FEATURES].to_numpy(), train["label"].to_numpy(), rcond=None)

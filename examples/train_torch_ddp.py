@@ -29,7 +29,7 @@ import tempfile
 import time
 from typing import Any
 
-from dckpt import Checkpoint, node_id, node_root
+from dckpt import Checkpoint, node_root
 from dckpt.cluster import NodeCluster
 from dckpt.demo import (
     KILL_AFTER_EPOCH,
