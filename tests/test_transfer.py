@@ -871,7 +871,11 @@ def test_memory_stays_at_a_few_chunks(tmp_path: Path):
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert peak < 8 * MiB, f"peak traced memory {peak / MiB:.1f} MiB"
+    # Chunks alive at once, at most: 4 being written (max_in_flight) and 1 taken
+    # meanwhile, 2 for the chunk this test's inline fetch is reading (its buffer and its
+    # bytes), 1 whose write just ended and whose task has not let go of it yet; plus a
+    # chunk's worth for everything else. Runs measured 6.06-8.06 MiB; 64 MiB cross.
+    assert peak < (4 + 1 + 2 + 1 + 1) * MiB, f"peak traced memory {peak / MiB:.1f} MiB"
     check = hashlib.sha256()
     with open(tmp_path / "dst" / "big.bin", "rb") as f:
         while piece := f.read(4 * MiB):
