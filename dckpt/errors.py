@@ -189,7 +189,8 @@ class MetricNotFoundError(CheckpointError, KeyError):
 
 
 class ScoringWorkersError(CheckpointError, RuntimeError):
-    """:class:`~dckpt.predict.BatchPredictor` has too few workers to score on, or a scoring task found no predictor where it ran.
+    """:class:`~dckpt.predict.BatchPredictor` has too few workers to score on, or a
+    scoring task found no predictor where it ran.
 
     Raised when the cluster has fewer than ``min_scoring_workers`` workers after
     ``dckpt.predict.batch.worker-wait-timeout``: add workers, or lower
@@ -204,6 +205,6 @@ class BatchFormatError(CheckpointError, ValueError):
 
 
 class ReplicaUnavailableError(CheckpointError, RuntimeError):
-    """No replica of a :class:`~dckpt.predict.PredictorDeployment` could answer: none became ready within
-    ``dckpt.predict.deployment.start-timeout``, each one tried was lost
-    (``dckpt.predict.deployment.max-attempts``), or the deployment is closed."""
+    """No replica of a :class:`~dckpt.predict.PredictorDeployment` could answer: none
+    became ready within ``dckpt.predict.deployment.start-timeout``, each one tried was
+    lost (``dckpt.predict.deployment.max-attempts``), or the deployment is closed."""

@@ -29,7 +29,10 @@ from dckpt.errors import (
 CONNECT_TIMEOUT = "dckpt.transfer.connect-timeout"
 STALL_TIMEOUT = "dckpt.transfer.stall-timeout"
 
-__all__ = ["CONNECT_TIMEOUT", "STALL_TIMEOUT", "PULL_OP", "PUSH_OP", "error_reply", "is_loopback", "raise_error", "raw_stream", "store_name"]
+__all__ = [
+    "CONNECT_TIMEOUT", "STALL_TIMEOUT", "PULL_OP", "PUSH_OP", "error_reply", "is_loopback",
+    "raise_error", "raw_stream", "store_name",
+]
 
 logger = logging.getLogger(__name__)
 
