@@ -1,14 +1,38 @@
-"""Helpers of the node-cluster fixtures (tests/conftest.py): process bookkeeping."""
+"""Helpers of the node-cluster fixtures: starting an isolated cluster, a client with dckpt
+installed, process bookkeeping."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
+from collections.abc import Iterator
+from typing import Any
 
 import psutil
+import pytest
+from distributed import Client
 
-from dckpt.cluster import NodeCluster
+from dckpt.cluster import NodeCluster, install, isolation_available
 
 N_NODES = 2
+
+
+@contextlib.contextmanager
+def isolated_cluster(n_nodes: int, **kwargs: Any) -> Iterator[NodeCluster]:
+    """An isolated NodeCluster of ``n_nodes`` (``kwargs`` as NodeCluster's), closed
+    afterwards; skips the test where mount namespaces cannot be had: what the cluster
+    tests prove needs nodes that share no disk."""
+    if not isolation_available():
+        pytest.skip("node isolation (mount namespaces) is not available here")
+    with NodeCluster(n_nodes, isolate=True, **kwargs) as cluster:
+        yield cluster
+
+
+def installed_client(cluster: NodeCluster) -> Client:
+    """A client of ``cluster`` (not the default one), with dckpt installed on it."""
+    client = cluster.client(set_as_default=False)
+    install(client)
+    return client
 
 
 def alive(pid: int) -> bool:

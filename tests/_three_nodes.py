@@ -13,28 +13,23 @@ from distributed import Client
 
 from dckpt.cluster import (
     NodeCluster,
-    install,
-    isolation_available,
     network_isolation_available,
 )
 from tests._clean import assert_nodes_clean
+from tests._nodes import installed_client, isolated_cluster
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[NodeCluster]:
     """An isolated NodeCluster of three nodes for this module."""
-    if not isolation_available():
-        pytest.skip("node isolation (mount namespaces) is not available here")
-    with NodeCluster(3, isolate=True, network=network_isolation_available()) as cluster:
+    with isolated_cluster(3, network=network_isolation_available()) as cluster:
         yield cluster
 
 
 @pytest.fixture(scope="module")
 def client(cluster: NodeCluster) -> Client:
     """The cluster's client (not the default one), with dckpt installed."""
-    client = cluster.client(set_as_default=False)
-    install(client)
-    return client
+    return installed_client(cluster)
 
 
 @pytest.fixture

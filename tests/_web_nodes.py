@@ -12,21 +12,18 @@ from collections.abc import Iterator
 import pytest
 from distributed import Client
 
-from dckpt.cluster import NodeCluster, install, isolation_available
+from dckpt.cluster import NodeCluster
+from tests._nodes import installed_client, isolated_cluster
 
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[NodeCluster]:
     """An isolated NodeCluster of two nodes with HTTP servers, for this module."""
-    if not isolation_available():
-        pytest.skip("node isolation (mount namespaces) is not available here")
-    with NodeCluster(2, isolate=True, dashboard=True) as cluster:
+    with isolated_cluster(2, dashboard=True) as cluster:
         yield cluster
 
 
 @pytest.fixture(scope="module")
 def client(cluster: NodeCluster) -> Client:
     """The cluster's client (not the default one), with dckpt installed."""
-    client = cluster.client(set_as_default=False)
-    install(client)
-    return client
+    return installed_client(cluster)

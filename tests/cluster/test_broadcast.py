@@ -21,14 +21,13 @@ from dckpt import Checkpoint
 from dckpt._transfer import ChunkSpec, build_manifest
 from dckpt.cluster import (
     NodeCluster,
-    install,
-    isolation_available,
     network_isolation_available,
     stats,
 )
 from dckpt.cluster._broadcast import Fetchers
 from dckpt.cluster._relay import Relay
 from dckpt.cluster._store import store_of
+from tests._nodes import installed_client, isolated_cluster
 from tests._waiting import eventually
 
 SIZE = 16 << 20
@@ -80,19 +79,14 @@ def test_a_relay_hands_out_a_chunk_only_once_all_its_bytes_are_written(tmp_path)
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[NodeCluster]:
-    if not isolation_available():
-        pytest.skip("node isolation (mount namespaces) is not available here")
     env = {"DASK_DCKPT__TRANSFER__CHUNK_BYTES": str(CHUNK)}
-    with NodeCluster(4, isolate=True, network=network_isolation_available(),
-                     env=env) as cluster:
+    with isolated_cluster(4, network=network_isolation_available(), env=env) as cluster:
         yield cluster
 
 
 @pytest.fixture(scope="module")
 def client(cluster: NodeCluster) -> Client:
-    client = cluster.client(set_as_default=False)
-    install(client)
-    return client
+    return installed_client(cluster)
 
 
 def _make_checkpoint(seed: int) -> Checkpoint:

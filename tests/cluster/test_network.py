@@ -27,13 +27,12 @@ from dckpt.cluster import (
     NodeCluster,
     NodeInfo,
     _netns,
-    install,
     isolation_available,
     network_isolation_available,
     stats,
 )
 from dckpt.errors import IsolationUnavailableError
-from tests._nodes import alive, child_pids, cluster_pids
+from tests._nodes import alive, child_pids, cluster_pids, installed_client
 
 SIZE = 1 << 20
 
@@ -117,9 +116,7 @@ def net_cluster() -> Iterator[NodeCluster]:
 
 @pytest.fixture(scope="module")
 def net_client(net_cluster: NodeCluster) -> Client:
-    client = net_cluster.client(set_as_default=False)
-    install(client)
-    return client
+    return installed_client(net_cluster)
 
 
 # -- the shared two-node cluster ------------------------------------------------------

@@ -18,7 +18,8 @@ import pytest
 from distributed import Client
 
 from dckpt import Checkpoint
-from dckpt.cluster import NodeCluster, isolation_available
+from dckpt.cluster import NodeCluster
+from tests._nodes import isolated_cluster
 from tests._waiting import eventually
 
 N_NODES = 3
@@ -95,10 +96,8 @@ def train_cluster(request: pytest.FixtureRequest) -> Iterator[NodeCluster]:
     sets ``THREADS_PER_WORKER`` for more than one thread per worker (a torch rank of
     a failed attempt may still be leaving while the new attempt's rank starts).
     """
-    if not isolation_available():
-        pytest.skip("node isolation (mount namespaces) is not available here")
     threads = getattr(request.module, "THREADS_PER_WORKER", 1)
-    with NodeCluster(N_NODES, isolate=True, threads_per_worker=threads) as cluster:
+    with isolated_cluster(N_NODES, threads_per_worker=threads) as cluster:
         yield cluster
 
 
