@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 import dask.config
@@ -103,9 +103,8 @@ class FromUri:
     def describe(self) -> str:
         return f"uri {self.uri}"
 
-    @contextlib.asynccontextmanager
-    async def open(self) -> AsyncIterator[Incoming]:
-        yield self
+    def open(self) -> contextlib.AbstractAsyncContextManager[Incoming]:
+        return contextlib.nullcontext(self)  # already open: nothing to set up or close
 
     async def receive_into(
         self, directory: str, have: _transfer.Have,
@@ -130,9 +129,8 @@ class FromPusher:
     def describe(self) -> str:
         return self._peer
 
-    @contextlib.asynccontextmanager
-    async def open(self) -> AsyncIterator[Incoming]:
-        yield self
+    def open(self) -> contextlib.AbstractAsyncContextManager[Incoming]:
+        return contextlib.nullcontext(self)  # already open: nothing to set up or close
 
     async def receive_into(
         self, directory: str, have: _transfer.Have,
