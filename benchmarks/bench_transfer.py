@@ -24,8 +24,10 @@ ratios to the socket copy of the same data because these 2-core machines are noi
 Memory: the growth of peak RSS (``VmHWM``, reset by writing 5 to
 ``/proc/PID/clear_refs``) of the sending and the receiving worker over their RSS before
 the step, the worst over the repeats. CPU: user + system seconds of each worker during
-the best run; with two cores for two processes, a step that needs more CPU per byte
-cannot keep up with the socket copy whatever its concurrency. Also: the pickled size of
+the best run, and the user part of it (the page cache is filled in system time, which
+this VM makes vary tenfold: user time is the steadier measure of a step's own work);
+with two cores for two processes, a step that needs more CPU per byte cannot keep up
+with the socket copy whatever its concurrency. Also: the pickled size of
 a reference to the checkpoint, and the time and bytes of a second use of it on node 1
 (a cache hit: no byte may move).
 
@@ -260,19 +262,27 @@ def _status_kib(pid: int, field: str) -> int:
     raise KeyError(field)
 
 
-def _cpu_seconds(pid: int) -> float:
+def _cpu_seconds(pid: int) -> tuple[float, float]:
+    """``(user + system, user)`` CPU seconds of a process so far."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    tick = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / tick, int(fields[11]) / tick
 
 
 class Probe:
-    """Peak RSS growth (over RSS when entered) and CPU seconds of some processes."""
+    """Peak RSS growth (over RSS when entered) and CPU seconds of some processes.
+
+    ``user`` is the part spent outside the kernel: the copying into the page cache,
+    whose cost this VM makes vary tenfold, is system time, so ``user`` tells a
+    process's own work apart from what the memory it happened to get cost.
+    """
 
     def __init__(self, pids: list[int]) -> None:
         self.pids = pids
         self.growth_kib: list[int] = []
         self.cpu: list[float] = []
+        self.user: list[float] = []
 
     def __enter__(self) -> Self:
         self.before = []
@@ -284,7 +294,9 @@ class Probe:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self.cpu = [_cpu_seconds(pid) - c for pid, c in zip(self.pids, self.cpu_before)]
+        after = [_cpu_seconds(pid) for pid in self.pids]
+        self.cpu = [a[0] - b[0] for a, b in zip(after, self.cpu_before)]
+        self.user = [a[1] - b[1] for a, b in zip(after, self.cpu_before)]
         self.growth_kib = [
             _status_kib(pid, "VmHWM") - before for pid, before in zip(self.pids, self.before)
         ]
@@ -455,15 +467,16 @@ def main() -> None:
         if note:
             print(note)
         print(f"{'step':<31}{'GB/s':>6}{'x socket':>10}{'peak RSS growth (MiB)':>23}"
-              f"{'CPU s of best':>15}")
-        print(f"{'':<47}{'sender':>9}{'receiver':>10}{'send/recv':>14}")
+              f"{'CPU s of best':>15}{'of it user':>12}")
+        print(f"{'':<47}{'sender':>9}{'receiver':>10}{'send/recv':>14}{'send/recv':>12}")
         labels = {"socket": "socket (sendfile)", "naive": "naive actor", "dckpt": "dckpt"}
         for kind, name in steps:
             seconds, probe = best[(kind, name)]
             ratio = best[(kind, "socket")][0] / seconds
             sent, received = (g / 1024 for g in memory[(kind, name)])
             print(f"{labels[name] + ', ' + kind:<31}{total / seconds / 1e9:>6.2f}{ratio:>9.2f}x"
-                  f"{sent:>10.1f}{received:>10.1f}{probe.cpu[0]:>8.2f}/{probe.cpu[1]:.2f}")
+                  f"{sent:>10.1f}{received:>10.1f}{probe.cpu[0]:>8.2f}/{probe.cpu[1]:.2f}"
+                  f"{probe.user[0]:>7.2f}/{probe.user[1]:.2f}")
 
         print()
         ratio = best[("random", "socket")][0] / best[("random", "dckpt")][0]
