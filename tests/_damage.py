@@ -3,12 +3,13 @@
 It stands for a bad network: receivers must detect each damaged chunk by its checksum
 and fetch it again (``dckpt.transfer.retries``). The library has no hook for this; the
 helper patches, inside the worker's process (through ``client.run``), the sender's
-step between reading a chunk and writing it to the comm
-(``dckpt.cluster._chunk_sender._ReadAhead.read``, awaited once per chunk sent from a buffer,
-and ``_ReadAhead.region`` for a chunk sent from its file with ``os.sendfile``, whose
-bytes the process never sees: there the header's checksum is damaged), much as
-``tests/cluster/test_broadcast.py`` gates ``dckpt._transfer.ChunkSource`` in an owner.
-Every sender of that process is affected (one store per worker process).
+step between reading a chunk and sending it, which every sender goes through, on a comm
+or on the socket taken from one: ``dckpt.cluster._chunk_sender.read_parts``, for a
+chunk sent from a buffer, and ``read_region`` for a chunk sent from its file with
+``os.sendfile``, whose bytes the process never sees (there the header's checksum is
+damaged), much as ``tests/cluster/test_broadcast.py`` gates
+``dckpt._transfer.ChunkSource`` in an owner. Every sender of that process is affected
+(one store per worker process).
 """
 
 from __future__ import annotations
@@ -26,46 +27,52 @@ _PATCH_ATTRIBUTE = "_dckpt_test_damage"
 
 def _damage_next_chunks(count: int) -> None:
     """In a worker: flip the last byte of each of the next ``count`` chunks sent."""
-    import dckpt.cluster._chunk_sender as stream
+    import threading
+
+    import dckpt.cluster._chunk_sender as sender
 
     _stop_damaging()
-    original = stream._ReadAhead.read
-    original_region = stream._ReadAhead.region
+    original, original_region = sender.read_parts, sender.read_region
     state: list[Any] = [original, int(count), original_region]
+    lock = threading.Lock()  # called from the senders' threads
 
-    async def read(self: Any, spec: Any, max_ratio: float | None = None) -> Any:
-        header, payload, buffer = await original(self, spec, max_ratio)
-        if state[1] > 0:
+    def damage_one() -> bool:
+        with lock:
+            if state[1] <= 0:
+                return False
             state[1] -= 1
+            return True
+
+    def read_parts(source: Any, spec: Any, buffer: Any, max_ratio: float | None) -> Any:
+        header, payload = original(source, spec, buffer, max_ratio)
+        if damage_one():
             damaged = bytearray(payload)  # a copy: the buffer is reused for later reads
             damaged[-1] ^= 0x01
             payload = damaged
-        return header, payload, buffer
+        return header, payload
 
-    async def region(self: Any, spec: Any) -> Any:
-        header, file_region = await original_region(self, spec)
-        if state[1] > 0:
-            state[1] -= 1
+    def read_region(source: Any, spec: Any) -> Any:
+        header, file_region = original_region(source, spec)
+        if damage_one():
             damaged = bytearray(header)
             damaged[-1] ^= 0x01  # the checksum's last byte: the bytes no longer match it
             header = bytes(damaged)
         return header, file_region
 
-    stream._ReadAhead.read = read  # type: ignore[method-assign]
-    stream._ReadAhead.region = region  # type: ignore[method-assign]
-    setattr(stream, _PATCH_ATTRIBUTE, state)
+    sender.read_parts = read_parts
+    sender.read_region = read_region
+    setattr(sender, _PATCH_ATTRIBUTE, state)
 
 
 def _stop_damaging() -> int:
     """In a worker: undo :func:`_damage_next_chunks`; how many chunks were left undamaged."""
-    import dckpt.cluster._chunk_sender as stream
+    import dckpt.cluster._chunk_sender as sender
 
-    state = getattr(stream, _PATCH_ATTRIBUTE, None)
+    state = getattr(sender, _PATCH_ATTRIBUTE, None)
     if state is None:
         return 0
-    stream._ReadAhead.read = state[0]  # type: ignore[method-assign]
-    stream._ReadAhead.region = state[2]  # type: ignore[method-assign]
-    delattr(stream, _PATCH_ATTRIBUTE)
+    sender.read_parts, sender.read_region = state[0], state[2]
+    delattr(sender, _PATCH_ATTRIBUTE)
     return int(state[1])
 
 

@@ -4,33 +4,45 @@
 :func:`~dckpt._transfer.receive_directory` consumes: it keeps ``max-in-flight``
 requests out, reads raw chunks into a ring of buffers kept between transfers
 (:data:`RING_BUFFERS`) and measures the link for the sender's choice of compression.
+On plain TCP it can take the socket from its comm and go on there, in a thread.
 Protocol: :mod:`dckpt.cluster._stream`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import logging
+import socket
 import ssl
 import threading
 import time
 from collections.abc import (
     AsyncGenerator,
     Awaitable,
+    Callable,
+    Iterator,
     Sequence,
 )
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 import dask.config
 from dask.utils import parse_timedelta
 from distributed.comm import Comm, CommClosedError
 from tornado.iostream import StreamClosedError
 
-from dckpt import _transfer
+from dckpt import _compat, _transfer
 from dckpt.cluster import _wire
 from dckpt.errors import (
+    CheckpointError,
     CheckpointFormatError,
 )
+
+_T = TypeVar("_T")
+
+_MAX_HEADER = 4096  # a frame's header is a few dozen bytes; an error message a few KiB
 
 __all__ = ["BufferPool", "ChunkChannel", "RING_BUFFERS", "link_rate"]
 
@@ -80,10 +92,19 @@ class ChunkChannel:
     """The receiver's end of a transfer: a :data:`~dckpt._transfer.ChunkStream` on ``comm``.
 
     A stream left early (an error, a cancellation) leaves answers on the way: the comm
-    is then aborted by whoever opened it, never reused.
+    is then aborted by whoever opened it, never reused. :meth:`finish` says ``done``
+    after a transfer; :meth:`close` ends what the channel holds, whatever happened.
+
+    With ``detach`` on a TCP comm without TLS, the first :meth:`stream` asks the sender to
+    go on on the bare socket: the comm is aborted, and requests and replies are records
+    (:data:`~dckpt.cluster._wire.REQUEST`, :data:`~dckpt.cluster._wire.REPLY`) that one
+    thread of the channel's own sends and reads, each chunk straight into the ring.
+    Tornado reads a chunk on the event loop, a turn of the loop each time the socket has
+    more; the channel's thread reads it with no loop at all. Only for a comm nobody
+    reuses (a pull's: the connection is closed at the end).
     """
 
-    def __init__(self, comm: Comm, peer: str, chunk_bytes: int) -> None:
+    def __init__(self, comm: Comm, peer: str, chunk_bytes: int, *, detach: bool = False) -> None:
         self.comm = comm
         self.peer = peer
         self.window = int(dask.config.get("dckpt.transfer.max-in-flight"))
@@ -100,10 +121,16 @@ class ChunkChannel:
         self._ring: list[bytearray] = []
         self._next = 0
         self._link: float | None = None  # bytes/s of raw chunks: the fastest seen
+        self._detach = detach and _compat.plain_tcp_socket(comm) is not None
+        self._socket: socket.socket | None = None
+        self._thread: ThreadPoolExecutor | None = None  # the socket's only user
 
     async def stream(
         self, specs: Sequence[_transfer.ChunkSpec]
     ) -> AsyncGenerator[tuple[_transfer.ChunkSpec, _transfer.Frame], None]:
+        if self._detach:
+            self._detach = False
+            await self._take_socket()
         pending = iter(specs)
         asked: list[_transfer.ChunkSpec] = []
         # Raw chunks wait in the kernel's socket buffers until read into the ring, so on
@@ -119,23 +146,115 @@ class ChunkChannel:
                 break
         answered = 0
         while answered < len(asked):
-            reply = await self._read(self.comm.read())
             spec = asked[answered]
             answered += 1
-            _wire.raise_error(reply, self.peer)
-            if "header" in reply and "length" in reply and self._raw is not None:
-                payload: Any = await self._read_raw(reply["length"], spec)
-            elif "header" in reply and "payload" in reply:
-                payload = reply.pop("payload")
+            frame: _transfer.Frame
+            if self._socket is not None:
+                # The ring is only ever touched on the event loop, also here.
+                frame = await self._on_socket(self._receive_on_socket, spec,
+                                              self._next_buffer())
             else:
-                raise CheckpointFormatError(f"{self.peer} sent {sorted(reply)} for a chunk")
+                frame = await self._receive(spec)
             for following in pending:  # keep the window full before handling this one
                 await self._ask(following, asked)
                 break
-            frame = (reply.pop("header"), payload)
-            del reply, payload
             yield spec, frame
             del frame  # held by the receiver now, and only as long as it needs it
+
+    async def finish(self) -> None:
+        """Say ``done``: every chunk is in (on the comm, or on the socket taken from it)."""
+        if self._socket is None:
+            await self.comm.write({"status": "done"})
+            return
+        record = _wire.REQUEST.pack(_wire.Op.DONE, 0, 0, 0, 0.0)
+        await self._on_socket(self._socket.sendall, record)
+
+    def close(self) -> None:
+        """Let go of the socket taken from the comm, if any (a read in progress ends)."""
+        sock, self._socket = self._socket, None
+        if sock is None or self._thread is None:
+            return
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        self._thread.submit(sock.close)  # once the thread has let go of it
+        self._thread.shutdown(wait=False)
+
+    async def _take_socket(self) -> None:
+        """Ask the sender to go on on the bare socket; take it if it agrees."""
+        assert self._raw is not None
+        await self.comm.write({"detach": True})
+        try:
+            answer = await self._read(self._raw.read_bytes(1))
+        except (StreamClosedError, ssl.SSLError) as e:
+            raise CommClosedError(f"{self.peer} went away: {e}") from e
+        if answer == b"N":
+            return  # the sender stays on the comm
+        if answer != _wire.DETACHED:
+            raise CheckpointFormatError(f"{self.peer} answered {answer!r} to a detach")
+        # The sender sends nothing more until asked: tornado holds no byte of ours.
+        self._socket = _wire.take_socket(self.comm)
+        self._socket.settimeout(self.stall_timeout)
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="dckpt-receive-socket")
+
+    async def _on_socket(self, function: Callable[..., _T], *args: Any) -> _T:
+        assert self._thread is not None
+        return await asyncio.wrap_future(self._thread.submit(function, *args))
+
+    @contextlib.contextmanager
+    def _socket_errors(self, doing: str) -> Iterator[None]:
+        try:
+            yield
+        except TimeoutError:
+            raise TimeoutError(
+                f"{self.peer} sent nothing for {self.stall_timeout:g} s "
+                "(dckpt.transfer.stall-timeout)"
+            ) from None
+        except OSError as e:
+            raise CommClosedError(f"{self.peer} went away while {doing}: {e}") from e
+
+    def _receive_on_socket(
+        self, spec: _transfer.ChunkSpec, buffer: bytearray
+    ) -> _transfer.Frame:
+        """The frame of ``spec``, read from the taken socket into ``buffer`` (the
+        channel's thread)."""
+        sock = self._socket
+        assert sock is not None
+        record = memoryview(bytearray(_wire.REPLY.size))
+        with self._socket_errors("sending a chunk"):
+            _wire.recv_exactly(sock, record)
+            op, header_length, length = _wire.REPLY.unpack(record)
+            if header_length > _MAX_HEADER:
+                raise CheckpointFormatError(
+                    f"{self.peer} announced a header of {header_length} bytes")
+            header = bytearray(header_length)
+            _wire.recv_exactly(sock, memoryview(header))
+        if op == _wire.Op.ERROR:
+            try:
+                reply = json.loads(header)
+            except ValueError:
+                reply = None
+            _wire.raise_error(reply, self.peer)
+            raise CheckpointError(f"{self.peer} ended the transfer: {bytes(header)!r}")
+        if op != _wire.Op.CHUNK:
+            raise CheckpointFormatError(f"{self.peer} sent a reply of op {op}")
+        view = memoryview(buffer)[: self._checked_length(length, spec)]
+        started = time.perf_counter()
+        with self._socket_errors("sending a chunk"):
+            _wire.recv_exactly(sock, view)
+        self._link = link_rate(self._link, len(view), time.perf_counter() - started)
+        return bytes(header), view
+
+    async def _receive(self, spec: _transfer.ChunkSpec) -> _transfer.Frame:
+        """The frame of ``spec``, read from the comm."""
+        reply = await self._read(self.comm.read())
+        _wire.raise_error(reply, self.peer)
+        if "header" in reply and "length" in reply and self._raw is not None:
+            payload: Any = await self._read_raw(reply["length"], spec)
+        elif "header" in reply and "payload" in reply:
+            payload = reply.pop("payload")
+        else:
+            raise CheckpointFormatError(f"{self.peer} sent {sorted(reply)} for a chunk")
+        return reply.pop("header"), payload
 
     def release_ring(self) -> list[bytearray]:
         """The ring's buffers, no longer this channel's."""
@@ -143,24 +262,21 @@ class ChunkChannel:
         return ring
 
     async def _ask(self, spec: _transfer.ChunkSpec, asked: list[_transfer.ChunkSpec]) -> None:
-        request: dict[str, Any] = {"chunk": [spec.file_index, spec.offset, spec.length],
-                                   "raw": self._raw is not None}
-        if self._link is not None and not self._loopback:
-            request["link"] = self._link  # the sender compresses only where it pays
-        await self.comm.write(request)
+        link = self._link if not self._loopback else None  # compress only where it pays
+        if self._socket is not None:
+            record = _wire.REQUEST.pack(_wire.Op.CHUNK, spec.file_index, spec.offset,
+                                        spec.length, link or 0.0)
+            await self._on_socket(self._socket.sendall, record)
+        else:
+            request: dict[str, Any] = {"chunk": [spec.file_index, spec.offset, spec.length],
+                                       "raw": self._raw is not None}
+            if link is not None:
+                request["link"] = link
+            await self.comm.write(request)
         asked.append(spec)
 
     async def _read_raw(self, length: object, spec: _transfer.ChunkSpec) -> memoryview:
-        # A frame is never longer than its chunk: the header's length must match it.
-        if not isinstance(length, int) or not 0 < length <= spec.length:
-            raise CheckpointFormatError(f"{self.peer} announced {length!r} bytes for {spec}")
-        if len(self._ring) <= self.window:
-            self._ring.append(RING_BUFFERS.take(self._chunk_bytes))
-            buffer = self._ring[-1]
-        else:
-            buffer = self._ring[self._next]
-            self._next = (self._next + 1) % len(self._ring)
-        view = memoryview(buffer)[:length]
+        view = memoryview(self._next_buffer())[: self._checked_length(length, spec)]
         assert self._raw is not None
         started = time.perf_counter()
         try:
@@ -169,8 +285,24 @@ class ChunkChannel:
         except (StreamClosedError, ssl.SSLError) as e:
             raise CommClosedError(f"{self.peer} went away while sending a chunk: {e}") from e
         elapsed = time.perf_counter() - started
-        self._link = link_rate(self._link, length, elapsed)
+        self._link = link_rate(self._link, len(view), elapsed)
         return view
+
+    def _checked_length(self, length: object, spec: _transfer.ChunkSpec) -> int:
+        """``length``, which a reply announced for ``spec``, if it can be its frame's."""
+        # A frame is never longer than its chunk: the header's length must match it.
+        if not isinstance(length, int) or not 0 < length <= spec.length:
+            raise CheckpointFormatError(f"{self.peer} announced {length!r} bytes for {spec}")
+        return length
+
+    def _next_buffer(self) -> bytearray:
+        """The ring's buffer for the next chunk: a new one until the ring is full."""
+        if len(self._ring) <= self.window:
+            self._ring.append(RING_BUFFERS.take(self._chunk_bytes))
+            return self._ring[-1]
+        buffer = self._ring[self._next]
+        self._next = (self._next + 1) % len(self._ring)
+        return buffer
 
     async def _read(self, reading: Awaitable[Any]) -> Any:
         try:

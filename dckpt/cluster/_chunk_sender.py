@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import os
 import select
@@ -35,7 +36,7 @@ from dckpt.errors import (
     CheckpointFormatError,
 )
 
-__all__ = ["Chunks", "next_chunk", "serve_chunks"]
+__all__ = ["Chunks", "next_chunk", "read_parts", "read_region", "serve_chunks"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,22 @@ class Chunks(Protocol):
     ) -> tuple[bytes, _transfer.FileRegion]: ...
 
 
+def read_parts(
+    source: Chunks, spec: _transfer.ChunkSpec, buffer: bytearray | None,
+    max_ratio: float | None,
+) -> tuple[bytes, _transfer.Buffer]:
+    """A chunk to send from a buffer: :meth:`Chunks.read_parts` (thread). With
+    :func:`read_region`, every chunk a sender sends is read through here."""
+    return source.read_parts(spec, buffer, max_ratio=max_ratio)
+
+
+def read_region(
+    source: Chunks, spec: _transfer.ChunkSpec
+) -> tuple[bytes, _transfer.FileRegion]:
+    """A chunk to send from its file: :meth:`Chunks.read_region` (thread)."""
+    return source.read_region(spec)
+
+
 async def serve_chunks(
     comm: Comm,
     source: Chunks,
@@ -75,7 +92,11 @@ async def serve_chunks(
     (:class:`_FileSender`), which spares the sender two copies of every byte.
     A chunk that cannot be read ends the transfer with an error reply, which is also
     raised here. ``sent(length)`` is called for every chunk as it goes out, so that the
-    sender's counters move during a long transfer, not only at its end.
+    sender's counters move during a long transfer, not only at its end (from a thread,
+    once the socket is taken).
+
+    Asked to ``detach`` (plain TCP), it takes the socket from ``comm``, which it aborts,
+    and serves the rest in a thread on the bare socket (:func:`_serve_detached`).
     """
     reader = _ReadAhead(source)
     raw = _wire.raw_stream(comm)
@@ -85,6 +106,15 @@ async def serve_chunks(
             request = await comm.read()
             _wire.raise_error(request, "the receiver")
             if request.get("status") == "done":
+                return
+            if request.get("detach") and raw is not None:
+                if files is None:  # TLS: no socket to take; the receiver stays on the comm
+                    await _write_raw(raw, b"N")
+                    continue
+                reader.close()
+                files.close()
+                files = None
+                await _serve_detached(_wire.take_socket(comm), source, sent)
                 return
             asked_raw = raw is not None and bool(request.get("raw"))
             max_ratio = _max_ratio(request, raw)
@@ -136,6 +166,84 @@ async def _write_raw(stream: IOStream, payload: _transfer.Buffer) -> None:
         raise CommClosedError(f"the receiver went away while a chunk was sent: {e}") from e
 
 
+async def _serve_detached(
+    sock: socket.socket, source: Chunks, sent: Callable[[int], None] | None
+) -> None:
+    """:func:`_serve_detached_loop` in a thread of its own; on cancellation the socket is
+    shut down, which ends the thread's wait; closed once the thread is done."""
+    stall_timeout = parse_timedelta(dask.config.get(_wire.STALL_TIMEOUT))
+    thread = ThreadPoolExecutor(1, thread_name_prefix="dckpt-send-socket")
+    job = thread.submit(_serve_detached_loop, sock, source, sent, stall_timeout)
+    try:
+        await asyncio.wrap_future(job)
+    except asyncio.CancelledError:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        raise
+    finally:
+        job.add_done_callback(lambda _: sock.close())
+        thread.shutdown(wait=False)
+
+
+def _serve_detached_loop(
+    sock: socket.socket, source: Chunks, sent: Callable[[int], None] | None,
+    stall_timeout: float,
+) -> None:
+    """Answer :data:`~dckpt.cluster._wire.REQUEST` records on ``sock`` until the
+    receiver says done (thread).
+
+    The chunk protocol of the comm, with the comm's and the event loop's work per read
+    gone: a chunk that goes uncompressed is sent from its file (``os.sendfile``), any
+    other from one buffer kept for the transfer. A chunk that cannot be read is
+    answered with an error record, and raised here.
+    """
+    sock.settimeout(stall_timeout)
+    try:
+        sock.sendall(_wire.DETACHED)
+        request = memoryview(bytearray(_wire.REQUEST.size))
+        buffer: bytearray | None = None  # for chunks that go compressed, made when needed
+        while True:
+            _wire.recv_exactly(sock, request)
+            op, index, offset, length, link = _wire.REQUEST.unpack(request)
+            if op == _wire.Op.DONE:
+                return
+            max_ratio = _transfer.max_ratio_for_link(link) if link > 0 else 0.0
+            region: _transfer.FileRegion | None = None
+            try:
+                if op != _wire.Op.CHUNK:
+                    raise CheckpointFormatError(f"a request on the socket has op {op}")
+                spec = _chunk_spec([index, offset, length])
+                if _transfer.never_compresses(max_ratio):
+                    header, region = read_region(source, spec)
+                    size = region.length
+                else:
+                    if buffer is None:
+                        buffer = bytearray(source.chunk_bytes)
+                    header, payload = read_parts(source, spec, buffer, max_ratio)
+                    size = len(payload)
+            except Exception as e:
+                sock.sendall(_wire.error_record(e))
+                raise
+            if sent is not None:
+                sent(spec.length)
+            if region is not None:
+                try:
+                    sock.sendall(_wire.REPLY.pack(_wire.Op.CHUNK, len(header), size) + header)
+                except BaseException:
+                    region.close()
+                    raise
+                _send_region(sock.fileno(), region, stall_timeout, lambda: False)
+            else:
+                sock.sendall(_wire.REPLY.pack(_wire.Op.CHUNK, len(header), size) + header)
+                sock.sendall(payload)
+                del payload
+    except TimeoutError:
+        raise TimeoutError(f"the receiver took nothing for {stall_timeout:g} s "
+                           "(dckpt.transfer.stall-timeout)") from None
+    except (ConnectionError, BrokenPipeError) as e:
+        raise CommClosedError(f"the receiver went away: {e}") from e
+
+
 class _FileSender:
     """Sends chunk bytes from their file to a comm's socket with ``os.sendfile`` (thread).
 
@@ -146,8 +254,6 @@ class _FileSender:
     the socket's descriptor, so that tornado closing the socket (the receiver went
     away) cannot hand its number to another file under the thread's feet.
     """
-
-    _POLL_SECONDS = 0.25  # how soon a send notices that it was stopped
 
     def __init__(self, sock: socket.socket, stall_timeout: float) -> None:
         self._fd = os.dup(sock.fileno())
@@ -188,39 +294,51 @@ class _FileSender:
         self._thread.shutdown(wait=False)
 
     def _send(self, region: _transfer.FileRegion) -> None:
-        try:
-            poller = select.poll()
-            poller.register(self._fd, select.POLLOUT)
-            offset, left, idle = region.offset, region.length, 0.0
-            while left:
-                if self._stop.is_set():
-                    raise CommClosedError("the transfer stopped while a chunk was sent")
-                try:
-                    n = os.sendfile(self._fd, region.fd, offset, left)
-                except BlockingIOError:
-                    if poller.poll(self._POLL_SECONDS * 1000):
-                        idle = 0.0
-                    else:
-                        idle += self._POLL_SECONDS
-                        if idle >= self._stall_timeout:
-                            raise TimeoutError(
-                                f"the receiver took nothing for {self._stall_timeout:g} s "
-                                "(dckpt.transfer.stall-timeout)"
-                            ) from None
-                    continue
-                except OSError as e:  # EPIPE, ECONNRESET: the receiver went away
-                    raise CommClosedError(
-                        f"the receiver went away while a chunk was sent: {e}") from e
-                if n == 0:
-                    raise CheckpointFormatError(
-                        f"{region.path!r} ends at byte {offset}, within a chunk being sent: "
-                        "the directory changed after its manifest was built; register it "
-                        "again (a checkpoint must not change once registered)"
-                    )
-                offset += n
-                left -= n
-        finally:
-            region.close()
+        _send_region(self._fd, region, self._stall_timeout, self._stop.is_set)
+
+
+_POLL_SECONDS = 0.25  # how soon a send notices that it was stopped
+
+
+def _send_region(
+    fd: int, region: _transfer.FileRegion, stall_timeout: float, stopped: Callable[[], bool]
+) -> None:
+    """Send ``region`` to the non-blocking socket ``fd`` with ``os.sendfile``, waiting
+    for room with ``poll`` (thread); closes ``region``. ``stopped()`` is asked at
+    least every quarter second."""
+    try:
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        offset, left, idle = region.offset, region.length, 0.0
+        while left:
+            if stopped():
+                raise CommClosedError("the transfer stopped while a chunk was sent")
+            try:
+                n = os.sendfile(fd, region.fd, offset, left)
+            except BlockingIOError:
+                if poller.poll(_POLL_SECONDS * 1000):
+                    idle = 0.0
+                else:
+                    idle += _POLL_SECONDS
+                    if idle >= stall_timeout:
+                        raise TimeoutError(
+                            f"the receiver took nothing for {stall_timeout:g} s "
+                            "(dckpt.transfer.stall-timeout)"
+                        ) from None
+                continue
+            except OSError as e:  # EPIPE, ECONNRESET: the receiver went away
+                raise CommClosedError(
+                    f"the receiver went away while a chunk was sent: {e}") from e
+            if n == 0:
+                raise CheckpointFormatError(
+                    f"{region.path!r} ends at byte {offset}, within a chunk being sent: "
+                    "the directory changed after its manifest was built; register it "
+                    "again (a checkpoint must not change once registered)"
+                )
+            offset += n
+            left -= n
+    finally:
+        region.close()
 
 
 class _ReadAhead:
@@ -280,7 +398,7 @@ class _ReadAhead:
             job = ahead[1]
         else:
             _drop_region(ahead)
-            job = self._thread.submit(self._source.read_region, spec)
+            job = self._thread.submit(read_region, self._source, spec)
         try:
             result: tuple[bytes, _transfer.FileRegion] = await asyncio.wrap_future(job)
         except asyncio.CancelledError:
@@ -289,7 +407,7 @@ class _ReadAhead:
         after = next_chunk(self._source, spec)
         if after is not None:
             self._ahead_region = (after,
-                                  self._thread.submit(self._source.read_region, after))
+                                  self._thread.submit(read_region, self._source, after))
         return result
 
     def give_back(self, buffer: bytearray) -> None:
@@ -311,7 +429,7 @@ class _ReadAhead:
         buffer = self._free.pop() if self._free else bytearray(spec.length)
 
         def read() -> tuple[bytes, _transfer.Buffer, bytearray]:
-            header, payload = self._source.read_parts(spec, buffer, max_ratio=max_ratio)
+            header, payload = read_parts(self._source, spec, buffer, max_ratio)
             return header, payload, buffer
 
         future = asyncio.get_running_loop().run_in_executor(self._thread, read)

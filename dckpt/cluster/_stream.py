@@ -20,6 +20,25 @@ handler on the worker's server:
                      or {"header": bytes, "length": n} then n raw bytes       (asked raw, on TCP)
     receiver → store    {"status": "done"}                       (the comm is reused)
 
+On a TCP comm without TLS, a pull goes on on the bare socket once the manifest is in,
+so that neither side's event loop handles the chunks (tornado reads a chunk in one
+loop turn per segment it finds; a thread reading the socket needs none)::
+
+    receiver → store    {"detach": True}
+    store               takes the socket (a duplicate of its descriptor) and aborts its comm
+    store → receiver    b"D" on the socket (b"N" on the comm's stream: it stays on the comm)
+    receiver            takes the socket and aborts its comm; then, in a thread each:
+    receiver → store    REQUEST records (op chunk, file index, offset, length, link rate)
+    store → receiver    REPLY records (op, header length, payload length), header, payload
+                     or an error record: REPLY with op error, then error_reply as JSON
+    receiver → store    a REQUEST of op done; both close the socket
+
+(:data:`~dckpt.cluster._wire.REQUEST`, :data:`~dckpt.cluster._wire.REPLY`.) No byte
+is lost in the hand-over although tornado reads an idle socket (to notice a close):
+each side takes the socket only when the other has nothing on the way to it. The store
+sends nothing after ``b"D"`` until asked, and the receiver nothing after its
+``detach`` until ``b"D"`` has come.
+
 ``dckpt_push`` — the driver, which no one can connect to, sends a checkpoint to a
 store: it opens the comm with ``{"op": "dckpt_push", "checkpoint_id", "manifest",
 "chunk_bytes"}``, then serves the store's chunk requests as a store serves a pull, and
@@ -75,25 +94,31 @@ async def stream_over(
     on_written: Callable[[_transfer.ChunkSpec], None] | None = None,
     callback: Callback = DEFAULT_CALLBACK,
     have: _transfer.Have | None = None,
+    detach: bool = False,
 ) -> _transfer.Received:
     """Receive ``manifest`` into ``target`` over ``comm``, then say ``done``.
 
     ``in_place``: ``target`` is an empty directory the caller staged; ``have``: files
     the receiver holds, which are not asked for (see
-    :func:`dckpt._transfer.receive_directory`). Returns what it returns.
+    :func:`dckpt._transfer.receive_directory`). Returns what it returns. ``detach``:
+    on plain TCP, take the socket from ``comm`` for the chunks (:class:`ChunkChannel`),
+    which leaves ``comm`` aborted; for a comm that is not used again.
 
     Raises what :func:`dckpt._transfer.receive_directory` raises, or the sender's
     error. ``comm`` is left usable only when this returns; after an error, abort it.
     """
-    channel = ChunkChannel(comm, peer, chunk_bytes)
-    received = await _transfer.receive_directory(
-        manifest, channel.stream, target, chunk_bytes=chunk_bytes,
-        max_in_flight=channel.window, in_place=in_place, have=have,
-        on_written=on_written, callback=callback, source=peer)
-    # Every write is done: the ring may serve the next transfer. (After a failure a
-    # cancelled write may still read its buffer; those buffers are dropped instead.)
-    RING_BUFFERS.give(channel.release_ring())
-    await comm.write({"status": "done"})
+    channel = ChunkChannel(comm, peer, chunk_bytes, detach=detach)
+    try:
+        received = await _transfer.receive_directory(
+            manifest, channel.stream, target, chunk_bytes=chunk_bytes,
+            max_in_flight=channel.window, in_place=in_place, have=have,
+            on_written=on_written, callback=callback, source=peer)
+        # Every write is done: the ring may serve the next transfer. (After a failure a
+        # cancelled write may still read its buffer; those buffers are dropped instead.)
+        RING_BUFFERS.give(channel.release_ring())
+        await channel.finish()
+    finally:
+        channel.close()
     return received
 
 
@@ -143,9 +168,10 @@ class Pull:
         files ``have`` does not name; ``on_written`` and ``callback`` as in
         :func:`dckpt._transfer.receive_directory`. Returns the file bytes that came over
         the comm."""
+        # A pull's connection ends with it: the chunks may go on its bare socket.
         received = await stream_over(self._comm, self._peer, self.manifest, directory,
                                      chunk_bytes=self._chunk_bytes, in_place=True, have=have,
-                                     on_written=on_written, callback=callback)
+                                     on_written=on_written, callback=callback, detach=True)
         self.received = True
         return received.fetched_bytes
 
@@ -163,8 +189,9 @@ async def pulling(
 
     The store's manifest must have ``digest``: a checkpoint that changed since it was
     referenced raises :class:`~dckpt.errors.CheckpointNotFoundError`. The comm goes
-    back to ``pool`` after a pull received to its end, and is aborted otherwise (an
-    error, or a block left without :meth:`Pull.receive_into`). ``node_id``, the
+    back to ``pool`` after a pull received to its end on it, and is aborted otherwise (an
+    error, a block left without :meth:`Pull.receive_into`, or its socket taken for the
+    chunks: plain TCP). ``node_id``, the
     store's node if known, goes into error messages; a store that does not connect or
     answer within ``dckpt.transfer.connect-timeout`` raises a ``TimeoutError`` that
     names it.

@@ -2,14 +2,19 @@
 
 The protocol itself is described in :mod:`dckpt.cluster._stream`. Here: the names of
 its two operations, the error reply that ends a transfer and the error a receiver
-raises for it, the TCP stream beneath a comm that raw chunk bytes travel on, whether a
-peer is on a loopback (no link to measure), and how messages name a store.
+raises for it, the TCP stream beneath a comm that raw chunk bytes travel on, the
+socket taken from a comm and the records sent on it, whether a peer is on a loopback
+(no link to measure), and how messages name a store.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
+import os
+import socket
+import struct
 from collections.abc import (
     Mapping,
 )
@@ -30,8 +35,9 @@ CONNECT_TIMEOUT = "dckpt.transfer.connect-timeout"
 STALL_TIMEOUT = "dckpt.transfer.stall-timeout"
 
 __all__ = [
-    "CONNECT_TIMEOUT", "STALL_TIMEOUT", "PULL_OP", "PUSH_OP", "error_reply", "is_loopback",
-    "raise_error", "raw_stream", "store_name",
+    "CONNECT_TIMEOUT", "DETACHED", "REPLY", "REQUEST", "STALL_TIMEOUT", "PULL_OP", "PUSH_OP",
+    "Op", "error_record", "error_reply", "is_loopback", "raise_error", "raw_stream", "recv_exactly",
+    "store_name", "take_socket",
 ]
 
 logger = logging.getLogger(__name__)
@@ -84,6 +90,60 @@ def raw_stream(comm: Comm) -> IOStream | None:
     "Measured").
     """
     return _compat.tcp_stream(comm)
+
+
+DETACHED = b"D"
+"""The sender's answer to ``{"detach": True}``, on the socket it took: go on there.
+
+``b"N"``, on the comm's stream, says it stays on the comm.
+"""
+
+REQUEST = struct.Struct("!BIQQd")
+"""A request on a taken socket: op, file index, offset, length, link (bytes/s, 0: none)."""
+
+REPLY = struct.Struct("!BIQ")
+"""A reply on a taken socket: op, then the lengths of the header and of the payload
+that follow it (an error: its :func:`error_reply` as JSON in place of the header)."""
+
+
+class Op:
+    """The first field of a :data:`REQUEST` or :data:`REPLY`."""
+
+    CHUNK = 1
+    DONE = 2
+    ERROR = 3
+
+
+def take_socket(comm: Comm) -> socket.socket:
+    """The socket under the plain TCP ``comm``, as a socket of its own; aborts ``comm``.
+
+    Call it only when the other side has nothing on the way (see
+    :mod:`dckpt.cluster._stream`): tornado reads an idle socket to notice a close, and
+    what it has read is lost with the comm. The socket is in blocking mode, for threads.
+    """
+    sock = _compat.plain_tcp_socket(comm)
+    if sock is None:
+        raise TypeError(f"{comm!r} is no TCP comm without TLS: its socket cannot be taken")
+    taken = socket.socket(fileno=os.dup(sock.fileno()))
+    comm.abort()  # closes tornado's descriptor only: the connection lives on in ours
+    taken.setblocking(True)
+    return taken
+
+
+def recv_exactly(sock: socket.socket, view: memoryview) -> None:
+    """Fill ``view`` from ``sock``; ConnectionError if the peer closes first."""
+    got = 0
+    while got < len(view):
+        n = sock.recv_into(view[got:])
+        if not n:
+            raise ConnectionError(f"the connection closed {len(view) - got} bytes short")
+        got += n
+
+
+def error_record(error: BaseException) -> bytes:
+    """The :data:`REPLY` that ends a transfer on a taken socket with ``error``."""
+    message = json.dumps(error_reply(error)).encode()
+    return REPLY.pack(Op.ERROR, len(message), 0) + message
 
 
 def is_loopback(address: str) -> bool:

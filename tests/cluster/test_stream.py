@@ -54,17 +54,24 @@ def _tree(root: Path, seed: int) -> None:
 def _transfer(src: Path, manifest: Any, dst: Path, chunk_bytes: int, *,
               scheme: str = "tcp://127.0.0.1", source_class: type[ChunkSource] = ChunkSource,
               served: Callable[[Comm], Any] = lambda comm: comm,
-              receiving: Callable[[Comm], Any] = lambda comm: comm) -> list[Any]:
+              receiving: Callable[[Comm], Any] = lambda comm: comm,
+              detach: bool = False) -> list[Any]:
     """Copy ``src`` to ``dst`` across one comm of ``scheme`` in this process: a listener
     serves chunks of a ``source_class`` on ``served(comm)``, a connection receives on
-    ``receiving(comm)``. The sources and the receivers' comms: ``[source, comm]``."""
+    ``receiving(comm)`` (``detach``: on the socket taken from it, where it can be). The
+    sources, the receivers' comms, and what the sender raised, if anything:
+    ``[source, comm, error]``."""
     seen: list[Any] = []
+    raised: list[BaseException | None] = [None]
 
     async def main() -> None:
         async def serve(comm: Comm) -> None:
             with source_class(str(src), manifest, chunk_bytes) as source:
                 seen.insert(0, source)
-                await serve_chunks(served(comm), source)
+                try:
+                    await serve_chunks(served(comm), source)
+                except Exception as e:  # noqa: BLE001 - the test looks at it
+                    raised[0] = e
             await comm.close()
 
         listen_args, connect_args = _security_for(scheme)
@@ -72,20 +79,37 @@ def _transfer(src: Path, manifest: Any, dst: Path, chunk_bytes: int, *,
         try:
             comm = receiving(await connect(listener.contact_address, **connect_args))
             seen.append(comm)
-            await stream_over(comm, "the test sender", manifest, str(dst), chunk_bytes=chunk_bytes)
+            await stream_over(comm, "the test sender", manifest, str(dst), chunk_bytes=chunk_bytes,
+                              detach=detach)
             await comm.close()
         finally:
             listener.stop()
 
     asyncio.run(main())
-    return seen
+    return [*seen, raised[0]]
 
 
+def _spy_on_take_socket(monkeypatch: pytest.MonkeyPatch) -> list[Comm]:
+    """The comms whose socket is taken from now on, in this process."""
+    taken: list[Comm] = []
+    real = wire.take_socket
+
+    def take_socket(comm: Comm) -> socket.socket:
+        taken.append(comm)
+        return real(comm)
+
+    monkeypatch.setattr(wire, "take_socket", take_socket)
+    return taken
+
+
+@pytest.mark.parametrize("detach", [False, True], ids=["comm", "detach"])
 @pytest.mark.parametrize("in_flight", [1, 3])
 @pytest.mark.parametrize("scheme", ["tcp://127.0.0.1", "tls://127.0.0.1", "inproc://"])
-def test_a_directory_crosses_a_comm_intact(tmp_path: Path, scheme: str, in_flight: int):
-    """Raw chunk bytes after a message on TCP and TLS, chunks inside messages elsewhere;
-    with no retries allowed, a buffer reused too early would fail the transfer."""
+def test_a_directory_crosses_a_comm_intact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           scheme: str, in_flight: int, detach: bool):
+    """Raw chunk bytes after a message on TCP and TLS, chunks inside messages elsewhere,
+    or (detach) on the bare socket of a TCP comm; with no retries allowed, a buffer
+    reused too early would fail the transfer."""
     src, dst = tmp_path / "src", tmp_path / "dst"
     _tree(src, seed=in_flight)
     manifest = build_manifest(src)
@@ -95,10 +119,15 @@ def test_a_directory_crosses_a_comm_intact(tmp_path: Path, scheme: str, in_fligh
         used_raw.append(raw_stream(comm) is not None)
         return comm
 
+    taken = _spy_on_take_socket(monkeypatch)
     with dask.config.set({"dckpt.transfer.max-in-flight": in_flight,
                           "dckpt.transfer.retries": 0}):
-        _transfer(src, manifest, dst, 64 * 1024, scheme=scheme, receiving=receiving)
+        *_, raised = _transfer(src, manifest, dst, 64 * 1024, scheme=scheme,
+                               receiving=receiving, detach=detach)
+    assert raised is None
     assert used_raw == [not scheme.startswith("inproc")]
+    # Only a plain TCP comm gives up its socket: on both sides.
+    assert len(taken) == (2 if detach and scheme.startswith("tcp") else 0)
     for name in ("weights.bin", "sub/log.txt", "empty"):
         assert (dst / name).read_bytes() == (src / name).read_bytes()
 
@@ -118,17 +147,20 @@ class _CountingSource(ChunkSource):
         return super().read_region(*args, **kwargs)
 
 
+@pytest.mark.parametrize("detach", [False, True], ids=["comm", "detach"])
 @pytest.mark.parametrize("scheme", ["tcp://127.0.0.1", "tls://127.0.0.1", "inproc://"])
-def test_on_plain_tcp_chunks_go_from_the_file_to_the_socket(tmp_path: Path, scheme: str):
-    """No chunk of an uncompressed transfer is read into a buffer on TCP (os.sendfile);
-    TLS and in-process comms, which sendfile cannot feed, read each into one."""
+def test_on_plain_tcp_chunks_go_from_the_file_to_the_socket(tmp_path: Path, scheme: str,
+                                                             detach: bool):
+    """No chunk of an uncompressed transfer is read into a buffer on TCP (os.sendfile),
+    on the comm or on its bare socket; TLS and in-process comms, which sendfile cannot
+    feed, read each into one."""
     src, dst = tmp_path / "src", tmp_path / "dst"
     _tree(src, seed=7)
     manifest = build_manifest(src)
     chunk_bytes = 64 * 1024
     with dask.config.set({"dckpt.transfer.compression": "none", "dckpt.transfer.retries": 0}):
-        source, _ = _transfer(src, manifest, dst, chunk_bytes, scheme=scheme,
-                              source_class=_CountingSource)
+        source, _, _ = _transfer(src, manifest, dst, chunk_bytes, scheme=scheme,
+                                 source_class=_CountingSource, detach=detach)
     for name in ("weights.bin", "sub/log.txt", "empty"):
         assert (dst / name).read_bytes() == (src / name).read_bytes()
     chunks = len(manifest.chunks(chunk_bytes))
@@ -350,7 +382,8 @@ def test_raw_chunks_are_asked_for_one_beyond_the_window(
     monkeypatch.setattr(wire, "raw_stream",
                         lambda c: real(c._comm if isinstance(c, _Asking) else c))
     with dask.config.set({"dckpt.transfer.max-in-flight": 1}):
-        _, asking = _transfer(src, manifest, dst, chunk_bytes, scheme=scheme, receiving=_Asking)
+        _, asking, _ = _transfer(src, manifest, dst, chunk_bytes, scheme=scheme,
+                                 receiving=_Asking)
     assert (dst / "weights.bin").read_bytes() == (src / "weights.bin").read_bytes()
     assert asking.most == most and asking.waiting == 0
 
@@ -382,7 +415,9 @@ _BUFFER_TEST_CHUNK = 64 * 1024
 _BUFFER_TEST_IN_FLIGHT = 3
 
 
-def test_a_slow_first_write_keeps_its_buffer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+@pytest.mark.parametrize("detach", [False, True], ids=["comm", "detach"])
+def test_a_slow_first_write_keeps_its_buffer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                             detach: bool):
     """The first chunk's write waits while the later ones finish: with FIRST_COMPLETED
     the receiver read chunk 5 into chunk 1's buffer (a ring of _BUFFER_TEST_IN_FLIGHT + 1) before
     chunk 1 was written, and wrote chunk 5's bytes at chunk 1's place (seen once in a
@@ -412,6 +447,90 @@ def test_a_slow_first_write_keeps_its_buffer(tmp_path: Path, monkeypatch: pytest
 
     with dask.config.set({"dckpt.transfer.max-in-flight": _BUFFER_TEST_IN_FLIGHT,
                           "dckpt.transfer.retries": 0}):
-        _transfer(src, manifest, dst, _BUFFER_TEST_CHUNK)
+        _transfer(src, manifest, dst, _BUFFER_TEST_CHUNK, detach=detach)
     for i in range(8):
         assert (dst / f"shard-{i}.bin").read_bytes() == bytes([i]) * _BUFFER_TEST_CHUNK
+
+
+# --- on the socket taken from a comm ------------------------------------------------------
+
+
+def test_on_the_socket_the_measured_link_chooses_compression(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, lz4_speed_of_a_fresh_process: float
+):
+    """The receiver's link rate reaches the sender in its requests on the bare socket
+    too: on a slow link (as the receiver measures it) the zeros after the first chunk go
+    compressed, read into a buffer; the first, asked before anything was measured, goes
+    from its file."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    (src / "zeros.bin").write_bytes(bytes(2 << 20))
+    manifest = build_manifest(src)
+    chunk_bytes = 512 * 1024
+    monkeypatch.setattr(wire, "is_loopback", lambda address: False)
+    monkeypatch.setattr(receiver_module, "link_rate", lambda known, length, elapsed: 1e6)
+    taken = _spy_on_take_socket(monkeypatch)
+    with dask.config.set({"dckpt.transfer.compression": "auto",
+                          "dckpt.transfer.max-in-flight": 1}):
+        source, _, raised = _transfer(src, manifest, dst, chunk_bytes,
+                                      source_class=_CountingSource, detach=True)
+    assert raised is None and len(taken) == 2
+    assert (dst / "zeros.bin").read_bytes() == bytes(2 << 20)
+    # Asked before the first chunk came: the first and, one beyond the window, the second.
+    assert (source.regions, source.parts) == (2, 2)
+
+
+class _RefusingSource(ChunkSource):
+    """A ChunkSource whose third chunk cannot be read."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.calls = 0
+
+    def read_region(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        if self.calls == 3:
+            raise CheckpointFormatError("the third chunk is unreadable")
+        return super().read_region(*args, **kwargs)
+
+
+def test_on_the_socket_a_sender_error_reaches_the_receiver_as_its_type(tmp_path: Path):
+    """An error record on the bare socket: the receiver raises the sender's error, of
+    the same type and with its message, and leaves no partial directory behind."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _tree(src, seed=13)
+    manifest = build_manifest(src)
+    with dask.config.set({"dckpt.transfer.compression": "none", "dckpt.transfer.retries": 0}), \
+            pytest.raises(CheckpointFormatError, match=r"the test sender: the third chunk"):
+        _transfer(src, manifest, dst, 64 * 1024, source_class=_RefusingSource, detach=True)
+    assert not dst.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+class _StallingSource(ChunkSource):
+    """A ChunkSource whose second chunk waits until :attr:`release` is set."""
+
+    release = threading.Event()
+
+    def read_region(self, spec: Any, *args: Any, **kwargs: Any) -> Any:
+        if spec.offset > 0:
+            self.release.wait(timeout=60)
+        return super().read_region(spec, *args, **kwargs)
+
+
+def test_on_the_socket_a_sender_that_stalls_ends_in_a_timeout_that_names_its_setting(
+    tmp_path: Path
+):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    (src / "data").write_bytes(random.Random(14).randbytes(256 * 1024))
+    manifest = build_manifest(src)
+    _StallingSource.release.clear()
+    try:
+        with dask.config.set({"dckpt.transfer.compression": "none",
+                              "dckpt.transfer.stall-timeout": "0.5s"}), \
+                pytest.raises(TimeoutError, match=r"sent nothing for 0.5 s .*stall-timeout"):
+            _transfer(src, manifest, dst, 64 * 1024, source_class=_StallingSource, detach=True)
+    finally:
+        _StallingSource.release.set()
+    assert not dst.exists()
