@@ -10,16 +10,18 @@ bytes, and a compressible variant: every 64 KiB, 32 KiB of random bytes then 32 
 zeros, which lz4 halves) and copies it to node 1 three ways:
 
 - socket: a task on node 0's worker streams the files over one TCP connection
-  (``os.sendfile``) to a task on node 1's worker that writes them: the fastest copy
-  these two processes can make, and the yardstick;
+  (``os.sendfile``) to a task on node 1's worker that writes them, in pieces of the
+  size dckpt writes (``WRITE_PIECE_BYTES``): the fastest copy these two processes can
+  make, and the yardstick;
 - naive actor: a plain Dask actor on node 0 returns each file's bytes, one call at a
   time, to a task on node 1 that writes them;
 - dckpt: ``NodeStore.fetch`` on node 1 (one Dask comm to node 0's worker: the
-  manifest, then chunks, ``max-in-flight`` requests ahead), timed from the driver, so
-  it also pays one driver round trip that the baselines, timed inside their receiving
-  task, do not.
+  manifest, then chunks, ``max-in-flight`` requests ahead, on the comm's bare socket
+  on TCP), timed from the driver, so it also pays one driver round trip that the
+  baselines, timed inside their receiving task, do not.
 
-Best of ``--repeat`` for each, after one untimed socket copy; speeds are printed as
+Best of ``--repeat`` runs of each step, back to back, after one untimed socket copy;
+speeds are printed as
 ratios to the socket copy of the same data because these 2-core machines are noisy.
 Memory: the growth of peak RSS (``VmHWM``, reset by writing 5 to
 ``/proc/PID/clear_refs``) of the sending and the receiving worker over their RSS before
@@ -35,7 +37,14 @@ Why runs vary: on a virtual machine with free page reporting (printed when detec
 memory freed for more than a moment goes back to the hypervisor, and writing it again
 (page cache included) costs 1 to 3 s of system time per GiB instead of ~0.25 s. A step
 that starts right after another one freed its copy reuses warm pages; a slow step finds
-cold ones, so slow steps vary most. Read the ratios, and repeat.
+cold ones, so slow steps vary most. Which pages a write finds also depends on the size
+of the writes, before and now: the kernel's free lists are kept per block size, and
+page-cache folios take the size of the writes that fill them. Measured here (1 GiB
+written right after 1 GiB was written and deleted, system time): 256 KiB writes after
+256 KiB writes 0.20-0.24 s, after 16 MiB writes 2.6-3.9 s. Hence the socket copy writes
+in dckpt's piece size, and each step's repeats run back to back, so that every run but
+a step's first finds what its own kind of writes freed (with the earlier order, dckpt
+always came after the naive actor's 16 MiB writes). Read the ratios, and repeat.
 
 Worker settings are handed over as ``DASK_DCKPT__TRANSFER__...`` environment variables
 (workers do not see the driver's ``dask.config``). Everything (cluster, files) is
@@ -57,11 +66,11 @@ from dask.utils import format_bytes, parse_bytes
 
 import dckpt  # noqa: F401  (loads the dckpt.* defaults into dask.config)
 from dckpt.cluster import NodeCluster, install
+from dckpt._transfer._receive import WRITE_PIECE_BYTES
 from dckpt.cluster._store import store_of
 
 MIB = 1 << 20
 _BLOCK = 64 * 1024  # the compressible pattern: half random, half zeros, per block
-_SOCKET_BUFFER = 1 * MIB
 _NAME = ">HQ"  # socket baseline header: name length, file size (a str: it pickles)
 
 
@@ -160,7 +169,7 @@ def socket_receive(target: str, n_files: int, variable: str) -> float:
     from distributed.comm import get_address_host
 
     os.makedirs(target)
-    buffer = bytearray(_SOCKET_BUFFER)
+    buffer = bytearray(WRITE_PIECE_BYTES)
     view = memoryview(buffer)
     # The worker's own address: on a network-isolated node, its veth (not the loopback).
     with socket.create_server((get_address_host(get_worker().address), 0)) as server:
@@ -185,11 +194,16 @@ def socket_receive(target: str, n_files: int, variable: str) -> float:
                 with open(os.path.join(target, name), "wb", buffering=0) as f:
                     remaining = size
                     while remaining:
-                        n = conn.recv_into(view[: min(remaining, len(view))])
-                        if not n:
-                            raise ConnectionError("the sender closed the connection early")
-                        f.write(view[:n])
-                        remaining -= n
+                        # A whole piece per write, as dckpt writes: the same page-cache
+                        # folios for both (see "Why runs vary").
+                        piece, filled = min(remaining, len(view)), 0
+                        while filled < piece:
+                            n = conn.recv_into(view[filled:piece])
+                            if not n:
+                                raise ConnectionError("the sender closed the connection early")
+                            filled += n
+                        f.write(view[:piece])
+                        remaining -= piece
     return time.perf_counter() - start
 
 
@@ -432,8 +446,10 @@ def main() -> None:
             best: dict[tuple[str, str], tuple[float, Probe]] = {}
             memory: dict[tuple[str, str], list[int]] = {}
             second: dict[str, Any] = {}
-            for _ in range(args.repeat):
-                for kind, name in steps:
+            # Each step's runs back to back: every run after a step's first finds the
+            # memory its own last run freed (see "Why runs vary" above).
+            for kind, name in steps:
+                for _ in range(args.repeat):
                     source = sources[kind]
                     if name == "socket":
                         seconds, probe = bench.socket_copy(source)
