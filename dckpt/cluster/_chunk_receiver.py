@@ -238,10 +238,14 @@ class ChunkChannel:
         if op != _wire.Op.CHUNK:
             raise CheckpointFormatError(f"{self.peer} sent a reply of op {op}")
         view = memoryview(buffer)[: self._checked_length(length, spec)]
+        # What came while this side was busy came at a rate nobody timed: only the
+        # bytes waited for say how fast the link is. (The sender reads ahead, so
+        # whole chunks can be waiting, which made a 1 Gbit/s link look like 3 GB/s.)
+        waiting = min(_wire.queued_bytes(sock), len(view))
         started = time.perf_counter()
         with self._socket_errors("sending a chunk"):
             _wire.recv_exactly(sock, view)
-        self._link = link_rate(self._link, len(view), time.perf_counter() - started)
+        self._link = link_rate(self._link, len(view) - waiting, time.perf_counter() - started)
         return bytes(header), view
 
     async def _receive(self, spec: _transfer.ChunkSpec) -> _transfer.Frame:

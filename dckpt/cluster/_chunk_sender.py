@@ -111,10 +111,9 @@ async def serve_chunks(
                 if files is None:  # TLS: no socket to take; the receiver stays on the comm
                     await _write_raw(raw, b"N")
                     continue
-                reader.close()
                 files.close()
                 files = None
-                await _serve_detached(_wire.take_socket(comm), source, sent)
+                await _serve_detached(_wire.take_socket(comm), reader, sent)
                 return
             asked_raw = raw is not None and bool(request.get("raw"))
             max_ratio = _max_ratio(request, raw)
@@ -167,13 +166,14 @@ async def _write_raw(stream: IOStream, payload: _transfer.Buffer) -> None:
 
 
 async def _serve_detached(
-    sock: socket.socket, source: Chunks, sent: Callable[[int], None] | None
+    sock: socket.socket, reader: _ReadAhead, sent: Callable[[int], None] | None
 ) -> None:
     """:func:`_serve_detached_loop` in a thread of its own; on cancellation the socket is
     shut down, which ends the thread's wait; closed once the thread is done."""
     stall_timeout = parse_timedelta(dask.config.get(_wire.STALL_TIMEOUT))
     thread = ThreadPoolExecutor(1, thread_name_prefix="dckpt-send-socket")
-    job = thread.submit(_serve_detached_loop, sock, source, sent, stall_timeout)
+    job = thread.submit(_serve_detached_loop, sock, reader, asyncio.get_running_loop(), sent,
+                        stall_timeout)
     try:
         await asyncio.wrap_future(job)
     except asyncio.CancelledError:
@@ -186,22 +186,26 @@ async def _serve_detached(
 
 
 def _serve_detached_loop(
-    sock: socket.socket, source: Chunks, sent: Callable[[int], None] | None,
-    stall_timeout: float,
+    sock: socket.socket, reader: _ReadAhead, loop: asyncio.AbstractEventLoop,
+    sent: Callable[[int], None] | None, stall_timeout: float,
 ) -> None:
     """Answer :data:`~dckpt.cluster._wire.REQUEST` records on ``sock`` until the
     receiver says done (thread).
 
     The chunk protocol of the comm, with the comm's and the event loop's work per read
     gone: a chunk that goes uncompressed is sent from its file (``os.sendfile``), any
-    other from one buffer kept for the transfer. A chunk that cannot be read is
-    answered with an error record, and raised here.
+    other from its buffer. Chunks are read as on the comm, by ``reader`` on ``loop``
+    (the chunk after each one read, and compressed, while this one is sent). A chunk
+    that cannot be read is answered with an error record, and raised here.
     """
+
+    def on_loop(reading: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(reading, loop).result()
+
     sock.settimeout(stall_timeout)
     try:
         sock.sendall(_wire.DETACHED)
         request = memoryview(bytearray(_wire.REQUEST.size))
-        buffer: bytearray | None = None  # for chunks that go compressed, made when needed
         while True:
             _wire.recv_exactly(sock, request)
             op, index, offset, length, link = _wire.REQUEST.unpack(request)
@@ -214,29 +218,29 @@ def _serve_detached_loop(
                     raise CheckpointFormatError(f"a request on the socket has op {op}")
                 spec = _chunk_spec([index, offset, length])
                 if _transfer.never_compresses(max_ratio):
-                    header, region = read_region(source, spec)
+                    header, region = on_loop(reader.region(spec))
                     size = region.length
                 else:
-                    if buffer is None:
-                        buffer = bytearray(source.chunk_bytes)
-                    header, payload = read_parts(source, spec, buffer, max_ratio)
+                    header, payload, buffer = on_loop(reader.read(spec, max_ratio))
                     size = len(payload)
             except Exception as e:
                 sock.sendall(_wire.error_record(e))
                 raise
             if sent is not None:
                 sent(spec.length)
+            record = _wire.REPLY.pack(_wire.Op.CHUNK, len(header), size) + header
             if region is not None:
                 try:
-                    sock.sendall(_wire.REPLY.pack(_wire.Op.CHUNK, len(header), size) + header)
+                    sock.sendall(record)
                 except BaseException:
                     region.close()
                     raise
                 _send_region(sock.fileno(), region, stall_timeout, lambda: False)
             else:
-                sock.sendall(_wire.REPLY.pack(_wire.Op.CHUNK, len(header), size) + header)
+                sock.sendall(record)
                 sock.sendall(payload)
-                del payload
+                loop.call_soon_threadsafe(reader.give_back, buffer)
+                del payload, buffer
     except TimeoutError:
         raise TimeoutError(f"the receiver took nothing for {stall_timeout:g} s "
                            "(dckpt.transfer.stall-timeout)") from None

@@ -36,8 +36,8 @@ STALL_TIMEOUT = "dckpt.transfer.stall-timeout"
 
 __all__ = [
     "CONNECT_TIMEOUT", "DETACHED", "REPLY", "REQUEST", "STALL_TIMEOUT", "PULL_OP", "PUSH_OP",
-    "Op", "error_record", "error_reply", "is_loopback", "raise_error", "raw_stream", "recv_exactly",
-    "store_name", "take_socket",
+    "Op", "error_record", "error_reply", "is_loopback", "queued_bytes", "raise_error",
+    "raw_stream", "recv_exactly", "store_name", "take_socket",
 ]
 
 logger = logging.getLogger(__name__)
@@ -138,6 +138,19 @@ def recv_exactly(sock: socket.socket, view: memoryview) -> None:
         if not n:
             raise ConnectionError(f"the connection closed {len(view) - got} bytes short")
         got += n
+
+
+def queued_bytes(sock: socket.socket) -> int:
+    """Bytes that have arrived on ``sock`` and wait to be read (``FIONREAD``); 0 where
+    that cannot be asked."""
+    try:
+        import fcntl
+        import termios
+
+        answer = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4)
+    except (ImportError, OSError):
+        return 0
+    return int(struct.unpack("i", answer)[0])
 
 
 def error_record(error: BaseException) -> bytes:
