@@ -539,3 +539,17 @@ def test_on_the_socket_a_sender_that_stalls_ends_in_a_timeout_that_names_its_set
     finally:
         _StallingSource.release.set()
     assert not dst.exists()
+
+
+def test_the_bytes_queued_on_a_socket_are_known_before_it_is_read():
+    """What the receiver leaves out of a chunk's timing: bytes that came while it was
+    busy elsewhere (a whole chunk the sender read ahead would time as a fast link)."""
+    left, right = socket.socketpair()
+    try:
+        assert wire.queued_bytes(right) == 0
+        left.sendall(b"x" * 1000)
+        wire.recv_exactly(right, memoryview(bytearray(10)))
+        assert wire.queued_bytes(right) == 990
+    finally:
+        left.close()
+        right.close()
