@@ -19,6 +19,7 @@ import ssl
 import threading
 from collections.abc import (
     Callable,
+    Iterator,
     Mapping,
 )
 from concurrent.futures import ThreadPoolExecutor
@@ -200,51 +201,70 @@ def _serve_detached_loop(
     """
 
     def on_loop(reading: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(reading, loop).result()
+        # Bounded: a loop that stopped running must not leave this thread waiting for
+        # ever (interpreter exit joins it).
+        future = asyncio.run_coroutine_threadsafe(reading, loop)
+        try:
+            return future.result(timeout=stall_timeout)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise TimeoutError(f"reading a chunk to send took more than {stall_timeout:g} s "
+                               "(dckpt.transfer.stall-timeout)") from None
 
     sock.settimeout(stall_timeout)
-    try:
+    with _to_the_receiver(stall_timeout):
         sock.sendall(_wire.DETACHED)
-        request = memoryview(bytearray(_wire.REQUEST.size))
-        while True:
+    request = memoryview(bytearray(_wire.REQUEST.size))
+    while True:
+        with _to_the_receiver(stall_timeout):
             _wire.recv_exactly(sock, request)
-            op, index, offset, length, link = _wire.REQUEST.unpack(request)
-            if op == _wire.Op.DONE:
-                return
-            max_ratio = _transfer.max_ratio_for_link(link) if link > 0 else 0.0
-            region: _transfer.FileRegion | None = None
-            try:
-                if op != _wire.Op.CHUNK:
-                    raise CheckpointFormatError(f"a request on the socket has op {op}")
-                spec = _chunk_spec([index, offset, length])
-                if _transfer.never_compresses(max_ratio):
-                    header, region = on_loop(reader.region(spec))
-                    size = region.length
-                else:
-                    header, payload, buffer = on_loop(reader.read(spec, max_ratio))
-                    size = len(payload)
-            except Exception as e:
-                sock.sendall(_wire.error_record(e))
-                raise
-            if sent is not None:
-                sent(spec.length)
-            record = _wire.REPLY.pack(_wire.Op.CHUNK, len(header), size) + header
-            if region is not None:
-                try:
-                    sock.sendall(record)
-                except BaseException:
-                    region.close()
-                    raise
-                _send_region(sock.fileno(), region, stall_timeout, lambda: False)
+        op, index, offset, length, link = _wire.REQUEST.unpack(request)
+        if op == _wire.Op.DONE:
+            return
+        max_ratio = _transfer.max_ratio_for_link(link) if link > 0 else 0.0
+        region: _transfer.FileRegion | None = None
+        try:
+            if op != _wire.Op.CHUNK:
+                raise CheckpointFormatError(f"a request on the socket has op {op}")
+            spec = _chunk_spec([index, offset, length])
+            if _transfer.never_compresses(max_ratio):
+                header, region = on_loop(reader.region(spec))
+                size = region.length
             else:
+                header, payload, buffer = on_loop(reader.read(spec, max_ratio))
+                size = len(payload)
+        except Exception as e:
+            with _to_the_receiver(stall_timeout):
+                sock.sendall(_wire.error_record(e))
+            raise
+        if sent is not None:
+            sent(spec.length)
+        record = _wire.REPLY.pack(_wire.Op.CHUNK, len(header), size) + header
+        if region is not None:
+            try:
+                with _to_the_receiver(stall_timeout):
+                    sock.sendall(record)
+            except BaseException:
+                region.close()
+                raise
+            _send_region(sock.fileno(), region, stall_timeout, lambda: False)
+        else:
+            with _to_the_receiver(stall_timeout):
                 sock.sendall(record)
                 sock.sendall(payload)
-                loop.call_soon_threadsafe(reader.give_back, buffer)
-                del payload, buffer
+            loop.call_soon_threadsafe(reader.give_back, buffer)
+            del payload, buffer
+
+
+@contextlib.contextmanager
+def _to_the_receiver(stall_timeout: float) -> Iterator[None]:
+    """A taken socket's errors as the comm's would be (the sender's side)."""
+    try:
+        yield
     except TimeoutError:
         raise TimeoutError(f"the receiver took nothing for {stall_timeout:g} s "
                            "(dckpt.transfer.stall-timeout)") from None
-    except (ConnectionError, BrokenPipeError) as e:
+    except OSError as e:  # EPIPE, ECONNRESET, or the other side closed
         raise CommClosedError(f"the receiver went away: {e}") from e
 
 

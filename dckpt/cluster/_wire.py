@@ -56,6 +56,7 @@ _ERRORS: dict[str, type[Exception]] = {
     "format": CheckpointFormatError,
     "corrupt": CorruptChunkError,
     "value": ValueError,
+    "timeout": TimeoutError,
 }
 
 
