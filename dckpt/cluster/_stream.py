@@ -105,7 +105,8 @@ async def stream_over(
     which leaves ``comm`` aborted; for a comm that is not used again.
 
     Raises what :func:`dckpt._transfer.receive_directory` raises, or the sender's
-    error. ``comm`` is left usable only when this returns; after an error, abort it.
+    error. Without ``detach``, ``comm`` is left usable only when this returns; after an
+    error, abort it.
     """
     channel = ChunkChannel(comm, peer, chunk_bytes, detach=detach)
     try:

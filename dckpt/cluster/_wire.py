@@ -125,7 +125,12 @@ def take_socket(comm: Comm) -> socket.socket:
     sock = _compat.plain_tcp_socket(comm)
     if sock is None:
         raise TypeError(f"{comm!r} is no TCP comm without TLS: its socket cannot be taken")
-    taken = socket.socket(fileno=os.dup(sock.fileno()))
+    fd = os.dup(sock.fileno())
+    try:
+        taken = socket.socket(fileno=fd)
+    except BaseException:
+        os.close(fd)
+        raise
     comm.abort()  # closes tornado's descriptor only: the connection lives on in ours
     taken.setblocking(True)
     return taken
