@@ -22,7 +22,6 @@ from collections.abc import (
     AsyncGenerator,
     Awaitable,
     Callable,
-    Iterator,
     Sequence,
 )
 from concurrent.futures import ThreadPoolExecutor
@@ -200,17 +199,10 @@ class ChunkChannel:
         assert self._thread is not None
         return await asyncio.wrap_future(self._thread.submit(function, *args))
 
-    @contextlib.contextmanager
-    def _socket_errors(self, doing: str) -> Iterator[None]:
-        try:
-            yield
-        except TimeoutError:
-            raise TimeoutError(
-                f"{self.peer} sent nothing for {self.stall_timeout:g} s "
-                "(dckpt.transfer.stall-timeout)"
-            ) from None
-        except OSError as e:
-            raise CommClosedError(f"{self.peer} went away while {doing}: {e}") from e
+    def _socket_errors(self) -> contextlib.AbstractContextManager[None]:
+        return _wire.socket_errors(
+            f"{self.peer} sent nothing for {self.stall_timeout:g} s ({_wire.STALL_TIMEOUT})",
+            f"{self.peer} went away while sending a chunk")
 
     def _receive_on_socket(
         self, spec: _transfer.ChunkSpec, buffer: bytearray
@@ -220,7 +212,7 @@ class ChunkChannel:
         sock = self._socket
         assert sock is not None
         record = memoryview(bytearray(_wire.REPLY.size))
-        with self._socket_errors("sending a chunk"):
+        with self._socket_errors():
             _wire.recv_exactly(sock, record)
             op, header_length, length = _wire.REPLY.unpack(record)
             if header_length > _MAX_HEADER:
@@ -243,7 +235,7 @@ class ChunkChannel:
         # whole chunks can be waiting, which made a 1 Gbit/s link look like 3 GB/s.)
         waiting = min(_wire.queued_bytes(sock), len(view))
         started = time.perf_counter()
-        with self._socket_errors("sending a chunk"):
+        with self._socket_errors():
             _wire.recv_exactly(sock, view)
         self._link = link_rate(self._link, len(view) - waiting, time.perf_counter() - started)
         return bytes(header), view

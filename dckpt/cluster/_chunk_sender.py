@@ -19,7 +19,6 @@ import ssl
 import threading
 from collections.abc import (
     Callable,
-    Iterator,
     Mapping,
 )
 from concurrent.futures import ThreadPoolExecutor
@@ -256,16 +255,11 @@ def _serve_detached_loop(
             del payload, buffer
 
 
-@contextlib.contextmanager
-def _to_the_receiver(stall_timeout: float) -> Iterator[None]:
+def _to_the_receiver(stall_timeout: float) -> contextlib.AbstractContextManager[None]:
     """A taken socket's errors as the comm's would be (the sender's side)."""
-    try:
-        yield
-    except TimeoutError:
-        raise TimeoutError(f"the receiver took nothing for {stall_timeout:g} s "
-                           "(dckpt.transfer.stall-timeout)") from None
-    except OSError as e:  # EPIPE, ECONNRESET, or the other side closed
-        raise CommClosedError(f"the receiver went away: {e}") from e
+    return _wire.socket_errors(
+        f"the receiver took nothing for {stall_timeout:g} s ({_wire.STALL_TIMEOUT})",
+        "the receiver went away")
 
 
 class _FileSender:

@@ -9,6 +9,7 @@ socket taken from a comm and the records sent on it, whether a peer is on a loop
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import logging
@@ -16,10 +17,11 @@ import os
 import socket
 import struct
 from collections.abc import (
+    Iterator,
     Mapping,
 )
 
-from distributed.comm import Comm, get_address_host
+from distributed.comm import Comm, CommClosedError, get_address_host
 from tornado.iostream import IOStream
 
 from dckpt import _compat
@@ -37,7 +39,7 @@ STALL_TIMEOUT = "dckpt.transfer.stall-timeout"
 __all__ = [
     "CONNECT_TIMEOUT", "DETACHED", "REPLY", "REQUEST", "STALL_TIMEOUT", "PULL_OP", "PUSH_OP",
     "Op", "error_record", "error_reply", "is_loopback", "queued_bytes", "raise_error",
-    "raw_stream", "recv_exactly", "store_name", "take_socket",
+    "raw_stream", "recv_exactly", "socket_errors", "store_name", "take_socket",
 ]
 
 logger = logging.getLogger(__name__)
@@ -134,6 +136,18 @@ def take_socket(comm: Comm) -> socket.socket:
     comm.abort()  # closes tornado's descriptor only: the connection lives on in ours
     taken.setblocking(True)
     return taken
+
+
+@contextlib.contextmanager
+def socket_errors(stalled: str, gone: str) -> Iterator[None]:
+    """A taken socket's errors as a comm's would be: its timeout a ``TimeoutError``
+    that says ``stalled``, a lost connection a ``CommClosedError`` that says ``gone``."""
+    try:
+        yield
+    except TimeoutError:
+        raise TimeoutError(stalled) from None
+    except OSError as e:  # EPIPE, ECONNRESET, or the other side closed
+        raise CommClosedError(f"{gone}: {e}") from e
 
 
 def recv_exactly(sock: socket.socket, view: memoryview) -> None:
