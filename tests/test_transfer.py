@@ -25,6 +25,7 @@ from typing import Any
 import dask.config
 import msgpack
 import pytest
+import xxhash
 from fsspec.callbacks import Callback
 
 from dckpt._transfer import (
@@ -33,12 +34,14 @@ from dckpt._transfer import (
     ChunkSpec,
     ChunkStream,
     FileEntry,
+    HashedFrame,
     Manifest,
     ReceiveProgress,
     build_manifest,
     content_digest,
     decode_chunk,
     encode_chunk,
+    encode_parts,
     receive_directory,
     receiving,
 )
@@ -322,6 +325,20 @@ def test_damaged_frames_are_refused(frame: bytes, match: str):
     with pytest.raises(CorruptChunkError, match=match) as info:
         decode_chunk(frame, ChunkSpec(7, 123 * KiB, 12000))
     assert "file #7 at offset 125952" in str(info.value)
+
+
+def test_a_hashed_frame_is_checked_against_the_checksum_it_carries():
+    """A receiver that hashed a raw payload as it came hands the checksum on, and that
+    is what is compared; a compressed frame's payload is not its raw bytes: ignored."""
+    data = b"hello world " * 1000
+    spec = ChunkSpec(0, 0, len(data))
+    header, payload = encode_parts(data, compress=False)
+    checksum = xxhash.xxh3_64_intdigest(data)
+    assert bytes(decode_chunk(HashedFrame(header, payload, checksum), spec)) == data
+    with pytest.raises(CorruptChunkError, match="checksum"):
+        decode_chunk(HashedFrame(header, payload, checksum ^ 1), spec)
+    header, payload = encode_parts(data, compress=True)
+    assert bytes(decode_chunk(HashedFrame(header, payload, 0), spec)) == data
 
 
 # --- corruption on the way -------------------------------------------------------------
@@ -748,6 +765,24 @@ def test_files_are_hashed_as_their_chunks_arrive_not_read_back(
     assert snapshot(tmp_path / "dst") == snapshot(src)
     assert read == []
     assert build_manifest(tmp_path / "dst").digest == manifest.digest
+
+
+def test_a_received_file_is_last_changed_by_its_last_write(tmp_path: Path):
+    """A file its owner may write gets its mode before its chunks, not by a ``chmod``
+    after its hash was checked, which would leave every file racily fresh (and read
+    back by the next manifest of the copy); a read-only one gets its mode at the end."""
+    src = make_tree(tmp_path / "src")
+    (src / "frozen.bin").write_bytes(random.Random(1).randbytes(300 * KiB))
+    (src / "frozen.bin").chmod(0o444)
+    dst = tmp_path / "dst"
+    copy(src, dst, chunk_bytes=64 * KiB)
+    assert snapshot(dst) == snapshot(src)
+    writable = [p for p in dst.rglob("*") if p.is_file() and not p.is_symlink()
+                and p.stat().st_size and p.stat().st_mode & stat.S_IWUSR]
+    assert len(writable) == 4
+    for path in writable:
+        st = path.stat()
+        assert st.st_ctime_ns == st.st_mtime_ns, path  # no change after the last write
 
 
 def test_chunks_are_written_in_pieces_of_a_mebibyte_at_most(tmp_path: Path,

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import struct
 import time
-from typing import TypeAlias
+from typing import NamedTuple, TypeAlias
 
 import lz4.block
 import xxhash
@@ -34,16 +34,32 @@ import xxhash
 from dckpt.errors import CorruptChunkError
 
 __all__ = [
-    "CHUNK_HEADER", "MIN_RATIO", "Buffer", "Frame", "check_checksum", "compress_speed",
-    "decode_frame", "encode_frame", "lz4_bound",
+    "CHUNK_HEADER", "MIN_RATIO", "Buffer", "Frame", "HashedFrame", "check_checksum",
+    "compress_speed", "decode_frame", "encode_frame", "lz4_bound",
 ]
 
 CHUNK_HEADER = struct.Struct(">BQQ")
 """Header of every chunk frame: flags, raw length, xxh3_64 of the raw bytes."""
 
 Buffer: TypeAlias = bytes | bytearray | memoryview
-Frame: TypeAlias = Buffer | tuple[Buffer, Buffer]
-"""A frame as one buffer, or as ``(header, payload)``."""
+
+
+class HashedFrame(NamedTuple):
+    """A frame as ``(header, payload)`` whose payload's xxh3_64 is known already.
+
+    A receiver that hashes the bytes as they come in, each piece while it is still in
+    the CPU's cache, spares :func:`decode_frame` reading the whole payload once more
+    from memory. The checksum is used only for an uncompressed frame, whose payload is
+    the raw bytes; it must be of exactly the bytes in ``payload``.
+    """
+
+    header: Buffer
+    payload: Buffer
+    payload_checksum: int
+
+
+Frame: TypeAlias = Buffer | tuple[Buffer, Buffer] | HashedFrame
+"""A frame as one buffer, or as ``(header, payload)`` (maybe a :class:`HashedFrame`)."""
 
 FLAG_LZ4 = 0x01
 _KNOWN_FLAGS = FLAG_LZ4
@@ -160,7 +176,8 @@ def decode_frame(
     Parameters
     ----------
     frame
-        What :func:`encode_frame` returned, as a pair or joined.
+        What :func:`encode_frame` returned, as a pair or joined; or a
+        :class:`HashedFrame`, whose checksum stands for hashing an uncompressed payload.
     length
         The raw length the caller expects: the frame's must match.
     out
@@ -200,7 +217,11 @@ def decode_frame(
         if len(payload) != length:
             raise _corrupt(what, f"its payload is {len(payload)} bytes, not {length}")
         data = payload
-    check_checksum(xxhash.xxh3_64_intdigest(data), checksum, what)
+    if isinstance(frame, HashedFrame) and not flags & FLAG_LZ4:
+        actual = frame.payload_checksum
+    else:
+        actual = xxhash.xxh3_64_intdigest(data)
+    check_checksum(actual, checksum, what)
     if out is None:
         return data
     target = memoryview(out)

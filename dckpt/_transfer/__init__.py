@@ -30,11 +30,13 @@ from dckpt._transfer._frames import (
     CHUNK_HEADER,
     Buffer,
     Frame,
+    HashedFrame,
     decode_chunk,
     encode_chunk,
     encode_parts,
     max_ratio_for_link,
     never_compresses,
+    raw_checksum,
 )
 from dckpt._transfer._manifest import (
     ChunkSpec,
@@ -58,6 +60,7 @@ __all__ = [
     "FileEntry",
     "FileRegion",
     "Frame",
+    "HashedFrame",
     "Have",
     "Manifest",
     "ReceiveProgress",
@@ -71,6 +74,7 @@ __all__ = [
     "encode_parts",
     "max_ratio_for_link",
     "never_compresses",
+    "raw_checksum",
     "receive_directory",
     "receiving",
 ]

@@ -7,8 +7,9 @@ there. This module adds what only a transfer knows: the ``dckpt.transfer.compres
 setting (``"auto"``, ``"lz4"``, ``"none"``), the link a chunk crosses
 (:func:`max_ratio_for_link`: on a fast link nothing pays, on 1 Gbit/s halving the
 bytes does) and the :class:`~dckpt._transfer.ChunkSpec` a frame must match. Its names
-(``CHUNK_HEADER``, ``Buffer``, ``Frame``, ``compress_speed``, ``encode_chunk``,
-``encode_parts``, ``decode_chunk``, ``max_ratio_for_link``) stay importable from here.
+(``CHUNK_HEADER``, ``Buffer``, ``Frame``, ``HashedFrame``, ``compress_speed``,
+``encode_chunk``, ``encode_parts``, ``decode_chunk``, ``max_ratio_for_link``) stay
+importable from here.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dckpt._formats import (
     MIN_RATIO,
     Buffer,
     Frame,
+    HashedFrame,
     compress_speed,
     decode_frame,
     encode_frame,
@@ -28,7 +30,7 @@ from dckpt._transfer._manifest import ChunkSpec
 from dckpt._transfer._settings import compression
 
 __all__ = [
-    "CHUNK_HEADER", "Buffer", "Frame", "compress_speed", "decode_chunk", "encode_chunk",
+    "CHUNK_HEADER", "Buffer", "Frame", "HashedFrame", "compress_speed", "decode_chunk", "encode_chunk",
     "encode_parts", "max_ratio_for_link", "never_compresses", "raw_checksum", "raw_header",
 ]
 

@@ -230,15 +230,21 @@ class ChunkChannel:
         if op != _wire.Op.CHUNK:
             raise CheckpointFormatError(f"{self.peer} sent a reply of op {op}")
         view = memoryview(buffer)[: self._checked_length(length, spec)]
+        # A frame as long as its chunk is raw (a compressed one goes only if shorter):
+        # its checksum is computed here, piece by piece as each lands in cache, not by
+        # the writer, which would read the whole chunk from memory once more for it.
+        checksum = _transfer.raw_checksum() if length == spec.length else None
         # What came while this side was busy came at a rate nobody timed: only the
         # bytes waited for say how fast the link is. (The sender reads ahead, so
         # whole chunks can be waiting, which made a 1 Gbit/s link look like 3 GB/s.)
         waiting = min(_wire.queued_bytes(sock), len(view))
         started = time.perf_counter()
         with self._socket_errors():
-            _wire.recv_exactly(sock, view)
+            _wire.recv_exactly(sock, view, None if checksum is None else checksum.update)
         self._link = link_rate(self._link, len(view) - waiting, time.perf_counter() - started)
-        return bytes(header), view
+        if checksum is None:
+            return bytes(header), view
+        return _transfer.HashedFrame(bytes(header), view, checksum.intdigest())
 
     async def _receive(self, spec: _transfer.ChunkSpec) -> _transfer.Frame:
         """The frame of ``spec``, read from the comm."""

@@ -563,6 +563,26 @@ def test_the_bytes_queued_on_a_socket_are_known_before_it_is_read():
         right.close()
 
 
+def test_a_socket_hands_its_bytes_on_piece_by_piece_as_they_land():
+    """What the receiver checksums while each piece is in cache: every byte, in order,
+    in pieces no larger than RECV_PIECE_BYTES."""
+    data = os.urandom(3 * wire.RECV_PIECE_BYTES + 123)
+    left, right = socket.socketpair()
+    pieces: list[bytes] = []
+    try:
+        sender = threading.Thread(target=left.sendall, args=(data,))
+        sender.start()
+        view = memoryview(bytearray(len(data)))
+        wire.recv_exactly(right, view, lambda piece: pieces.append(bytes(piece)))
+        sender.join()
+    finally:
+        left.close()
+        right.close()
+    assert bytes(view) == data
+    assert b"".join(pieces) == data
+    assert max(map(len, pieces)) <= wire.RECV_PIECE_BYTES
+
+
 @pytest.mark.parametrize("error, raised", [
     (TimeoutError("slow"), TimeoutError), (PermissionError("no"), PermissionError),
     (CheckpointFormatError("bad"), CheckpointFormatError), (RuntimeError("odd"), Exception),
