@@ -550,8 +550,9 @@ def test_a_file_is_hashed_once_per_version(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setattr(_hashes, "_now_ns", lambda: time.time_ns() + 60 * 10**9)
     build_manifest(src)
     read: list[str] = []
-    real = _hashes.hash_file
-    monkeypatch.setattr(_hashes, "hash_file", lambda path: read.append(path) or real(path))
+    real = _hashes.hash_file_and_chunks
+    monkeypatch.setattr(_hashes, "hash_file_and_chunks",
+                        lambda path, chunk_bytes: read.append(path) or real(path, chunk_bytes))
     again = build_manifest(src)
     assert read == []  # nothing read again
     with open(src / "run.sh", "ab") as f:
@@ -572,8 +573,9 @@ def test_a_file_just_written_is_hashed_again_next_time(tmp_path: Path,
     monkeypatch.setattr(_hashes, "_now_ns", lambda: oldest + 10**6)
     files = len(build_manifest(src).files)
     read: list[str] = []
-    real = _hashes.hash_file
-    monkeypatch.setattr(_hashes, "hash_file", lambda path: read.append(path) or real(path))
+    real = _hashes.hash_file_and_chunks
+    monkeypatch.setattr(_hashes, "hash_file_and_chunks",
+                        lambda path, chunk_bytes: read.append(path) or real(path, chunk_bytes))
     build_manifest(src)
     assert len(read) == files  # read again
     assert _hashes._settled(10**9 + 1, 10**9 + 1 + _hashes.SETTLE_NS)
@@ -863,6 +865,67 @@ def test_source_refuses_chunks_it_does_not_have(tmp_path: Path, spec: ChunkSpec,
             source.read_chunk(spec)
     with pytest.raises(ValueError, match="closed"):
         source.read_chunk(ChunkSpec(0, 0, 1))
+
+
+def test_a_file_hashed_for_its_manifest_knows_its_chunk_checksums(tmp_path: Path):
+    """One read gives the file's hash and each chunk's checksum, the last chunk short."""
+    from dckpt._transfer._hashes import hash_file_and_chunks
+
+    data = random.Random(2).randbytes(5 * MiB + 17)
+    path = tmp_path / "weights.bin"
+    path.write_bytes(data)
+    digest, checksums = hash_file_and_chunks(str(path), 2 * MiB)
+    assert digest == hash_file(str(path))
+    assert checksums == tuple(xxhash.xxh3_64_intdigest(data[i : i + 2 * MiB])
+                              for i in range(0, len(data), 2 * MiB))
+    (tmp_path / "empty").write_bytes(b"")
+    assert hash_file_and_chunks(str(tmp_path / "empty"), MiB)[1] == ()
+
+
+def test_a_source_sends_from_the_file_with_the_checksums_remembered_with_its_hash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """read_region reads nothing for a chunk's checksum once the manifest's hashing
+    computed it (at this chunk size, for this version of the file); otherwise it reads
+    the chunk, and the header is right either way."""
+    from dckpt._transfer import _hashes
+
+    src = tmp_path / "src"
+    src.mkdir()
+    data = random.Random(3).randbytes(3 * MiB + 5)
+    (src / "weights.bin").write_bytes(data)
+    monkeypatch.setattr(_hashes, "_now_ns", lambda: time.time_ns() + 60 * 10**9)  # settled
+    read: list[ChunkSpec] = []
+    real = ChunkSource._checksum
+    monkeypatch.setattr(ChunkSource, "_checksum",
+                        lambda self, fd, spec, entry: read.append(spec) or real(self, fd, spec,
+                                                                                entry))
+
+    def headers(chunk_bytes: int) -> list[bytes]:
+        with dask.config.set({"dckpt.transfer.chunk-bytes": MiB}), \
+                ChunkSource(str(src), build_manifest(src), chunk_bytes) as source:
+            out = []
+            for spec in source.manifest.chunks(chunk_bytes):
+                header, region = source.read_region(spec)
+                region.close()
+                out.append(header)
+            return out
+
+    def expected(chunk_bytes: int) -> list[bytes]:
+        return [encode_parts(data[i : i + chunk_bytes], compress=False)[0]
+                for i in range(0, len(data), chunk_bytes)]
+
+    assert headers(MiB) == expected(MiB)
+    assert read == []  # all four from the memo
+    assert headers(512 * KiB) == expected(512 * KiB)  # another chunk size: read
+    assert len(read) == 7
+    read.clear()
+    changed = bytearray(data)
+    changed[-1] ^= 1
+    (src / "weights.bin").write_bytes(changed)  # same size, new version
+    data = bytes(changed)
+    assert headers(MiB) == expected(MiB)
+    assert read == []  # hashed anew for the new manifest, checksums with it
 
 
 def test_source_keeps_few_files_open(tmp_path: Path):

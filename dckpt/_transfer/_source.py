@@ -9,6 +9,7 @@ import threading
 from collections.abc import Callable
 
 from dckpt._transfer._frames import Buffer, encode_parts, raw_checksum, raw_header
+from dckpt._transfer._hashes import chunk_checksums
 from dckpt._transfer._manifest import ChunkSpec, FileEntry, Manifest
 from dckpt._transfer._settings import check_chunk_bytes, config_chunk_bytes
 from dckpt.errors import CheckpointFormatError
@@ -60,14 +61,16 @@ class FileRegion:
 class _OpenFile:
     """A descriptor of a :class:`ChunkSource` and how many reads use it right now."""
 
-    __slots__ = ("fd", "users", "retired")
+    __slots__ = ("fd", "users", "retired", "checksums")
 
     fd: int
     users: int
     retired: bool
+    checksums: tuple[int, ...] | None  # of its chunks, remembered with its hash
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, checksums: tuple[int, ...] | None = None) -> None:
         self.fd = fd
+        self.checksums = checksums
         self.users = 0
         self.retired = False
 
@@ -162,15 +165,20 @@ class ChunkSource:
         """One chunk as the header of an uncompressed frame and the :class:`FileRegion`
         of its bytes, for a sender that sends them from the file (``os.sendfile``).
 
-        The checksum is computed now, reading the chunk through a small buffer; what
-        goes out later is read again by the kernel. A file changed in between is
-        caught by the receiver (the checksum, else the file hash), a file cut short by
-        the sender's ``os.sendfile`` returning 0. Raises as :meth:`read_chunk`.
+        The checksum is the one remembered with the file's hash when it was read for
+        it, at this chunk size (:func:`~dckpt._transfer._hashes.chunk_checksums`), so
+        nothing is read here; otherwise it is computed now, reading the chunk through a
+        small buffer. Either way the bytes that go out are read later by the kernel. A
+        file changed in between is caught by the receiver (the checksum, else the file
+        hash), a file cut short by the sender's ``os.sendfile`` returning 0. Raises as
+        :meth:`read_chunk`.
         """
         entry = self._check(spec)
         handle = self._acquire(spec.file_index, entry)
         try:
-            checksum = self._checksum(handle.fd, spec, entry)
+            checksum = self._known_checksum(handle, spec, entry)
+            if checksum is None:
+                checksum = self._checksum(handle.fd, spec, entry)
         except BaseException:
             self._release(handle)
             raise
@@ -216,14 +224,14 @@ class ChunkSource:
                 raise ValueError("this ChunkSource is closed")
             handle = self._files.get(index)
             if handle is None:
-                handle = _OpenFile(self._open(entry))
+                handle = self._open(entry)
                 self._files[index] = handle
                 self._evict()
             self._files.move_to_end(index)
             handle.users += 1
             return handle
 
-    def _open(self, entry: FileEntry) -> int:
+    def _open(self, entry: FileEntry) -> _OpenFile:
         path = self._path(entry)
         try:
             fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
@@ -238,7 +246,16 @@ class ChunkSource:
         except BaseException:
             os.close(fd)
             raise
-        return fd
+        return _OpenFile(fd, chunk_checksums(st, self.chunk_bytes))
+
+    def _known_checksum(self, handle: _OpenFile, spec: ChunkSpec, entry: FileEntry) -> int | None:
+        """The remembered checksum of ``spec``, if it is one of the chunks they are of."""
+        index, within = divmod(spec.offset, self.chunk_bytes)
+        if (handle.checksums is None or within
+                or spec.length != min(self.chunk_bytes, entry.size - spec.offset)
+                or index >= len(handle.checksums)):
+            return None
+        return handle.checksums[index]
 
     def _evict(self) -> None:
         # Oldest first; a file being read stays open until its reads end.
