@@ -1,6 +1,6 @@
 """Speed and memory of a node-to-node checkpoint copy, against baselines run in the same go.
 
-    python benchmarks/bench_transfer.py [--size-mib 1024] [--files 64] [--repeat 2]
+    python benchmarks/bench_transfer.py [--size-mib 1024] [--files 64] [--repeat 5]
                                         [--chunk-bytes 8MiB] [--in-flight 1]
                                         [--nanny-environ] [--network] [--link-rate 1gbit]
 
@@ -20,9 +20,10 @@ zeros, which lz4 halves) and copies it to node 1 three ways:
   on TCP), timed from the driver, so it also pays one driver round trip that the
   baselines, timed inside their receiving task, do not.
 
-Best of ``--repeat`` runs of each step, back to back, after one untimed socket copy;
-speeds are printed as
-ratios to the socket copy of the same data because these 2-core machines are noisy.
+Best of ``--repeat`` runs of each step (5 by default), back to back, after one untimed
+socket copy; speeds are printed as ratios to the socket copy of the same data because
+these 2-core machines are noisy. The noise only ever adds time (below), so the best of
+a few runs is each step's own cost: with 2, both runs of a step were often slow.
 Memory: the growth of peak RSS (``VmHWM``, reset by writing 5 to
 ``/proc/PID/clear_refs``) of the sending and the receiving worker over their RSS before
 the step, the worst over the repeats. CPU: user + system seconds of each worker during
@@ -402,7 +403,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-mib", type=int, default=1024)
     parser.add_argument("--files", type=int, default=64)
-    parser.add_argument("--repeat", type=int, default=2, help="best of N for each step")
+    parser.add_argument("--repeat", type=int, default=5, help="best of N for each step")
     parser.add_argument("--chunk-bytes", help="dckpt.transfer.chunk-bytes, e.g. 8MiB")
     parser.add_argument("--in-flight", type=int, help="dckpt.transfer.max-in-flight")
     parser.add_argument(
