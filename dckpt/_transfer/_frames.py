@@ -30,8 +30,9 @@ from dckpt._transfer._manifest import ChunkSpec
 from dckpt._transfer._settings import compression
 
 __all__ = [
-    "CHUNK_HEADER", "Buffer", "Frame", "HashedFrame", "compress_speed", "decode_chunk", "encode_chunk",
-    "encode_parts", "max_ratio_for_link", "never_compresses", "raw_checksum", "raw_header",
+    "CHUNK_HEADER", "Buffer", "Frame", "HashedFrame", "compress_speed", "decode_chunk",
+    "encode_chunk", "encode_parts", "max_ratio_for_link", "never_compresses", "raw_checksum",
+    "raw_header",
 ]
 
 

@@ -19,7 +19,6 @@ import contextlib
 import logging
 import os
 import stat
-import threading
 import time
 from collections.abc import (
     AsyncGenerator,
@@ -32,10 +31,10 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
-import xxhash
 from fsspec.callbacks import DEFAULT_CALLBACK, Callback
 
 from dckpt._formats import atomic_directory
+from dckpt._transfer._file_hashing import FileHashing
 from dckpt._transfer._frames import Frame, decode_chunk
 from dckpt._transfer._hashes import hash_file, remember
 from dckpt._transfer._manifest import ChunkSpec, FileEntry, Manifest
@@ -220,7 +219,7 @@ async def receive_directory(
             wanted = [spec for spec in manifest.chunks(chunk_bytes)
                       if spec.file_index not in placed and spec.file_index not in twins]
             fetched = sum(spec.length for spec in wanted)
-            hashing = _Hashing({i: manifest.files[i].size for i in
+            hashing = FileHashing({i: manifest.files[i].size for i in
                                 {spec.file_index for spec in wanted}
                                 | {i for i, e in enumerate(manifest.files)
                                    if not e.size and i not in placed}})
@@ -298,13 +297,13 @@ async def _receive_round(
     max_in_flight: int,
     callback: Callback,
     on_written: Callable[[ChunkSpec], None] | None = None,
-    hashing: _Hashing | None = None,
+    hashing: FileHashing | None = None,
 ) -> list[tuple[ChunkSpec, CorruptChunkError]]:
     """Ask ``stream`` for ``wanted`` and write what it yields; the chunks that failed."""
     missing = set(wanted)
     failed: list[tuple[ChunkSpec, CorruptChunkError]] = []
     writing: collections.deque[asyncio.Future[None]] = collections.deque()
-    hashing = _Hashing({}) if hashing is None else hashing
+    hashing = FileHashing({}) if hashing is None else hashing
 
     async def write(spec: ChunkSpec, frame: Frame) -> None:
         hashing.begin(spec)
@@ -444,7 +443,7 @@ def _mode_first(entry: FileEntry) -> bool:
     return bool(entry.mode & stat.S_IWUSR)
 
 
-def _write_chunk(frame: Frame, spec: ChunkSpec, path: str, hashing: _Hashing) -> None:
+def _write_chunk(frame: Frame, spec: ChunkSpec, path: str, hashing: FileHashing) -> None:
     """Decode one frame, write it in place, and hash it into its file's hash (thread).
 
     Raises CorruptChunkError before writing anything of a frame that fails its checks.
@@ -469,102 +468,6 @@ def _write_chunk(frame: Frame, spec: ChunkSpec, path: str, hashing: _Hashing) ->
         hashing.claimed_done(spec)
     else:
         hashing.add(spec, data)
-
-
-class _Hashing:
-    """Each fetched file's xxh3-128, computed from its chunks as they are written.
-
-    Hashing a chunk while it is in memory spares reading every file back once it is
-    complete (0.1 s per GiB from the page cache, after the last chunk: time no other
-    work overlaps); hashing each piece of it right after its write (:meth:`claim`),
-    while the piece is in the CPU's cache, spares reading the chunk from memory again. A file's hash needs its bytes in order: a chunk waits for the chunk
-    before it in its file while that one is being written (``max-in-flight`` above 1),
-    and a file whose chunks came out of order anyway (a chunk fetched again, a stream
-    that answers in another order) is left out of :meth:`digests` and read back as
-    before. Only chunks that passed their checksum and were written are hashed, each
-    once: the hash is of the bytes the file holds.
-    """
-
-    # A chunk waits at most this long for the one before it (which ends by being written,
-    # failing or being cancelled, each of which wakes it); past it, the file is read back.
-    _WAIT_SECONDS = 60.0
-
-    def __init__(self, sizes: dict[int, int]) -> None:
-        """``sizes``: the files to hash, index -> size."""
-        self._condition = threading.Condition()
-        self._sizes = sizes
-        self._hashers = {index: xxhash.xxh3_128() for index in sizes}
-        self._next = dict.fromkeys(sizes, 0)  # the offset each file's hash has reached
-        self._in_flight: dict[int, set[int]] = {index: set() for index in sizes}
-
-    def begin(self, spec: ChunkSpec) -> None:
-        """``spec`` is on its way to be written (event loop)."""
-        with self._condition:
-            if spec.file_index in self._hashers:
-                self._in_flight[spec.file_index].add(spec.offset)
-
-    def drop(self, spec: ChunkSpec) -> None:
-        """``spec`` will not be hashed (it failed, or was cancelled): its file is read back."""
-        with self._condition:
-            self._end(spec, broken=True)
-
-    def claim(self, spec: ChunkSpec) -> xxhash.xxh3_128 | None:
-        """The hasher of ``spec``'s file if its hash has reached ``spec`` now, else None
-        (thread, before writing it; does not wait).
-
-        The caller then feeds it exactly ``spec``'s bytes, in order, and calls
-        :meth:`claimed_done` (or :meth:`drop`, if the chunk is not written after all).
-        No other chunk can touch the hasher meanwhile: the next one waits for this one
-        (:meth:`begin` put it in flight), and no earlier one is left.
-        """
-        with self._condition:
-            index = spec.file_index
-            if index in self._hashers and self._next[index] == spec.offset:
-                return self._hashers[index]
-            return None
-
-    def claimed_done(self, spec: ChunkSpec) -> None:
-        """The bytes of ``spec``, written and checked, went into the hasher :meth:`claim`
-        gave (thread)."""
-        with self._condition:
-            if spec.file_index in self._hashers:
-                self._next[spec.file_index] += spec.length
-            self._end(spec, broken=False)
-
-    def add(self, spec: ChunkSpec, data: memoryview) -> None:
-        """The bytes of ``spec``, written and checked: into its file's hash (thread)."""
-        index = spec.file_index
-        with self._condition:
-            if index not in self._hashers:
-                return
-            # The chunk before this one is being written: its bytes go first.
-            self._condition.wait_for(
-                lambda: index not in self._hashers or self._next[index] == spec.offset
-                or self._next[index] not in self._in_flight[index],
-                self._WAIT_SECONDS,
-            )
-            if index in self._hashers and self._next[index] == spec.offset:
-                self._hashers[index].update(data)
-                self._next[index] += spec.length
-                self._end(spec, broken=False)
-            else:
-                self._end(spec, broken=True)
-
-    def digests(self) -> dict[int, str]:
-        """The hash of each file whose every byte was hashed in order (hex), by index;
-        the others must be read back."""
-        with self._condition:
-            return {index: hasher.hexdigest() for index, hasher in self._hashers.items()
-                    if self._next[index] == self._sizes[index]}
-
-    def _end(self, spec: ChunkSpec, *, broken: bool) -> None:
-        index = spec.file_index
-        if index not in self._hashers:
-            return
-        self._in_flight[index].discard(spec.offset)
-        if broken:
-            del self._hashers[index], self._next[index], self._in_flight[index]
-        self._condition.notify_all()
 
 
 def _place_twins(
@@ -596,7 +499,7 @@ def _finish_tree(
     The chunk checksums catch damage on the way; the file hashes catch a sender whose
     bytes are not those its manifest names (a file rewritten while it was sent). The
     hash of a file is the one computed from its chunks as they were written
-    (``hashed``, by index: :class:`_Hashing`), else read from what was written (the
+    (``hashed``, by index: :class:`FileHashing`), else read from what was written (the
     page cache, mostly); either way it is left remembered
     (:func:`~dckpt._transfer._hashes.remember`), so building the manifest of the copy
     later reads nothing. Files placed from a local copy were
