@@ -928,6 +928,34 @@ def test_a_source_sends_from_the_file_with_the_checksums_remembered_with_its_has
     assert read == []  # hashed anew for the new manifest, checksums with it
 
 
+def test_a_received_copy_is_served_on_with_the_checksums_it_was_checked_against(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """A relay, or any holder of a fetched copy, reads nothing for the checksums of the
+    chunks it sends from its files: the receiver remembered them with the hashes."""
+    from dckpt._transfer import _hashes
+
+    src = make_tree(tmp_path / "src")
+    dst = tmp_path / "dst"
+    monkeypatch.setattr(_hashes, "_now_ns", lambda: time.time_ns() + 60 * 10**9)  # settled
+    copy(src, dst, chunk_bytes=MiB, fetcher=threaded_fetch)
+    read: list[ChunkSpec] = []
+    real = ChunkSource._checksum
+    monkeypatch.setattr(ChunkSource, "_checksum",
+                        lambda self, fd, spec, entry: read.append(spec) or real(self, fd, spec,
+                                                                                entry))
+    manifest = build_manifest(dst)
+    served = 0
+    with ChunkSource(str(dst), manifest, MiB) as source:
+        for spec in manifest.chunks(MiB):
+            header, region = source.read_region(spec)
+            with region:
+                data = os.pread(region.fd, region.length, region.offset)
+            assert header == encode_parts(data, compress=False)[0]
+            served += 1
+    assert served == 10 and read == []
+
+
 def test_source_keeps_few_files_open(tmp_path: Path):
     src = tmp_path / "src"
     src.mkdir()

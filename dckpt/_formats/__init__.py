@@ -40,6 +40,7 @@ from dckpt._formats._frames import (
     compress_speed,
     decode_frame,
     encode_frame,
+    frame_checksum,
 )
 from dckpt._formats._packing import FORMAT_VERSION, MAGIC, ArchiveEntry, is_packed
 from dckpt._formats._paths import EntryIndex, safe_relpath
@@ -55,6 +56,7 @@ __all__ = [
     "compress_speed",
     "decode_frame",
     "encode_frame",
+    "frame_checksum",
     "FORMAT_VERSION",
     "MAGIC",
     "ArchiveEntry",

@@ -35,7 +35,7 @@ from dckpt.errors import CorruptChunkError
 
 __all__ = [
     "CHUNK_HEADER", "MIN_RATIO", "Buffer", "Frame", "HashedFrame", "check_checksum",
-    "compress_speed", "decode_frame", "encode_frame", "lz4_bound",
+    "compress_speed", "decode_frame", "encode_frame", "frame_checksum", "lz4_bound",
 ]
 
 CHUNK_HEADER = struct.Struct(">BQQ")
@@ -229,6 +229,13 @@ def decode_frame(
         raise ValueError(f"out holds {len(target)} bytes, the chunk {length}")
     target[:length] = data
     return target[:length]
+
+
+def frame_checksum(frame: Frame) -> int:
+    """The checksum a frame's header gives, the xxh3_64 of its raw bytes: those of a
+    frame :func:`decode_frame` accepted hash to it."""
+    header = bytes_view(frame[0]) if isinstance(frame, tuple) else bytes_view(frame)
+    return int(CHUNK_HEADER.unpack(header[: CHUNK_HEADER.size])[2])
 
 
 def check_checksum(actual: int, expected: int, what: str = "chunk") -> None:

@@ -38,6 +38,9 @@ class FileHashing:
         self._hashers = {index: xxhash.xxh3_128() for index in sizes}
         self._next = dict.fromkeys(sizes, 0)  # the offset each file's hash has reached
         self._in_flight: dict[int, set[int]] = {index: set() for index in sizes}
+        # The header checksum of each chunk hashed, in order: a sender serving the copy
+        # reads nothing for them (chunk_checksums in _hashes).
+        self._checksums: dict[int, list[int]] = {index: [] for index in sizes}
 
     def begin(self, spec: ChunkSpec) -> None:
         """``spec`` is on its way to be written (event loop)."""
@@ -65,16 +68,18 @@ class FileHashing:
                 return self._hashers[index]
             return None
 
-    def claimed_done(self, spec: ChunkSpec) -> None:
-        """The bytes of ``spec``, written and checked, went into the hasher :meth:`claim`
-        gave (thread)."""
+    def claimed_done(self, spec: ChunkSpec, checksum: int) -> None:
+        """The bytes of ``spec``, written and checked against ``checksum`` (their
+        xxh3_64), went into the hasher :meth:`claim` gave (thread)."""
         with self._condition:
             if spec.file_index in self._hashers:
                 self._next[spec.file_index] += spec.length
+                self._checksums[spec.file_index].append(checksum)
             self._end(spec, broken=False)
 
-    def add(self, spec: ChunkSpec, data: memoryview) -> None:
-        """The bytes of ``spec``, written and checked: into its file's hash (thread)."""
+    def add(self, spec: ChunkSpec, data: memoryview, checksum: int) -> None:
+        """The bytes of ``spec``, written and checked against ``checksum`` (their
+        xxh3_64): into its file's hash (thread)."""
         index = spec.file_index
         with self._condition:
             if index not in self._hashers:
@@ -88,6 +93,7 @@ class FileHashing:
             if index in self._hashers and self._next[index] == spec.offset:
                 self._hashers[index].update(data)
                 self._next[index] += spec.length
+                self._checksums[index].append(checksum)
                 self._end(spec, broken=False)
             else:
                 self._end(spec, broken=True)
@@ -99,6 +105,12 @@ class FileHashing:
             return {index: hasher.hexdigest() for index, hasher in self._hashers.items()
                     if self._next[index] == self._sizes[index]}
 
+    def checksums(self) -> dict[int, tuple[int, ...]]:
+        """For each file of :meth:`digests`, the checksums of its chunks in order."""
+        with self._condition:
+            return {index: tuple(self._checksums[index]) for index in self._hashers
+                    if self._next[index] == self._sizes[index]}
+
     def _end(self, spec: ChunkSpec, *, broken: bool) -> None:
         index = spec.file_index
         if index not in self._hashers:
@@ -106,4 +118,5 @@ class FileHashing:
         self._in_flight[index].discard(spec.offset)
         if broken:
             del self._hashers[index], self._next[index], self._in_flight[index]
+            del self._checksums[index]
         self._condition.notify_all()

@@ -25,14 +25,15 @@ from dckpt._formats import (
     compress_speed,
     decode_frame,
     encode_frame,
+    frame_checksum,
 )
 from dckpt._transfer._manifest import ChunkSpec
 from dckpt._transfer._settings import compression
 
 __all__ = [
     "CHUNK_HEADER", "Buffer", "Frame", "HashedFrame", "compress_speed", "decode_chunk",
-    "encode_chunk", "encode_parts", "max_ratio_for_link", "never_compresses", "raw_checksum",
-    "raw_header",
+    "encode_chunk", "encode_parts", "frame_checksum", "max_ratio_for_link", "never_compresses",
+    "raw_checksum", "raw_header",
 ]
 
 

@@ -20,7 +20,8 @@ The price: a file hashed within :data:`SETTLE_NS` of its last change is read aga
 next time (git calls such files "racily clean" and does the same).
 
 With a file's hash, the xxh3_64 of each of its chunks of ``dckpt.transfer.chunk-bytes``
-is remembered when the file is read for it (:func:`chunk_checksums`): the checksums a
+is remembered when the file is read for it, and when a transfer writes it (the
+checksums it checked the chunks against): :func:`chunk_checksums`. They are what a
 sender puts in the headers of the chunks it sends straight from the file, which it
 would otherwise read once more for every transfer (0.15 s of the sender's CPU per GiB;
 computed with the hash, from the same blocks in cache, they cost 0.06 s once).
@@ -177,9 +178,14 @@ def chunk_checksums(st: os.stat_result, chunk_bytes: int) -> tuple[int, ...] | N
     return known.checksums
 
 
-def remember(path: str, digest: str) -> None:
-    """Record that ``path``, as it is now, hashes to ``digest`` (checked by the caller)."""
-    _remember_key(_key(os.stat(path)), _Known(digest, 0))
+def remember(
+    path: str, digest: str, chunks: tuple[int, tuple[int, ...]] | None = None
+) -> None:
+    """Record that ``path``, as it is now, hashes to ``digest`` (checked by the caller),
+    and, with ``chunks`` (``(chunk_bytes, checksums)``), that its chunks of that size
+    have those checksums (:func:`chunk_checksums`; checked by the caller too)."""
+    chunk_bytes, checksums = chunks if chunks is not None else (0, ())
+    _remember_key(_key(os.stat(path)), _Known(digest, chunk_bytes, checksums))
 
 
 def _settled(ctime_ns: int, now_ns: int) -> bool:

@@ -35,7 +35,7 @@ from fsspec.callbacks import DEFAULT_CALLBACK, Callback
 
 from dckpt._formats import atomic_directory
 from dckpt._transfer._file_hashing import FileHashing
-from dckpt._transfer._frames import Frame, decode_chunk
+from dckpt._transfer._frames import Frame, decode_chunk, frame_checksum
 from dckpt._transfer._hashes import hash_file, remember
 from dckpt._transfer._manifest import ChunkSpec, FileEntry, Manifest
 from dckpt._transfer._place import Have, Placed, place_file
@@ -246,7 +246,7 @@ async def receive_directory(
             finally:
                 writers.shutdown(wait=False)  # nothing runs: every write was awaited
             await asyncio.to_thread(_finish_tree, staging, manifest, paths, placed.keys() | twins,
-                                    hashing.digests())
+                                    hashing.digests(), (chunk_bytes, hashing.checksums()))
             for index, how in (await asyncio.to_thread(_place_twins, manifest, paths, twins)).items():
                 placed[index] = how
                 _placed_one(manifest, index, callback, on_written)
@@ -449,6 +449,7 @@ def _write_chunk(frame: Frame, spec: ChunkSpec, path: str, hashing: FileHashing)
     Raises CorruptChunkError before writing anything of a frame that fails its checks.
     """
     data = decode_chunk(frame, spec)
+    checksum = frame_checksum(frame)  # which data was just checked against
     # Its file's hash has reached this chunk: each piece goes into it right after its
     # write, from cache; otherwise once the chunk before it is hashed (a second read).
     hasher = hashing.claim(spec)
@@ -465,9 +466,9 @@ def _write_chunk(frame: Frame, spec: ChunkSpec, path: str, hashing: FileHashing)
     finally:
         os.close(fd)
     if hasher is not None:
-        hashing.claimed_done(spec)
+        hashing.claimed_done(spec, checksum)
     else:
-        hashing.add(spec, data)
+        hashing.add(spec, data, checksum)
 
 
 def _place_twins(
@@ -491,6 +492,7 @@ def _place_twins(
 def _finish_tree(
     staging: str, manifest: Manifest, paths: list[str], placed: Collection[int],
     hashed: dict[int, str] | None = None,
+    checksums: tuple[int, dict[int, tuple[int, ...]]] | None = None,
 ) -> None:
     """Symlinks (only now that every file is written), the modes of files that could
     not have theirs from the start (:func:`_mode_first`), then each file's content
@@ -502,10 +504,12 @@ def _finish_tree(
     (``hashed``, by index: :class:`FileHashing`), else read from what was written (the
     page cache, mostly); either way it is left remembered
     (:func:`~dckpt._transfer._hashes.remember`), so building the manifest of the copy
-    later reads nothing. Files placed from a local copy were
-    given their mode and checked as they were placed (:func:`place_file`); a linked
-    one is not touched again, as a ``chmod`` would change the inode it shares. Those,
-    and the twins placed after this from their first copy, are in ``placed``.
+    later reads nothing. So are, with ``checksums`` (the transfer's chunk size, and the
+    checksums of each file hashed from its chunks, by index), its chunk checksums, so
+    that a store serving the copy on reads nothing for them. Files placed from a local
+    copy were given their mode and checked as they were placed (:func:`place_file`); a
+    linked one is not touched again, as a ``chmod`` would change the inode it shares.
+    Those, and the twins placed after this from their first copy, are in ``placed``.
     """
     for name, link_target in manifest.symlinks:
         path = os.path.join(staging, *name.split("/"))
@@ -525,4 +529,7 @@ def _finish_tree(
                 "manifest says; the sender's file changed while it was sent, or its disk "
                 "returned other bytes"
             )
-        remember(path, actual)
+        chunks = None
+        if checksums is not None and index in checksums[1]:
+            chunks = (checksums[0], checksums[1][index])
+        remember(path, actual, chunks)
