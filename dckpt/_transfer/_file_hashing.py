@@ -72,10 +72,7 @@ class FileHashing:
         """The bytes of ``spec``, written and checked against ``checksum`` (their
         xxh3_64), went into the hasher :meth:`claim` gave (thread)."""
         with self._condition:
-            if spec.file_index in self._hashers:
-                self._next[spec.file_index] += spec.length
-                self._checksums[spec.file_index].append(checksum)
-            self._end(spec, broken=False)
+            self._advance(spec, checksum)
 
     def add(self, spec: ChunkSpec, data: memoryview, checksum: int) -> None:
         """The bytes of ``spec``, written and checked against ``checksum`` (their
@@ -92,9 +89,7 @@ class FileHashing:
             )
             if index in self._hashers and self._next[index] == spec.offset:
                 self._hashers[index].update(data)
-                self._next[index] += spec.length
-                self._checksums[index].append(checksum)
-                self._end(spec, broken=False)
+                self._advance(spec, checksum)
             else:
                 self._end(spec, broken=True)
 
@@ -110,6 +105,13 @@ class FileHashing:
         with self._condition:
             return {index: tuple(self._checksums[index]) for index in self._hashers
                     if self._next[index] == self._sizes[index]}
+
+    def _advance(self, spec: ChunkSpec, checksum: int) -> None:
+        """``spec``'s bytes are in its file's hash (condition held)."""
+        if spec.file_index in self._hashers:
+            self._next[spec.file_index] += spec.length
+            self._checksums[spec.file_index].append(checksum)
+        self._end(spec, broken=False)
 
     def _end(self, spec: ChunkSpec, *, broken: bool) -> None:
         index = spec.file_index

@@ -137,12 +137,7 @@ def _read_hashes(path: str, chunk_bytes: int | None) -> tuple[str, tuple[int, ..
 def hash_file_now(path: str) -> str:
     """The xxh3-128 hash (hex) of the bytes of ``path``, read now whatever is remembered,
     then remembered unless the file changed during the read."""
-    key = _key(os.stat(path))
-    chunk_bytes = config_chunk_bytes()
-    digest, checksums = hash_file_and_chunks(path, chunk_bytes)
-    if _key(os.stat(path)) == key:
-        _remember_key(key, _Known(digest, chunk_bytes, checksums))
-    return digest
+    return _hash_and_remember(path, _key(os.stat(path)))
 
 
 def file_hash(path: str, st: os.stat_result | None = None) -> str:
@@ -160,6 +155,12 @@ def file_hash(path: str, st: os.stat_result | None = None) -> str:
         if known is not None:
             _memo.move_to_end(key)
             return known.digest
+    return _hash_and_remember(path, key)
+
+
+def _hash_and_remember(path: str, key: _Key) -> str:
+    """Hash ``path`` (whose key was ``key`` before the read) with its chunk checksums at
+    ``dckpt.transfer.chunk-bytes``; remember both unless the file changed meanwhile."""
     chunk_bytes = config_chunk_bytes()
     digest, checksums = hash_file_and_chunks(path, chunk_bytes)
     if _key(os.stat(path)) == key:
