@@ -2,9 +2,10 @@
 
 Process model: one scheduler and one worker process per node, each started in a session
 of its own (``start_new_session``) so that Ctrl-C in a terminal reaches only the driver,
-which then shuts them down in order. Workers run without a nanny: a nanny would restart
-a killed worker behind :meth:`NodeCluster.kill_node`'s back, and the worker process is
-then the node (its pid is :attr:`NodeInfo.pid`).
+which then shuts them down in order; each also ends on its own once the driver is gone,
+killed before it could (:mod:`dckpt.cluster._driver_watch`). Workers run without a
+nanny: a nanny would restart a killed worker behind :meth:`NodeCluster.kill_node`'s
+back, and the worker process is then the node (its pid is :attr:`NodeInfo.pid`).
 
 :func:`spawn` starts one such process with its output in a log file; :func:`stop`
 ends processes (SIGTERM, then SIGKILL); :func:`release` gives back everything a cluster

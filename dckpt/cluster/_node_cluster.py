@@ -34,7 +34,7 @@ from typing import Any
 import distributed
 
 from dckpt import _config
-from dckpt.cluster import _netns
+from dckpt.cluster import _driver_watch, _netns
 from dckpt.cluster._cluster_processes import (
     ClusterProcesses,
     log_tail,
@@ -260,6 +260,7 @@ class NodeCluster:
             "--nworkers", "1",
             "--no-nanny",
             "--memory-limit", str(memory_limit),
+            *_driver_watch.PRELOAD,
         ]
         self._dashboard = dashboard
         self.dashboard_link = None
@@ -348,7 +349,9 @@ class NodeCluster:
         self, command: list[str], log_name: str, env: Mapping[str, str],
         unset: Sequence[str] = (),
     ) -> subprocess.Popen[bytes]:
-        return spawn(command, self._log(log_name), {**env, **self._env}, unset)
+        # The driver's pid: the process ends if the driver is killed (_driver_watch).
+        watch = {_driver_watch.DRIVER_PID: str(os.getpid())}
+        return spawn(command, self._log(log_name), {**watch, **env, **self._env}, unset)
 
     def _dashboard_options(self, host: str) -> list[str]:
         """A process's HTTP server (dashboard, ``/metrics``) on a free port of ``host``,
@@ -362,7 +365,7 @@ class NodeCluster:
         host = self.network.host_address if self.network is not None else "127.0.0.1"
         process = self._spawn(
             [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", host,
-             "--port", "0", *self._dashboard_options(host),
+             "--port", "0", *self._dashboard_options(host), *_driver_watch.PRELOAD,
              "--scheduler-file", scheduler_file],
             "scheduler",
             {},

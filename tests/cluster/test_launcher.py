@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import select
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests._nodes import child_pids, lines_until_ready
@@ -58,3 +63,51 @@ def test_launcher_puts_nodes_on_a_network_of_their_own():
     links = subprocess.run(["ip", "-o", "link", "show"], check=True, capture_output=True, text=True).stdout
     netns = subprocess.run(["ip", "netns", "list"], check=True, capture_output=True, text=True).stdout
     assert tag not in links and tag not in netns
+
+
+def _wait_for_exit(pids: set[int], timeout: float) -> set[int]:
+    """Wait until each of ``pids`` has exited (pidfds: woken by the kernel, no polling);
+    the ones still running after ``timeout`` seconds."""
+    fds = {}
+    for pid in pids:
+        try:
+            fds[os.pidfd_open(pid)] = pid
+        except ProcessLookupError:
+            pass  # gone already
+    deadline = time.monotonic() + timeout
+    try:
+        while fds and time.monotonic() < deadline:
+            ready, _, _ = select.select(list(fds), [], [], deadline - time.monotonic())
+            for fd in ready:
+                os.close(fd)
+                del fds[fd]
+        return set(fds.values())
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+@pytest.mark.slow
+def test_a_killed_launcher_takes_its_cluster_with_it():
+    process = subprocess.Popen([sys.executable, str(LAUNCHER), "--nodes", "2", "--no-isolate"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cluster: set[int] = set()
+    try:
+        output = "".join(lines_until_ready(process))
+        assert "scheduler: " in output, output + process.stderr.read()
+        # The scheduler and the two workers, each in a session of its own.
+        cluster = {p.pid for p in psutil.Process(process.pid).children()}
+        assert len(cluster) == 3, cluster
+        process.kill()  # SIGKILL: no finalizer, no close
+        process.wait()
+        left = _wait_for_exit(cluster, timeout=60)
+        assert not left, f"still running after the launcher was killed: {left}"
+    finally:
+        for pid in cluster:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stdout.close()
+        process.stderr.close()
