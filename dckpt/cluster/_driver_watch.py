@@ -59,7 +59,9 @@ def dask_setup(server: Any) -> None:  # a Scheduler or a Worker; the preload pro
 
 
 def _watch(pidfd: int, pid: str) -> None:
-    select.select([pidfd], [], [])  # readable once the process has exited
+    poller = select.poll()  # not select(): no limit on the fd's number
+    poller.register(pidfd, select.POLLIN)
+    poller.poll()  # readable once the process has exited
     os.close(pidfd)
     logger.warning("The process that started this cluster (pid %s) is gone: shutting down",
                    pid)
