@@ -69,7 +69,7 @@ from dask.utils import format_bytes, parse_bytes
 
 import dckpt  # noqa: F401  (loads the dckpt.* defaults into dask.config)
 from dckpt.cluster import NodeCluster, install
-from dckpt._transfer._receive import WRITE_PIECE_BYTES
+from dckpt._transfer._chunk_writer import WRITE_PIECE_BYTES
 from dckpt.cluster._store import store_of
 
 MIB = 1 << 20

@@ -34,7 +34,6 @@ from dckpt._transfer import (
     ChunkSpec,
     ChunkStream,
     FileEntry,
-    HashedFrame,
     Manifest,
     ReceiveProgress,
     build_manifest,
@@ -327,18 +326,23 @@ def test_damaged_frames_are_refused(frame: bytes, match: str):
     assert "file #7 at offset 125952" in str(info.value)
 
 
-def test_a_hashed_frame_is_checked_against_the_checksum_it_carries():
-    """A receiver that hashed a raw payload as it came hands the checksum on, and that
-    is what is compared; a compressed frame's payload is not its raw bytes: ignored."""
-    data = b"hello world " * 1000
-    spec = ChunkSpec(0, 0, len(data))
-    header, payload = encode_parts(data, compress=False)
-    checksum = xxhash.xxh3_64_intdigest(data)
-    assert bytes(decode_chunk(HashedFrame(header, payload, checksum), spec)) == data
-    with pytest.raises(CorruptChunkError, match="checksum"):
-        decode_chunk(HashedFrame(header, payload, checksum ^ 1), spec)
-    header, payload = encode_parts(data, compress=True)
-    assert bytes(decode_chunk(HashedFrame(header, payload, 0), spec)) == data
+def test_a_raw_header_gives_its_checksum_and_refuses_any_other_frame():
+    """What a receiver that checks a payload as it streams in reads off the header: the
+    checksum of an uncompressed frame of the length asked for, else a named error."""
+    from dckpt._formats import CHUNK_HEADER, raw_header_checksum
+
+    data = b"abc" * 1000
+    header, _ = encode_parts(data, compress=False)
+    assert raw_header_checksum(header, len(data)) == xxhash.xxh3_64_intdigest(data)
+    compressed, _ = encode_parts(bytes(64 * KiB), compress=True)
+    for bad, length, match in [
+        (header, len(data) + 1, "holds 3000 bytes, not 3001"),
+        (compressed, 64 * KiB, "lz4"),
+        (CHUNK_HEADER.pack(0x80, len(data), 0), len(data), "unknown flags"),
+        (header[:-1], len(data), "header is 16 bytes"),
+    ]:
+        with pytest.raises(CorruptChunkError, match=match):
+            raw_header_checksum(bad, length)
 
 
 # --- corruption on the way -------------------------------------------------------------
@@ -791,7 +795,7 @@ def test_chunks_are_written_in_pieces_of_a_mebibyte_at_most(tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch):
     """Larger writes get page-cache folios of 2 MiB, slow to fault in on a VM that hands
     free memory back (see WRITE_PIECE_BYTES)."""
-    from dckpt._transfer._receive import WRITE_PIECE_BYTES
+    from dckpt._transfer._chunk_writer import WRITE_PIECE_BYTES
 
     src = make_tree(tmp_path / "src")
     writes: list[int] = []

@@ -36,11 +36,12 @@ from dckpt._formats._frames import (
     MIN_RATIO,
     Buffer,
     Frame,
-    HashedFrame,
+    check_checksum,
     compress_speed,
     decode_frame,
     encode_frame,
     frame_checksum,
+    raw_header_checksum,
 )
 from dckpt._formats._packing import FORMAT_VERSION, MAGIC, ArchiveEntry, is_packed
 from dckpt._formats._paths import EntryIndex, safe_relpath
@@ -52,11 +53,12 @@ __all__ = [
     "MIN_RATIO",
     "Buffer",
     "Frame",
-    "HashedFrame",
     "compress_speed",
     "decode_frame",
     "encode_frame",
+    "check_checksum",
     "frame_checksum",
+    "raw_header_checksum",
     "FORMAT_VERSION",
     "MAGIC",
     "ArchiveEntry",

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import struct
 import time
-from typing import NamedTuple, TypeAlias
+from typing import TypeAlias
 
 import lz4.block
 import xxhash
@@ -34,8 +34,9 @@ import xxhash
 from dckpt.errors import CorruptChunkError
 
 __all__ = [
-    "CHUNK_HEADER", "MIN_RATIO", "Buffer", "Frame", "HashedFrame", "check_checksum",
+    "CHUNK_HEADER", "MIN_RATIO", "Buffer", "Frame", "check_checksum",
     "compress_speed", "decode_frame", "encode_frame", "frame_checksum", "lz4_bound",
+    "raw_header_checksum",
 ]
 
 CHUNK_HEADER = struct.Struct(">BQQ")
@@ -44,22 +45,8 @@ CHUNK_HEADER = struct.Struct(">BQQ")
 Buffer: TypeAlias = bytes | bytearray | memoryview
 
 
-class HashedFrame(NamedTuple):
-    """A frame as ``(header, payload)`` whose payload's xxh3_64 is known already.
-
-    A receiver that hashes the bytes as they come in, each piece while it is still in
-    the CPU's cache, spares :func:`decode_frame` reading the whole payload once more
-    from memory. The checksum is used only for an uncompressed frame, whose payload is
-    the raw bytes; it must be of exactly the bytes in ``payload``.
-    """
-
-    header: Buffer
-    payload: Buffer
-    payload_checksum: int
-
-
-Frame: TypeAlias = Buffer | tuple[Buffer, Buffer] | HashedFrame
-"""A frame as one buffer, or as ``(header, payload)`` (maybe a :class:`HashedFrame`)."""
+Frame: TypeAlias = Buffer | tuple[Buffer, Buffer]
+"""A frame as one buffer, or as ``(header, payload)``."""
 
 FLAG_LZ4 = 0x01
 _KNOWN_FLAGS = FLAG_LZ4
@@ -176,8 +163,7 @@ def decode_frame(
     Parameters
     ----------
     frame
-        What :func:`encode_frame` returned, as a pair or joined; or a
-        :class:`HashedFrame`, whose checksum stands for hashing an uncompressed payload.
+        What :func:`encode_frame` returned, as a pair or joined.
     length
         The raw length the caller expects: the frame's must match.
     out
@@ -217,11 +203,7 @@ def decode_frame(
         if len(payload) != length:
             raise _corrupt(what, f"its payload is {len(payload)} bytes, not {length}")
         data = payload
-    if isinstance(frame, HashedFrame) and not flags & FLAG_LZ4:
-        actual = frame.payload_checksum
-    else:
-        actual = xxhash.xxh3_64_intdigest(data)
-    check_checksum(actual, checksum, what)
+    check_checksum(xxhash.xxh3_64_intdigest(data), checksum, what)
     if out is None:
         return data
     target = memoryview(out)
@@ -229,6 +211,30 @@ def decode_frame(
         raise ValueError(f"out holds {len(target)} bytes, the chunk {length}")
     target[:length] = data
     return target[:length]
+
+
+def raw_header_checksum(header: Buffer, length: int, *, what: str = "chunk") -> int:
+    """The checksum that the header of an uncompressed frame of ``length`` raw bytes
+    gives, for a receiver that checks the payload as it streams in rather than through
+    :func:`decode_frame`.
+
+    Raises
+    ------
+    CorruptChunkError
+        A header of another size, with unknown flags, of a compressed frame, or of a
+        frame of another length.
+    """
+    view = bytes_view(header)
+    if len(view) != CHUNK_HEADER.size:
+        raise _corrupt(what, f"its header is {len(view)} bytes, not {CHUNK_HEADER.size}")
+    flags, frame_length, checksum = CHUNK_HEADER.unpack(view)
+    if flags & ~_KNOWN_FLAGS:
+        raise _corrupt(what, f"unknown flags {flags:#04x}")
+    if flags & FLAG_LZ4:
+        raise _corrupt(what, "its header says lz4, but its payload is as long as its bytes")
+    if frame_length != length:
+        raise _corrupt(what, f"the frame holds {frame_length} bytes, not {length}")
+    return int(checksum)
 
 
 def frame_checksum(frame: Frame) -> int:

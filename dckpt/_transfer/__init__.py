@@ -30,7 +30,6 @@ from dckpt._transfer._frames import (
     CHUNK_HEADER,
     Buffer,
     Frame,
-    HashedFrame,
     decode_chunk,
     encode_chunk,
     encode_parts,
@@ -38,6 +37,7 @@ from dckpt._transfer._frames import (
     never_compresses,
     raw_checksum,
 )
+from dckpt._transfer._chunk_writer import ChunkWriter, Written
 from dckpt._transfer._manifest import (
     ChunkSpec,
     FileEntry,
@@ -47,7 +47,7 @@ from dckpt._transfer._manifest import (
 )
 from dckpt._transfer._place import Have
 from dckpt._transfer._progress import ReceiveProgress, receiving
-from dckpt._transfer._receive import ChunkStream, Received, receive_directory
+from dckpt._transfer._receive import ChunkStream, Received, WritingStream, receive_directory
 from dckpt._transfer._settings import check_chunk_bytes, config_chunk_bytes
 from dckpt._transfer._source import ChunkSource, FileRegion
 
@@ -57,14 +57,16 @@ __all__ = [
     "ChunkSource",
     "ChunkSpec",
     "ChunkStream",
+    "ChunkWriter",
     "FileEntry",
     "FileRegion",
     "Frame",
-    "HashedFrame",
     "Have",
     "Manifest",
     "ReceiveProgress",
     "Received",
+    "Written",
+    "WritingStream",
     "build_manifest",
     "content_digest",
     "check_chunk_bytes",

@@ -7,9 +7,8 @@ there. This module adds what only a transfer knows: the ``dckpt.transfer.compres
 setting (``"auto"``, ``"lz4"``, ``"none"``), the link a chunk crosses
 (:func:`max_ratio_for_link`: on a fast link nothing pays, on 1 Gbit/s halving the
 bytes does) and the :class:`~dckpt._transfer.ChunkSpec` a frame must match. Its names
-(``CHUNK_HEADER``, ``Buffer``, ``Frame``, ``HashedFrame``, ``compress_speed``,
-``encode_chunk``, ``encode_parts``, ``decode_chunk``, ``max_ratio_for_link``) stay
-importable from here.
+(``CHUNK_HEADER``, ``Buffer``, ``Frame``, ``compress_speed``, ``encode_chunk``,
+``encode_parts``, ``decode_chunk``, ``max_ratio_for_link``) stay importable from here.
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ from dckpt._formats import (
     MIN_RATIO,
     Buffer,
     Frame,
-    HashedFrame,
     compress_speed,
     decode_frame,
     encode_frame,
@@ -31,7 +29,8 @@ from dckpt._transfer._manifest import ChunkSpec
 from dckpt._transfer._settings import compression
 
 __all__ = [
-    "CHUNK_HEADER", "Buffer", "Frame", "HashedFrame", "compress_speed", "decode_chunk",
+    "CHUNK_HEADER", "Buffer", "Frame", "compress_speed", "decode_chunk",
+    "describe_chunk",
     "encode_chunk", "encode_parts", "frame_checksum", "max_ratio_for_link", "never_compresses",
     "raw_checksum", "raw_header",
 ]
@@ -132,5 +131,9 @@ def decode_chunk(
         A truncated frame, unknown flags, a length other than ``spec.length``, an lz4
         block that does not decompress to it, or a checksum mismatch.
     """
-    what = f"chunk of file #{spec.file_index} at offset {spec.offset} ({spec.length} bytes)"
-    return decode_frame(frame, spec.length, out, what=what)
+    return decode_frame(frame, spec.length, out, what=describe_chunk(spec))
+
+
+def describe_chunk(spec: ChunkSpec) -> str:
+    """How errors name the chunk ``spec``."""
+    return f"chunk of file #{spec.file_index} at offset {spec.offset} ({spec.length} bytes)"

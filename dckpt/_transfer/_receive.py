@@ -29,11 +29,19 @@ from collections.abc import (
 )
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, cast
 
 from fsspec.callbacks import DEFAULT_CALLBACK, Callback
 
 from dckpt._formats import atomic_directory
+from dckpt._transfer._chunk_writer import (
+    _O_CLOEXEC,
+    _O_NOFOLLOW,
+    WRITE_PIECE_BYTES,
+    ChunkWriter,
+    Written,
+    open_chunk_file,
+)
 from dckpt._transfer._file_hashing import FileHashing
 from dckpt._transfer._frames import Frame, decode_chunk, frame_checksum
 from dckpt._transfer._hashes import hash_file, remember
@@ -47,7 +55,8 @@ from dckpt._transfer._settings import (
 )
 from dckpt.errors import CorruptChunkError
 
-__all__ = ["ChunkStream", "Have", "Received", "receive_directory"]
+__all__ = ["ChunkStream", "Have", "Received", "WRITE_PIECE_BYTES", "WritingStream",
+           "receive_directory"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +64,13 @@ ChunkStream: TypeAlias = Callable[
     [Sequence[ChunkSpec]], AsyncGenerator[tuple[ChunkSpec, Frame], None]
 ]
 """Asked for some chunks, yields ``(spec, frame)`` once for each, in any order."""
+
+WritingStream: TypeAlias = Callable[
+    [Sequence[ChunkSpec], ChunkWriter],
+    AsyncGenerator[tuple[ChunkSpec, Frame | Written], None],
+]
+"""A :data:`ChunkStream` also given a :class:`~dckpt._transfer.ChunkWriter`, with which
+it may write a chunk itself, as it reads it, and yield ``(spec, Written(...))`` for it."""
 
 
 
@@ -80,27 +96,10 @@ class Received:
     copied_bytes: int = 0
 
 
-_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-
-WRITE_PIECE_BYTES = 256 << 10
-"""The most one ``os.pwrite`` of a chunk writes.
-
-A write of 2 MiB or more at once lets the kernel (ext4 with large folios, Linux 6.x)
-put it in page-cache folios of 2 MiB, which come from the 2 MiB blocks of free memory:
-the very blocks a VM with free page reporting has handed back to its host, so that each
-is faulted in again. Measured on this project's machine, 1 GiB into a new file, 3 s
-after as much was freed: 2.4 to 3.0 s of CPU in 8 MiB or 2 MiB writes, 0.24 to 0.45 s
-in 1 MiB writes and 0.35 s in 256 KiB ones (0.3 s each right after the free). In the
-receiving worker of ``benchmarks/bench_transfer.py`` 256 KiB writes did better than
-1 MiB ones (1.0-1.2 against 1.4-1.9 s of receiver CPU per GiB, three runs each). The
-socket copy there writes what each ``recv`` brings, 1 MiB at most.
-"""
-
 
 async def receive_directory(
     manifest: Manifest,
-    stream: ChunkStream,
+    stream: ChunkStream | WritingStream,
     target: str | os.PathLike[str],
     *,
     chunk_bytes: int | None = None,
@@ -111,6 +110,7 @@ async def receive_directory(
     have: Have | None = None,
     on_written: Callable[[ChunkSpec], None] | None = None,
     source: str = "",
+    writes: bool = False,
 ) -> Received:
     """Build the directory that ``manifest`` describes at ``target``, chunk by chunk.
 
@@ -184,6 +184,10 @@ async def receive_directory(
     source
         How to name the sender in :func:`~dckpt._transfer.receiving` and in the
         progress log (:mod:`dckpt._transfer._progress`).
+    writes
+        ``stream`` is a :data:`WritingStream`: it is also given a
+        :class:`~dckpt._transfer.ChunkWriter`, and may write chunks itself
+        (:mod:`dckpt._transfer._chunk_writer`).
 
     Returns
     -------
@@ -230,7 +234,7 @@ async def receive_directory(
             try:
                 for attempt in range(retries + 1):
                     failed = await _receive_round(stream, wanted, paths, writers, max_in_flight,
-                                                  callback, on_written, hashing)
+                                                  callback, on_written, hashing, writes)
                     if not failed:
                         break
                     for spec, error in failed:
@@ -290,7 +294,7 @@ def _placed_one(manifest: Manifest, index: int, callback: Callback,
 
 
 async def _receive_round(
-    stream: ChunkStream,
+    stream: ChunkStream | WritingStream,
     wanted: list[ChunkSpec],
     paths: list[str],
     writers: Executor,
@@ -298,12 +302,18 @@ async def _receive_round(
     callback: Callback,
     on_written: Callable[[ChunkSpec], None] | None = None,
     hashing: FileHashing | None = None,
+    writes: bool = False,
 ) -> list[tuple[ChunkSpec, CorruptChunkError]]:
     """Ask ``stream`` for ``wanted`` and write what it yields; the chunks that failed."""
     missing = set(wanted)
     failed: list[tuple[ChunkSpec, CorruptChunkError]] = []
     writing: collections.deque[asyncio.Future[None]] = collections.deque()
     hashing = FileHashing({}) if hashing is None else hashing
+
+    def written(spec: ChunkSpec) -> None:
+        callback.relative_update(spec.length)
+        if on_written is not None:
+            on_written(spec)
 
     async def write(spec: ChunkSpec, frame: Frame) -> None:
         hashing.begin(spec)
@@ -318,9 +328,7 @@ async def _receive_round(
             hashing.drop(spec)  # a chunk after it must not wait for it
             raise
         else:
-            callback.relative_update(spec.length)
-            if on_written is not None:
-                on_written(spec)
+            written(spec)
 
     async def settle(limit: int) -> None:
         # Waits until fewer than ``limit`` writes run, retiring them oldest first (a
@@ -331,14 +339,27 @@ async def _receive_round(
             writing.popleft()
             oldest.result()
 
+    if writes:
+        # Looked up at each call: tests replace _write_chunk.
+        writer = ChunkWriter(paths, hashing, lambda frame, spec: _write_chunk(
+            frame, spec, paths[spec.file_index], hashing))
+        frames_of = cast(WritingStream, stream)(wanted, writer)
+    else:
+        frames_of = cast(ChunkStream, stream)(wanted)
     try:
-        async with contextlib.aclosing(stream(wanted)) as frames:
+        async with contextlib.aclosing(frames_of) as frames:
             async for spec, frame in frames:
                 if spec not in missing:
                     raise CorruptChunkError(
                         f"the sender sent chunk {spec}, which was not asked for or came twice"
                     )
                 missing.discard(spec)
+                if isinstance(frame, Written):  # the stream wrote it (_chunk_writer)
+                    if frame.error is not None:
+                        failed.append((spec, frame.error))
+                    else:
+                        written(spec)
+                    continue
                 # This frame came while the ones before it were written; it waits for
                 # room, not the stream: receiving and writing overlap.
                 await settle(max_in_flight)
@@ -453,9 +474,7 @@ def _write_chunk(frame: Frame, spec: ChunkSpec, path: str, hashing: FileHashing)
     # Its file's hash has reached this chunk: each piece goes into it right after its
     # write, from cache; otherwise once the chunk before it is hashed (a second read).
     hasher = hashing.claim(spec)
-    # No O_CREAT: a write that outlives a cancelled transfer cannot recreate anything
-    # in the partial directory being removed.
-    fd = os.open(path, os.O_WRONLY | _O_NOFOLLOW | _O_CLOEXEC)
+    fd = open_chunk_file(path)
     try:
         done = 0
         while done < len(data):

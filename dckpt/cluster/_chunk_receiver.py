@@ -4,7 +4,8 @@
 :func:`~dckpt._transfer.receive_directory` consumes: it keeps ``max-in-flight``
 requests out, reads raw chunks into a ring of buffers kept between transfers
 (:data:`RING_BUFFERS`) and measures the link for the sender's choice of compression.
-On plain TCP it can take the socket from its comm and go on there, in a thread.
+On plain TCP it can take the socket from its comm and go on there, in a thread, which
+then also writes each chunk as it lands (a :data:`~dckpt._transfer.WritingStream`).
 Protocol: :mod:`dckpt.cluster._stream`.
 """
 
@@ -97,10 +98,12 @@ class ChunkChannel:
     With ``detach`` on a TCP comm without TLS, the first :meth:`stream` asks the sender to
     go on on the bare socket: the comm is aborted, and requests and replies are records
     (:data:`~dckpt.cluster._wire.REQUEST`, :data:`~dckpt.cluster._wire.REPLY`) that one
-    thread of the channel's own sends and reads, each chunk straight into the ring.
-    Tornado reads a chunk on the event loop, a turn of the loop each time the socket has
-    more; the channel's thread reads it with no loop at all. Only for a comm nobody
-    reuses (a pull's: the connection is closed at the end).
+    thread of the channel's own sends and reads. Tornado reads a chunk on the event
+    loop, a turn of the loop each time the socket has more; the channel's thread reads
+    it with no loop at all and, with the :class:`~dckpt._transfer.ChunkWriter` that
+    :meth:`stream` needs there, writes it too, piece by piece as it lands, and goes on
+    to the next chunk with no loop in between (:meth:`_write_on_socket`). Only for a
+    comm nobody reuses (a pull's: the connection is closed at the end).
     """
 
     def __init__(self, comm: Comm, peer: str, chunk_bytes: int, *, detach: bool = False) -> None:
@@ -125,11 +128,22 @@ class ChunkChannel:
         self._thread: ThreadPoolExecutor | None = None  # the socket's only user
 
     async def stream(
-        self, specs: Sequence[_transfer.ChunkSpec]
-    ) -> AsyncGenerator[tuple[_transfer.ChunkSpec, _transfer.Frame], None]:
+        self, specs: Sequence[_transfer.ChunkSpec], writer: _transfer.ChunkWriter | None = None,
+    ) -> AsyncGenerator[tuple[_transfer.ChunkSpec, _transfer.Frame | _transfer.Written], None]:
+        """The frames of ``specs``; on the taken socket, where ``writer`` is needed,
+        each chunk is written by the channel's thread as it lands
+        (:meth:`_write_on_socket`) and :class:`~dckpt._transfer.Written` yielded in
+        place of its frame."""
         if self._detach:
             self._detach = False
             await self._take_socket()
+        if self._socket is not None:
+            if writer is None:
+                raise TypeError("a ChunkChannel on a taken socket writes its chunks itself: "
+                                "stream() needs a ChunkWriter")
+            async for item in self._write_on_socket(specs, writer):
+                yield item
+            return
         pending = iter(specs)
         asked: list[_transfer.ChunkSpec] = []
         # Raw chunks wait in the kernel's socket buffers until read into the ring, so on
@@ -147,13 +161,7 @@ class ChunkChannel:
         while answered < len(asked):
             spec = asked[answered]
             answered += 1
-            frame: _transfer.Frame
-            if self._socket is not None:
-                # The ring is only ever touched on the event loop, also here.
-                frame = await self._on_socket(self._receive_on_socket, spec,
-                                              self._next_buffer())
-            else:
-                frame = await self._receive(spec)
+            frame = await self._receive(spec)
             for following in pending:  # keep the window full before handling this one
                 await self._ask(following, asked)
                 break
@@ -204,11 +212,77 @@ class ChunkChannel:
             f"{self.peer} sent nothing for {self.stall_timeout:g} s ({_wire.STALL_TIMEOUT})",
             f"{self.peer} went away while sending a chunk")
 
-    def _receive_on_socket(
-        self, spec: _transfer.ChunkSpec, buffer: bytearray
-    ) -> _transfer.Frame:
-        """The frame of ``spec``, read from the taken socket into ``buffer`` (the
-        channel's thread)."""
+    async def _write_on_socket(
+        self, specs: Sequence[_transfer.ChunkSpec], writer: _transfer.ChunkWriter
+    ) -> AsyncGenerator[tuple[_transfer.ChunkSpec, _transfer.Written], None]:
+        """Every chunk of ``specs`` asked for, read and written by the channel's thread
+        (:meth:`_write_all`); yields each one's :class:`~dckpt._transfer.Written` as it
+        is done. The event loop stands between no two chunks (see
+        :mod:`dckpt._transfer._chunk_writer`)."""
+        assert self._thread is not None
+        loop = asyncio.get_running_loop()
+        done: asyncio.Queue[Any] = asyncio.Queue()  # (spec, Written), then _END or an error
+
+        def put(item: Any) -> None:
+            loop.call_soon_threadsafe(done.put_nowait, item)
+
+        def run(buffer: bytearray) -> None:
+            try:
+                self._write_all(specs, writer, buffer, put)
+            except BaseException as e:  # raised on the loop, by the generator
+                put(e)
+            else:
+                put(_END)
+
+        # Compressed chunks are received whole into it (the ring is touched on the loop).
+        self._thread.submit(run, self._next_buffer())
+        while True:
+            item = await done.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            # A generator left early (an error, a cancellation) leaves the thread
+            # reading: close() shuts the socket down, which ends it.
+
+    def _write_all(
+        self, specs: Sequence[_transfer.ChunkSpec], writer: _transfer.ChunkWriter,
+        buffer: bytearray, put: Callable[[Any], None],
+    ) -> None:
+        """Ask for ``specs`` (``max-in-flight`` + 1 ahead, as :meth:`stream`) and write
+        each as it comes, ``put((spec, written))`` after each (the channel's thread)."""
+        sock = self._socket
+        assert sock is not None
+        asked = min(self.window + 1, len(specs))
+        for spec in specs[:asked]:
+            self._ask_on_socket(spec)
+        for spec in specs:
+            header, length = self._reply_on_socket(spec)
+            if length == spec.length:  # raw: a compressed frame goes only if shorter
+                timing = _Timing(sock)
+                with self._socket_errors():
+                    written = writer.raw(spec, header, timing.fill)
+                self._link = link_rate(self._link, timing.bytes, timing.seconds)
+            else:
+                view = memoryview(buffer)[:length]
+                with self._socket_errors():
+                    _wire.recv_exactly(sock, view)
+                written = writer.frame(spec, (header, view))
+            if asked < len(specs):  # with the link as this chunk measured it
+                self._ask_on_socket(specs[asked])
+                asked += 1
+            put((spec, written))
+
+    def _ask_on_socket(self, spec: _transfer.ChunkSpec) -> None:
+        assert self._socket is not None
+        link = self._link if not self._loopback else None  # compress only where it pays
+        self._socket.sendall(_wire.REQUEST.pack(_wire.Op.CHUNK, spec.file_index, spec.offset,
+                                                spec.length, link or 0.0))
+
+    def _reply_on_socket(self, spec: _transfer.ChunkSpec) -> tuple[bytes, int]:
+        """The frame header of ``spec``'s reply and its payload's length, read from the
+        taken socket (the channel's thread); the sender's error raised."""
         sock = self._socket
         assert sock is not None
         record = memoryview(bytearray(_wire.REPLY.size))
@@ -229,22 +303,7 @@ class ChunkChannel:
             raise CheckpointError(f"{self.peer} ended the transfer: {bytes(header)!r}")
         if op != _wire.Op.CHUNK:
             raise CheckpointFormatError(f"{self.peer} sent a reply of op {op}")
-        view = memoryview(buffer)[: self._checked_length(length, spec)]
-        # A frame as long as its chunk is raw (a compressed one goes only if shorter):
-        # its checksum is computed here, piece by piece as each lands in cache, not by
-        # the writer, which would read the whole chunk from memory once more for it.
-        checksum = _transfer.raw_checksum() if length == spec.length else None
-        # What came while this side was busy came at a rate nobody timed: only the
-        # bytes waited for say how fast the link is. (The sender reads ahead, so
-        # whole chunks can be waiting, which made a 1 Gbit/s link look like 3 GB/s.)
-        waiting = min(_wire.queued_bytes(sock), len(view))
-        started = time.perf_counter()
-        with self._socket_errors():
-            _wire.recv_exactly(sock, view, None if checksum is None else checksum.update)
-        self._link = link_rate(self._link, len(view) - waiting, time.perf_counter() - started)
-        if checksum is None:
-            return bytes(header), view
-        return _transfer.HashedFrame(bytes(header), view, checksum.intdigest())
+        return bytes(header), self._checked_length(length, spec)
 
     async def _receive(self, spec: _transfer.ChunkSpec) -> _transfer.Frame:
         """The frame of ``spec``, read from the comm."""
@@ -264,12 +323,10 @@ class ChunkChannel:
         return ring
 
     async def _ask(self, spec: _transfer.ChunkSpec, asked: list[_transfer.ChunkSpec]) -> None:
-        link = self._link if not self._loopback else None  # compress only where it pays
         if self._socket is not None:
-            record = _wire.REQUEST.pack(_wire.Op.CHUNK, spec.file_index, spec.offset,
-                                        spec.length, link or 0.0)
-            await self._on_socket(self._socket.sendall, record)
+            await self._on_socket(self._ask_on_socket, spec)
         else:
+            link = self._link if not self._loopback else None  # compress only where it pays
             request: dict[str, Any] = {"chunk": [spec.file_index, spec.offset, spec.length],
                                        "raw": self._raw is not None}
             if link is not None:
@@ -317,6 +374,28 @@ class ChunkChannel:
 
 
 _LINK_SAMPLE_BYTES = 256 * 1024
+
+
+_END = object()  # _write_on_socket: the thread is done
+
+
+class _Timing:
+    """Fills a raw chunk's pieces from a socket (:meth:`ChunkWriter.raw`'s ``fill``),
+    timing the bytes that had not arrived yet: what came while this side was busy (the
+    chunk's writes, the chunks before it) came at a rate nobody timed. (The sender reads
+    ahead, so whole chunks can be waiting, which made a 1 Gbit/s link look like 3 GB/s.)"""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self.bytes = 0
+        self.seconds = 0.0
+
+    def fill(self, view: memoryview) -> None:
+        waiting = min(_wire.queued_bytes(self._sock), len(view))
+        started = time.perf_counter()
+        _wire.recv_exactly(self._sock, view)
+        self.seconds += time.perf_counter() - started
+        self.bytes += len(view) - waiting
 
 
 def link_rate(known: float | None, length: int, elapsed: float) -> float | None:

@@ -113,7 +113,7 @@ async def stream_over(
         received = await _transfer.receive_directory(
             manifest, channel.stream, target, chunk_bytes=chunk_bytes,
             max_in_flight=channel.window, in_place=in_place, have=have,
-            on_written=on_written, callback=callback, source=peer)
+            on_written=on_written, callback=callback, source=peer, writes=True)
         # Every write is done: the ring may serve the next transfer. (After a failure a
         # cancelled write may still read its buffer; those buffers are dropped instead.)
         RING_BUFFERS.give(channel.release_ring())

@@ -17,7 +17,6 @@ import os
 import socket
 import struct
 from collections.abc import (
-    Callable,
     Iterator,
     Mapping,
 )
@@ -38,7 +37,7 @@ CONNECT_TIMEOUT = "dckpt.transfer.connect-timeout"
 STALL_TIMEOUT = "dckpt.transfer.stall-timeout"
 
 __all__ = [
-    "CONNECT_TIMEOUT", "DETACHED", "RECV_PIECE_BYTES", "REPLY", "REQUEST", "STALL_TIMEOUT",
+    "CONNECT_TIMEOUT", "DETACHED", "REPLY", "REQUEST", "STALL_TIMEOUT",
     "PULL_OP", "PUSH_OP", "Op", "error_record", "error_reply", "is_loopback", "queued_bytes", "raise_error",
     "raw_stream", "recv_exactly", "socket_errors", "store_name", "take_socket",
 ]
@@ -151,27 +150,13 @@ def socket_errors(stalled: str, gone: str) -> Iterator[None]:
         raise CommClosedError(f"{gone}: {e}") from e
 
 
-RECV_PIECE_BYTES = 256 << 10
-"""The most :func:`recv_exactly` reads at once when it hands each piece on: small
-enough to be in the CPU's cache (1 MiB of L2 per core here) when it is handed on."""
-
-
-def recv_exactly(
-    sock: socket.socket, view: memoryview, each: Callable[[memoryview], object] | None = None
-) -> None:
-    """Fill ``view`` from ``sock``; ConnectionError if the peer closes first.
-
-    ``each``, if given, is called with every piece as it lands (at most
-    :data:`RECV_PIECE_BYTES`, in order), while its bytes are still in cache.
-    """
+def recv_exactly(sock: socket.socket, view: memoryview) -> None:
+    """Fill ``view`` from ``sock``; ConnectionError if the peer closes first."""
     got = 0
     while got < len(view):
-        end = len(view) if each is None else min(len(view), got + RECV_PIECE_BYTES)
-        n = sock.recv_into(view[got:end])
+        n = sock.recv_into(view[got:])
         if not n:
             raise ConnectionError(f"the connection closed {len(view) - got} bytes short")
-        if each is not None:
-            each(view[got : got + n])
         got += n
 
 

@@ -20,7 +20,7 @@ from distributed.security import Security
 import dckpt._transfer._receive as receive_module
 import dckpt.cluster._chunk_receiver as receiver_module
 import dckpt.cluster._wire as wire
-from dckpt._transfer import ChunkSource, ChunkSpec, build_manifest, encode_parts
+from dckpt._transfer import ChunkSource, ChunkSpec, ChunkWriter, build_manifest, encode_parts
 from dckpt.cluster._chunk_receiver import link_rate
 from dckpt.cluster._chunk_sender import _FileSender, next_chunk
 from dckpt.cluster._stream import serve_chunks, stream_over
@@ -421,13 +421,13 @@ _BUFFER_TEST_CHUNK = 64 * 1024
 _BUFFER_TEST_IN_FLIGHT = 3
 
 
-@pytest.mark.parametrize("detach", [False, True], ids=["comm", "detach"])
-def test_a_slow_first_write_keeps_its_buffer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                             detach: bool):
+def test_a_slow_first_write_keeps_its_buffer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """The first chunk's write waits while the later ones finish: with FIRST_COMPLETED
     the receiver read chunk 5 into chunk 1's buffer (a ring of _BUFFER_TEST_IN_FLIGHT + 1) before
     chunk 1 was written, and wrote chunk 5's bytes at chunk 1's place (seen once in a
-    full run: a file whose bytes did not hash to its manifest's hash)."""
+    full run: a file whose bytes did not hash to its manifest's hash). On the comm only:
+    on the taken socket each chunk is written by the thread that reads it before it
+    reads the next (ChunkWriter), so no buffer is read into while written."""
     src, dst = tmp_path / "src", tmp_path / "dst"
     src.mkdir()
     # A file a chunk: writes of one file wait for each other (its hash is taken in
@@ -453,7 +453,7 @@ def test_a_slow_first_write_keeps_its_buffer(tmp_path: Path, monkeypatch: pytest
 
     with dask.config.set({"dckpt.transfer.max-in-flight": _BUFFER_TEST_IN_FLIGHT,
                           "dckpt.transfer.retries": 0}):
-        _transfer(src, manifest, dst, _BUFFER_TEST_CHUNK, detach=detach)
+        _transfer(src, manifest, dst, _BUFFER_TEST_CHUNK)
     for i in range(8):
         assert (dst / f"shard-{i}.bin").read_bytes() == bytes([i]) * _BUFFER_TEST_CHUNK
 
@@ -477,11 +477,18 @@ def test_on_the_socket_the_measured_link_chooses_compression(
     flags: list[int] = []
     real = receive_module._write_chunk
 
-    def write(frame: Any, *args: Any) -> None:
+    real_raw = ChunkWriter.raw
+
+    def write(frame: Any, *args: Any) -> None:  # a frame received whole
         flags.append(frame[0][0])  # the header's first byte: 1 for lz4
         real(frame, *args)
 
+    def raw(self: ChunkWriter, spec: Any, header: bytes, fill: Any) -> Any:  # as it lands
+        flags.append(header[0])
+        return real_raw(self, spec, header, fill)
+
     monkeypatch.setattr(receive_module, "_write_chunk", write)
+    monkeypatch.setattr(ChunkWriter, "raw", raw)
     taken = _spy_on_take_socket(monkeypatch)
     with dask.config.set({"dckpt.transfer.compression": "auto",
                           "dckpt.transfer.max-in-flight": 1}):
@@ -549,6 +556,67 @@ def test_on_the_socket_a_sender_that_stalls_ends_in_a_timeout_that_names_its_set
     assert not dst.exists()
 
 
+class _MisdirectingSource(ChunkSource):
+    """A ChunkSource that sends its second chunk once with the first chunk's bytes
+    (behind the second's header): wrong bytes, as a disk that returned others would."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sent = 0  # of the second chunk
+
+    def read_region(self, spec: Any, *args: Any, **kwargs: Any) -> Any:
+        header, region = super().read_region(spec, *args, **kwargs)
+        if spec.offset > 0 and spec.offset == spec.length:
+            self.sent += 1
+            if self.sent == 1:
+                region.offset = 0
+        return header, region
+
+
+def test_on_the_socket_a_chunk_written_with_wrong_bytes_is_fetched_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
+    """A raw chunk on the taken socket is written as it lands and checked at its end:
+    one whose bytes fail their checksum is fetched again and written over, and its
+    file's hash, which took the wrong bytes in, is read back from the file (a hash
+    kept from the stream would not match the manifest, and the receive would fail)."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    chunk_bytes = 64 * 1024
+    data = random.Random(15).randbytes(4 * chunk_bytes)
+    (src / "data").write_bytes(data)
+    manifest = build_manifest(src)
+    with dask.config.set({"dckpt.transfer.compression": "none", "dckpt.transfer.retries": 1}):
+        source, *_, raised = _transfer(src, manifest, dst, chunk_bytes,
+                                       source_class=_MisdirectingSource, detach=True)
+    assert raised is None
+    assert source.sent == 2  # the wrong bytes, then the right ones
+    assert (dst / "data").read_bytes() == data
+    assert any("fetching it again" in r.getMessage() for r in caplog.records)
+
+
+def test_a_chunk_on_the_socket_times_only_the_bytes_it_waited_for(
+    monkeypatch: pytest.MonkeyPatch
+):
+    """A raw chunk written as it lands is timed piece by piece, leaving out what had
+    arrived while its writes ran: those bytes came at a rate nobody timed."""
+    left, right = socket.socketpair()
+    try:
+        left.sendall(b"x" * 1000)  # all of it there before the chunk is read
+        timing = receiver_module._Timing(right)
+        timing.fill(memoryview(bytearray(600)))
+        timing.fill(memoryview(bytearray(400)))
+        assert timing.bytes == 0
+        # Of a piece of 600 with 100 waiting, 500 were waited for.
+        monkeypatch.setattr(wire, "queued_bytes", lambda sock: 100)
+        left.sendall(b"y" * 600)
+        timing.fill(memoryview(bytearray(600)))
+        assert timing.bytes == 500 and timing.seconds > 0
+    finally:
+        left.close()
+        right.close()
+
+
 def test_the_bytes_queued_on_a_socket_are_known_before_it_is_read():
     """What the receiver leaves out of a chunk's timing: bytes that came while it was
     busy elsewhere (a whole chunk the sender read ahead would time as a fast link)."""
@@ -561,26 +629,6 @@ def test_the_bytes_queued_on_a_socket_are_known_before_it_is_read():
     finally:
         left.close()
         right.close()
-
-
-def test_a_socket_hands_its_bytes_on_piece_by_piece_as_they_land():
-    """What the receiver checksums while each piece is in cache: every byte, in order,
-    in pieces no larger than RECV_PIECE_BYTES."""
-    data = os.urandom(3 * wire.RECV_PIECE_BYTES + 123)
-    left, right = socket.socketpair()
-    pieces: list[bytes] = []
-    try:
-        sender = threading.Thread(target=left.sendall, args=(data,))
-        sender.start()
-        view = memoryview(bytearray(len(data)))
-        wire.recv_exactly(right, view, lambda piece: pieces.append(bytes(piece)))
-        sender.join()
-    finally:
-        left.close()
-        right.close()
-    assert bytes(view) == data
-    assert b"".join(pieces) == data
-    assert max(map(len, pieces)) <= wire.RECV_PIECE_BYTES
 
 
 @pytest.mark.parametrize("error, raised", [
