@@ -260,9 +260,10 @@ class ChunkChannel:
         for spec in specs:
             header, length = self._reply_on_socket(spec)
             if length == spec.length:  # raw: a compressed frame goes only if shorter
-                timing = _Timing(sock)
-                with self._socket_errors():
-                    written = writer.raw(spec, header, timing.fill)
+                # Only the reads are the socket's: a write's error (a full disk) is
+                # raised as it is, not as a lost connection another holder could fix.
+                timing = _Timing(sock, self._socket_errors)
+                written = writer.raw(spec, header, timing.fill)
                 self._link = link_rate(self._link, timing.bytes, timing.seconds)
             else:
                 view = memoryview(buffer)[:length]
@@ -385,15 +386,18 @@ class _Timing:
     chunk's writes, the chunks before it) came at a rate nobody timed. (The sender reads
     ahead, so whole chunks can be waiting, which made a 1 Gbit/s link look like 3 GB/s.)"""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket,
+                 errors: Callable[[], contextlib.AbstractContextManager[None]]) -> None:
         self._sock = sock
+        self._errors = errors  # what the socket's errors are raised as
         self.bytes = 0
         self.seconds = 0.0
 
     def fill(self, view: memoryview) -> None:
         waiting = min(_wire.queued_bytes(self._sock), len(view))
         started = time.perf_counter()
-        _wire.recv_exactly(self._sock, view)
+        with self._errors():
+            _wire.recv_exactly(self._sock, view)
         self.seconds += time.perf_counter() - started
         self.bytes += len(view) - waiting
 

@@ -4,6 +4,8 @@ and the sender's guess of the chunk a receiver asks for next."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import os
 import random
 import socket
@@ -14,7 +16,7 @@ from typing import Any
 
 import dask.config
 import pytest
-from distributed.comm import Comm, connect, listen
+from distributed.comm import Comm, CommClosedError, connect, listen
 from distributed.security import Security
 
 import dckpt._transfer._receive as receive_module
@@ -595,6 +597,26 @@ def test_on_the_socket_a_chunk_written_with_wrong_bytes_is_fetched_again(
     assert any("fetching it again" in r.getMessage() for r in caplog.records)
 
 
+def test_on_the_socket_a_full_disk_is_raised_as_itself(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch):
+    """A write that fails on the receiver's disk is that disk's error, not a lost
+    connection: another holder cannot fix it (the reads and the writes of a chunk share
+    one thread on the taken socket)."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    _tree(src, seed=16)
+    manifest = build_manifest(src)
+
+    def full(*args: Any) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with dask.config.set({"dckpt.transfer.compression": "none"}), \
+            pytest.raises(OSError) as info:
+        _transfer(src, manifest, dst, 64 * 1024, detach=True)
+    assert info.value.errno == errno.ENOSPC and not isinstance(info.value, CommClosedError)
+    assert not dst.exists()
+
+
 def test_a_chunk_on_the_socket_times_only_the_bytes_it_waited_for(
     monkeypatch: pytest.MonkeyPatch
 ):
@@ -603,7 +625,7 @@ def test_a_chunk_on_the_socket_times_only_the_bytes_it_waited_for(
     left, right = socket.socketpair()
     try:
         left.sendall(b"x" * 1000)  # all of it there before the chunk is read
-        timing = receiver_module._Timing(right)
+        timing = receiver_module._Timing(right, contextlib.nullcontext)
         timing.fill(memoryview(bytearray(600)))
         timing.fill(memoryview(bytearray(400)))
         assert timing.bytes == 0
