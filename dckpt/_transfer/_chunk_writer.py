@@ -95,7 +95,9 @@ class ChunkWriter:
         ``fill(view)`` puts its next ``len(view)`` bytes into ``view`` (a socket's
         ``recv_exactly``).
 
-        What ``fill`` raises (the socket went away) is raised, the chunk unfinished.
+        Returns ``Written(error)`` if the bytes written do not have the header's
+        checksum. What ``fill`` raises (the socket went away), or a write (a full
+        disk), is raised, the chunk unfinished.
         """
         expected = raw_header_checksum(header, spec.length, what=describe_chunk(spec))
         if self._piece is None:
@@ -103,8 +105,8 @@ class ChunkWriter:
         piece = self._piece
         checksum = raw_checksum()
         self._hashing.begin(spec)
-        # Its file's hash has reached this chunk (it has, but after a failed chunk or
-        # for a stream that answers out of order): each piece goes into it as written.
+        # Each piece goes into its file's hash as it is written, if that hash has
+        # reached this chunk: it has, unless a chunk before it failed or came later.
         hasher = self._hashing.claim(spec)
         finished = False
         try:
