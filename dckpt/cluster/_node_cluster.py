@@ -260,7 +260,6 @@ class NodeCluster:
             "--nworkers", "1",
             "--no-nanny",
             "--memory-limit", str(memory_limit),
-            *_driver_watch.PRELOAD,
         ]
         self._dashboard = dashboard
         self.dashboard_link = None
@@ -364,8 +363,8 @@ class NodeCluster:
             os.remove(scheduler_file)  # left by an earlier cluster on the same root
         host = self.network.host_address if self.network is not None else "127.0.0.1"
         process = self._spawn(
-            [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", host,
-             "--port", "0", *self._dashboard_options(host), *_driver_watch.PRELOAD,
+            [*_driver_watch.command("distributed.cli.dask_scheduler"), "--host", host,
+             "--port", "0", *self._dashboard_options(host),
              "--scheduler-file", scheduler_file],
             "scheduler",
             {},
@@ -387,7 +386,7 @@ class NodeCluster:
         node_root = self._node_root(index)
         link = self.network.links[index] if self.network is not None else None
         command = [
-            sys.executable, "-m", "distributed.cli.dask_worker", self.scheduler_address,
+            *_driver_watch.command("distributed.cli.dask_worker"), self.scheduler_address,
             *self._worker_options,
             "--host", link.address if link is not None else "127.0.0.1",
             *self._dashboard_options(link.address if link is not None else "127.0.0.1"),
