@@ -108,7 +108,6 @@ class ChunkWriter:
         # Each piece goes into its file's hash as it is written, if that hash has
         # reached this chunk: it has, unless a chunk before it failed or came later.
         hasher = self._hashing.claim(spec)
-        finished = False
         try:
             fd = open_chunk_file(self._paths[spec.file_index])
             try:
@@ -125,26 +124,23 @@ class ChunkWriter:
                     done += len(view)
             finally:
                 os.close(fd)
-            actual = checksum.intdigest()
-            if actual != expected or hasher is None:
-                # Bytes that failed their checksum went into the file's hash, or the
-                # hash never reached them: the file is read back at the end.
-                self._hashing.drop(spec)
-            else:
-                self._hashing.claimed_done(spec, actual)
-            finished = True
-        finally:
-            if not finished:
-                self._hashing.drop(spec)
-        try:
-            check_checksum(actual, expected, describe_chunk(spec))
+            check_checksum(checksum.intdigest(), expected, describe_chunk(spec))
         except CorruptChunkError as e:
+            self._hashing.drop(spec)  # its bytes went into the file's hash: read back
             return Written(e)
+        except BaseException:
+            self._hashing.drop(spec)
+            raise
+        if hasher is None:
+            self._hashing.drop(spec)  # the hash never reached it: the file is read back
+        else:
+            self._hashing.claimed_done(spec, expected)
         return Written()
 
     def frame(self, spec: ChunkSpec, frame: Frame) -> Written:
-        """Decode, check and write a chunk received whole (a compressed one)."""
-        self._hashing.begin(spec)
+        """Decode, check and write a chunk received whole (a compressed one), in this
+        thread."""
+        self._hashing.begin(spec)  # a no-op when receive_directory began it on the loop
         try:
             self._write_frame(frame, spec)
         except CorruptChunkError as e:
@@ -154,4 +150,3 @@ class ChunkWriter:
             self._hashing.drop(spec)
             raise
         return Written()
-

@@ -310,25 +310,28 @@ async def _receive_round(
     writing: collections.deque[asyncio.Future[None]] = collections.deque()
     hashing = FileHashing({}) if hashing is None else hashing
 
-    def written(spec: ChunkSpec) -> None:
+    # Looked up at each call: tests replace _write_chunk.
+    writer = ChunkWriter(paths, hashing, lambda frame, spec: _write_chunk(
+        frame, spec, paths[spec.file_index], hashing))
+
+    def done(spec: ChunkSpec, written: Written) -> None:
+        if written.error is not None:
+            failed.append((spec, written.error))
+            return
         callback.relative_update(spec.length)
         if on_written is not None:
             on_written(spec)
 
     async def write(spec: ChunkSpec, frame: Frame) -> None:
+        # In flight from now, on the loop: a later chunk of its file waits for it.
         hashing.begin(spec)
         try:
-            await asyncio.get_running_loop().run_in_executor(
-                writers, _write_chunk, frame, spec, paths[spec.file_index], hashing
-            )
-        except CorruptChunkError as e:
-            hashing.drop(spec)
-            failed.append((spec, e))
+            written = await asyncio.get_running_loop().run_in_executor(
+                writers, writer.frame, spec, frame)
         except BaseException:
-            hashing.drop(spec)  # a chunk after it must not wait for it
+            hashing.drop(spec)  # cancelled: a chunk after it must not wait for it
             raise
-        else:
-            written(spec)
+        done(spec, written)
 
     async def settle(limit: int) -> None:
         # Waits until fewer than ``limit`` writes run, retiring them oldest first (a
@@ -339,13 +342,8 @@ async def _receive_round(
             writing.popleft()
             oldest.result()
 
-    if writes:
-        # Looked up at each call: tests replace _write_chunk.
-        writer = ChunkWriter(paths, hashing, lambda frame, spec: _write_chunk(
-            frame, spec, paths[spec.file_index], hashing))
-        frames_of = cast(WritingStream, stream)(wanted, writer)
-    else:
-        frames_of = cast(ChunkStream, stream)(wanted)
+    frames_of = (cast(WritingStream, stream)(wanted, writer) if writes
+                 else cast(ChunkStream, stream)(wanted))
     try:
         async with contextlib.aclosing(frames_of) as frames:
             async for spec, frame in frames:
@@ -355,10 +353,7 @@ async def _receive_round(
                     )
                 missing.discard(spec)
                 if isinstance(frame, Written):  # the stream wrote it (_chunk_writer)
-                    if frame.error is not None:
-                        failed.append((spec, frame.error))
-                    else:
-                        written(spec)
+                    done(spec, frame)
                     continue
                 # This frame came while the ones before it were written; it waits for
                 # room, not the stream: receiving and writing overlap.
