@@ -29,8 +29,7 @@ from dckpt._transfer._manifest import ChunkSpec
 from dckpt._transfer._settings import compression
 
 __all__ = [
-    "CHUNK_HEADER", "Buffer", "Frame", "compress_speed", "decode_chunk",
-    "describe_chunk",
+    "CHUNK_HEADER", "Buffer", "Frame", "compress_speed", "decode_chunk", "describe_chunk",
     "encode_chunk", "encode_parts", "frame_checksum", "max_ratio_for_link", "never_compresses",
     "raw_checksum", "raw_header",
 ]

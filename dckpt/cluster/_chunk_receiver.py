@@ -2,10 +2,11 @@
 
 :class:`ChunkChannel` is the :data:`~dckpt._transfer.ChunkStream` that
 :func:`~dckpt._transfer.receive_directory` consumes: it keeps ``max-in-flight``
-requests out, reads raw chunks into a ring of buffers kept between transfers
-(:data:`RING_BUFFERS`) and measures the link for the sender's choice of compression.
-On plain TCP it can take the socket from its comm and go on there, in a thread, which
-then also writes each chunk as it lands (a :data:`~dckpt._transfer.WritingStream`).
+requests out and measures the link for the sender's choice of compression. On a comm
+it reads raw chunks into a ring of buffers kept between transfers
+(:data:`RING_BUFFERS`). On plain TCP it can take the socket from its comm and go on
+there, in a thread, which then also writes each chunk as it lands (a
+:data:`~dckpt._transfer.WritingStream`): no ring, but for a compressed chunk.
 Protocol: :mod:`dckpt.cluster._stream`.
 """
 

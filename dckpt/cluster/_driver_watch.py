@@ -68,9 +68,7 @@ def watch() -> None:
     try:
         pidfd = os.pidfd_open(int(value))
     except ProcessLookupError:
-        logger.warning("The process that started this cluster (pid %s) is gone: "
-                       "shutting down", value)
-        _shut_down()
+        _shut_down(value)
         return
     except (AttributeError, OSError, ValueError) as e:
         logger.warning("Cannot watch the process that started this cluster (pid %s): %s; "
@@ -85,15 +83,15 @@ def _watch(pidfd: int, pid: str) -> None:
     poller.register(pidfd, select.POLLIN)
     poller.poll()  # readable once the process has exited
     os.close(pidfd)
+    _shut_down(pid)
+
+
+def _shut_down(pid: str) -> None:
+    """The driver ``pid`` is gone: SIGTERM to this process; ``os._exit`` after the grace
+    if that did not end it."""
     logger.warning("The process that started this cluster (pid %s) is gone: shutting down",
                    pid)
-    _shut_down()
-
-
-def _shut_down() -> None:
-    """SIGTERM to this process; ``os._exit`` after the grace if that did not end it."""
     os.kill(os.getpid(), signal.SIGTERM)
     timer = threading.Timer(GRACE_SECONDS, os._exit, args=(1,))
     timer.daemon = True
     timer.start()
-
