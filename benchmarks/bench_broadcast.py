@@ -13,7 +13,10 @@ registry chains the readers, each serving on what it receives) and with the owne
 alone (``NodeStore.fetch(owner)``: each reader pulls from node 0 and asks no
 registry). Printed per ``k``: the wall time of the slowest reader, that time over the
 1-reader time of the same mode (the yardstick, measured in this run), and the bytes
-the owner sent over the checkpoint's size.
+the owner sent over the checkpoint's size; then how busy the machine's cores were
+(``/proc/stat``, everything the machine did, kernel included) and its CPU seconds per
+GiB that the readers received, which tell a chain bounded by CPU from one bounded by
+its links.
 
 Targets (issue 11): with 6 readers, the owner sends <= 1.5x the size and the readers
 take <= 2x the time of one reader (on 1 Gbit/s links; the owner alone would take ~6x).
@@ -67,13 +70,22 @@ def evict(checkpoint_id: str, dask_worker: Any) -> bool:
     return local_store(dask_worker).evict(checkpoint_id)
 
 
+def busy_seconds() -> float:
+    """CPU seconds this machine has spent on anything but idling and waiting for I/O
+    (all cores, every process and the kernel's network work: /proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:]]
+    idle, iowait = fields[3], fields[4]
+    return (sum(fields[:8]) - idle - iowait) / os.sysconf("SC_CLK_TCK")
+
+
 def one_round(cluster: NodeCluster, client: Any, size: int, k: int, chained: bool) -> dict[str, float]:
     owner = cluster.nodes[0].worker_address
     readers = [n.worker_address for n in cluster.nodes[1:1 + k]]
     checkpoint = client.submit(make_checkpoint, size, workers=[owner], pure=False).result()
     _, ref = checkpoint.get_internal_representation()
     sent_before = stats(client)[owner]["bytes_sent"]
-    started = time.perf_counter()
+    started, busy_before = time.perf_counter(), busy_seconds()
 
     def read(address: str) -> str:
         store = store_of(address, client)
@@ -84,10 +96,12 @@ def one_round(cluster: NodeCluster, client: Any, size: int, k: int, chained: boo
     with ThreadPoolExecutor(len(readers)) as pool:
         list(pool.map(read, readers))
     wall = time.perf_counter() - started
+    busy = busy_seconds() - busy_before
     sent = stats(client)[owner]["bytes_sent"] - sent_before
     client.run(evict, ref.checkpoint_id, workers=readers)
     client.submit(remove, ref.path, workers=[owner], pure=False).result()
-    return {"wall": wall, "owner_sent": sent / ref.size}
+    return {"wall": wall, "owner_sent": sent / ref.size, "cores": busy / wall,
+            "cpu_per_gib": busy / (k * ref.size / (1 << 30))}
 
 
 def main() -> None:
@@ -125,6 +139,13 @@ def main() -> None:
             print(f"{k:>7} | {on['wall']:>12.2f} {on['wall'] / results[1, True]['wall']:>9.2f}x"
                   f" {on['owner_sent']:>9.2f}x | {off['wall']:>13.2f}"
                   f" {off['wall'] / results[1, False]['wall']:>9.2f}x {off['owner_sent']:>9.2f}x")
+        print(f"machine CPU (of {os.cpu_count()} cores), per reader count:")
+        print(f"{'readers':>7} | {'broadcast: busy cores':>21} {'CPU s/GiB read':>14} |"
+              f" {'owner only: busy cores':>22} {'CPU s/GiB read':>14}")
+        for k in counts:
+            on, off = results[k, True], results[k, False]
+            print(f"{k:>7} | {on['cores']:>21.2f} {on['cpu_per_gib']:>14.2f} |"
+                  f" {off['cores']:>22.2f} {off['cpu_per_gib']:>14.2f}")
         top = max(counts)
         on = results[top, True]
         sent_ok = on["owner_sent"] <= 1.5
