@@ -8,9 +8,11 @@ import logging
 import os
 import stat
 import struct
+import threading
 import tracemalloc
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import dask.config
 import lz4.frame
@@ -427,6 +429,52 @@ def test_compressible_pieces_are_compressed(tmp_path: Path):
         assert (out_dir / "mixed.bin").read_bytes() == mixed
 
 
+def _mixed_file(path: Path, pieces: int) -> bytes:
+    """``pieces`` MiB of noise, text and zeros in turn: raw and compressed pieces."""
+    text = b"".join(b"step %d loss 0.%04d\n" % (i, i % 9973) for i in range(100_000))[:MiB]
+    kinds = [lambda: os.urandom(MiB), lambda: text, lambda: bytes(MiB)]
+    data = b"".join(kinds[i % 3]() for i in range(pieces))
+    path.write_bytes(data)
+    return data
+
+
+def test_threads_encode_pieces_at_once_and_write_what_one_thread_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    src = tmp_path / "src"
+    src.mkdir()
+    mixed = _mixed_file(src / "mixed.bin", 10)
+    (src / "small.bin").write_bytes(b"tiny")
+    settings = {"dckpt.formats.write-chunk-bytes": "1MiB"}
+    with dask.config.set({**settings, "dckpt.formats.pack-threads": 1}):
+        one_thread = pack_directory_to_bytes(src)
+
+    import dckpt._formats._archive_writer as archive_writer
+
+    # Pieces 1 (noise) and 2 (text, the first to compress) are encoded in the packing
+    # thread; each of the other 8 waits until another one is encoded beside it: with
+    # pieces encoded one at a time, the barrier breaks (after 30 s) and packing raises.
+    together = threading.Barrier(2, timeout=30)
+    threads: set[str] = set()
+    encode = archive_writer.encode_frame
+
+    def encode_beside_another(raw: memoryview, **kwargs: Any) -> tuple[bytes, object]:
+        name = threading.current_thread().name
+        threads.add(name)
+        if name.startswith("dckpt-pack"):
+            together.wait()
+        return encode(raw, **kwargs)
+
+    monkeypatch.setattr(archive_writer, "encode_frame", encode_beside_another)
+    with dask.config.set({**settings, "dckpt.formats.pack-threads": 2}):
+        threaded = pack_directory_to_bytes(src)
+    assert len(threads) == 3  # two pack threads, and the packing one
+    assert threaded == one_thread
+    out = unpack_fresh(threaded, tmp_path)
+    assert (out / "mixed.bin").read_bytes() == mixed
+    assert (out / "small.bin").read_bytes() == b"tiny"
+
+
 def test_packing_leaves_the_transfers_lz4_speed_alone():
     # The transfer decides from compress_speed() whether lz4 pays on a link; what a
     # process packs (zeros compress at many GB/s) must not sway that.
@@ -573,14 +621,16 @@ class _ResizingCallback(Callback):
         super().relative_update(inc)
 
 
+@pytest.mark.parametrize("piece, size", [("1kiB", 5000), ("1MiB", 5 * MiB)],
+                         ids=["inline", "threaded"])
 @pytest.mark.parametrize("grow", [True, False], ids=["grows", "shrinks"])
 def test_a_file_changing_size_while_packed_raises_and_leaves_no_valid_archive(
-    tmp_path: Path, grow: bool
+    tmp_path: Path, grow: bool, piece: str, size: int
 ):
     path = tmp_path / "changing.bin"
-    path.write_bytes(b"x" * 5000)
+    path.write_bytes(b"x" * size)
     out = io.BytesIO()
-    with dask.config.set({"dckpt.formats.write-chunk-bytes": "1kiB"}):
+    with dask.config.set({"dckpt.formats.write-chunk-bytes": piece}):
         writer = ArchiveWriter(out)
         with pytest.raises(CheckpointError, match="grew" if grow else "shrank"):
             writer.add_file("f", path, callback=_ResizingCallback(path, grow))

@@ -7,11 +7,14 @@ place.
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import functools
 import io
 import os
 import stat
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import BinaryIO, cast
 
 import dask.config
@@ -21,7 +24,7 @@ from fsspec.callbacks import DEFAULT_CALLBACK, Callback
 
 import dckpt._config  # noqa: F401  (loads the dckpt.* defaults into dask.config)
 from dckpt._formats._atomic import atomic_file
-from dckpt._formats._frames import bytes_view, encode_frame
+from dckpt._formats._frames import Buffer, bytes_view, encode_frame
 from dckpt._formats._packing import (
     CHECKSUM,
     CODES,
@@ -43,7 +46,11 @@ class ArchiveWriter:
 
     Writes the current :data:`FORMAT_VERSION`. Files are streamed in pieces of
     ``dckpt.formats.write-chunk-bytes`` (capped at :data:`MAX_PIECE_BYTES`), never held
-    whole, each stored raw or lz4-compressed as a sample of it decides. Use as a
+    whole, each stored raw or lz4-compressed as a sample of it decides. The pieces of
+    one file, from the first that compresses, are encoded by
+    ``dckpt.formats.pack-threads`` threads at once while the next piece is read, and
+    written in order; lz4 releases the GIL, so compressible data packs up to that many
+    times faster, for that many pieces more of memory. Use as a
     context manager: on a clean exit :meth:`close` writes the end record (``out``
     stays open). If the block raises, or an entry fails half-written, no end record is
     written, so readers refuse the partial output as truncated. Every path passes
@@ -94,10 +101,10 @@ class ArchiveWriter:
         relpath = self._register(relpath, "file")
         view = bytes_view(data)
         step = _piece_bytes()
-        with self._writing():
+        with self._writing(), self._pieces(len(view), step) as pieces:
             self._write_record("file", mode, view.nbytes, relpath)
             for start in range(0, len(view), step):
-                self._write_piece(view[start : start + step])
+                pieces.add(view[start : start + step])
 
     def add_file(
         self,
@@ -122,15 +129,18 @@ class ArchiveWriter:
             size = st.st_size
             self._register(relpath, "file")
             callback.set_size(size)
-            with self._writing():
+            piece_bytes = max(1, min(chunk_bytes, size))
+            # Buffers whose piece is written: the next reads go into them.
+            free: list[memoryview] = []
+            with self._writing(), self._pieces(size, piece_bytes) as pieces:
                 self._write_record("file", st.st_mode, size, relpath)
-                buffer = memoryview(bytearray(max(1, min(chunk_bytes, size))))
                 remaining = size
                 while remaining:
+                    buffer = free.pop() if free else memoryview(bytearray(piece_bytes))
                     n = _fill_piece(f, buffer[: min(remaining, len(buffer))])
                     if not n:
                         raise _changed(path, size, "shrank from")
-                    self._write_piece(buffer[:n])
+                    pieces.add(buffer[:n], functools.partial(free.append, buffer))
                     remaining -= n
                     callback.relative_update(n)
                 if f.read(1):
@@ -250,14 +260,94 @@ class ArchiveWriter:
         self._chain.update(checksum)
         self._out.write(body + checksum)
 
-    def _write_piece(self, raw: memoryview) -> None:
-        header, payload = encode_frame(raw, level=self._level)
+    @contextlib.contextmanager
+    def _pieces(self, size: int, piece_bytes: int) -> Iterator[_Pieces]:
+        """The pieces of one file of ``size`` bytes, written in order by the end of the
+        block (with threads when it has two pieces or more of :data:`_THREADED_PIECE_BYTES`
+        and up)."""
+        threads = _pack_threads()
+        if threads < 2 or piece_bytes < _THREADED_PIECE_BYTES or size < 2 * piece_bytes:
+            yield _Pieces(self, None, 0)
+            return
+        with ThreadPoolExecutor(threads, thread_name_prefix="dckpt-pack") as pool:
+            pieces = _Pieces(self, pool, threads)
+            try:
+                yield pieces
+            except BaseException:
+                pieces.abandon()
+                raise
+            pieces.finish()
+
+    def _encode(self, raw: memoryview) -> tuple[bytes, Buffer]:
+        return encode_frame(raw, level=self._level)
+
+    def _write_frame(self, header: bytes, payload: Buffer) -> None:
         prefix = PIECE.pack(len(payload)) + header
         self._chain.update(prefix)
         self._out.write(prefix)
         view = bytes_view(payload)
         for start in range(0, len(view), IO_SLICE):
             self._out.write(view[start : start + IO_SLICE])
+
+
+class _Pieces:
+    """One file's pieces on their way out, written in the order they came: encoded
+    here until one compresses, then in ``pool`` (up to ``depth`` at once) if given.
+
+    ``add(raw, done)``: ``raw`` must stay unchanged until ``done()`` is called, once its
+    piece is written; :meth:`finish` writes the rest.
+    """
+
+    def __init__(self, writer: ArchiveWriter, pool: ThreadPoolExecutor | None,
+                 depth: int) -> None:
+        self._writer = writer
+        self._pool = pool
+        self._depth = depth
+        self._threaded = False  # from the first piece that compressed, with a pool
+        self._pending: collections.deque[
+            tuple[Future[tuple[bytes, Buffer]], Callable[[], None] | None]
+        ] = collections.deque()
+
+    def add(self, raw: memoryview, done: Callable[[], None] | None = None) -> None:
+        if not self._threaded:
+            header, payload = self._writer._encode(raw)
+            self._writer._write_frame(header, payload)
+            if done is not None:
+                done()
+            # Threads pay only where lz4 runs: raw pieces (weights) cost a hash, which
+            # is cheaper here than a hand-over and the memory of more buffers.
+            self._threaded = self._pool is not None and len(payload) < len(raw)
+            return
+        assert self._pool is not None  # threaded only with one
+        self._pending.append((self._pool.submit(self._writer._encode, raw), done))
+        while len(self._pending) > self._depth:
+            self._write_oldest()
+
+    def finish(self) -> None:
+        while self._pending:
+            self._write_oldest()
+
+    def abandon(self) -> None:
+        """Drop what is not written (the entry failed): encodings not started are not."""
+        for job, _ in self._pending:
+            job.cancel()
+        self._pending.clear()
+
+    def _write_oldest(self) -> None:
+        job, done = self._pending.popleft()
+        self._writer._write_frame(*job.result())
+        if done is not None:
+            done()
+
+
+#: Pieces smaller than this are encoded in the packing thread: a hand-over to another
+#: thread would cost more than the encoding.
+_THREADED_PIECE_BYTES = 1 << 20
+
+
+def _pack_threads() -> int:
+    """``dckpt.formats.pack-threads``, at least 1."""
+    return max(1, int(dask.config.get("dckpt.formats.pack-threads")))
 
 
 def _fill_piece(f: io.FileIO, view: memoryview) -> int:
