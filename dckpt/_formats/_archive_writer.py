@@ -263,8 +263,8 @@ class ArchiveWriter:
     @contextlib.contextmanager
     def _pieces(self, size: int, piece_bytes: int) -> Iterator[_Pieces]:
         """The pieces of one file of ``size`` bytes, written in order by the end of the
-        block (with threads when it has two pieces or more of :data:`_THREADED_PIECE_BYTES`
-        and up)."""
+        block; with threads from its first piece that compresses, if it has two pieces
+        or more of :data:`_THREADED_PIECE_BYTES` and up."""
         threads = _pack_threads()
         if threads < 2 or piece_bytes < _THREADED_PIECE_BYTES or size < 2 * piece_bytes:
             yield _Pieces(self, None, 0)
@@ -328,7 +328,7 @@ class _Pieces:
             self._write_oldest()
 
     def abandon(self) -> None:
-        """Drop what is not written (the entry failed): encodings not started are not."""
+        """Drop what is not written (the entry failed); encodings not started never run."""
         for job, _ in self._pending:
             job.cancel()
         self._pending.clear()
