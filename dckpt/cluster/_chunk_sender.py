@@ -172,8 +172,7 @@ async def _serve_detached(
     shut down, which ends the thread's wait; closed once the thread is done."""
     stall_timeout = parse_timedelta(dask.config.get(_wire.STALL_TIMEOUT))
     thread = ThreadPoolExecutor(1, thread_name_prefix="dckpt-send-socket")
-    job = thread.submit(_serve_detached_loop, sock, reader, asyncio.get_running_loop(), sent,
-                        stall_timeout)
+    job = thread.submit(_serve_detached_loop, sock, reader, sent, stall_timeout)
     try:
         await asyncio.wrap_future(job)
     except asyncio.CancelledError:
@@ -186,30 +185,18 @@ async def _serve_detached(
 
 
 def _serve_detached_loop(
-    sock: socket.socket, reader: _ReadAhead, loop: asyncio.AbstractEventLoop,
-    sent: Callable[[int], None] | None, stall_timeout: float,
+    sock: socket.socket, reader: _ReadAhead, sent: Callable[[int], None] | None,
+    stall_timeout: float,
 ) -> None:
     """Answer :data:`~dckpt.cluster._wire.REQUEST` records on ``sock`` until the
     receiver says done (thread).
 
     The chunk protocol of the comm, with the comm's and the event loop's work per read
     gone: a chunk that goes uncompressed is sent from its file (``os.sendfile``), any
-    other from its buffer. Chunks are read as on the comm, by ``reader`` on ``loop``
-    (the chunk after each one read, and compressed, while this one is sent). A chunk
-    that cannot be read is answered with an error record, and raised here.
+    other from its buffer. Chunks are read as on the comm, by ``reader`` (the chunk
+    after each one read, and compressed, while this one is sent), waited for here. A
+    chunk that cannot be read is answered with an error record, and raised here.
     """
-
-    def on_loop(reading: Any) -> Any:
-        # Bounded: a loop that stopped running must not leave this thread waiting for
-        # ever (interpreter exit joins it).
-        future = asyncio.run_coroutine_threadsafe(reading, loop)
-        try:
-            return future.result(timeout=stall_timeout)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            raise TimeoutError(f"reading a chunk to send took more than {stall_timeout:g} s "
-                               "(dckpt.transfer.stall-timeout)") from None
-
     sock.settimeout(stall_timeout)
     with _to_the_receiver(stall_timeout):
         sock.sendall(_wire.DETACHED)
@@ -227,10 +214,10 @@ def _serve_detached_loop(
                 raise CheckpointFormatError(f"a request on the socket has op {op}")
             spec = _chunk_spec([index, offset, length])
             if _transfer.never_compresses(max_ratio):
-                header, region = on_loop(reader.region(spec))
+                header, region = reader.region_now(spec, stall_timeout)
                 size = region.length
             else:
-                header, payload, buffer = on_loop(reader.read(spec, max_ratio))
+                header, payload, buffer = reader.read_now(spec, max_ratio, stall_timeout)
                 size = len(payload)
         except Exception as e:
             with _to_the_receiver(stall_timeout):
@@ -251,7 +238,7 @@ def _serve_detached_loop(
             with _to_the_receiver(stall_timeout):
                 sock.sendall(record)
                 sock.sendall(payload)
-            loop.call_soon_threadsafe(reader.give_back, buffer)
+            reader.give_back(buffer)
             del payload, buffer
 
 
@@ -368,12 +355,23 @@ class _ReadAhead:
     overlaps the read with the send, for one chunk of memory more. One thread of its
     own, not asyncio's pool: glibc gives each allocating thread an arena, which keeps
     what was freed in it.
+
+    Asked from the event loop (:meth:`read`, :meth:`region`) on a comm, and from the
+    thread of a detached socket (:meth:`read_now`, :meth:`region_now`) once the
+    transfer went there: that thread waits for the reading thread directly, not for a
+    turn of the event loop, which a worker's own callbacks keep busy (a round trip
+    through the loop per chunk cost about a millisecond on a 2-core machine, most of
+    the time of a small file). A lock keeps the bookkeeping whole: :meth:`close` comes
+    from the loop while that thread may still be at work.
     """
 
     def __init__(self, source: Chunks) -> None:
         self._source = source
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="dckpt-send")
-        self._ahead: tuple[_transfer.ChunkSpec, asyncio.Future[Any]] | None = None
+        self._lock = threading.Lock()
+        self._closed = False
+        # The chunk read ahead into a buffer, or as a region (one of the two at most).
+        self._ahead: tuple[_transfer.ChunkSpec, concurrent.futures.Future[Any]] | None = None
         self._ahead_region: tuple[_transfer.ChunkSpec, concurrent.futures.Future[Any]] | None
         self._ahead_region = None
         # Buffers whose bytes are on the wire; two suffice (one sent, one read ahead).
@@ -387,19 +385,19 @@ class _ReadAhead:
         ``max_ratio`` (when compression pays, :func:`_max_ratio`) applies to this chunk
         if it is not read ahead already, and to the one read ahead next.
         """
-        _drop_region(self._ahead_region)
-        self._ahead_region = None
-        ahead, self._ahead = self._ahead, None
-        if ahead is not None and ahead[0] == spec:
-            future = ahead[1]
-        else:
-            if ahead is not None:
-                ahead[1].cancel()
-            future = self._start(spec, max_ratio)
-        parts: tuple[bytes, _transfer.Buffer, bytearray] = await future
-        after = next_chunk(self._source, spec)
-        if after is not None:
-            self._ahead = (after, self._start(after, max_ratio))
+        parts: tuple[bytes, _transfer.Buffer, bytearray] = await asyncio.wrap_future(
+            self._read_job(spec, max_ratio))
+        self._read_next(spec, max_ratio)
+        return parts
+
+    def read_now(
+        self, spec: _transfer.ChunkSpec, max_ratio: float | None, timeout: float
+    ) -> tuple[bytes, _transfer.Buffer, bytearray]:
+        """:meth:`read`, waited for in this thread (not the event loop's), ``timeout``
+        seconds at most."""
+        parts: tuple[bytes, _transfer.Buffer, bytearray] = _result(
+            self._read_job(spec, max_ratio), timeout)
+        self._read_next(spec, max_ratio)
         return parts
 
     async def region(
@@ -408,40 +406,89 @@ class _ReadAhead:
         """``(header, region)`` of ``spec`` (:meth:`ChunkSource.read_region`), read in
         the thread, and the region of the chunk after it ahead of its request (its
         checksum: there is no buffer to fill); close the region once sent."""
-        if self._ahead is not None:
-            self._ahead[1].cancel()
-            self._ahead = None
-        ahead, self._ahead_region = self._ahead_region, None
-        if ahead is not None and ahead[0] == spec:
-            job = ahead[1]
-        else:
-            _drop_region(ahead)
-            job = self._thread.submit(read_region, self._source, spec)
+        job = self._region_job(spec)
         try:
             result: tuple[bytes, _transfer.FileRegion] = await asyncio.wrap_future(job)
         except asyncio.CancelledError:
             job.add_done_callback(_close_region)  # if the read finishes after all
             raise
-        after = next_chunk(self._source, spec)
-        if after is not None:
-            self._ahead_region = (after,
-                                  self._thread.submit(read_region, self._source, after))
+        self._region_next(spec)
+        return result
+
+    def region_now(
+        self, spec: _transfer.ChunkSpec, timeout: float
+    ) -> tuple[bytes, _transfer.FileRegion]:
+        """:meth:`region`, waited for in this thread, ``timeout`` seconds at most."""
+        job = self._region_job(spec)
+        try:
+            result: tuple[bytes, _transfer.FileRegion] = _result(job, timeout)
+        except BaseException:
+            job.add_done_callback(_close_region)
+            raise
+        self._region_next(spec)
         return result
 
     def give_back(self, buffer: bytearray) -> None:
         """``buffer``'s chunk has left: the next read may overwrite it."""
-        if len(self._free) < 2 and len(buffer) == self._source.chunk_bytes:
-            self._free.append(buffer)
+        with self._lock:
+            if len(self._free) < 2 and len(buffer) == self._source.chunk_bytes:
+                self._free.append(buffer)
 
     def close(self) -> None:
-        _drop_region(self._ahead_region)
-        self._ahead_region = None
-        if self._ahead is not None:
-            self._ahead[1].cancel()
-        self._thread.shutdown(wait=False)
-        self._free.clear()
+        with self._lock:
+            self._closed = True
+            _drop_region(self._ahead_region)
+            self._ahead_region = None
+            if self._ahead is not None:
+                self._ahead[1].cancel()
+                self._ahead = None
+            self._thread.shutdown(wait=False)
+            self._free.clear()
 
-    def _start(self, spec: _transfer.ChunkSpec, max_ratio: float | None) -> asyncio.Future[Any]:
+    def _read_job(self, spec: _transfer.ChunkSpec,
+                  max_ratio: float | None) -> concurrent.futures.Future[Any]:
+        with self._lock:
+            self._check_open()
+            _drop_region(self._ahead_region)
+            self._ahead_region = None
+            ahead, self._ahead = self._ahead, None
+            if ahead is not None and ahead[0] == spec:
+                return ahead[1]
+            if ahead is not None:
+                ahead[1].cancel()
+            return self._start(spec, max_ratio)
+
+    def _read_next(self, spec: _transfer.ChunkSpec, max_ratio: float | None) -> None:
+        after = next_chunk(self._source, spec)
+        with self._lock:
+            if after is not None and not self._closed:
+                self._ahead = (after, self._start(after, max_ratio))
+
+    def _region_job(self, spec: _transfer.ChunkSpec) -> concurrent.futures.Future[Any]:
+        with self._lock:
+            self._check_open()
+            if self._ahead is not None:
+                self._ahead[1].cancel()
+                self._ahead = None
+            ahead, self._ahead_region = self._ahead_region, None
+            if ahead is not None and ahead[0] == spec:
+                return ahead[1]
+            _drop_region(ahead)
+            return self._thread.submit(read_region, self._source, spec)
+
+    def _region_next(self, spec: _transfer.ChunkSpec) -> None:
+        after = next_chunk(self._source, spec)
+        with self._lock:
+            if after is not None and not self._closed:
+                self._ahead_region = (after,
+                                      self._thread.submit(read_region, self._source, after))
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise CommClosedError("the transfer ended: no more chunks are read")
+
+    def _start(self, spec: _transfer.ChunkSpec,
+               max_ratio: float | None) -> concurrent.futures.Future[Any]:
         # A chunk shorter than chunk_bytes (a small file's) gets a buffer of its size:
         # a fresh bytearray is zeroed, which costs as much as the read for small files.
         buffer = self._free.pop() if self._free else bytearray(spec.length)
@@ -450,10 +497,17 @@ class _ReadAhead:
             header, payload = read_parts(self._source, spec, buffer, max_ratio)
             return header, payload, buffer
 
-        future = asyncio.get_running_loop().run_in_executor(self._thread, read)
-        # A read ahead that nobody asks for may fail unseen (the receiver stopped).
-        future.add_done_callback(lambda f: f.cancelled() or f.exception())
-        return future
+        return self._thread.submit(read)
+
+
+def _result(job: concurrent.futures.Future[Any], timeout: float) -> Any:
+    """What ``job`` returns, waited for ``timeout`` seconds at most."""
+    try:
+        return job.result(timeout=timeout)
+    except concurrent.futures.TimeoutError:
+        job.cancel()
+        raise TimeoutError(f"reading a chunk to send took more than {timeout:g} s "
+                           "(dckpt.transfer.stall-timeout)") from None
 
 
 def _close_region(job: concurrent.futures.Future[Any]) -> None:

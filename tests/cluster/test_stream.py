@@ -22,9 +22,16 @@ from distributed.security import Security
 import dckpt._transfer._receive as receive_module
 import dckpt.cluster._chunk_receiver as receiver_module
 import dckpt.cluster._wire as wire
-from dckpt._transfer import ChunkSource, ChunkSpec, ChunkWriter, build_manifest, encode_parts
+from dckpt._transfer import (
+    ChunkSource,
+    ChunkSpec,
+    ChunkWriter,
+    build_manifest,
+    decode_chunk,
+    encode_parts,
+)
 from dckpt.cluster._chunk_receiver import link_rate
-from dckpt.cluster._chunk_sender import _FileSender, next_chunk
+from dckpt.cluster._chunk_sender import _FileSender, _ReadAhead, next_chunk
 from dckpt.cluster._stream import serve_chunks, stream_over
 from dckpt.cluster._wire import is_loopback, raw_stream
 from dckpt.errors import CheckpointFormatError
@@ -43,6 +50,52 @@ def test_following_walks_the_chunks_in_manifest_order(tmp_path: Path, chunk_byte
         while (step := next_chunk(source, walked[-1])) is not None:
             walked.append(step)
     assert walked == expected
+
+
+def test_a_detached_sender_reads_ahead_without_an_event_loop(tmp_path: Path):
+    """The thread of a detached socket waits for the reading thread itself (no turn of
+    the event loop per chunk): from a thread with no loop at all, every chunk comes
+    right, from its file or from a buffer, and nothing is read once it is closed."""
+    rng = random.Random(5)
+    for name, size in {"a": 2500, "b": 0, "c/d": 4096, "e": 7}.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(rng.randbytes(size))
+    manifest = build_manifest(tmp_path)
+    chunk_bytes = 1024
+    got: dict[ChunkSpec, bytes] = {}
+    errors: list[BaseException] = []
+
+    def serve(source: ChunkSource) -> None:
+        reader = _ReadAhead(source)
+        try:
+            for i, spec in enumerate(manifest.chunks(chunk_bytes)):
+                if i % 2:
+                    header, region = reader.region_now(spec, 10)
+                    try:
+                        payload: Any = os.pread(region.fd, region.length, region.offset)
+                    finally:
+                        region.close()
+                else:
+                    header, payload, buffer = reader.read_now(spec, 0.0, 10)
+                    payload = bytes(payload)
+                    reader.give_back(buffer)
+                got[spec] = bytes(decode_chunk((header, payload), spec))
+            reader.close()
+            with pytest.raises(CommClosedError):
+                reader.region_now(manifest.chunks(chunk_bytes)[0], 10)
+        except BaseException as e:  # raised in the test's thread below
+            errors.append(e)
+
+    with ChunkSource(str(tmp_path), manifest, chunk_bytes) as source:
+        thread = threading.Thread(target=serve, args=(source,))
+        thread.start()
+        thread.join(60)
+    assert not thread.is_alive()
+    if errors:
+        raise errors[0]
+    files = {i: (tmp_path / e.path).read_bytes() for i, e in enumerate(manifest.files)}
+    assert got and got == {spec: files[spec.file_index][spec.offset:spec.offset + spec.length]
+                           for spec in manifest.chunks(chunk_bytes)}
 
 
 def _tree(root: Path, seed: int) -> None:
