@@ -375,18 +375,17 @@ class NodeCache:
         os.mkdir(staging)
         return staging
 
-    def add(self, checkpoint_id: CheckpointId, digest: str, staging: str, size: int) -> str:
+    def add(self, checkpoint_id: CheckpointId, digest: str, staging: str, size: int,
+            manifest: _transfer.Manifest | None = None) -> str:
         """Move a complete checkpoint from ``staging`` into the cache.
 
         Room is made first (see :meth:`reserve`), then ``staging`` is renamed to its
         final directory and the index is written. Copies of ``checkpoint_id`` with
-        another digest are stale and evicted, unless pinned.
-
-        ``staging`` belongs to the cache from this call on: it is renamed into place,
-        or removed — when the checkpoint is already cached with the same digest
-        (another transfer, maybe of another process, won the race; its path is
-        returned) and when adding fails (``CacheFullError``, an ``OSError``). Only a
-        ``staging`` refused up front (``ValueError``) is left alone.
+        another digest are stale and evicted, unless pinned. ``staging`` is the cache's
+        from this call on: renamed into place, or removed when the checkpoint is cached
+        already with this digest (another transfer, maybe of another process, won the
+        race: its path is returned) and when adding fails (``CacheFullError``, an
+        ``OSError``); only a ``staging`` refused up front (``ValueError``) is left alone.
 
         Parameters
         ----------
@@ -394,12 +393,13 @@ class NodeCache:
             What ``staging`` holds.
         staging
             A directory from :meth:`staging_directory`, filled, or a directory inside
-            one (then only that inner directory is renamed or removed; the staging
-            directory around it stays the caller's to remove).
+            one (only that one is then renamed or removed; the staging one is the caller's).
         size
-            Its size in bytes (the sum of its files), counted against the budget;
-            files it shares with entries already cached (hard links, one inode)
-            count once.
+            Its size in bytes (the sum of its files), counted against the budget; files
+            it shares with entries already cached (hard links, one inode) count once.
+        manifest
+            The one ``staging`` was checked against as it was written (a transfer's):
+            the index takes its hashes (:func:`~dckpt.cluster._cache_sharing.files_of`).
 
         Returns
         -------
@@ -420,7 +420,7 @@ class NodeCache:
         trash: list[str] = []
         placed = False
         try:
-            files = files_of(staging)  # hashes remembered from the transfer: no reads
+            files = files_of(staging, manifest)
             with self._shared():
                 existing = self._entries.get(key)
                 if existing is not None and is_real_directory(existing.path):

@@ -36,17 +36,26 @@ __all__ = ["SharedFiles", "check_files", "distinct_bytes", "files_of", "with_roo
 logger = logging.getLogger(__name__)
 
 
-def files_of(directory: str) -> tuple[CachedFile, ...]:
+def files_of(
+    directory: str, manifest: _transfer.Manifest | None = None
+) -> tuple[CachedFile, ...]:
     """The regular files below ``directory``, hashed (thread; blocking I/O).
 
-    Hashes come from :func:`dckpt._transfer.build_manifest`, which reads nothing for
-    files this process hashed before (a transfer checks and remembers every file it
-    writes); a download from a URI is read once here. A directory that cannot be
-    described (a file removed meanwhile, a special file) gives ``()``: its entry is
-    then counted by its size and offers nothing to share.
+    With ``manifest``, the manifest that ``directory`` was checked against as it was
+    written (a transfer's: :func:`dckpt._transfer.receive_directory` hashes every file
+    it writes), the hashes are its own and only the inodes are asked (``lstat``).
+    Without, they come from :func:`dckpt._transfer.build_manifest`, which reads nothing
+    for files this process hashed before and settled, and reads a download from a URI
+    once. Why not the hashes a transfer remembered: a file changed a moment ago is
+    "racily fresh" and not remembered (:mod:`dckpt._transfer._hashes`), and a transfer's
+    last files always are: the cache read back all of a small checkpoint, and the last
+    50 ms of a large one's writes (over 100 MiB at loopback speed). A directory that cannot be described (a file
+    removed meanwhile, a special file) gives ``()``: its entry is then counted by its
+    size and offers nothing to share.
     """
     try:
-        manifest = _transfer.build_manifest(directory)
+        if manifest is None:
+            manifest = _transfer.build_manifest(directory)
         files = []
         for entry in manifest.files:
             st = os.lstat(os.path.join(directory, *entry.path.split("/")))

@@ -177,7 +177,8 @@ class Materializer:
                     if relay is not None:
                         relay.moving()  # its readers must not open files mid-rename
                     path = await asyncio.to_thread(self._cache.add, request.checkpoint_id,
-                                                   request.digest, staging, incoming.size)
+                                                   request.digest, staging, incoming.size,
+                                                   incoming.manifest)
                     if relay is not None:
                         relay.moved(path)
                 except Exception as e:

@@ -158,3 +158,30 @@ def test_a_hostile_file_list_in_the_index_rebuilds_it_empty(cache, tmp_path, cap
 
 def cached_ids(cache: NodeCache) -> list[str]:
     return [e.checkpoint_id for e in cache.entries()]
+
+
+def test_an_entry_added_with_its_transfer_manifest_records_its_hashes_unread(
+        cache, tmp_path, monkeypatch):
+    """The files a transfer just wrote (and checked) are racily fresh, so no hash of
+    theirs is remembered: given the manifest, add() takes its hashes and reads no file."""
+    src = model(tmp_path / "s1", 1)
+    manifest = build_manifest(src)
+    staging = Path(cache.staging_directory(cid("step-1")))
+    for item in src.iterdir():
+        shutil.copyfile(item, staging / item.name)
+
+    def no_reads(*args, **kwargs):
+        raise AssertionError("a file was hashed again")
+
+    monkeypatch.setattr("dckpt._transfer._hashes._read_hashes", no_reads)
+    path = cache.add(cid("step-1"), manifest.digest, str(staging), FROZEN + HEAD, manifest)
+    monkeypatch.undo()
+    assert read_all(path) == read_all(str(src))
+    # The next checkpoint of the run is offered the cached frozen file by its hash.
+    following = build_manifest(model(tmp_path / "s2", 2))
+    shared = cache.share(following, following.total_bytes)
+    try:
+        frozen = next(e for e in following.files if e.path == "frozen.bin")
+        assert shared.have(frozen.hash) == os.path.join(path, "frozen.bin")
+    finally:
+        shared.release()
