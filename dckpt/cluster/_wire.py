@@ -32,6 +32,14 @@ from dckpt.errors import (
     CorruptChunkError,
 )
 
+try:  # asked once per piece received (queued_bytes): imported once
+    import fcntl
+    import termios
+
+    _FIONREAD: int | None = termios.FIONREAD
+except ImportError:  # not POSIX
+    _FIONREAD = None
+
 #: The settings a transfer waits for: the other side to answer, or to go on sending.
 CONNECT_TIMEOUT = "dckpt.transfer.connect-timeout"
 STALL_TIMEOUT = "dckpt.transfer.stall-timeout"
@@ -163,12 +171,11 @@ def recv_exactly(sock: socket.socket, view: memoryview) -> None:
 def queued_bytes(sock: socket.socket) -> int:
     """Bytes that have arrived on ``sock`` and wait to be read (``FIONREAD``); 0 where
     that cannot be asked."""
+    if _FIONREAD is None:
+        return 0
     try:
-        import fcntl
-        import termios
-
-        answer = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4)
-    except (ImportError, OSError):
+        answer = fcntl.ioctl(sock.fileno(), _FIONREAD, b"\0" * 4)
+    except OSError:
         return 0
     return int(struct.unpack("i", answer)[0])
 
