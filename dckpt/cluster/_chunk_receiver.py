@@ -263,7 +263,7 @@ class ChunkChannel:
             if length == spec.length:  # raw: a compressed frame goes only if shorter
                 # Only the reads are the socket's: a write's error (a full disk) is
                 # raised as it is, not as a lost connection another holder could fix.
-                timing = _Timing(sock, self._socket_errors)
+                timing = _Timing(sock, self._socket_errors, timed=not self._loopback)
                 written = writer.raw(spec, header, timing.fill)
                 self._link = link_rate(self._link, timing.bytes, timing.seconds)
             else:
@@ -385,18 +385,22 @@ class _Timing:
     """Fills a raw chunk's pieces from a socket (:meth:`ChunkWriter.raw`'s ``fill``),
     timing the bytes that had not arrived yet: what came while this side was busy (the
     chunk's writes, the chunks before it) came at a rate nobody timed. (The sender reads
-    ahead, so whole chunks can be waiting, which made a 1 Gbit/s link look like 3 GB/s.)"""
+    ahead, so whole chunks can be waiting, which made a 1 Gbit/s link look like 3 GB/s.)
+    Not ``timed``: no link to measure (a loopback), only the pieces filled."""
 
     def __init__(self, sock: socket.socket,
-                 errors: Callable[[], contextlib.AbstractContextManager[None]]) -> None:
+                 errors: Callable[[], contextlib.AbstractContextManager[None]],
+                 timed: bool = True) -> None:
         self._sock = sock
         self._errors = errors  # what the socket's errors are raised as
+        self._timed = timed
         self.bytes = 0
         self.seconds = 0.0
 
     def fill(self, view: memoryview) -> None:
-        waiting = min(_wire.queued_bytes(self._sock), len(view))
-        started = time.perf_counter()
+        if self._timed:
+            waiting = min(_wire.queued_bytes(self._sock), len(view))
+            started = time.perf_counter()
         try:
             _wire.recv_exactly(self._sock, view)
         except OSError:
@@ -404,8 +408,9 @@ class _Timing:
             # the receiving thread, the transfer's bottleneck.
             with self._errors():
                 raise
-        self.seconds += time.perf_counter() - started
-        self.bytes += len(view) - waiting
+        if self._timed:
+            self.seconds += time.perf_counter() - started
+            self.bytes += len(view) - waiting
 
 
 def link_rate(known: float | None, length: int, elapsed: float) -> float | None:
