@@ -49,9 +49,9 @@ def files_of(
     once. Why not the hashes a transfer remembered: a file changed a moment ago is
     "racily fresh" and not remembered (:mod:`dckpt._transfer._hashes`), and a transfer's
     last files always are: the cache read back all of a small checkpoint, and the last
-    50 ms of a large one's writes (over 100 MiB at loopback speed). A directory that cannot be described (a file
-    removed meanwhile, a special file) gives ``()``: its entry is then counted by its
-    size and offers nothing to share.
+    50 ms of a large one's writes (about 100 MiB at loopback speeds). A directory that
+    cannot be described (a file removed meanwhile, a special file) gives ``()``: its
+    entry is then counted by its size and offers nothing to share.
     """
     try:
         if manifest is None:

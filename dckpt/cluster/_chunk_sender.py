@@ -361,8 +361,8 @@ class _ReadAhead:
     transfer went there: that thread waits for the reading thread directly, not for a
     turn of the event loop, which a worker's own callbacks keep busy (a fetch of 64
     small files from another node took 74-99 ms with a round trip through the loop per
-    chunk, 63-76 ms without, on a 2-core machine). A lock keeps the bookkeeping whole: :meth:`close` comes
-    from the loop while that thread may still be at work.
+    chunk, 63-76 ms without, on a 2-core machine). A lock keeps the bookkeeping whole:
+    :meth:`close` comes from the loop while that thread may still be at work.
     """
 
     def __init__(self, source: Chunks) -> None:
