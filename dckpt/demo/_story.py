@@ -16,6 +16,7 @@ Everything runs on this machine, needs no network, and is removed at the end.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -29,9 +30,11 @@ import distributed
 
 from dckpt import _config
 from dckpt.cluster import NodeCluster, stats
-from dckpt.demo._toy import ToyPredictor, accuracy, make_data, train_loop
+from dckpt.demo._toy import ToyPredictor, accuracy, make_data, rank_0_reported, train_loop
 from dckpt.predict import BatchPredictor
 from dckpt.train import CheckpointConfig, DataParallelTrainer, Result
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["KILL_AFTER_EPOCH", "DemoReport", "run_demo", "train_with_a_kill"]
 
@@ -137,8 +140,9 @@ def train_with_a_kill(
     """Train :func:`~dckpt.demo.train_loop` on 2 ranks, killing rank 1's node mid-run.
 
     Rank 1 names its node after epoch :data:`KILL_AFTER_EPOCH` (through a Dask
-    Variable, :func:`~dckpt.demo.offer_node_for_kill`); a driver thread then calls
-    ``on_kill(node_id)`` and kills that node, as a crash would. The trainer restarts
+    Variable, :func:`~dckpt.demo.offer_node_for_kill`); once rank 0 has reported
+    that epoch too, a driver thread calls ``on_kill(node_id)`` and kills that node,
+    as a crash would. The trainer restarts
     both ranks from the latest checkpoint. Keeps the best ``num_to_keep`` by loss,
     persisted to ``storage_uri``. Returns the result and the index of the node killed
     (None if it never was); the caller restarts it if it wants it back. Used by
@@ -152,6 +156,10 @@ def train_with_a_kill(
 
     def kill_when_asked() -> None:
         node_id = str(distributed.Variable(victim, client=client).get(timeout=120))
+        # Not before rank 0's checkpoint of that epoch counts (offer_node_for_kill).
+        if not distributed.Event(rank_0_reported(victim), client=client).wait(timeout=120):
+            logger.warning("Rank 0 did not report epoch %d within 120 s; killing %s anyway",
+                           KILL_AFTER_EPOCH, node_id)
         index = next(i for i, info in enumerate(cluster.nodes) if info.node_id == node_id)
         on_kill(node_id)
         cluster.kill_node(index)
@@ -176,6 +184,7 @@ def train_with_a_kill(
     finally:
         killer.join(timeout=5)
         distributed.Variable(victim, client=client).delete()
+        distributed.Event(rank_0_reported(victim), client=client).clear()  # deletes it
     return result, killed[0] if killed else None
 
 

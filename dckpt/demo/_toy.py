@@ -32,6 +32,7 @@ __all__ = [
     "all_reduce_mean",
     "make_data",
     "offer_node_for_kill",
+    "rank_0_reported",
     "train_loop",
 ]
 
@@ -169,13 +170,21 @@ def offer_node_for_kill(config: Mapping[str, Any], epoch: int, resumed_from: int
     It sets the Dask Variable ``config["victim"]`` to its node id, which
     :func:`~dckpt.demo.train_with_a_kill` waits for to kill that node, and waits for
     that: the node dies right after epoch ``kill_after``, however long the driver takes
-    to kill it on a busy machine, so no later epoch is checkpointed before the kill and
-    the run resumes at ``kill_after + 1``. Does nothing on other ranks, after a resume,
-    or without ``victim`` in ``config``.
+    to kill it on a busy machine, so no later epoch is checkpointed before the kill.
+    Rank 0 sets the Event :func:`rank_0_reported` names once its report of that epoch
+    is queued (``report`` returns then), which the driver waits for too: a kill while
+    rank 0 is still saving would stop its attempt before that checkpoint counted, and
+    the run would resume an epoch early. So it resumes at ``kill_after + 1``. Call it
+    after ``report``; does nothing on other ranks, after a resume, or without
+    ``victim`` in ``config``.
     """
     context = get_context()
-    if (context.world_rank == 1 and resumed_from is None
-            and epoch == config.get("kill_after") and config.get("victim")):
+    if (resumed_from is not None or epoch != config.get("kill_after")
+            or not config.get("victim")):
+        return
+    if context.world_rank == 0:
+        distributed.Event(rank_0_reported(config["victim"])).set()
+    elif context.world_rank == 1:
         distributed.Variable(config["victim"]).set(context.node_id)
         deadline = time.monotonic() + _KILL_WAIT_SECONDS
         while not stop_requested():  # the kill ends this task; the stop, its attempt
@@ -184,6 +193,11 @@ def offer_node_for_kill(config: Mapping[str, Any], epoch: int, resumed_from: int
                                    f"epoch {epoch} and was not killed within "
                                    f"{_KILL_WAIT_SECONDS} s")
             distributed.Event(f"{config['victim']}-never-set").wait(_POLL_SECONDS)
+
+
+def rank_0_reported(victim: str) -> str:
+    """The name of the Event rank 0 sets once its report of the kill's epoch is queued."""
+    return f"{victim}-rank-0-reported"
 
 
 class ToyPredictor(Predictor):
