@@ -142,9 +142,9 @@ def train_with_a_kill(
     Rank 1 names its node after epoch :data:`KILL_AFTER_EPOCH` (through a Dask
     Variable, :func:`~dckpt.demo.offer_node_for_kill`); once rank 0 has reported
     that epoch too, a driver thread calls ``on_kill(node_id)`` and kills that node,
-    as a crash would. The trainer restarts
-    both ranks from the latest checkpoint. Keeps the best ``num_to_keep`` by loss,
-    persisted to ``storage_uri``. Returns the result and the index of the node killed
+    as a crash would. The trainer restarts both ranks from the latest checkpoint,
+    that epoch's. Keeps the best ``num_to_keep`` by loss, persisted to
+    ``storage_uri``. Returns the result and the index of the node killed
     (None if it never was); the caller restarts it if it wants it back. Used by
     ``dckpt demo``, ``examples/train_data_parallel.py`` and, with its own
     ``train_loop_per_worker`` (which must call ``offer_node_for_kill`` and report
