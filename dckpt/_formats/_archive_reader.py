@@ -47,8 +47,6 @@ from dckpt._formats._packing import (
 from dckpt._formats._paths import EntryIndex, safe_relpath
 from dckpt.errors import CorruptChunkError
 
-_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-
 
 class ArchiveReader:
     """Read the packed format from a binary stream, one entry at a time.
@@ -341,7 +339,8 @@ def unpack_to_directory(
                 os.mkdir(dest, 0o700)
             os.chmod(dest, entry.mode & 0o777 | 0o700)
             continue
-        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
         with open(fd, "wb") as f, callback.branched(entry.path, dest) as child:
             reader.copy_payload(f, callback=child)
             os.fchmod(f.fileno(), entry.mode & 0o777)

@@ -38,9 +38,6 @@ from dckpt.errors import CorruptChunkError
 
 __all__ = ["ChunkWriter", "WRITE_PIECE_BYTES", "Written", "open_chunk_file"]
 
-_O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
-_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-
 WRITE_PIECE_BYTES = 256 << 10
 """The most one ``os.pwrite`` of a chunk writes.
 
@@ -62,7 +59,7 @@ def open_chunk_file(path: str) -> int:
     No ``O_CREAT``: a write that outlives a cancelled transfer cannot recreate anything
     in the partial directory being removed.
     """
-    return os.open(path, os.O_WRONLY | _O_NOFOLLOW | _O_CLOEXEC)
+    return os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
 
 
 @dataclass(frozen=True)

@@ -35,8 +35,6 @@ from fsspec.callbacks import DEFAULT_CALLBACK, Callback
 
 from dckpt._formats import atomic_directory
 from dckpt._transfer._chunk_writer import (
-    _O_CLOEXEC,
-    _O_NOFOLLOW,
     WRITE_PIECE_BYTES,
     ChunkWriter,
     Written,
@@ -436,7 +434,8 @@ def _create_tree(
             if how is not None:
                 placed[index] = how
                 continue
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_NOFOLLOW | _O_CLOEXEC, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
         try:
             if _mode_first(entry):
                 os.fchmod(fd, entry.mode & 0o777)

@@ -19,7 +19,6 @@ __all__ = ["ChunkSource", "FileRegion"]
 # A sender keeps at most this many files open at once; a checkpoint of thousands of
 # small files must not exhaust a worker's descriptors (often 1024, sockets included).
 _MAX_OPEN_FILES = 64
-_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 # read_region checksums a chunk through a buffer this large, one per reading thread: small
 # enough to stay in the core's cache, so the bytes come from memory once.
 _CHECKSUM_BLOCK = 1 << 20
@@ -234,7 +233,7 @@ class ChunkSource:
     def _open(self, entry: FileEntry) -> _OpenFile:
         path = self._path(entry)
         try:
-            fd = os.open(path, os.O_RDONLY | _O_CLOEXEC)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError as e:
             raise _changed(path, "is gone") from e
         try:
