@@ -171,10 +171,10 @@ def offer_node_for_kill(config: Mapping[str, Any], epoch: int, resumed_from: int
     :func:`~dckpt.demo.train_with_a_kill` waits for to kill that node, and waits for
     that: the node dies right after epoch ``kill_after``, however long the driver takes
     to kill it on a busy machine, so no later epoch is checkpointed before the kill.
-    Rank 0 sets the Event :func:`rank_0_reported` names once its report of that epoch
-    is queued (``report`` returns then), which the driver waits for too: a kill while
-    rank 0 is still saving would stop its attempt before that checkpoint counted, and
-    the run would resume an epoch early. So it resumes at ``kill_after + 1``. Call it
+    Rank 0 sets a Dask Event (named by :func:`rank_0_reported`) once its report of
+    that epoch is queued (``report`` returns then), and the driver waits for it too: a
+    kill while rank 0 is still saving would stop its attempt before that checkpoint
+    counted, and the run would resume an epoch early. So it resumes at ``kill_after + 1``. Call it
     after ``report``; does nothing on other ranks, after a resume, or without
     ``victim`` in ``config``.
     """
