@@ -174,9 +174,9 @@ def offer_node_for_kill(config: Mapping[str, Any], epoch: int, resumed_from: int
     Rank 0 sets a Dask Event (named by :func:`rank_0_reported`) once its report of
     that epoch is queued (``report`` returns then), and the driver waits for it too: a
     kill while rank 0 is still saving would stop its attempt before that checkpoint
-    counted, and the run would resume an epoch early. So it resumes at ``kill_after + 1``. Call it
-    after ``report``; does nothing on other ranks, after a resume, or without
-    ``victim`` in ``config``.
+    counted, and the run would resume an epoch early. So it resumes at
+    ``kill_after + 1``. Call it after ``report``; does nothing on other ranks, after a
+    resume, or without ``victim`` in ``config``.
     """
     context = get_context()
     if (resumed_from is not None or epoch != config.get("kill_after")
